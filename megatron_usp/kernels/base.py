@@ -1,0 +1,57 @@
+"""The local attention kernel interface every backend implements.
+
+Layout is bshd: ``q [batch, seq_q, heads, head_dim]``, ``k, v [batch, seq_k, kv_heads, head_dim]`` with
+``heads % kv_heads == 0`` (GQA: query head h uses kv head ``h // (heads // kv_heads)``).
+``causal=True`` is only asked for square blocks (seq_q == seq_k), where top-left and bottom-right alignment
+agree, so kernels need not care which one they implement.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class AttentionKernel(Protocol):
+    name: str
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, softmax_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``out [b, s_q, h, d]`` (q's dtype) and ``lse [b, h, s_q]`` (fp32, fp64 for fp64 inputs)."""
+        ...
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        causal: bool,
+        softmax_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients for one block given the FINAL ``out`` and ``lse`` of the rows (not this block's own):
+        then the per-block gradients sum to the exact gradient. Finite ``lse`` only."""
+        ...
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types and fp32, fp64 for fp64: merges and gradient sums never run in bf16/fp16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[b, s, kv_heads, d] -> [b, s, heads, d]`` by repeating each kv head for its query group."""
+    groups = heads // x.shape[2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def reduce_kv_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Inverse of :func:`expand_kv_heads` for gradients: sum each query group's replicas."""
+    b, s, heads, d = grad.shape
+    if heads == kv_heads:
+        return grad
+    return grad.view(b, s, kv_heads, heads // kv_heads, d).sum(dim=3)

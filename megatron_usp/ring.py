@@ -1,0 +1,241 @@
+"""Ring attention: schedules as data, one executor for forward and backward.
+
+Tensors here are in the ring-level layout (after the Ulysses all-to-all): ``[batch, n, heads, head_dim]`` with
+``n = seq_len / ring_degree`` tokens per ring rank, sorted by global position (see ``layout.py``).
+
+A schedule is a list of steps. In a ``pass_kv`` schedule, step ``s`` uses the K/V of ring rank
+``(ring_rank - s) mod r`` (K/V travel to the next rank each step); in an ``allgather`` schedule there is one step
+over the whole K/V of the ring, gathered and sorted by position. Each step lists the blocks to compute:
+rows of q against rows of K/V, fully visible or causal. Causal blocks are always square, so top-left and
+bottom-right causal alignment coincide and every kernel agrees.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import comm
+from .groups import USPGroups
+from .kernels import AttentionKernel, accumulation_dtype
+from .layout import check_ring_impl, ring_positions
+from .merge import merge_partial
+
+
+@dataclass(frozen=True)
+class Block:
+    """q rows ``[q_start, q_stop)`` against K/V rows ``[kv_start, kv_stop)`` of the step's K/V."""
+
+    q_start: int
+    q_stop: int
+    kv_start: int
+    kv_stop: int
+    causal: bool
+
+    @property
+    def q(self) -> slice:
+        return slice(self.q_start, self.q_stop)
+
+    @property
+    def kv(self) -> slice:
+        return slice(self.kv_start, self.kv_stop)
+
+
+@dataclass(frozen=True)
+class Step:
+    kv_rank: Optional[int]  # ring rank whose K/V this step sees; None = the gathered K/V of the whole ring
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class RingSchedule:
+    ring_impl: str
+    transport: str  # "pass_kv" or "allgather"
+    steps: tuple[Step, ...]
+    kv_order: Optional[torch.Tensor] = None  # allgather: sorts the ring-rank-ordered gathered K/V by position
+
+
+def _pass_kv_blocks(ring_impl: str, rank: int, kv_rank: int, n: int, causal: bool) -> tuple[Block, ...]:
+    if not causal:
+        return (Block(0, n, 0, n, False),)
+    half = n // 2
+    if kv_rank == rank:
+        return (Block(0, n, 0, n, True),)  # for zigzag too: chunk 2r-1-j sees all of chunk j
+    if ring_impl == "basic":
+        return (Block(0, n, 0, n, False),) if kv_rank < rank else ()
+    if ring_impl == "zigzag":
+        if kv_rank < rank:
+            return (Block(0, n, 0, half, False),)  # both q chunks see the lower kv chunk only
+        return (Block(half, n, 0, n, False),)  # only the upper q chunk sees anything, and it sees all
+    # stripe: q token i*r+j sees kv token m*r+k iff m <= i (k < j) or m < i (k > j)
+    if kv_rank < rank:
+        return (Block(0, n, 0, n, True),)
+    return (Block(1, n, 0, n - 1, True),) if n > 1 else ()
+
+
+def _allgather_blocks(ring_degree: int, rank: int, n: int, causal: bool) -> tuple[Block, ...]:
+    if not causal:
+        return (Block(0, n, 0, n * ring_degree, False),)
+    chunk = n // 2
+    blocks = []
+    for q_start, global_chunk in ((0, rank), (chunk, 2 * ring_degree - 1 - rank)):
+        kv_start = global_chunk * chunk
+        if kv_start > 0:
+            blocks.append(Block(q_start, q_start + chunk, 0, kv_start, False))
+        blocks.append(Block(q_start, q_start + chunk, kv_start, kv_start + chunk, True))
+    return tuple(blocks)
+
+
+def build_schedule(
+    ring_impl: str, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool
+) -> RingSchedule:
+    """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid."""
+    check_ring_impl(ring_impl)
+    n = seq_len // ring_degree
+    if ring_impl == "allgather" and ring_degree > 1:
+        held = torch.cat([ring_positions(seq_len, ulysses_degree, ring_degree, k, ring_impl) for k in range(ring_degree)])
+        return RingSchedule(
+            ring_impl, "allgather", (Step(None, _allgather_blocks(ring_degree, ring_rank, n, causal)),), torch.argsort(held)
+        )
+    impl = "zigzag" if ring_impl == "allgather" else ring_impl  # r = 1: the local block of any impl
+    steps = tuple(
+        Step(kv_rank, _pass_kv_blocks(impl, ring_rank, kv_rank, n, causal))
+        for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree))
+    )
+    return RingSchedule(ring_impl, "pass_kv", steps)
+
+
+def _gather_kv(kv: torch.Tensor, schedule: RingSchedule, groups: USPGroups) -> torch.Tensor:
+    """``[2, b, n, h, d]`` -> ``[2, b, r*n, h, d]`` sorted by global position."""
+    gathered = comm.all_gather_no_grad(kv, groups.ring, dim=2)
+    return gathered.index_select(2, schedule.kv_order.to(kv.device))
+
+
+def _scatter_dkv(dkv: torch.Tensor, schedule: RingSchedule, groups: USPGroups) -> torch.Tensor:
+    """Inverse of :func:`_gather_kv` for gradients: unsort, then reduce-scatter (sum) over the ring."""
+    ring_ordered = dkv.index_select(2, torch.argsort(schedule.kv_order).to(dkv.device))
+    return comm.reduce_scatter_no_grad(ring_ordered, groups.ring, dim=2)
+
+
+def ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    schedule: RingSchedule,
+    groups: USPGroups,
+    kernel: AttentionKernel,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``schedule``. Returns ``out [b, n, h, d]`` and ``lse [b, h, n]``, both in the accumulation dtype."""
+    acc = accumulation_dtype(q.dtype)
+    batch, n, heads, head_dim = q.shape
+    out = torch.zeros(batch, n, heads, head_dim, dtype=acc, device=q.device)
+    lse = torch.full((batch, heads, n), float("-inf"), dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    if schedule.transport == "allgather":
+        kv = _gather_kv(kv, schedule, groups)
+    exchanger = comm.RingExchanger(groups.ring_ranks, groups.ring_rank, groups.ring) if len(schedule.steps) > 1 else None
+    for index, step in enumerate(schedule.steps):
+        more = index + 1 < len(schedule.steps)
+        if more:
+            exchanger.post(kv)  # the next step's K/V travel while this step computes
+        for block in step.blocks:
+            block_out, block_lse = kernel.forward(
+                q[:, block.q], kv[0][:, block.kv], kv[1][:, block.kv], causal=block.causal, softmax_scale=softmax_scale
+            )
+            out[:, block.q], lse[:, :, block.q] = merge_partial(
+                out[:, block.q], lse[:, :, block.q], block_out, block_lse
+            )
+        if more:
+            kv = exchanger.wait()
+    return out, lse
+
+
+def ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    schedule: RingSchedule,
+    groups: USPGroups,
+    kernel: AttentionKernel,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`ring_forward`. dq accumulates here in fp32; dK/dV accumulate in fp32 while they
+    travel the ring back to their owner; each is cast to its input dtype once."""
+    acc = accumulation_dtype(q.dtype)
+    # Rows that saw no key: lse = +inf makes their probabilities exp(s - inf) = 0 (and gradients 0) in every kernel.
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    if schedule.transport == "allgather":
+        kv = _gather_kv(kv, schedule, groups)
+    many = len(schedule.steps) > 1
+    kv_exchanger = comm.RingExchanger(groups.ring_ranks, groups.ring_rank, groups.ring) if many else None
+    dkv_exchanger = comm.RingExchanger(groups.ring_ranks, groups.ring_rank, groups.ring) if many else None
+    for index, step in enumerate(schedule.steps):
+        more = index + 1 < len(schedule.steps)
+        if more:
+            kv_exchanger.post(kv)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        for block in step.blocks:
+            block_dq, block_dk, block_dv = kernel.backward(
+                dout[:, block.q],
+                q[:, block.q],
+                kv[0][:, block.kv],
+                kv[1][:, block.kv],
+                out[:, block.q],
+                lse[:, :, block.q],
+                causal=block.causal,
+                softmax_scale=softmax_scale,
+            )
+            dq[:, block.q] += block_dq
+            dkv[0][:, block.kv] += block_dk
+            dkv[1][:, block.kv] += block_dv
+        if many:
+            # dkv now holds this step's share for the K/V of rank step.kv_rank; the buffer arriving from the
+            # previous rank carries the shares of the ranks before us for the same K/V.
+            if index > 0:
+                dkv += dkv_exchanger.wait()
+            dkv_exchanger.post(dkv)
+        if more:
+            kv = kv_exchanger.wait()
+    if many:
+        dkv = dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
+    if schedule.transport == "allgather":
+        dkv = _scatter_dkv(dkv, schedule, groups)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, schedule, groups, kernel, softmax_scale):
+        out, lse = ring_forward(q, k, v, schedule, groups, kernel, softmax_scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.schedule, ctx.groups, ctx.kernel, ctx.softmax_scale = schedule, groups, kernel, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(
+            dout, q, k, v, out, lse, ctx.schedule, ctx.groups, ctx.kernel, ctx.softmax_scale
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    schedule: RingSchedule,
+    groups: USPGroups,
+    kernel: AttentionKernel,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Differentiable ring attention over ring-level-layout tensors; returns ``[b, n, heads, head_dim]``."""
+    return _RingAttention.apply(q, k, v, schedule, groups, kernel, softmax_scale)

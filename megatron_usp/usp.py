@@ -1,0 +1,100 @@
+"""usp_attn: Ulysses all-to-all, ring attention, inverse all-to-all."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+
+from .groups import USPGroups
+from .kernels import check_backend_name, resolve_kernel
+from .layout import check_ring_impl, check_seq_len, gathered_order
+from .ring import build_schedule, ring_attention
+from .ulysses import check_head_counts, heads_to_seq, replicate_kv_heads, seq_to_heads
+
+
+def validate_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: USPGroups,
+    *,
+    causal: bool,
+    ring_impl: str,
+    softmax_scale: Optional[float],
+    backend: str,
+) -> None:
+    """Every check that can fail, done locally before any collective so all ranks raise, none hangs."""
+    if not isinstance(groups, USPGroups):
+        raise TypeError(f"groups must be a USPGroups (from megatron_usp.init_groups), got {type(groups).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D [batch, seq_local, heads, head_dim] (bshd), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}: cast them to one")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, seq_local and head_dim "
+            "(layout bshd: [batch, seq_local, heads, head_dim])"
+        )
+    if q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"empty q/k/v: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None and (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, Real)
+        or not math.isfinite(softmax_scale)
+        or softmax_scale <= 0
+    ):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    check_ring_impl(ring_impl)
+    check_backend_name(backend)
+    check_head_counts(q.shape[2], k.shape[2], groups.ulysses_degree)
+    try:
+        check_seq_len(q.shape[1] * groups.sp_size, groups.ulysses_degree, groups.ring_degree, ring_impl)
+    except ValueError as error:
+        raise ValueError(f"local sequence length {q.shape[1]} on a {groups.ulysses_degree} x {groups.ring_degree} "
+                         f"grid: {error}") from None
+
+
+def usp_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: USPGroups,
+    *,
+    causal: bool = True,
+    ring_impl: str = "zigzag",
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
+
+    ``q [batch, seq_local, heads, head_dim]``, ``k, v [batch, seq_local, kv_heads, head_dim]`` hold this rank's
+    tokens in the layout of ``ring_impl`` (see :func:`megatron_usp.shard`). Returns ``[batch, seq_local, heads,
+    head_dim]``, exactly what full-sequence attention gives for those tokens; differentiable w.r.t. q, k, v.
+    """
+    validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale, backend=backend)
+    head_dim = q.shape[3]
+    kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
+    scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
+    seq_len = q.shape[1] * groups.sp_size
+    order = gathered_order(seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl).to(q.device)
+    k = replicate_kv_heads(k, groups.ulysses_degree)
+    v = replicate_kv_heads(v, groups.ulysses_degree)
+    q, k, v = (seq_to_heads(x, groups, order) for x in (q, k, v))
+    schedule = build_schedule(ring_impl, seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, causal)
+    out = ring_attention(q, k, v, schedule, groups, kernel, scale)
+    return heads_to_seq(out, groups, order)

@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rank_pool import RankPool  # noqa: E402
+
+_pools: dict[int, RankPool] = {}
+ERROR_SUMMARY: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """``rank_pool(world_size)`` -> a RankPool spawned once per world size for the whole session."""
+
+    def get(world_size: int) -> RankPool:
+        if world_size not in _pools:
+            _pools[world_size] = RankPool(world_size)
+        return _pools[world_size]
+
+    yield get
+    for pool in _pools.values():
+        pool.close()
+
+
+def record_error(key: str, value: float) -> None:
+    ERROR_SUMMARY[key] = max(value, ERROR_SUMMARY.get(key, 0.0))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if ERROR_SUMMARY:
+        terminalreporter.section("worst relative error vs float64 reference")
+        for key in sorted(ERROR_SUMMARY):
+            terminalreporter.write_line(f"{key:40s} {ERROR_SUMMARY[key]:.3e}")

@@ -1,0 +1,176 @@
+"""Test bodies that run on every rank of a RankPool (see rank_pool.py)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import megatron_usp as usp
+from megatron_usp.kernels import TorchCPUKernel
+from reference import reference_attention, relative_error
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+_groups_cache: dict = {}
+
+
+def get_groups(ulysses_degree: int, ring_degree: int, ulysses_inner: bool = True) -> usp.USPGroups:
+    key = (ulysses_degree, ring_degree, ulysses_inner)
+    if key not in _groups_cache:
+        _groups_cache[key] = usp.init_groups(ulysses_degree, ring_degree, ulysses_inner=ulysses_inner)
+    return _groups_cache[key]
+
+
+def sp_block(groups: usp.USPGroups) -> int:
+    return dist.get_rank() // groups.sp_size
+
+
+def make_inputs(seed: int, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype):
+    """Full-sequence q, k, v, and an output gradient, rounded to ``dtype`` (returned as float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim), (batch, seq_len, kv_heads, head_dim)]
+    tensors = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
+    tensors.append(torch.randn(batch, seq_len, heads, head_dim, generator=gen, dtype=torch.float64))
+    return [t.to(dtype).to(torch.float64) for t in tensors]
+
+
+def run_case(groups, config: dict, dtype) -> dict:
+    """One attention case: forward and dq/dk/dv against the float64 reference; returns relative errors."""
+    seed = config.get("seed", 0) + 1000 * sp_block(groups)  # each SP block of a DP x SP world gets its own data
+    q, k, v, grad = make_inputs(seed, config["batch"], config["seq_len"], config["heads"], config["kv_heads"],
+                                config["head_dim"], dtype)
+    causal, impl, scale = config["causal"], config["ring_impl"], config.get("softmax_scale")
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale)
+    ref_out.backward(grad)
+    local = [usp.shard(t, groups, ring_impl=impl).to(dtype).requires_grad_() for t in (q, k, v)]
+    out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale)
+    out.backward(usp.shard(grad, groups, ring_impl=impl).to(dtype))
+    assert out.dtype == dtype and out.shape == local[0].shape, (out.dtype, out.shape)
+    errors = {"out": relative_error(out, usp.shard(ref_out, groups, ring_impl=impl))}
+    for name, x, ref in zip(("dq", "dk", "dv"), local, ref_inputs):
+        assert x.grad.dtype == dtype
+        errors[name] = relative_error(x.grad, usp.shard(ref.grad, groups, ring_impl=impl))
+    return errors
+
+
+def attention_matrix(rank, world_size, ulysses_degree, ring_degree, ulysses_inner, configs) -> list[dict]:
+    """Run every config on this grid; assert each error is within the dtype's tolerance."""
+    groups = get_groups(ulysses_degree, ring_degree, ulysses_inner)
+    report = []
+    for config in configs:
+        dtype = DTYPES[config.get("dtype", "float32")]
+        errors = run_case(groups, config, dtype)
+        bad = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}
+        assert not bad, f"rank {rank} grid {ulysses_degree}x{ring_degree} config {config}: errors {bad} > {TOLERANCE[dtype]}"
+        report.append({"config": config, "errors": errors})
+    return report
+
+
+def mean_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().mean() / expected.abs().mean()).item()
+
+
+def bf16_no_drift(rank, world_size, ulysses_degree, ring_degree, ring_impl) -> dict:
+    """USP in bf16 must be as accurate as the single-device bf16 kernel: with fp32 merges and fp32 dK/dV
+    accumulation across the ring, only the final cast rounds (per-step bf16 sums would drift with ring size)."""
+    groups = get_groups(ulysses_degree, ring_degree)
+    seq_len, heads, kv_heads, head_dim = 64 * groups.sp_size, 8, 2, 16
+    q, k, v, grad = make_inputs(1000 * sp_block(groups), 1, seq_len, heads, kv_heads, head_dim, torch.bfloat16)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*ref, causal=True)
+    ref_out.backward(grad)
+    expected = [ref_out.detach()] + [t.grad for t in ref]
+
+    def errors_of(run_groups, impl):
+        local = [usp.shard(t, run_groups, ring_impl=impl).to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = usp.usp_attn(*local, run_groups, causal=True, ring_impl=impl)
+        out.backward(usp.shard(grad, run_groups, ring_impl=impl).to(torch.bfloat16))
+        results = [out] + [x.grad for x in local]
+        return [mean_relative_error(r, usp.shard(e, run_groups, ring_impl=impl)) for r, e in zip(results, expected)]
+
+    usp_errors = errors_of(groups, ring_impl)
+    single_errors = errors_of(usp.USPGroups.single(), "zigzag")
+    # Errors are local to this rank's tokens vs the whole sequence: compare on a common footing by ratio.
+    # Block outputs and per-block dq come out of the kernel in bf16 before the fp32 merge: a bounded extra
+    # rounding (measured <= 1.35x). dK/dV are summed in fp32 across the ring: no worse than one kernel
+    # (measured <= 0.9x; summing per step in bf16 measured 1.07-1.23x at ring size 8).
+    limits = {"out": 1.5, "dq": 1.5, "dk": 1.0, "dv": 1.0}
+    for (name, limit), mine, single in zip(limits.items(), usp_errors, single_errors):
+        assert mine <= limit * single, f"{name}: bf16 USP mean error {mine:.3e} vs single-device {single:.3e}"
+    return {"usp": max(usp_errors), "single": max(single_errors)}
+
+
+def determinism(rank, world_size, ulysses_degree, ring_degree, ring_impl) -> bool:
+    groups = get_groups(ulysses_degree, ring_degree)
+    q, k, v, grad = make_inputs(7, 2, 12 * groups.sp_size, 4, 2, 8, torch.float32)
+    runs = []
+    for _ in range(2):
+        local = [usp.shard(t, groups, ring_impl=ring_impl).float().requires_grad_() for t in (q, k, v)]
+        out = usp.usp_attn(*local, groups, ring_impl=ring_impl)
+        out.backward(usp.shard(grad, groups, ring_impl=ring_impl).float())
+        runs.append([out.detach()] + [x.grad for x in local])
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "repeated run is not bitwise identical"
+    return True
+
+
+def shard_roundtrip(rank, world_size, ulysses_degree, ring_degree, ulysses_inner) -> bool:
+    groups = get_groups(ulysses_degree, ring_degree, ulysses_inner)
+    for impl in usp.RING_IMPLS:
+        full = torch.arange(2 * 3 * 4 * groups.sp_size * 5, dtype=torch.float64).view(2, 3, 4 * groups.sp_size, 5)
+        full = full + 1000 * sp_block(groups)
+        local = usp.shard(full, groups, dim=2, ring_impl=impl)
+        assert torch.equal(local, full[:, :, usp.positions(full.shape[2], groups, ring_impl=impl)])
+        assert torch.equal(usp.unshard(local, groups, dim=2, ring_impl=impl), full), impl
+        # gradient of unshard: each rank's shard gets the sum over ranks of the gradient at its positions
+        local = local.clone().requires_grad_()
+        usp.unshard(local, groups, dim=2, ring_impl=impl).sum().backward()
+        assert torch.equal(local.grad, torch.full_like(local, float(groups.sp_size)))
+    return True
+
+
+def bad_inputs(rank, world_size, ulysses_degree, ring_degree) -> int:
+    """Every bad-input class raises ValueError/TypeError naming the problem, on every rank, with no hang:
+    a correct call afterwards still works (no rank is stuck in a half-started collective)."""
+    import pytest
+
+    groups = get_groups(ulysses_degree, ring_degree)
+    sp = groups.sp_size
+    q = torch.randn(1, 4, 8, 8)
+    kv = torch.randn(1, 4, 2, 8)
+    cases = [
+        (ValueError, "ring_impl", lambda: usp.usp_attn(q, kv, kv, groups, ring_impl="ringo")),
+        (ValueError, "backend", lambda: usp.usp_attn(q, kv, kv, groups, backend="cuda_magic")),
+        (ValueError, "cannot run here", lambda: usp.usp_attn(q, kv, kv, groups, backend="torch_flash")),
+        (ValueError, "multiple of kv_heads", lambda: usp.usp_attn(q, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), groups)),
+        (ValueError, "sequence length", lambda: usp.usp_attn(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 2, 8),
+                                                             torch.randn(1, 3, 2, 8), groups, ring_impl="zigzag")),
+        (TypeError, "dtype", lambda: usp.usp_attn(q, kv.double(), kv.double(), groups)),
+        (ValueError, "same shape", lambda: usp.usp_attn(q, kv, kv[:, :, :1], groups)),
+        (ValueError, "agree on batch", lambda: usp.usp_attn(q, kv[:, :2], kv[:, :2], groups)),
+        (ValueError, "agree on batch", lambda: usp.usp_attn(q, kv[..., :4], kv[..., :4], groups)),
+        (ValueError, "4-D", lambda: usp.usp_attn(q[0], kv, kv, groups)),
+        (TypeError, "torch.Tensor", lambda: usp.usp_attn(q.numpy(), kv, kv, groups)),
+        (TypeError, "floating-point", lambda: usp.usp_attn(q.long(), kv.long(), kv.long(), groups)),
+        (TypeError, "USPGroups", lambda: usp.usp_attn(q, kv, kv, None)),
+        (ValueError, "softmax_scale", lambda: usp.usp_attn(q, kv, kv, groups, softmax_scale=-1.0)),
+        (TypeError, "causal", lambda: usp.usp_attn(q, kv, kv, groups, causal="yes")),
+        (ValueError, "not a multiple", lambda: usp.init_groups(3, 1) if world_size % 3 else usp.init_groups(5, 1)),
+        (TypeError, "must be an int", lambda: usp.init_groups(2.0, 1)),
+        (ValueError, ">= 1", lambda: usp.init_groups(0, 1)),
+        (ValueError, "ring_impl", lambda: usp.shard(torch.zeros(2, 4 * sp), groups, ring_impl="spiral")),
+        (ValueError, "multiple of", lambda: usp.shard(torch.zeros(2, 2 * sp + 1), groups, ring_impl="stripe")),
+    ]
+    if ulysses_degree > 1:
+        cases.append((ValueError, "not divisible by ulysses_degree",
+                      lambda: usp.usp_attn(torch.randn(1, 4, 3, 8), kv[:, :, :1], kv[:, :, :1], groups)))
+    if ulysses_degree in (2, 4):
+        cases.append((ValueError, "cannot be split or replicated",
+                      lambda: usp.usp_attn(torch.randn(1, 4, 12, 8), torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), groups)))
+    for expected, words, call in cases:
+        with pytest.raises(expected, match=words):
+            call()
+    # the world is still healthy: a real call completes on every rank
+    out = usp.usp_attn(q.requires_grad_(), kv, kv, groups)
+    out.sum().backward()
+    return len(cases)
