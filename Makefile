@@ -10,7 +10,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q megatron-core==$(MCORE_VERSION)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,megatron]"
 	touch $@
 
 install: $(VENV)/.installed

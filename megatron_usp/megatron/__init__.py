@@ -1,0 +1,31 @@
+"""megatron-core integration: grid, USP core attention, layer specs, batch + RoPE hook, flags."""
+from .args import add_usp_args, validate_usp_args
+from .attention import USPAttention
+from .batch import get_batch_on_this_usp_rank, install_rope_hook
+from .cpu_shim import enable_cpu_mode
+from .grid import (
+    destroy_model_parallel,
+    get_usp_attn_backend,
+    get_usp_groups,
+    get_usp_ring_impl,
+    initialize_model_parallel,
+    usp_is_initialized,
+)
+from .specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec, use_usp_core_attention
+
+__all__ = [
+    "USPAttention",
+    "add_usp_args",
+    "destroy_model_parallel",
+    "enable_cpu_mode",
+    "get_batch_on_this_usp_rank",
+    "get_gpt_layer_local_spec",
+    "get_gpt_layer_with_transformer_engine_spec",
+    "get_usp_attn_backend",
+    "get_usp_groups",
+    "get_usp_ring_impl",
+    "initialize_model_parallel",
+    "install_rope_hook",
+    "use_usp_core_attention",
+    "usp_is_initialized",
+]

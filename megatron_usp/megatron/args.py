@@ -1,0 +1,81 @@
+"""``--ulysses-degree`` / ``--ring-degree`` flags for Megatron's argument parser, and their validation."""
+from __future__ import annotations
+
+import argparse
+
+from ..kernels import kernel_names
+from ..layout import RING_IMPLS, check_seq_len
+from ..ulysses import check_head_counts
+
+
+def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the USP flags; usable as Megatron's ``extra_args_provider``."""
+    group = parser.add_argument_group(title="unified sequence parallelism (megatron-usp)")
+    group.add_argument("--ulysses-degree", type=int, default=1,
+                       help="ranks that exchange heads by all-to-all (DeepSpeed-Ulysses); keep within a node")
+    group.add_argument("--ring-degree", type=int, default=1, help="ranks that pass K/V around a ring")
+    group.add_argument("--usp-ring-impl", default="zigzag", choices=list(RING_IMPLS),
+                       help="ring schedule; zigzag balances causal work and matches Megatron's CP layout")
+    group.add_argument("--usp-attn-backend", default="auto", choices=kernel_names(),
+                       help="local attention kernel")
+    group.add_argument("--usp-ring-inner", action="store_true",
+                       help="put the ring group on adjacent ranks instead of the ulysses group")
+    return parser
+
+
+def _default_cp_comm_type(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(v in (None, "p2p") for v in values)
+
+
+def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the USP flags against the rest of Megatron's arguments and set ``context_parallel_size = u*r``.
+
+    Raises ``ValueError`` naming the conflicting flag and how to fix it.
+    """
+    ulysses_degree, ring_degree = args.ulysses_degree, args.ring_degree
+    for flag, value in (("--ulysses-degree", ulysses_degree), ("--ring-degree", ring_degree)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    sp_size = ulysses_degree * ring_degree
+    explicit_cp = getattr(args, "context_parallel_size", 1) or 1
+    if explicit_cp not in (1, sp_size):
+        raise ValueError(
+            f"--context-parallel-size {explicit_cp} conflicts with --ulysses-degree {ulysses_degree} x --ring-degree "
+            f"{ring_degree} = {sp_size}: drop --context-parallel-size, USP sets it to ulysses x ring"
+        )
+    if sp_size > 1 and not _default_cp_comm_type(getattr(args, "cp_comm_type", None)):
+        raise ValueError(
+            f"--cp-comm-type {args.cp_comm_type} conflicts with USP, which does its own ulysses x ring communication: "
+            "drop --cp-comm-type"
+        )
+    if sp_size > 1 and getattr(args, "hierarchical_context_parallel_sizes", None):
+        raise ValueError("--hierarchical-context-parallel-sizes conflicts with USP: use --ulysses-degree/--ring-degree")
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    world = getattr(args, "world_size", None)
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if world is not None and world % (tp * pp * sp_size) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by TP {tp} x PP {pp} x ulysses {ulysses_degree} x ring {ring_degree}"
+            f" = {tp * pp * sp_size}: change the degrees or the number of GPUs"
+        )
+    heads = getattr(args, "num_attention_heads", None)
+    if heads is not None:
+        kv_heads = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
+        if heads % tp or kv_heads % tp:
+            raise ValueError(
+                f"--num-attention-heads {heads} and query groups {kv_heads} must be divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
+        try:
+            check_head_counts(heads // tp, kv_heads // tp, ulysses_degree)
+        except ValueError as error:
+            raise ValueError(f"with --tensor-model-parallel-size {tp}, per-TP-rank {error}") from None
+    seq_length = getattr(args, "seq_length", None)
+    if seq_length is not None and sp_size > 1:
+        try:
+            check_seq_len(seq_length, ulysses_degree, ring_degree, args.usp_ring_impl)
+        except ValueError as error:
+            raise ValueError(f"--seq-length: {error}") from None
+    args.context_parallel_size = sp_size
+    return args

@@ -1,0 +1,126 @@
+"""The USP grid beside TP/PP/DP: megatron-core's context-parallel group split into ulysses x ring.
+
+Megatron keeps one global registry of process groups (``parallel_state``); this module is its USP twin, set by
+:func:`initialize_model_parallel` and reset by :func:`destroy_model_parallel`. The engine itself never reads it:
+``USPAttention`` and the batch hook fetch the groups here and pass them explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..groups import USPGroups, grid_rank_lists
+from ..kernels import check_backend_name
+from ..layout import check_ring_impl
+
+
+@dataclass(frozen=True)
+class USPState:
+    groups: USPGroups
+    ring_impl: str
+    backend: str
+
+
+_STATE: Optional[USPState] = None
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    *,
+    ulysses_degree: int = 1,
+    ring_degree: int = 1,
+    ring_impl: str = "zigzag",
+    ulysses_inner: bool = True,
+    attn_backend: str = "auto",
+    **kwargs,
+) -> USPGroups:
+    """``parallel_state.initialize_model_parallel`` with ``context_parallel_size = u*r``, plus this rank's
+    :class:`USPGroups`. The CP group stays the whole SP group (data slicing, RoPE, dp x cp reductions use it).
+    Extra ``kwargs`` go to megatron-core unchanged."""
+    global _STATE
+    check_ring_impl(ring_impl)
+    check_backend_name(attn_backend)
+    for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
+        raise ValueError(
+            f"context_parallel_size={kwargs['context_parallel_size']} conflicts with ulysses_degree x ring_degree = "
+            f"{ulysses_degree * ring_degree}: drop context_parallel_size, USP sets it"
+        )
+    kwargs.pop("context_parallel_size", None)
+    sp_size = ulysses_degree * ring_degree
+    hierarchical = [ulysses_degree, ring_degree] if ulysses_inner and sp_size > 1 else None
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        context_parallel_size=sp_size,
+        hierarchical_context_parallel_sizes=hierarchical,
+        **kwargs,
+    )
+    if sp_size == 1:
+        groups = USPGroups.single()
+    elif ulysses_inner:
+        ulysses, ring = parallel_state.get_hierarchical_context_parallel_groups()
+        groups = USPGroups.from_groups(ulysses, ring)
+    else:
+        groups = _ring_inner_groups(ulysses_degree, ring_degree)
+    _STATE = USPState(groups, ring_impl, attn_backend)
+    from .batch import install_rope_hook  # RoPE must follow the USP layout for every ring_impl
+
+    install_rope_hook()
+    return groups
+
+
+def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
+    """Ring-inner groups inside every CP group; every rank creates every group in the same order."""
+    cp_ranks = parallel_state.get_context_parallel_global_ranks()
+    every_cp_group: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every_cp_group, tuple(cp_ranks))
+    me = dist.get_rank()
+    ulysses_group = ring_group = None
+    for ranks in sorted(set(every_cp_group)):
+        ulysses_lists, ring_lists = grid_rank_lists(list(ranks), ulysses_degree, ring_degree, ulysses_inner=False)
+        for rank_list in ulysses_lists:
+            group = dist.new_group(rank_list)
+            ulysses_group = group if me in rank_list else ulysses_group
+        for rank_list in ring_lists:
+            group = dist.new_group(rank_list)
+            ring_group = group if me in rank_list else ring_group
+    return USPGroups.from_groups(ulysses_group, ring_group)
+
+
+def destroy_model_parallel() -> None:
+    """Reset megatron-core's groups and ours."""
+    global _STATE
+    _STATE = None
+    parallel_state.destroy_model_parallel()
+
+
+def usp_is_initialized() -> bool:
+    return _STATE is not None
+
+
+def _state() -> USPState:
+    if _STATE is None:
+        raise RuntimeError(
+            "USP is not initialized: call megatron_usp.megatron.initialize_model_parallel(..., ulysses_degree=..., "
+            "ring_degree=...) instead of parallel_state.initialize_model_parallel"
+        )
+    return _STATE
+
+
+def get_usp_groups() -> USPGroups:
+    return _state().groups
+
+
+def get_usp_ring_impl() -> str:
+    return _state().ring_impl
+
+
+def get_usp_attn_backend() -> str:
+    return _state().backend
