@@ -56,10 +56,11 @@ def reference_run(rank, world_size):
     losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     losses.sum().backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     partition = {name: getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
                  for name, p in model.named_parameters()}
     destroy_model_parallel()
-    return losses.detach(), grads, partition
+    return losses.detach(), grads, partition, weights
 
 
 def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ulysses_inner=True) -> list[dict]:
@@ -71,7 +72,7 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
         initialize_model_parallel,
     )
 
-    ref_losses, ref_grads, partition = reference_run(rank, world_size)
+    ref_losses, ref_grads, partition, _ = reference_run(rank, world_size)
     report = []
     for ring_impl in ring_impls:
         initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
@@ -100,3 +101,71 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
         report.append({"ring_impl": ring_impl, **errors})
         destroy_model_parallel()
     return report
+
+
+def gpt_pipeline_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl="zigzag") -> dict:
+    """PP=2 x USP: stage 0 holds the embedding and layer 1, stage 1 layer 2 and the head; activations and their
+    gradients cross the stage boundary by send/recv (Megatron's schedules need CUDA buffers on this path)."""
+    from megatron.core import parallel_state
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, get_usp_groups,
+        initialize_model_parallel,
+    )
+
+    ref_losses, ref_grads, _, ref_weights = reference_run(rank, world_size)
+    initialize_model_parallel(1, 2, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
+                              create_gloo_process_groups=False)
+    groups = get_usp_groups()
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    sp_size = ulysses_degree * ring_degree
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=sp_size,
+                       pipeline_model_parallel_size=2, pipeline_dtype=torch.float32).config
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False, pre_process=first, post_process=last)
+    global_layer = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(model.decoder.layers)}
+    assert len(global_layer) == 1 and global_layer["0"] == ("0" if first else "1"), global_layer
+
+    def global_name(name):  # this stage's decoder.layers.0 is layer 1 (first stage) or layer 2 (last stage)
+        if name.startswith("decoder.layers."):
+            index, rest = name[len("decoder.layers."):].split(".", 1)
+            return f"decoder.layers.{global_layer[index]}.{rest}"
+        return name
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(ref_weights[global_name(name)])
+    batch = get_batch_on_this_usp_rank(make_batch())
+    peer = rank + sp_size if first else rank - sp_size  # same CP rank on the other stage
+    if first:
+        hidden = model(batch["tokens"], batch["position_ids"], None)
+        dist.send(hidden.detach().contiguous(), peer)
+        grad = torch.empty_like(hidden)
+        dist.recv(grad, peer)
+        hidden.backward(grad)
+    else:
+        hidden = torch.empty(SEQ // sp_size, BATCH, model.config.hidden_size)
+        dist.recv(hidden, peer)
+        hidden.requires_grad_()
+        model.set_input_tensor(hidden)
+        losses = model(None, batch["position_ids"], None, labels=batch["labels"])
+        losses.sum().backward()
+        dist.send(hidden.grad.contiguous(), peer)
+    errors = {}
+    if last:
+        errors["loss"] = relative_error(usp.unshard(losses.detach(), groups, dim=1, ring_impl=ring_impl), ref_losses)
+        assert errors["loss"] <= 1e-5, errors
+    worst = 0.0
+    for name, param in model.named_parameters():
+        grad = param.grad.detach().clone()
+        dist.all_reduce(grad, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        err = relative_error(grad, ref_grads[global_name(name)])
+        assert err <= 1e-5, f"stage {'first' if first else 'last'} grad {name}: {err:.2e}"
+        worst = max(worst, err)
+    errors["grad"] = worst
+    destroy_model_parallel()
+    return errors

@@ -1,8 +1,6 @@
 """megatron-core GPTModel with USP vs the TP=1, CP=1 model with the same weights (CPU, gloo, 4 ranks)."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-usp[megatron])")
@@ -32,3 +30,12 @@ def test_gpt_losses_and_gradients_match_reference(rank_pool, tp, ulysses_degree,
             label = f"gpt tp{tp} u{ulysses_degree} r{ring_degree} {entry['ring_impl']}"
             record_error(label + " loss", entry["loss"])
             record_error(label + " grad", entry["grad"])
+
+
+@pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])
+def test_pipeline_parallel_with_usp(rank_pool, ring_impl):
+    results = rank_pool(4).run("megatron_cases:gpt_pipeline_parity", timeout=300, ulysses_degree=1, ring_degree=2,
+                               ring_impl=ring_impl)
+    for result in results:
+        for key, value in result.items():
+            record_error(f"gpt pp2 r2 {ring_impl} {key}", value)

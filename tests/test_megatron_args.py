@@ -1,0 +1,111 @@
+"""--ulysses-degree / --ring-degree flags and USPAttention's construction checks (no processes needed)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+
+from megatron_usp.megatron import add_usp_args, validate_usp_args  # noqa: E402
+
+
+def parse(*argv, **defaults):
+    parser = add_usp_args(argparse.ArgumentParser())
+    args = parser.parse_args(list(argv))
+    base = dict(context_parallel_size=1, cp_comm_type=["p2p"], hierarchical_context_parallel_sizes=None,
+                tensor_model_parallel_size=1, pipeline_model_parallel_size=1, world_size=8,
+                num_attention_heads=16, group_query_attention=True, num_query_groups=4, seq_length=4096)
+    base.update(defaults)
+    for key, value in base.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_defaults_and_flags_parse():
+    args = parse()
+    assert (args.ulysses_degree, args.ring_degree, args.usp_ring_impl, args.usp_attn_backend) == (1, 1, "zigzag", "auto")
+    args = parse("--ulysses-degree", "2", "--ring-degree", "4", "--usp-ring-impl", "stripe", "--usp-attn-backend",
+                 "torch", "--usp-ring-inner")
+    assert validate_usp_args(args).context_parallel_size == 8 and args.usp_ring_inner
+
+
+def test_flags_are_an_extra_args_provider():
+    with pytest.raises(SystemExit):
+        add_usp_args(argparse.ArgumentParser()).parse_args(["--usp-ring-impl", "spiral"])
+
+
+@pytest.mark.parametrize(
+    "argv,defaults,message",
+    [
+        (["--ulysses-degree", "2", "--ring-degree", "2"], dict(context_parallel_size=2), "drop --context-parallel-size"),
+        (["--ulysses-degree", "2"], dict(cp_comm_type=["a2a+p2p"]), "drop --cp-comm-type"),
+        (["--ring-degree", "2"], dict(hierarchical_context_parallel_sizes=[2, 1]), "hierarchical"),
+        (["--ulysses-degree", "0"], {}, ">= 1"),
+        (["--ring-degree", "3"], dict(world_size=8), "not divisible by TP"),
+        (["--ulysses-degree", "2"], dict(num_attention_heads=6, num_query_groups=6, tensor_model_parallel_size=2, world_size=4),
+         "not divisible by ulysses_degree"),
+        (["--ulysses-degree", "4"], dict(num_query_groups=3, num_attention_heads=12), "replicated"),
+        (["--ulysses-degree", "2"], dict(num_attention_heads=16, num_query_groups=1, tensor_model_parallel_size=2),
+         "divisible by --tensor-model-parallel-size"),
+        (["--ulysses-degree", "2", "--ring-degree", "2"], dict(seq_length=4100), "--seq-length"),
+        (["--ring-degree", "2", "--usp-ring-impl", "stripe"], dict(seq_length=4097), "multiple of ulysses_degree x ring_degree = 2"),
+    ],
+)
+def test_every_rejection_names_the_fix(argv, defaults, message):
+    with pytest.raises(ValueError, match=message):
+        validate_usp_args(parse(*argv, **defaults))
+
+
+def test_equal_explicit_context_parallel_size_is_accepted():
+    args = parse("--ulysses-degree", "2", "--ring-degree", "2", context_parallel_size=4)
+    assert validate_usp_args(args).context_parallel_size == 4
+
+
+def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_usp import USPGroups
+    from megatron_usp.megatron import attention
+
+    monkeypatch.setattr(attention, "get_usp_groups", USPGroups.single)
+    monkeypatch.setattr(attention, "get_usp_ring_impl", lambda: "zigzag")
+    monkeypatch.setattr(attention, "get_usp_attn_backend", lambda: "auto")
+    from megatron.core.transformer import TransformerConfig
+
+    def make_config(dropout):
+        return TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, attention_dropout=dropout,
+                                 use_cpu_initialization=True)
+
+    config = make_config(0.0)
+    with pytest.raises(ValueError, match="dropout"):
+        attention.USPAttention(make_config(0.1), 1, AttnMaskType.causal)
+    with pytest.raises(ValueError, match="padding and arbitrary"):
+        attention.USPAttention(config, 1, AttnMaskType.padding)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attention.USPAttention(config, 1, AttnMaskType.causal, attention_type="cross")
+    module = attention.USPAttention(config, 1, AttnMaskType.causal, softmax_scale=None, cp_comm_type=None,
+                                    pg_collection=None)
+    assert module.causal and module.softmax_scale == 16**-0.5
+    import torch
+
+    q = torch.randn(8, 1, 2, 16)
+    with pytest.raises(ValueError, match="attention_bias"):
+        module(q, q, q, None, attention_bias=torch.zeros(1))
+    with pytest.raises(ValueError, match="packed"):
+        module(q, q, q, None, packed_seq_params=object())
+    assert module(q, q, q, None).shape == (8, 1, 32)
+
+
+def test_specs_replace_core_attention(monkeypatch):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_usp.megatron import USPAttention, get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=True)
+    assert spec.submodules.self_attention.submodules.core_attention is USPAttention
+    # TE is not installed here: check the TE path's substitution on the spec megatron would return
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec",
+                        lambda *a, **k: gpt_layer_specs.get_gpt_layer_local_spec())
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    assert spec.submodules.self_attention.submodules.core_attention is USPAttention
