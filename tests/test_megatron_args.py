@@ -50,11 +50,20 @@ def test_flags_are_an_extra_args_provider():
          "divisible by --tensor-model-parallel-size"),
         (["--ulysses-degree", "2", "--ring-degree", "2"], dict(seq_length=4100), "--seq-length"),
         (["--ring-degree", "2", "--usp-ring-impl", "stripe"], dict(seq_length=4097), "multiple of ulysses_degree x ring_degree = 2"),
+        (["--ring-degree", "2"], dict(attention_backend="local"), "--attention-backend auto"),
     ],
 )
 def test_every_rejection_names_the_fix(argv, defaults, message):
     with pytest.raises(ValueError, match=message):
         validate_usp_args(parse(*argv, **defaults))
+
+
+def test_megatron_attn_backend_enum_local_is_rejected():
+    from megatron.core.transformer.enums import AttnBackend
+
+    with pytest.raises(ValueError, match="attention-backend"):
+        validate_usp_args(parse("--ulysses-degree", "2", attention_backend=AttnBackend.local))
+    assert validate_usp_args(parse("--ulysses-degree", "2", attention_backend=AttnBackend.auto)).context_parallel_size == 2
 
 
 def test_equal_explicit_context_parallel_size_is_accepted():

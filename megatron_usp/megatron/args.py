@@ -51,6 +51,13 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if sp_size > 1 and getattr(args, "hierarchical_context_parallel_sizes", None):
         raise ValueError("--hierarchical-context-parallel-sizes conflicts with USP: use --ulysses-degree/--ring-degree")
+    backend = getattr(args, "attention_backend", None)
+    if sp_size > 1 and backend is not None and getattr(backend, "name", str(backend)).split(".")[-1] == "local":
+        # megatron-core 0.19's GPTModelBuilder replaces core_attention with DotProductAttention for this backend
+        raise ValueError(
+            "--attention-backend local conflicts with USP: Megatron would put its own core attention back into the "
+            "layer spec; use --attention-backend auto (USP picks its kernel with --usp-attn-backend)"
+        )
     tp = getattr(args, "tensor_model_parallel_size", 1) or 1
     world = getattr(args, "world_size", None)
     pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
