@@ -1,18 +1,35 @@
 """Opt-in shim so a megatron-core GPTModel runs on CPU/gloo. Does nothing when CUDA is available.
 
-megatron-core assumes CUDA in a few spots on the training path; each is patched here and nowhere else:
-``RotaryEmbedding.get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()``; the CUDA RNG tracker's
-``fork()`` raises when no CUDA state was added (we add a CPU-backed state).
+megatron-core assumes CUDA in a few spots on the training path; each is handled here and nowhere else:
+
+* RotaryEmbedding moves ``inv_freq`` to ``torch.cuda.current_device()`` on first use (in ``get_emb`` from 0.14,
+  in ``forward`` before): during that call the current device reads as ``"cpu"``.
+* ``get_pos_emb_on_this_cp_rank`` pins memory and calls ``.cuda()``: replaced by the USP RoPE hook
+  (``batch.install_rope_hook``), which ``initialize_model_parallel`` installs on every device.
+* Megatron's local ``DotProductAttention`` allocates CUDA buffers: USP specs replace it.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
 _enabled = False
 
 
+@contextlib.contextmanager
+def _current_cuda_device_is_cpu():
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
 def enable_cpu_mode() -> bool:
-    """Apply the CPU patches (idempotent). Returns True if patches are active."""
+    """Apply the CPU patches (idempotent). Returns True when they are active, False on a CUDA machine."""
     global _enabled
     if torch.cuda.is_available():
         return False
@@ -20,17 +37,14 @@ def enable_cpu_mode() -> bool:
         return True
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    original_get_emb = RotaryEmbedding.get_emb
+    method = "get_emb" if hasattr(RotaryEmbedding, "get_emb") else "forward"  # feature, not version
+    original = getattr(RotaryEmbedding, method)
 
-    def get_emb_on_cpu(self, max_seq_len, offset=0):
-        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
-        if not self.rotary_interleaved:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        else:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
-        return emb[:, None, None, :]
+    @functools.wraps(original)
+    def on_cpu(self, *args, **kwargs):
+        with _current_cuda_device_is_cpu():
+            return original(self, *args, **kwargs)
 
-    get_emb_on_cpu.__wrapped__ = original_get_emb
-    RotaryEmbedding.get_emb = get_emb_on_cpu
+    setattr(RotaryEmbedding, method, on_cpu)
     _enabled = True
     return True
