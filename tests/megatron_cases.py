@@ -86,10 +86,12 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
         errors = {"loss": relative_error(full_losses, ref_losses)}
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
         worst_grad = 0.0
         for name, param in model.named_parameters():
             grad = param.grad.detach().clone()
             dist.all_reduce(grad, group=dp_cp)  # what Megatron's DDP does: sum over dp x cp
+            grad /= dp_size  # every DP replica saw the same batch here
             expected = ref_grads[name]
             if partition[name] >= 0 and tp > 1:
                 expected = expected.chunk(tp, dim=partition[name])[tp_rank]

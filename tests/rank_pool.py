@@ -52,6 +52,10 @@ def _worker(rank: int, world_size: int, port: int, commands, results, test_dir: 
     dist.destroy_process_group()
 
 
+class _RankDied(TimeoutError):
+    pass
+
+
 class RankPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
@@ -83,9 +87,20 @@ class RankPool:
         self._processes = []
 
     def run(self, target: str, timeout: float = 120, **kwargs) -> list:
-        if not self._processes or not all(p.is_alive() for p in self._processes):
+        fresh = not self._processes or not all(p.is_alive() for p in self._processes)
+        if fresh:
             self.close()
             self._start()
+        try:
+            return self._run(target, timeout, **kwargs)
+        except _RankDied:
+            if not fresh:
+                raise
+            # a fresh pool can lose the race for its rendezvous port (EADDRINUSE): start over once
+            self._start()
+            return self._run(target, timeout, **kwargs)
+
+    def _run(self, target: str, timeout: float, **kwargs) -> list:
         for commands in self._commands:
             commands.put((target, kwargs))
         results, failures = [None] * self.world_size, []
@@ -99,8 +114,9 @@ class RankPool:
                     self.close()
                     if failures:
                         break
-                    why = f"rank(s) {dead} died" if dead else f"did not finish within {timeout}s (deadlock?)"
-                    raise TimeoutError(f"{target} on {self.world_size} ranks: {why}")
+                    if dead:
+                        raise _RankDied(f"{target} on {self.world_size} ranks: rank(s) {dead} died")
+                    raise TimeoutError(f"{target} on {self.world_size} ranks: did not finish within {timeout}s (deadlock?)")
                 continue
             if not ok and not failures:
                 failed_at = time.monotonic()
