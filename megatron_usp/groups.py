@@ -51,7 +51,8 @@ class USPGroups:
         )
 
 
-def _check_degree(name: str, value: object) -> int:
+def check_degree(name: str, value: object) -> int:
+    """``TypeError`` unless an int, ``ValueError`` unless >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
@@ -98,8 +99,8 @@ def init_groups(
     Collective: every rank of the default group calls it with the same arguments. The world (or ``group``)
     may hold several SP blocks of ``u*r`` consecutive ranks (data parallel beside sequence parallel).
     """
-    _check_degree("ulysses_degree", ulysses_degree)
-    _check_degree("ring_degree", ring_degree)
+    check_degree("ulysses_degree", ulysses_degree)
+    check_degree("ring_degree", ring_degree)
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))

@@ -24,7 +24,7 @@ def get_batch_on_this_usp_rank(
         return batch
     result = {}
     for key, value in batch.items():
-        if value is None or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):  # None and non-tensor entries pass through
             result[key] = value
         else:
             result[key] = shard(value, groups, dim=2 if key == "attention_mask" else 1, ring_impl=ring_impl)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ..groups import USPGroups, grid_rank_lists
+from ..groups import USPGroups, check_degree, grid_rank_lists
 from ..kernels import check_backend_name
 from ..layout import check_ring_impl
 
@@ -44,9 +44,8 @@ def initialize_model_parallel(
     global _STATE
     check_ring_impl(ring_impl)
     check_backend_name(attn_backend)
-    for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_degree("ulysses_degree", ulysses_degree)
+    check_degree("ring_degree", ring_degree)
     if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
         raise ValueError(
             f"context_parallel_size={kwargs['context_parallel_size']} conflicts with ulysses_degree x ring_degree = "
