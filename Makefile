@@ -4,19 +4,40 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 MCORE_VERSION ?= 0.16.1
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q megatron-core==$(MCORE_VERSION)
-	$(PY) -m pip install -q -e ".[test,megatron]"
+	$(PY) -m pip install -q -e ".[test,megatron,demo]"
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The same small GPT trained twice, same seed and data: no SP on 1 rank, then USP u=2 x r=2 (zigzag) on 4 ranks.
+DEMO_DIR ?= runs/demo
+DEMO_ITERS ?= 200
+DEMO_ARGS := --num-layers 4 --hidden-size 128 --num-attention-heads 8 --group-query-attention \
+	--num-query-groups 4 --seq-length 256 --micro-batch-size 8 --global-batch-size 8 --train-iters $(DEMO_ITERS) \
+	--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --log-interval 20 --seed 1234
+TORCHRUN := $(VENV)/bin/torchrun --standalone
+
+demo: install
+	@mkdir -p $(DEMO_DIR)
+	@start=$$(date +%s) && \
+	echo "== baseline: no sequence parallelism, 1 rank ==" && \
+	$(TORCHRUN) --nproc-per-node 1 examples/pretrain_gpt_usp.py $(DEMO_ARGS) \
+		--loss-csv $(DEMO_DIR)/loss_baseline.csv && \
+	echo "== USP: ulysses 2 x ring 2 (zigzag), 4 ranks ==" && \
+	$(TORCHRUN) --nproc-per-node 4 examples/pretrain_gpt_usp.py $(DEMO_ARGS) \
+		--ulysses-degree 2 --ring-degree 2 --usp-ring-impl zigzag --loss-csv $(DEMO_DIR)/loss_usp.csv && \
+	$(PY) tools/loss_parity.py $(DEMO_DIR)/loss_baseline.csv $(DEMO_DIR)/loss_usp.csv --out $(DEMO_DIR) \
+		--max-diff 1e-3 && \
+	echo "demo wall time (training + comparison): $$(( $$(date +%s) - start )) s"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -12,5 +12,6 @@ setup(
     extras_require={
         "megatron": ["megatron-core>=0.13", "einops"],
         "test": ["pytest>=7", "pytest-timeout>=2"],
+        "demo": ["matplotlib>=3.5"],
     },
 )

@@ -1,0 +1,156 @@
+"""examples/pretrain_gpt_usp.py end to end under torchrun (gloo, CPU), its data, and tools/loss_parity.py."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER = REPO / "examples" / "pretrain_gpt_usp.py"
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "tools"))
+
+import gpt_data  # noqa: E402
+import loss_parity  # noqa: E402
+
+MODEL_ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
+              "--num-query-groups", "2", "--seq-length", "48", "--micro-batch-size", "1", "--global-batch-size", "2",
+              "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--corpus-bytes", "200000"]
+
+
+def torchrun(world_size: int, args: list[str], timeout: int = 240) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+               str(TRAINER), *MODEL_ARGS, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+def losses(path: Path) -> dict[int, float]:
+    return loss_parity.read_losses(str(path))
+
+
+@pytest.mark.timeout(900)
+def test_checkpoint_resumes_across_grids(tmp_path):
+    """Written under (u=2, r=2) zigzag at iteration 2; resumed under (u=1, r=4) stripe and without SP, iteration 3
+    has the loss of the uninterrupted (2, 2) run."""
+    save = tmp_path / "ckpt"
+    out = torchrun(4, ["--ulysses-degree", "2", "--ring-degree", "2", "--usp-ring-impl", "zigzag", "--train-iters",
+                       "3", "--save", str(save), "--save-interval", "2", "--loss-csv", str(tmp_path / "full.csv")])
+    assert "lm loss" in out and "saved checkpoint at iteration 2" in out, out
+    full = losses(tmp_path / "full.csv")
+    assert sorted(full) == [1, 2, 3] and full[3] < full[1], full
+    resumed = {}
+    for name, world_size, grid in (("u1r4", 4, ["--ring-degree", "4", "--usp-ring-impl", "stripe"]),
+                                   ("nosp", 1, [])):
+        csv_path = tmp_path / f"{name}.csv"
+        csv_path.write_text((tmp_path / "full.csv").read_text())  # the resumed run keeps rows 1-2 of its log
+        out = torchrun(world_size, [*grid, "--train-iters", "3", "--load", str(save), "--ckpt-step", "2",
+                                    "--loss-csv", str(csv_path)])
+        assert "loaded checkpoint at iteration 2" in out and "ulysses 2 x ring 2 zigzag" in out, out
+        resumed[name] = losses(csv_path)
+        assert sorted(resumed[name]) == [1, 2, 3], resumed[name]
+        assert resumed[name][2] == full[2]
+        assert abs(resumed[name][3] - full[3]) <= 1e-5, (name, resumed[name][3], full[3])
+    # and they differ from a model that did not load the checkpoint: the comparison can fail
+    fresh = tmp_path / "fresh.csv"
+    torchrun(1, ["--train-iters", "1", "--loss-csv", str(fresh)])
+    assert abs(losses(fresh)[1] - full[3]) > 1e-2
+
+
+@pytest.mark.timeout(600)
+def test_indexed_dataset_bf16_ring_stripe(tmp_path):
+    """--data-path with a Megatron indexed dataset, --bf16, r=2 stripe; loss matches the 1-rank fp32 run loosely."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    gen = torch.Generator().manual_seed(0)
+    for length in (70, 130, 45, 200, 90):
+        builder.add_document(torch.randint(0, 100, (length,), generator=gen, dtype=torch.int32), [length])
+    builder.finalize(prefix + ".idx")
+    common = ["--data-path", prefix, "--vocab-size", "100", "--train-iters", "2"]
+    out = torchrun(2, [*common, "--ring-degree", "2", "--usp-ring-impl", "stripe", "--bf16",
+                       "--loss-csv", str(tmp_path / "bf16.csv")])
+    assert "indexed dataset" in out and "bf16" in out, out
+    torchrun(1, [*common, "--loss-csv", str(tmp_path / "fp32.csv")])
+    bf16, fp32 = losses(tmp_path / "bf16.csv"), losses(tmp_path / "fp32.csv")
+    assert abs(fp32[1] - np.log(100)) < 0.5, fp32  # an untrained model is near-uniform over the vocabulary
+    for iteration in (1, 2):
+        assert abs(bf16[iteration] - fp32[iteration]) < 0.05, (bf16, fp32)
+
+
+def test_bad_flags_raise_before_any_collective(monkeypatch):
+    import pretrain_gpt_usp
+
+    monkeypatch.setattr(pretrain_gpt_usp.dist, "init_process_group",
+                        lambda *a, **k: pytest.fail("init_process_group reached with bad flags"))
+    cases = [
+        (4, ["--ulysses-degree", "3"], "not divisible"),
+        (8, ["--ulysses-degree", "8", "--num-attention-heads", "4"], "heads"),
+        (4, ["--ring-degree", "4", "--seq-length", "50"], "--seq-length"),
+        (4, ["--ring-degree", "2", "--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size"),
+        (1, ["--seq-length", "512", "--max-position-embeddings", "256"], "--max-position-embeddings"),
+        (1, ["--group-query-attention"], "--num-query-groups"),
+    ]
+    for world_size, argv, message in cases:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        with pytest.raises(ValueError, match=message):
+            pretrain_gpt_usp.main(argv)
+
+
+def test_indexed_tokens_window_spans_documents(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "docs")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    documents = [np.arange(start, start + length, dtype=np.int32) for start, length in ((0, 5), (100, 3), (200, 7))]
+    for document in documents:
+        builder.add_document(torch.from_numpy(document), [len(document)])
+    builder.finalize(prefix + ".idx")
+    stream = gpt_data.IndexedTokens(prefix)
+    flat = np.concatenate(documents)
+    assert len(stream) == len(flat) and stream.vocab_size == 207
+    for start, length in ((0, 15), (3, 6), (4, 1), (5, 3), (7, 8)):
+        np.testing.assert_array_equal(stream.window(start, length), flat[start:start + length])
+    with pytest.raises(ValueError, match="not found"):
+        gpt_data.IndexedTokens(str(tmp_path / "missing"))
+
+
+def test_samples_are_deterministic_and_cover_each_window_once_per_epoch():
+    corpus = gpt_data.ByteCorpus(max_bytes=20000)
+    assert len(corpus) == 20000 and corpus.vocab_size == 256
+    samples = gpt_data.GPTSamples(corpus, seq_length=64, seed=7)
+    batch = samples.batch(10, 4)
+    assert batch["tokens"].shape == (4, 64) and torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
+    again = gpt_data.GPTSamples(gpt_data.ByteCorpus(max_bytes=20000), seq_length=64, seed=7).batch(10, 4)
+    assert torch.equal(batch["tokens"], again["tokens"])
+    other_seed = gpt_data.GPTSamples(corpus, seq_length=64, seed=8).batch(10, 4)
+    assert not torch.equal(batch["tokens"], other_seed["tokens"])
+    epoch = [samples._window_index(i) for i in range(samples.num_windows)]
+    assert sorted(epoch) == list(range(samples.num_windows))
+    assert [samples._window_index(i) for i in range(samples.num_windows, 2 * samples.num_windows)] != epoch
+
+
+def test_loss_parity_tool(tmp_path):
+    for name, values in (("base", [5.0, 4.0, 3.0]), ("usp", [5.0, 4.0000004, 3.002])):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["iteration", "loss"])
+            writer.writerows((i + 1, v) for i, v in enumerate(values))
+    base, usp = str(tmp_path / "base.csv"), str(tmp_path / "usp.csv")
+    assert loss_parity.main([base, usp, "--out", str(tmp_path / "ok"), "--max-diff", "3e-3"]) == 0
+    assert loss_parity.main([base, usp, "--out", str(tmp_path / "bad"), "--max-diff", "1e-3"]) == 1
+    with open(tmp_path / "ok" / "loss.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == ["iteration", "loss_baseline", "loss_usp"]
+    assert float(rows[2]["loss_usp"]) == 3.002 and (tmp_path / "ok" / "loss.png").stat().st_size > 10000
+    with pytest.raises(ValueError, match="different iterations"):
+        loss_parity.merge_losses({1: 1.0, 2: 1.0}, {1: 1.0})
