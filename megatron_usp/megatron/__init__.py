@@ -11,6 +11,7 @@ from .grid import (
     initialize_model_parallel,
     usp_is_initialized,
 )
+from . import megatron_lm  # glue for patched Megatron-LM checkouts (patches/)
 from .specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec, use_usp_core_attention
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "get_usp_ring_impl",
     "initialize_model_parallel",
     "install_rope_hook",
+    "megatron_lm",
     "use_usp_core_attention",
     "usp_is_initialized",
 ]

@@ -1,0 +1,280 @@
+"""Glue for a patched Megatron-LM ``pretrain_gpt.py`` (see ``patches/`` and ``tools/apply_megatron_patch.py``).
+
+The patches only call the five names below; all logic lives here and is feature-detected (no version strings):
+
+* :func:`with_usp_args` / :func:`extra_args_provider`: the ``--ulysses-degree`` / ``--ring-degree`` flags.
+* :func:`install`: Megatron-LM's own ``validate_args`` runs :func:`validate_usp_args` first (so
+  ``context_parallel_size = u*r`` before the data-parallel size is derived), and its
+  ``mpu.initialize_model_parallel`` call builds the USP grid.
+* :func:`usp_layer_spec`: USP core attention in whatever layer / block / MTP spec Megatron-LM built.
+* :func:`wrap_get_batch_on_this_cp_rank`: batches follow the USP layout.
+
+USP is on when ``--ulysses-degree x --ring-degree > 1``. Otherwise every hook passes through and the patched
+script behaves like stock Megatron-LM (its own context parallelism included).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from megatron.core import parallel_state
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from . import grid
+from .args import add_usp_args, validate_usp_args
+from .attention import USPAttention
+from .batch import get_batch_on_this_usp_rank
+
+ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+# Modules of Megatron-LM whose ``validate_args`` name install() wraps (0.16 imports it into initialize by name;
+# 0.18+ calls it inside arguments.parse_and_validate_args). Whichever of them exist are wrapped.
+VALIDATE_ARGS_MODULES = ("megatron.training.arguments", "megatron.training.initialize")
+# Batch entries that are metadata, not [batch, seq, ...] tensors (Megatron's own list, megatron-core 0.19).
+BATCH_METADATA_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_group")
+
+_WRAPPED_MARK = "__usp_original__"
+_installed: List[Tuple[Any, str, Any]] = []  # (holder module, attribute, original) to undo
+_get_megatron_args: Optional[Callable[[], Any]] = None
+_inside_usp_grid = False
+
+
+def usp_requested(args: Any) -> bool:
+    """True when the parsed arguments ask for USP (``--ulysses-degree x --ring-degree > 1``)."""
+    return getattr(args, "ulysses_degree", 1) * getattr(args, "ring_degree", 1) > 1
+
+
+def usp_active() -> bool:
+    """True once the USP grid with ``u*r > 1`` is built on this rank."""
+    return grid.usp_is_initialized() and grid.get_usp_groups().sp_size > 1
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider`` that adds the USP flags; a no-op when the parser already has them."""
+    if "--ulysses-degree" in parser._option_string_actions:  # argparse keeps no public lookup
+        return parser
+    return add_usp_args(parser)
+
+
+def with_usp_args(chained: Optional[ArgsProvider] = None) -> ArgsProvider:
+    """An ``extra_args_provider`` that adds the USP flags, then runs ``chained`` (e.g. ModelOpt's) if given."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser = extra_args_provider(parser)
+        return chained(parser) if chained is not None else parser
+
+    return provider
+
+
+def check_megatron_lm_args(args: Any) -> None:
+    """Reject Megatron-LM features that USP does not support (only called when USP is requested)."""
+    unsupported = (
+        ("hybrid_context_parallel", "--hybrid-context-parallel"),
+        ("sft", "--sft (packed THD sequences)"),
+        ("dataloader_inter_document_masking", "--dataloader-inter-document-masking (packed THD sequences)"),
+        ("use_legacy_models", "--use-legacy-models"),
+    )
+    for name, flag in unsupported:
+        if getattr(args, name, False):
+            raise ValueError(f"{flag} conflicts with --ulysses-degree/--ring-degree: drop it or set both degrees to 1")
+
+
+# ---------------------------------------------------------------------------------------------- install
+
+
+def _megatron_args() -> Any:
+    if _get_megatron_args is not None:
+        return _get_megatron_args()
+    from megatron.training import get_args
+
+    return get_args()
+
+
+def _wrap_validate_args(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def validate_args(args, *rest, **kwargs):
+        if usp_requested(args):
+            check_megatron_lm_args(args)
+            validate_usp_args(args)  # sets context_parallel_size = u*r before Megatron derives the DP size
+        return original(args, *rest, **kwargs)
+
+    setattr(validate_args, _WRAPPED_MARK, original)
+    return validate_args
+
+
+def _bound_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and arguments.get(name):
+            raise TypeError(f"initialize_model_parallel got extra positional arguments {arguments[name]}")
+    return arguments
+
+
+def _wrap_initialize_model_parallel(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def initialize_model_parallel(*args, **kwargs):
+        global _inside_usp_grid
+        if _inside_usp_grid:  # the USP grid itself calls megatron-core underneath
+            return original(*args, **kwargs)
+        margs = _megatron_args()
+        if not usp_requested(margs):
+            return original(*args, **kwargs)
+        arguments = _bound_arguments(signature, args, kwargs)
+        tp = arguments.pop("tensor_model_parallel_size", 1)
+        pp = arguments.pop("pipeline_model_parallel_size", 1)
+        sp_size = margs.ulysses_degree * margs.ring_degree
+        cp = arguments.pop("context_parallel_size", sp_size)
+        if cp != sp_size:
+            raise ValueError(
+                f"context_parallel_size={cp} but --ulysses-degree x --ring-degree = {sp_size}: validate_usp_args did "
+                "not run; call megatron_usp.megatron.megatron_lm.install() before Megatron validates its arguments"
+            )
+        if arguments.pop("hierarchical_context_parallel_sizes", None):
+            raise ValueError("--hierarchical-context-parallel-sizes conflicts with USP: use --ulysses-degree/--ring-degree")
+        if arguments.get("hybrid_context_parallel"):
+            raise ValueError("--hybrid-context-parallel conflicts with USP: drop it")
+        arguments.pop("hybrid_context_parallel", None)
+        _inside_usp_grid = True
+        try:
+            grid.initialize_model_parallel(
+                tp,
+                pp,
+                ulysses_degree=margs.ulysses_degree,
+                ring_degree=margs.ring_degree,
+                ring_impl=margs.usp_ring_impl,
+                ulysses_inner=not margs.usp_ring_inner,
+                attn_backend=margs.usp_attn_backend,
+                **arguments,
+            )
+        finally:
+            _inside_usp_grid = False
+
+    setattr(initialize_model_parallel, _WRAPPED_MARK, original)
+    return initialize_model_parallel
+
+
+def _wrap_attribute(holder: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    original = getattr(holder, name)
+    if hasattr(original, _WRAPPED_MARK):  # already installed
+        return
+    setattr(holder, name, wrap(original))
+    _installed.append((holder, name, original))
+
+
+def install(get_args: Optional[Callable[[], Any]] = None) -> None:
+    """Hook USP into Megatron-LM's initialization; call once before ``pretrain``/``parse_and_validate_args``.
+
+    Wraps every ``validate_args`` of :data:`VALIDATE_ARGS_MODULES` that exists (USP validation first) and
+    ``megatron.core.parallel_state.initialize_model_parallel`` (builds the USP grid when ``u*r > 1``).
+    ``get_args`` returns Megatron's parsed arguments (default ``megatron.training.get_args``). Idempotent.
+    """
+    global _get_megatron_args
+    if get_args is not None:
+        _get_megatron_args = get_args
+    holders = []
+    for module_name in VALIDATE_ARGS_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "validate_args", None)):
+            holders.append(module)
+    if not holders:
+        raise RuntimeError(
+            f"install() found no validate_args in {', '.join(VALIDATE_ARGS_MODULES)}: it needs a Megatron-LM checkout "
+            "(megatron.training) on PYTHONPATH; with megatron-core alone use megatron_usp.megatron.initialize_model_parallel"
+        )
+    for module in holders:
+        _wrap_attribute(module, "validate_args", _wrap_validate_args)
+    _wrap_attribute(parallel_state, "initialize_model_parallel", _wrap_initialize_model_parallel)
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (for tests and notebooks)."""
+    global _get_megatron_args
+    while _installed:
+        holder, name, original = _installed.pop()
+        setattr(holder, name, original)
+    _get_megatron_args = None
+
+
+# ---------------------------------------------------------------------------------------------- layer spec
+
+
+def _substitute(node: Any, field_name: str, seen: set) -> int:
+    if id(node) in seen:
+        return 0
+    seen.add(id(node))
+    if isinstance(node, ModuleSpec):
+        submodules = node.submodules
+        if field_name == "self_attention":
+            if submodules is None or not hasattr(submodules, "core_attention"):
+                raise ValueError(
+                    f"self-attention {node.module} has no core_attention that USP could replace: use an attention with "
+                    "core_attention (the default GPT specs) or set --ulysses-degree 1 --ring-degree 1"
+                )
+            submodules.core_attention = USPAttention
+            return 1
+        return _substitute(submodules, "", seen) if submodules is not None else 0
+    if isinstance(node, (list, tuple)):
+        return sum(_substitute(item, field_name, seen) for item in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return sum(_substitute(getattr(node, f.name), f.name, seen) for f in dataclasses.fields(node))
+    return 0
+
+
+def substitute_core_attention(spec: Any) -> int:
+    """Put :class:`USPAttention` into every ``self_attention`` of ``spec`` (a layer spec, a block spec with
+    ``layer_specs``, an MTP block spec), in place. Returns how many self-attentions it replaced."""
+    return _substitute(spec, "", set())
+
+
+def usp_layer_spec(spec: Any) -> Any:
+    """``spec`` with USP core attention once the USP grid (``u*r > 1``) is up; otherwise unchanged, so runs
+    without USP flags (and checkpoint tools that import the same builder) keep Megatron's attention.
+
+    A spec with no self-attention at all (a pipeline stage without layers) is returned as it is."""
+    if spec is not None and usp_active():
+        substitute_core_attention(spec)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+
+def get_batch_on_this_rank(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """This rank's tokens of a ``[batch, seq, ...]`` batch under USP; metadata entries pass through."""
+    if batch.get("cu_seqlens") is not None:
+        raise ValueError("USP does not support packed (THD) sequences yet: drop --sft / inter-document masking")
+    sequences = {key: value for key, value in batch.items() if key not in BATCH_METADATA_KEYS}
+    sharded = get_batch_on_this_usp_rank(sequences)
+    return {key: sharded[key] if key in sharded else value for key, value in batch.items()}
+
+
+def wrap_get_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
+    """Megatron's ``get_batch_on_this_cp_rank`` (any signature) that uses :func:`get_batch_on_this_rank` while
+    USP is active and calls ``megatron_fn`` unchanged otherwise."""
+    signature = inspect.signature(megatron_fn)
+
+    @functools.wraps(megatron_fn)
+    def get_batch_on_this_cp_rank(batch, *args, **kwargs):
+        if not usp_active():
+            return megatron_fn(batch, *args, **kwargs)
+        arguments = signature.bind(batch, *args, **kwargs).arguments
+        if arguments.get("is_hybrid_cp"):
+            raise ValueError("--hybrid-context-parallel conflicts with USP: drop it")
+        return get_batch_on_this_rank(batch)
+
+    setattr(get_batch_on_this_cp_rank, _WRAPPED_MARK, megatron_fn)
+    return get_batch_on_this_cp_rank
