@@ -234,7 +234,8 @@ def save_checkpoint(args, iteration: int, model, optimizer) -> None:
 
 
 def load_checkpoint(args, model, optimizer) -> int:
-    """Load the latest checkpoint under ``--load``; returns its iteration. ulysses/ring degrees may differ."""
+    """Load the latest checkpoint under ``--load`` (or ``--ckpt-step``); returns its iteration, 0 when there is
+    none yet. ulysses/ring degrees may differ from the saving run's; TP and the model shape may not."""
     from megatron.core import parallel_state
 
     tracker = Path(args.load) / CHECKPOINT_TRACKER
@@ -242,8 +243,11 @@ def load_checkpoint(args, model, optimizer) -> int:
         iteration = args.ckpt_step
     elif tracker.is_file():
         iteration = int(tracker.read_text().strip())
-    else:
-        raise ValueError(f"--load {args.load}: no {CHECKPOINT_TRACKER} there (was it written by --save?)")
+    else:  # as Megatron: --load with nothing saved yet (first run of a requeued job) starts from scratch
+        if dist.get_rank() == 0:
+            print(f" WARNING: --load {args.load} has no {CHECKPOINT_TRACKER}; starting from random weights",
+                  flush=True)
+        return 0
     path = checkpoint_file(args.load, iteration, parallel_state.get_tensor_model_parallel_rank())
     if not path.is_file():
         raise ValueError(f"--load {args.load}: {path} is missing; no checkpoint for iteration {iteration}, or it "

@@ -59,9 +59,11 @@ def test_checkpoint_resumes_across_grids(tmp_path):
         assert sorted(resumed[name]) == [1, 2, 3], resumed[name]
         assert resumed[name][2] == full[2]
         assert abs(resumed[name][3] - full[3]) <= 1e-5, (name, resumed[name][3], full[3])
-    # and they differ from a model that did not load the checkpoint: the comparison can fail
+    # and they differ from a model that did not load the checkpoint: the comparison can fail. (--load of a
+    # directory with nothing saved yet starts from scratch, as Megatron does for a requeued job's first run.)
     fresh = tmp_path / "fresh.csv"
-    torchrun(1, ["--train-iters", "1", "--loss-csv", str(fresh)])
+    out = torchrun(1, ["--train-iters", "1", "--loss-csv", str(fresh), "--load", str(tmp_path / "empty")])
+    assert "starting from random weights" in out, out
     assert abs(losses(fresh)[1] - full[3]) > 1e-2
 
 
