@@ -40,3 +40,24 @@ def test_pipeline_parallel_with_usp(fresh_rank_pool, ring_impl):
     for result in results:
         for key, value in result.items():
             record_error(f"gpt pp2 r2 {ring_impl} {key}", value)
+
+
+def test_rope_hook_covers_every_rotary_module(monkeypatch):
+    """RoPE, multimodal RoPE and YaRN each call get_pos_emb_on_this_cp_rank through their own module's name; all
+    must follow the USP layout once USP is initialized, and Megatron's own slicing otherwise."""
+    import importlib
+
+    from megatron_usp.megatron import batch
+
+    calls = []
+    monkeypatch.setattr(batch, "usp_pos_emb_on_this_rank", lambda emb, dim, group=None: calls.append(dim) or "usp")
+    batch.install_rope_hook()
+    batch.install_rope_hook()  # idempotent: the original stays the one megatron-core shipped
+    for module_name in batch._ROPE_MODULES:
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(batch, "usp_is_initialized", lambda: True)
+        assert module.get_pos_emb_on_this_cp_rank("emb", 0) == "usp", module_name
+        monkeypatch.setattr(batch, "usp_is_initialized", lambda: False)
+        original = batch._original_pos_emb_fns[module_name]
+        assert getattr(original, "__module__", "").startswith("megatron.core"), original
+    assert calls == [0] * len(batch._ROPE_MODULES)

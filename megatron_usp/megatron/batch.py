@@ -38,21 +38,31 @@ def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None)
     return pos_emb.index_select(seq_dim, held)
 
 
-_original_pos_emb_fn = None
+# megatron-core modules that call get_pos_emb_on_this_cp_rank through a name of their own (imported by name)
+_ROPE_MODULES = (
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+)
+_original_pos_emb_fns: dict = {}
 
 
 def install_rope_hook() -> None:
-    """Make megatron-core's RotaryEmbedding slice by the USP layout (every ring_impl; for zigzag this equals
-    Megatron's own slicing, and it needs no pinned memory or CUDA). Idempotent."""
-    global _original_pos_emb_fn
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    """Make megatron-core's rotary embeddings (RoPE, multimodal RoPE, YaRN) slice by the USP layout (every
+    ring_impl; for zigzag this equals Megatron's own slicing, and it needs no pinned memory or CUDA). Idempotent."""
+    import importlib
 
-    if _original_pos_emb_fn is None:
-        _original_pos_emb_fn = rotary_pos_embedding.get_pos_emb_on_this_cp_rank
+    for module_name in _ROPE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if not hasattr(module, "get_pos_emb_on_this_cp_rank"):
+            continue
+        original = _original_pos_emb_fns.setdefault(module_name, module.get_pos_emb_on_this_cp_rank)
 
-    def hooked(pos_emb, seq_dim, cp_group=None):
-        if usp_is_initialized():
-            return usp_pos_emb_on_this_rank(pos_emb, seq_dim, cp_group)
-        return _original_pos_emb_fn(pos_emb, seq_dim, cp_group)
+        def hooked(pos_emb, seq_dim, cp_group=None, _original=original):
+            if usp_is_initialized():
+                return usp_pos_emb_on_this_rank(pos_emb, seq_dim, cp_group)
+            return _original(pos_emb, seq_dim, cp_group)
 
-    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = hooked
+        module.get_pos_emb_on_this_cp_rank = hooked
