@@ -4,16 +4,60 @@ Our own autograd functions: ``torch.distributed.nn`` treats group ranks as globa
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class TrafficCounter:
+    """Bytes this rank sent to other ranks, per collective kind, and the number of calls (a debug counter)."""
+
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+
+_active_counter: contextvars.ContextVar[Optional[TrafficCounter]] = contextvars.ContextVar("usp_traffic", default=None)
+
+
+@contextlib.contextmanager
+def count_traffic() -> Iterator[TrafficCounter]:
+    """``with count_traffic() as counter: ...`` counts what this rank sends inside the block."""
+    counter = TrafficCounter()
+    token = _active_counter.set(counter)
+    try:
+        yield counter
+    finally:
+        _active_counter.reset(token)
+
+
+def _record(kind: str, nbytes: int) -> None:
+    counter = _active_counter.get()
+    if counter is not None:
+        counter.add(kind, nbytes)
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     world = dist.get_world_size(group)
     send = torch.stack(torch.chunk(x, world, dim=scatter_dim)).contiguous()
     recv = torch.empty_like(send)
+    _record("all_to_all", _nbytes(send) * (world - 1) // world)  # the chunk kept here does not travel
     dist.all_to_all_single(recv, send, group=group)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
@@ -43,6 +87,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 def _all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("all_gather", _nbytes(x) * (world - 1))  # ring algorithm: each rank forwards world-1 chunks
     _all_gather_single(out, x.contiguous(), group=group)
     return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=dim)
 
@@ -51,6 +96,7 @@ def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torc
     world = dist.get_world_size(group)
     chunks = torch.chunk(x, world, dim=dim)
     out = torch.empty_like(chunks[0], memory_format=torch.contiguous_format)
+    _record("reduce_scatter", _nbytes(out) * (world - 1))
     _reduce_scatter_single(out, torch.cat(chunks, dim=0).contiguous(), group=group)
     return out
 
@@ -99,6 +145,7 @@ class RingExchanger:
             raise RuntimeError("RingExchanger: wait() for the previous transfer before posting another")
         send = send.contiguous()
         recv = torch.empty_like(send)
+        _record("ring_p2p", _nbytes(send))
         ops = [
             dist.P2POp(dist.isend, send, self.next_rank, self.group),
             dist.P2POp(dist.irecv, recv, self.prev_rank, self.group),
@@ -113,3 +160,19 @@ class RingExchanger:
             request.wait()
         self._pending = None
         return recv
+
+
+class RingComm:
+    """The ring group's transfers as ring.py uses them: exchangers, all-gather, reduce-scatter."""
+
+    def __init__(self, groups) -> None:
+        self.groups = groups
+
+    def exchanger(self) -> RingExchanger:
+        return RingExchanger(self.groups.ring_ranks, self.groups.ring_rank, self.groups.ring)
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return all_gather_no_grad(x, self.groups.ring, dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return reduce_scatter_no_grad(x, self.groups.ring, dim)

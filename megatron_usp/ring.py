@@ -106,16 +106,16 @@ def build_schedule(
     return RingSchedule(ring_impl, "pass_kv", steps)
 
 
-def _gather_kv(kv: torch.Tensor, schedule: RingSchedule, groups: USPGroups) -> torch.Tensor:
+def _gather_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm) -> torch.Tensor:
     """``[2, b, n, h, d]`` -> ``[2, b, r*n, h, d]`` sorted by global position."""
-    gathered = comm.all_gather_no_grad(kv, groups.ring, dim=2)
+    gathered = ring_comm.all_gather(kv, dim=2)
     return gathered.index_select(2, schedule.kv_order.to(kv.device))
 
 
-def _scatter_dkv(dkv: torch.Tensor, schedule: RingSchedule, groups: USPGroups) -> torch.Tensor:
+def _scatter_dkv(dkv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm) -> torch.Tensor:
     """Inverse of :func:`_gather_kv` for gradients: unsort, then reduce-scatter (sum) over the ring."""
     ring_ordered = dkv.index_select(2, torch.argsort(schedule.kv_order).to(dkv.device))
-    return comm.reduce_scatter_no_grad(ring_ordered, groups.ring, dim=2)
+    return ring_comm.reduce_scatter(ring_ordered, dim=2)
 
 
 def ring_forward(
@@ -123,7 +123,7 @@ def ring_forward(
     k: torch.Tensor,
     v: torch.Tensor,
     schedule: RingSchedule,
-    groups: USPGroups,
+    ring_comm: comm.RingComm,
     kernel: AttentionKernel,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +134,8 @@ def ring_forward(
     lse = torch.full((batch, heads, n), float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     if schedule.transport == "allgather":
-        kv = _gather_kv(kv, schedule, groups)
-    exchanger = comm.RingExchanger(groups.ring_ranks, groups.ring_rank, groups.ring) if len(schedule.steps) > 1 else None
+        kv = _gather_kv(kv, schedule, ring_comm)
+    exchanger = ring_comm.exchanger() if len(schedule.steps) > 1 else None
     for index, step in enumerate(schedule.steps):
         more = index + 1 < len(schedule.steps)
         if more:
@@ -160,7 +160,7 @@ def ring_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     schedule: RingSchedule,
-    groups: USPGroups,
+    ring_comm: comm.RingComm,
     kernel: AttentionKernel,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,10 +172,10 @@ def ring_backward(
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     if schedule.transport == "allgather":
-        kv = _gather_kv(kv, schedule, groups)
+        kv = _gather_kv(kv, schedule, ring_comm)
     many = len(schedule.steps) > 1
-    kv_exchanger = comm.RingExchanger(groups.ring_ranks, groups.ring_rank, groups.ring) if many else None
-    dkv_exchanger = comm.RingExchanger(groups.ring_ranks, groups.ring_rank, groups.ring) if many else None
+    kv_exchanger = ring_comm.exchanger() if many else None
+    dkv_exchanger = ring_comm.exchanger() if many else None
     for index, step in enumerate(schedule.steps):
         more = index + 1 < len(schedule.steps)
         if more:
@@ -206,24 +206,24 @@ def ring_backward(
     if many:
         dkv = dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
     if schedule.transport == "allgather":
-        dkv = _scatter_dkv(dkv, schedule, groups)
+        dkv = _scatter_dkv(dkv, schedule, ring_comm)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, schedule, groups, kernel, softmax_scale):
-        out, lse = ring_forward(q, k, v, schedule, groups, kernel, softmax_scale)
+    def forward(ctx, q, k, v, schedule, ring_comm, kernel, softmax_scale):
+        out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, softmax_scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.schedule, ctx.groups, ctx.kernel, ctx.softmax_scale = schedule, groups, kernel, softmax_scale
+        ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale = schedule, ring_comm, kernel, softmax_scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(
-            dout, q, k, v, out, lse, ctx.schedule, ctx.groups, ctx.kernel, ctx.softmax_scale
+            dout, q, k, v, out, lse, ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale
         )
         return dq, dk, dv, None, None, None, None
 
@@ -238,4 +238,4 @@ def ring_attention(
     softmax_scale: float,
 ) -> torch.Tensor:
     """Differentiable ring attention over ring-level-layout tensors; returns ``[b, n, heads, head_dim]``."""
-    return _RingAttention.apply(q, k, v, schedule, groups, kernel, softmax_scale)
+    return _RingAttention.apply(q, k, v, schedule, comm.RingComm(groups), kernel, softmax_scale)

@@ -39,12 +39,18 @@ def replicate_kv_heads(x: torch.Tensor, ulysses_degree: int) -> torch.Tensor:
     return x if copies == 1 else x.repeat_interleave(copies, dim=2)
 
 
-def seq_to_heads(x: torch.Tensor, groups: USPGroups, order: torch.Tensor) -> torch.Tensor:
-    """``[b, s_local, h, d]`` -> ``[b, u*s_local, h/u, d]`` in ring-level layout (``order`` sorts by position)."""
-    if groups.ulysses_degree == 1:
-        return x
-    gathered = comm.all_to_all(x, groups.ulysses, scatter_dim=2, gather_dim=1)
-    return gathered.index_select(1, order)
+def seq_to_heads(xs: tuple[torch.Tensor, ...], groups: USPGroups, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each ``[b, s_local, h_i, d]`` -> ``[b, u*s_local, h_i/u, d]`` in ring-level layout (``order`` sorts by
+    position). All tensors travel in ONE all-to-all: every rank's head slices of each are packed side by side."""
+    ulysses_degree = groups.ulysses_degree
+    if ulysses_degree == 1:
+        return tuple(xs)
+    batch, seq_local, _, head_dim = xs[0].shape
+    heads = [x.shape[2] // ulysses_degree for x in xs]
+    packed = torch.cat([x.reshape(batch, seq_local, ulysses_degree, h, head_dim) for x, h in zip(xs, heads)], dim=3)
+    packed = packed.reshape(batch, seq_local, ulysses_degree * sum(heads), head_dim)
+    gathered = comm.all_to_all(packed, groups.ulysses, scatter_dim=2, gather_dim=1).index_select(1, order)
+    return tuple(gathered.split(heads, dim=2))
 
 
 def heads_to_seq(x: torch.Tensor, groups: USPGroups, order: torch.Tensor) -> torch.Tensor:

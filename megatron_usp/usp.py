@@ -1,6 +1,7 @@
 """usp_attn: Ulysses all-to-all, ring attention, inverse all-to-all."""
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 from typing import Optional
@@ -91,10 +92,21 @@ def usp_attn(
     kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     seq_len = q.shape[1] * groups.sp_size
-    order = gathered_order(seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl).to(q.device)
+    grid = (seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl)
+    order = _cached_order(*grid, q.device)
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
-    q, k, v = (seq_to_heads(x, groups, order) for x in (q, k, v))
-    schedule = build_schedule(ring_impl, seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, causal)
-    out = ring_attention(q, k, v, schedule, groups, kernel, scale)
+    q, k, v = seq_to_heads((q, k, v), groups, order)
+    out = ring_attention(q, k, v, _cached_schedule(*grid, causal), groups, kernel, scale)
     return heads_to_seq(out, groups, order)
+
+
+# Layout permutations and schedules depend only on the grid and length: built once, not once per layer per step.
+@functools.lru_cache(maxsize=256)
+def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, device) -> torch.Tensor:
+    return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal):
+    return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal)

@@ -1,0 +1,110 @@
+"""One rank's complete ring schedule in one process: real kernels and merges, no communication.
+
+The ring transfers are replaced by a loopback that hands back same-shaped tensors, so a single GPU (or CPU) can
+time what one rank of a ``u x r`` grid computes, and compare it with monolithic attention over the whole sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .kernels import AttentionKernel
+from .ring import build_schedule, ring_backward, ring_forward
+from .ulysses import check_head_counts, kv_replication
+
+
+class _LoopbackExchanger:
+    def __init__(self) -> None:
+        self._pending: Optional[torch.Tensor] = None
+
+    def post(self, send: torch.Tensor) -> None:
+        self._pending = send
+
+    def wait(self) -> torch.Tensor:
+        received, self._pending = self._pending, None
+        return received
+
+
+class LoopbackRingComm:
+    """Stands in for :class:`megatron_usp.comm.RingComm`: same shapes, no transfer (values are not meaningful)."""
+
+    def __init__(self, ring_degree: int) -> None:
+        self.ring_degree = ring_degree
+
+    def exchanger(self) -> _LoopbackExchanger:
+        return _LoopbackExchanger()
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat([x] * self.ring_degree, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.chunk(self.ring_degree, dim=dim)[0].clone()
+
+
+@dataclass(frozen=True)
+class RankProblem:
+    """Attention over ``seq_len`` tokens on a ``ulysses_degree x ring_degree`` grid, seen from one ring rank."""
+
+    ring_impl: str
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ulysses_degree: int
+    ring_degree: int
+    causal: bool
+    batch: int = 1
+
+
+def _inputs(batch, tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, dout = (torch.randn(batch, tokens, h, head_dim, generator=gen, device=device, dtype=dtype)
+                     for h in (heads, kv_heads, kv_heads, heads))
+    return q, k, v, dout
+
+
+def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dtype: torch.dtype,
+              device: torch.device) -> Callable[[], None]:
+    """A function running ring rank ``ring_rank``'s forward and backward once (what a step costs it)."""
+    check_head_counts(problem.heads, problem.kv_heads, problem.ulysses_degree)
+    u, r = problem.ulysses_degree, problem.ring_degree
+    kv_heads = problem.kv_heads * kv_replication(problem.kv_heads, u) // u
+    q, k, v, dout = _inputs(problem.batch, problem.seq_len // r, problem.heads // u, kv_heads, problem.head_dim,
+                            dtype, device)
+    schedule = build_schedule(problem.ring_impl, problem.seq_len, u, r, ring_rank, problem.causal)
+    ring_comm = LoopbackRingComm(r)
+    scale = problem.head_dim ** -0.5
+
+    def step() -> None:
+        out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, scale)
+        ring_backward(dout, q, k, v, out.to(dtype), lse, schedule, ring_comm, kernel, scale)
+
+    return step
+
+
+def monolithic_step(problem: RankProblem, kernel: AttentionKernel, dtype: torch.dtype,
+                    device: torch.device) -> Callable[[], None]:
+    """Single-device attention over the whole sequence, forward and backward, with the same kernel."""
+    q, k, v, dout = _inputs(problem.batch, problem.seq_len, problem.heads, problem.kv_heads, problem.head_dim,
+                            dtype, device)
+    scale = problem.head_dim ** -0.5
+
+    def step() -> None:
+        out, lse = kernel.forward(q, k, v, causal=problem.causal, softmax_scale=scale)
+        kernel.backward(dout, q, k, v, out, lse, causal=problem.causal, softmax_scale=scale)
+
+    return step
+
+
+def attention_pairs(problem: RankProblem, ring_rank: int) -> int:
+    """(query, key) pairs ring rank ``ring_rank`` computes per head: its share of the attention work."""
+    schedule = build_schedule(problem.ring_impl, problem.seq_len, problem.ulysses_degree, problem.ring_degree,
+                              ring_rank, problem.causal)
+    pairs = 0
+    for step in schedule.steps:
+        for block in step.blocks:
+            rows, cols = block.q_stop - block.q_start, block.kv_stop - block.kv_start
+            pairs += rows * (rows + 1) // 2 if block.causal else rows * cols
+    return pairs

@@ -1,0 +1,311 @@
+"""Benchmark USP attention: per-rank efficiency against monolithic attention, traffic, load balance.
+
+    # (a) real ranks (gloo on CPU, NCCL on GPU): time, TFLOPS per rank, bytes per rank vs analytic, efficiency
+    torchrun --nproc-per-node 4 tools/bench_attention.py --mode multi-rank --seq-len 4096 --json runs/bench/mr.json
+    # (b) one process runs one rank's whole schedule (real kernels and merges, no comm) for a world of P ranks
+    python tools/bench_attention.py --mode simulate-rank --world-size 4 --seq-len 8192 --json runs/bench/sim.json
+    # (c) attention work per rank from the schedules: max / mean
+    python tools/bench_attention.py --mode balance --world-size 8 --seq-len 65536
+
+efficiency = (monolithic time / P) / rank time, with the same kernel, in the same run; 1.0 is perfect scaling.
+Prints a markdown table; --json writes a list of records, --png a bar chart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_usp.kernels import resolve_kernel  # noqa: E402
+from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
+from megatron_usp.traffic import analytic_bytes_per_rank  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Forward + backward FLOPs of attention (forward 4·b·s²·h·d, backward 2.5× forward, causal half)."""
+    forward = 4.0 * batch * seq_len * seq_len * heads * head_dim * (0.5 if causal else 1.0)
+    return 3.5 * forward
+
+
+def time_call(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of ``step`` over ``repeats`` runs after ``warmup`` runs."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def grids(world_size: int, heads: int, kv_heads: int, ulysses_degree) -> list[tuple[int, int]]:
+    """(u, r) pairs to run: the given ulysses degree, or every u dividing the world that the heads allow."""
+    from megatron_usp.ulysses import check_head_counts
+
+    candidates = [ulysses_degree] if ulysses_degree else [u for u in range(1, world_size + 1) if world_size % u == 0]
+    result = []
+    for u in candidates:
+        try:
+            check_head_counts(heads, kv_heads, u)
+        except ValueError:
+            continue
+        result.append((u, world_size // u))
+    return result
+
+
+def causal_flags(choice: str) -> list[bool]:
+    return {"causal": [True], "non-causal": [False], "both": [True, False]}[choice]
+
+
+def base_record(args, mode: str, ring_impl: str, causal: bool, u: int, r: int) -> dict:
+    return {"mode": mode, "ring_impl": ring_impl, "causal": causal, "ulysses_degree": u, "ring_degree": r,
+            "world_size": u * r, "seq_len": args.seq_len, "batch": args.batch, "heads": args.heads,
+            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype}
+
+
+def problem(args, ring_impl: str, causal: bool, u: int, r: int) -> RankProblem:
+    return RankProblem(ring_impl, args.seq_len, args.heads, args.kv_heads, args.head_dim, u, r, causal, args.batch)
+
+
+def run_balance(args) -> list[dict]:
+    records = []
+    for u, r in grids(args.world_size, args.heads, args.kv_heads, args.ulysses_degree):
+        for ring_impl in args.ring_impls:
+            check_seq_len(args.seq_len, u, r, ring_impl)
+            for causal in causal_flags(args.causal):
+                work = [attention_pairs(problem(args, ring_impl, causal, u, r), rank) for rank in range(r)]
+                records.append({**base_record(args, "balance", ring_impl, causal, u, r), "pairs_per_rank": work,
+                                "max_over_mean": max(work) / statistics.mean(work)})
+    return records
+
+
+def run_simulate(args, device: torch.device) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    kernel = resolve_kernel(args.backend, device, dtype, args.head_dim)
+    records = []
+    for causal in causal_flags(args.causal):
+        full = problem(args, "basic", causal, 1, 1)
+        monolithic = time_call(monolithic_step(full, kernel, dtype, device), args.repeats, args.warmup, device)
+        for u, r in grids(args.world_size, args.heads, args.kv_heads, args.ulysses_degree):
+            for ring_impl in args.ring_impls:
+                check_seq_len(args.seq_len, u, r, ring_impl)
+                spec = problem(args, ring_impl, causal, u, r)
+                ranks = range(r) if args.all_ranks or ring_impl == "basic" or not causal else [0, r - 1]
+                rank_times = {rank: time_call(rank_step(spec, rank, kernel, dtype, device), args.repeats,
+                                              args.warmup, device) for rank in ranks}
+                slowest = max(rank_times.values())
+                records.append({
+                    **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
+                    "monolithic_ms": 1e3 * monolithic, "rank_ms": {str(k): 1e3 * t for k, t in rank_times.items()},
+                    "time_ms": 1e3 * slowest, "efficiency": monolithic / (u * r) / slowest,
+                    "tflops_per_rank": attention_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
+                    / (u * r) / slowest / 1e12,
+                })
+    return records
+
+
+def _yunchang_ulysses(group, causal: bool):
+    """yunchang's Ulysses attention (its only path that is correct without flash-attn), or None."""
+    try:
+        from yunchang import UlyssesAttention  # noqa: F401
+    except ImportError:
+        return None
+    from yunchang import UlyssesAttention
+
+    attention = UlyssesAttention(group, scatter_idx=2, gather_idx=1)
+    return lambda q, k, v: attention(q, k, v, causal=causal)
+
+
+def run_multi_rank(args, device: torch.device) -> list[dict]:
+    import torch.distributed as dist
+
+    import megatron_usp as usp
+    from megatron_usp.comm import count_traffic
+
+    dtype = DTYPES[args.dtype]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    kernel = resolve_kernel(args.backend, device, dtype, args.head_dim)
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(args.batch, args.seq_len, h, args.head_dim, generator=gen).to(device, dtype)
+            for h in (args.heads, args.kv_heads, args.kv_heads, args.heads)]
+
+    def slowest(seconds: float) -> float:  # a step takes as long as its slowest rank
+        value = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value.item()
+
+    records = []
+    for causal in causal_flags(args.causal):
+        # every rank runs the whole sequence at once: the same contention as the parallel run
+        dist.barrier()
+        monolithic = slowest(time_call(monolithic_step(problem(args, "basic", causal, 1, 1), kernel, dtype, device),
+                                       args.repeats, args.warmup, device))
+        flops = attention_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
+        for u, r in grids(world, args.heads, args.kv_heads, args.ulysses_degree):
+            groups = usp.init_groups(u, r)
+            for ring_impl in args.ring_impls:
+                check_seq_len(args.seq_len, u, r, ring_impl)
+                q, k, v, dout = (usp.shard(x, groups, dim=1, ring_impl=ring_impl).requires_grad_(i < 3)
+                                 for i, x in enumerate(full))
+
+                def step() -> None:
+                    out = usp.usp_attn(q, k, v, groups, causal=causal, ring_impl=ring_impl, backend=args.backend)
+                    out.backward(dout)
+
+                with count_traffic() as counter:
+                    step()
+                dist.barrier()
+                seconds = slowest(time_call(step, args.repeats, args.warmup, device))
+                sent = torch.tensor([counter.total_bytes], dtype=torch.float64, device=device)
+                dist.all_reduce(sent, op=dist.ReduceOp.MAX)
+                analytic = sum(analytic_bytes_per_rank(
+                    batch=args.batch, seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
+                    head_dim=args.head_dim, dtype=dtype, ulysses_degree=u, ring_degree=r, ring_impl=ring_impl,
+                ).values())
+                records.append({
+                    **base_record(args, "multi-rank", ring_impl, causal, u, r), "kernel": kernel.name,
+                    "backend": dist.get_backend(), "monolithic_ms": 1e3 * monolithic, "time_ms": 1e3 * seconds,
+                    "efficiency": monolithic / world / seconds, "tflops_per_rank": flops / world / seconds / 1e12,
+                    "bytes_per_rank": int(sent.item()), "bytes_analytic": analytic,
+                    "bytes_ratio": sent.item() / analytic if analytic else 1.0,
+                })
+        yunchang = _yunchang_ulysses(dist.group.WORLD, causal)
+        if yunchang is None:
+            if rank == 0:
+                print(f"yunchang: not installed, skipped (pip install yunchang to compare)", flush=True)
+        elif args.heads % world == 0:
+            q, k, v, dout = (x.chunk(world, dim=1)[rank].contiguous().requires_grad_(i < 3)
+                             for i, x in enumerate(full))
+
+            def yunchang_step() -> None:
+                yunchang(q, k, v).backward(dout)
+
+            seconds = slowest(time_call(yunchang_step, args.repeats, args.warmup, device))
+            records.append({**base_record(args, "multi-rank", "yunchang-ulysses", causal, world, 1),
+                            "kernel": "yunchang", "monolithic_ms": 1e3 * monolithic, "time_ms": 1e3 * seconds,
+                            "efficiency": monolithic / world / seconds,
+                            "tflops_per_rank": flops / world / seconds / 1e12})
+    return records
+
+
+COLUMNS = {
+    "balance": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "max_over_mean"],
+    "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
+                      "efficiency", "tflops_per_rank"],
+    "multi-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
+                   "efficiency", "tflops_per_rank", "bytes_per_rank", "bytes_analytic", "bytes_ratio"],
+}
+
+
+def markdown_table(records: list[dict], mode: str) -> str:
+    columns = COLUMNS[mode]
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(record.get(c, "")) for c in columns) + " |" for record in records]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], mode: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "max_over_mean" if mode == "balance" else "efficiency"
+    labels = [f"{r['ring_impl']}\n{'causal' if r['causal'] else 'full'} {r['ulysses_degree']}x{r['ring_degree']}"
+              for r in records]
+    figure, axis = plt.subplots(figsize=(max(6, 0.8 * len(records)), 4))
+    axis.bar(range(len(records)), [r[metric] for r in records], color="tab:blue")
+    axis.axhline(1.0, color="gray", linewidth=1, linestyle="--")
+    axis.set_xticks(range(len(records)), labels, fontsize=7)
+    axis.set_ylabel(metric)
+    first = records[0]
+    axis.set_title(f"{mode}: seq {first['seq_len']}, heads {first['heads']}/{first['kv_heads']}, d {first['head_dim']},"
+                   f" {first['dtype']}")
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["multi-rank", "simulate-rank", "balance"], default="simulate-rank")
+    parser.add_argument("--world-size", type=int, default=4, help="P for simulate-rank and balance")
+    parser.add_argument("--ulysses-degree", type=int, default=None,
+                        help="default: multi-rank every u the heads allow; simulate-rank and balance u = 1")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_IMPLS), default=list(RING_IMPLS))
+    parser.add_argument("--causal", choices=["causal", "non-causal", "both"], default="causal")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--all-ranks", action="store_true",
+                        help="simulate-rank: time every ring rank (default: the first and last, which bound the "
+                             "balanced schedules; every rank for basic)")
+    parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
+    parser.add_argument("--png", default=None, help="write a bar chart here")
+    args = parser.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.mode != "multi-rank" and args.ulysses_degree is None:
+        args.ulysses_degree = 1
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    leader = True
+    if args.mode == "multi-rank":
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        leader = dist.get_rank() == 0
+        records = run_multi_rank(args, device)
+        dist.destroy_process_group()
+    elif args.mode == "simulate-rank":
+        records = run_simulate(args, device)
+    else:
+        records = run_balance(args)
+    if leader:
+        print(f"{args.mode} on {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+              f", {torch.get_num_threads()} threads):")
+        print(markdown_table(records, args.mode), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(records, indent=1))
+        if args.png:
+            plot(records, args.mode, args.png)
+    return records
+
+
+if __name__ == "__main__":
+    main()
