@@ -1,0 +1,215 @@
+"""tools/plan_usp.py: the cost model's pieces on hand-computed cases, feasibility reasons, rankings, --compare, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+import plan_usp as plan  # noqa: E402
+
+H100 = plan.PRESETS["h100"]
+A100 = plan.PRESETS["a100"]
+# an ideal machine for hand computation: no latency, no per-call overhead, full efficiency on any block
+IDEAL = plan.Hardware("ideal", fwd_tflops=100.0, bwd_tflops=50.0, intra_node_gbps=100.0, inter_node_gbps=10.0,
+                      intra_latency_us=0.0, inter_latency_us=0.0, gpu_memory_gib=80.0, kernel_overhead_us=0.0,
+                      half_efficiency_tokens=0.0)
+LLAMA8B = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=131072, num_layers=32)
+
+
+def test_attention_flops():
+    assert plan.attention_flops(1, 1024, 8, 64, causal=False) == 4 * 1024**2 * 8 * 64 == 2_147_483_648
+    assert plan.attention_flops(2, 1024, 8, 64, causal=True) == 2_147_483_648
+
+
+def test_ulysses_a2a_bytes_hand_computed():
+    shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=65536)
+    sent = plan.ulysses_a2a_bytes(shape, tp=1, ulysses=8, ring=2)
+    tokens = 65536 // 16
+    assert sent["q,k,v"] == 7 / 8 * tokens * (32 + 2 * 8) * 128 * 2 == 44_040_192
+    assert sent["out"] == 7 / 8 * tokens * 32 * 128 * 2 == 29_360_128
+    # 2 kv heads over u = 4: each replicated twice -> 4 kv heads travel
+    mqa = replace(shape, kv_heads=2)
+    assert plan.ulysses_a2a_bytes(mqa, tp=1, ulysses=4, ring=4)["q,k,v"] == 3 / 4 * 4096 * (32 + 2 * 4) * 128 * 2
+    # TP 2 halves the heads each rank carries
+    assert plan.ulysses_a2a_bytes(shape, tp=2, ulysses=4, ring=2)["out"] == 3 / 4 * 8192 * 16 * 128 * 2
+    assert plan.ulysses_a2a_bytes(shape, tp=1, ulysses=1, ring=16) == {"q,k,v": 0.0, "out": 0.0}
+
+
+def test_ring_block_bytes_hand_computed():
+    shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=65536)
+    # after the all-to-all: 32768 tokens x (8 / 8 = 1) kv head x 128, K and V, bf16
+    assert plan.ring_kv_block_bytes(shape, 1, 8, 2, 2) == 2 * 32768 * 1 * 128 * 2 == 16_777_216
+    assert plan.ring_kv_block_bytes(shape, 1, 8, 2, 4) == 2 * 16_777_216  # fp32 dK/dV
+    # kv 2 < u 8: replicated to 8, each ulysses rank still holds one kv head
+    assert plan.ring_kv_block_bytes(replace(shape, kv_heads=2), 1, 8, 2, 2) == 16_777_216
+
+
+@pytest.mark.parametrize("ring", [2, 4, 8])
+def test_causal_imbalance_per_impl(ring):
+    seq = 2 * ring * 4096
+    assert plan.load_imbalance("zigzag", seq, 1, ring, True) == pytest.approx(1.0, abs=1e-12)
+    assert plan.load_imbalance("allgather", seq, 1, ring, True) == pytest.approx(1.0, abs=1e-12)
+    assert plan.load_imbalance("stripe", seq, 1, ring, True) == pytest.approx(1.0, abs=1e-3)
+    assert plan.load_imbalance("stripe", seq, 1, ring, True) > 1.0  # one diagonal more on the slowest rank
+    assert plan.load_imbalance("basic", seq, 1, ring, True) == pytest.approx((2 * ring - 1) / ring, rel=1e-3)
+    for impl in plan.RING_IMPLS:
+        assert plan.load_imbalance(impl, seq, 1, ring, False) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_block_pairs_and_efficiency():
+    assert plan.block_pairs((4, 4, True)) == 10
+    assert plan.block_pairs((4, 6, False)) == 24
+    assert plan.kernel_efficiency((8, 512, False), 512.0) == 0.5
+    assert plan.kernel_efficiency((8, 512, False), 0.0) == 1.0
+
+
+def test_ring_overlap_hand_computed():
+    """Non-causal r = 2, u = 1 on the ideal machine, ring across two nodes (10 GB/s)."""
+    shape = plan.ModelShape(heads=4, kv_heads=4, head_dim=64, seq_len=8192, dtype="bf16", causal=False)
+    cluster = plan.Cluster(gpus_per_node=1, nodes=2)
+    p = plan.predict(shape, cluster, IDEAL, plan.ParallelConfig(1, 1, 2, "zigzag"))
+    n = 4096
+    fwd_step = 4 * n * n * 4 * 64 / 100e12 * 1e3  # ms
+    bwd_step = 2.5 * fwd_step * 100 / 50
+    kv = 2 * n * 4 * 64 * 2 / 10e9 * 1e3
+    dkv = 2 * kv
+    assert p.ring_link == "IB" and p.a2a_ms == 0.0
+    assert p.compute_ms == pytest.approx(2 * fwd_step + 2 * bwd_step)
+    expected = max(fwd_step, kv) + fwd_step + max(bwd_step, kv) + max(bwd_step, dkv) + dkv
+    assert p.total_ms == pytest.approx(expected)
+    assert p.ring_comm_ms == pytest.approx(kv + kv + dkv + dkv)
+    # a slow link is exposed: 1 GB/s makes every transfer longer than its step
+    slow = plan.predict(shape, cluster, replace(IDEAL, inter_node_gbps=0.1), plan.ParallelConfig(1, 1, 2, "zigzag"))
+    assert slow.ring_exposed_ms > 10 * p.ring_exposed_ms
+
+
+def test_placement():
+    two_nodes = plan.Cluster(8, 2)
+    assert plan.placement(two_nodes, plan.ParallelConfig(1, 16, 1, "zigzag")) == (7, 8, False)
+    assert plan.placement(two_nodes, plan.ParallelConfig(1, 8, 2, "zigzag")) == (7, 0, True)
+    assert plan.placement(two_nodes, plan.ParallelConfig(2, 4, 2, "zigzag")) == (3, 0, True)
+    assert plan.placement(two_nodes, plan.ParallelConfig(1, 2, 8, "zigzag", ulysses_inner=False)) == (0, 1, False)
+    assert plan.placement(plan.Cluster(8, 1), plan.ParallelConfig(1, 2, 4, "zigzag")) == (1, 0, False)
+
+
+def test_infeasible_reasons():
+    cluster = plan.Cluster(8, 1)
+    four_heads = plan.ModelShape(heads=4, kv_heads=4, head_dim=128, seq_len=65536)
+    reason = plan.feasibility_reason(four_heads, cluster, plan.ParallelConfig(1, 8, 1, "zigzag"))
+    assert "not divisible by ulysses_degree (8)" in reason
+    assert "not divisible by TP 8" in plan.feasibility_reason(four_heads, cluster, plan.ParallelConfig(8, 1, 1, "zigzag"))
+    gqa = plan.ModelShape(heads=12, kv_heads=3, head_dim=64, seq_len=4096)
+    assert "cannot be split or replicated" in plan.feasibility_reason(gqa, cluster, plan.ParallelConfig(1, 2, 4, "zigzag"))
+    odd = replace(four_heads, seq_len=1000 * 8 + 8)  # multiple of 8, not of 16
+    assert plan.feasibility_reason(odd, cluster, plan.ParallelConfig(1, 2, 4, "stripe")) == ""
+    assert "cannot be split" in plan.feasibility_reason(odd, cluster, plan.ParallelConfig(1, 2, 4, "zigzag"))
+    huge = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=1 << 20, num_layers=32)
+    p = plan.predict(huge, cluster, H100, plan.ParallelConfig(1, 8, 1, "zigzag"))
+    assert not p.feasible and p.reason.startswith("memory:")
+    ranked, infeasible = plan.plan(four_heads, cluster, A100, tp_choices=[1])
+    assert all(p.config.ulysses <= 4 for p in ranked)
+    assert {p.config.ulysses for p in infeasible} == {8}
+    # allgather holds the whole ring's K/V: more memory than zigzag
+    shape = replace(huge, num_layers=None)
+    assert (plan.memory_gib(shape, plan.ParallelConfig(1, 1, 8, "allgather"))
+            > plan.memory_gib(shape, plan.ParallelConfig(1, 1, 8, "zigzag")))
+
+
+def test_multinode_gqa_keeps_ulysses_in_node_and_ring_across():
+    ranked, _ = plan.plan(LLAMA8B, plan.Cluster(8, 2), H100, tp_choices=[1])
+    best = ranked[0]
+    assert best.config.ulysses > 1 and best.config.ulysses <= 8 and best.a2a_link == "NVLink"
+    assert best.config.ring >= 2 and best.ring_link == "IB"
+    crossing = [p for p in ranked if p.config.ulysses == 16]
+    assert crossing and crossing[0].a2a_link == "IB" and crossing[0].total_ms > best.total_ms
+    # ring-inner puts the all-to-all on IB: worse than the same degrees ulysses-inner
+    both, _ = plan.plan(LLAMA8B, plan.Cluster(8, 2), H100, tp_choices=[1], orders=(True, False))
+    inner = {(p.config.ulysses, p.config.ring, p.config.ring_impl, p.config.ulysses_inner): p.total_ms for p in both}
+    assert inner[(8, 2, "zigzag", False)] > inner[(8, 2, "zigzag", True)]
+
+
+def test_few_heads_use_the_ring():
+    shape = plan.ModelShape(heads=4, kv_heads=4, head_dim=128, seq_len=65536)
+    ranked, _ = plan.plan(shape, plan.Cluster(8, 1), A100, tp_choices=plan._divisors(8))
+    assert ranked[0].config.ring >= 2
+    assert ranked[0].config.ulysses * ranked[0].config.tp <= 4
+
+
+def test_basic_ranked_below_zigzag_for_causal_only():
+    cluster = plan.Cluster(8, 1)
+    shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=65536)
+    ranked, _ = plan.plan(shape, cluster, H100, tp_choices=[1])
+    position = {(p.config.ulysses, p.config.ring, p.config.ring_impl): i for i, p in enumerate(ranked)}
+    for u, r in ((1, 8), (2, 4), (4, 2)):
+        assert position[(u, r, "basic")] > position[(u, r, "zigzag")]
+    full = replace(shape, causal=False)
+    basic = plan.predict(full, cluster, H100, plan.ParallelConfig(1, 2, 4, "basic"))
+    zigzag = plan.predict(full, cluster, H100, plan.ParallelConfig(1, 2, 4, "zigzag"))
+    assert basic.total_ms == pytest.approx(zigzag.total_ms)
+
+
+def test_rank_correlations():
+    assert plan.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert plan.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(2 / 3)
+    assert plan.kendall_tau([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / (6 * 5) ** 0.5)  # tau-b with a tie
+    assert plan.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def _records(times: list[float]) -> list[dict]:
+    grids = [(1, 4, "zigzag"), (2, 2, "zigzag"), (4, 1, "zigzag"), (1, 4, "basic")]
+    return [dict(mode="multi-rank", ring_impl=impl, causal=True, ulysses_degree=u, ring_degree=r, world_size=4,
+                 seq_len=4096, heads=8, kv_heads=8, head_dim=64, dtype="float32", time_ms=t)
+            for (u, r, impl), t in zip(grids, times)]
+
+
+def test_compare_rank_correlation(tmp_path):
+    cpu = plan.PRESETS["cpu"]
+    predicted = [row["predicted_ms"] for row in plan.compare(_records([1, 1, 1, 1]), cpu)["rows"]]
+    assert len(set(predicted)) == 4
+    perfect = plan.compare(_records([2 * t for t in predicted]), cpu)
+    assert perfect["spearman"] == pytest.approx(1.0) and perfect["kendall"] == pytest.approx(1.0)
+    assert perfect["median_measured_over_predicted"] == pytest.approx(2.0)
+    # swap the measured times of the two fastest predictions: one discordant pair of 6
+    order = sorted(range(4), key=lambda i: predicted[i])
+    swapped = list(predicted)
+    swapped[order[0]], swapped[order[1]] = predicted[order[1]], predicted[order[0]]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_records(swapped) + [dict(_records([1])[0], mode="single-rank")]))
+    result = plan.compare(plan.load_bench_records(str(path)), cpu)
+    assert len(result["rows"]) == 4
+    assert result["spearman"] == pytest.approx(0.8) and result["kendall"] == pytest.approx(2 / 3)
+
+
+def test_cli_plan_and_compare(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = plan.main(["--heads", "32", "--kv-heads", "8", "--seq-len", "131072", "--nodes", "2", "--gpu", "h100",
+                      "--num-layers", "32", "--top", "5", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "use: --tensor-model-parallel-size 1 --ulysses-degree" in text and "--usp-ring-impl" in text
+    assert "stays inside a node (NVLink)" in text
+    data = json.loads(out.read_text())
+    assert data["ranked"][0]["total_ms"] <= data["ranked"][1]["total_ms"]
+    assert plan.main(["--heads", "4", "--seq-len", "65536", "--gpu", "a100", "--tp", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert "infeasible:" in text and "heads (4) are not divisible by ulysses_degree (8)" in text
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(_records([4.0, 3.0, 2.0, 5.0])))
+    assert plan.main(["--compare", str(bench), "--gpu", "cpu", "--kernel-tflops", "0.05"]) == 0
+    assert "Spearman rho" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        plan.main(["--heads", "8"])  # no --seq-len
+
+
+def test_hardware_overrides():
+    args = plan.build_parser().parse_args(["--gpu", "custom", "--kernel-tflops", "123", "--inter-node-gbps", "7",
+                                           "--latency-us", "3"])
+    hw = plan.hardware_from_args(args)
+    assert (hw.fwd_tflops, hw.bwd_tflops, hw.inter_node_gbps, hw.intra_latency_us, hw.inter_latency_us) == (
+        123, 123, 7, 3, 3)
+    assert hw.intra_node_gbps == H100.intra_node_gbps
