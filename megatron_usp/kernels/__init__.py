@@ -6,7 +6,26 @@ import torch
 from .base import AttentionKernel, accumulation_dtype
 from .math import MathKernel
 from .registry import check_backend_name, kernel_names, register_kernel, resolve_kernel
-from .torch_sdpa import TorchCPUKernel, TorchCUDAEfficientKernel, TorchCUDAFlashKernel
+from . import _adapt
+from .flash import FlashAttn2Kernel, FlashAttn3Kernel, flash_attn2_unavailable, flash_attn3_unavailable
+from .te import TEFusedKernel, te_unavailable
+from .torch_sdpa import TorchCPUKernel, TorchCUDAEfficientKernel, TorchCUDAFlashKernel, TorchCUDNNKernel
+
+# The "auto" policy, in one place: the highest-priority kernel whose availability check passes for
+# (device, dtype, head_dim) wins. Order = expected speed of fwd+bwd on Hopper for bf16/fp16:
+# flash-attn 3 (sm90 only) > flash-attn 2 >= torch's cuDNN op > TE fused attention (cuDNN too, but more
+# host-side work per call) > torch's flash (FA2 in aten) > torch's mem-efficient (also the only fp32 CUDA
+# kernel) ; on CPU torch_cpu > math. The "torch" family picks among the torch_* entries by the same numbers.
+AUTO_PRIORITY: dict[str, int] = {
+    "flash_attn3": 100,
+    "flash_attn2": 80,
+    "torch_cudnn": 70,
+    "te": 60,
+    "torch_flash": 20,
+    "torch_efficient": 10,
+    "torch_cpu": 10,
+    "math": 0,
+}
 
 
 def _any_device(device, dtype, head_dim):
@@ -35,13 +54,37 @@ def _cuda_efficient(device, dtype, head_dim):
     return None
 
 
-register_kernel("math", MathKernel, _any_device, priority=0)
-register_kernel("torch_cpu", TorchCPUKernel, _cpu_only, priority=10)
-register_kernel("torch_efficient", TorchCUDAEfficientKernel, _cuda_efficient, priority=10)
-register_kernel("torch_flash", TorchCUDAFlashKernel, _cuda_flash, priority=20)
+def _cuda_cudnn(device, dtype, head_dim):
+    reason = _adapt.cuda_half_reason(device, dtype, head_dim, max_head_dim=128, min_capability=(8, 0))
+    if reason is not None:
+        return reason
+    version = _adapt.cudnn_version()
+    if version is None:
+        return "torch has no cuDNN"
+    if version < 90000:
+        return f"it needs cuDNN >= 9.0 for fused attention, torch uses {version}"
+    return None
+
+
+for _name, _factory, _reason in (
+    ("math", MathKernel, _any_device),
+    ("torch_cpu", TorchCPUKernel, _cpu_only),
+    ("torch_efficient", TorchCUDAEfficientKernel, _cuda_efficient),
+    ("torch_flash", TorchCUDAFlashKernel, _cuda_flash),
+    ("torch_cudnn", TorchCUDNNKernel, _cuda_cudnn),
+    ("flash_attn2", FlashAttn2Kernel, flash_attn2_unavailable),
+    ("flash_attn3", FlashAttn3Kernel, flash_attn3_unavailable),
+    ("te", TEFusedKernel, te_unavailable),
+):
+    register_kernel(_name, _factory, _reason, priority=AUTO_PRIORITY[_name])
 
 __all__ = [
+    "AUTO_PRIORITY",
     "AttentionKernel",
+    "FlashAttn2Kernel",
+    "FlashAttn3Kernel",
+    "TEFusedKernel",
+    "TorchCUDNNKernel",
     "MathKernel",
     "TorchCPUKernel",
     "TorchCUDAFlashKernel",

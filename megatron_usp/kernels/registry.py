@@ -26,11 +26,12 @@ _KERNELS: dict[str, KernelEntry] = {}
 def register_kernel(
     name: str, factory: Callable[[], AttentionKernel], unavailable_reason: Availability, priority: int = 0
 ) -> None:
-    """Add a backend. Later issues register flash-attn and Transformer Engine here."""
+    """Add a backend. The built-in ones and their ``auto`` priorities are in ``kernels/__init__.py``."""
     _KERNELS[name] = KernelEntry(name, factory, unavailable_reason, priority)
 
 
-# Family names pick the best member available: "torch" = torch_cpu on CPU, torch_flash/torch_efficient on CUDA.
+# Family names pick the best member available: "torch" = torch_cpu on CPU, torch_cudnn/torch_flash/torch_efficient
+# on CUDA.
 _FAMILIES = ("auto", "torch")
 
 

@@ -93,3 +93,25 @@ class TorchCUDAEfficientKernel(_AtenKernel):
             dout, q, k, v, None, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
         )
         return dq, dk, dv
+
+
+class TorchCUDNNKernel(_AtenKernel):
+    """``aten._scaled_dot_product_cudnn_attention`` on CUDA (fp16/bf16, head_dim <= 128, sm80+, cuDNN >= 9).
+    Its lse is ``[b, h, s_q, 1]``: the forward drops the trailing 1, the backward puts it back."""
+
+    name = "torch_cudnn"
+
+    def _forward(self, q, k, v, causal, scale):
+        aten = torch.ops.aten
+        result = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+        lse = result[1]
+        return result[0], lse.squeeze(-1) if lse.dim() == 4 else lse
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        seq_q, seq_k = q.shape[2], k.shape[2]
+        # philox seed/offset are only read for dropout (0 here); no bias, no varlen offsets
+        philox = torch.zeros((), dtype=torch.int64, device=q.device)
+        lse = lse.to(accumulation_dtype(q.dtype)).unsqueeze(-1).contiguous()
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse, philox, philox, None, None, None, seq_q, seq_k, 0.0, causal, scale=scale
+        )
