@@ -4,9 +4,11 @@ Tensors here are in the ring-level layout (after the Ulysses all-to-all): ``[bat
 ``n = seq_len / ring_degree`` tokens per ring rank, sorted by global position (see ``layout.py``).
 
 A schedule is a list of steps. In a ``pass_kv`` schedule, step ``s`` uses the K/V of ring rank
-``(ring_rank - s) mod r`` (K/V travel to the next rank each step); in an ``allgather`` schedule there is one step
-over the whole K/V of the ring, gathered and sorted by position. Each step lists the blocks to compute:
-rows of q against rows of K/V, fully visible or causal. Causal blocks are always square, so top-left and
+``(ring_rank - s) mod r`` (K/V travel to the next rank each step). In an ``allgather`` schedule (zigzag layout)
+the lower and the upper halves of every ring rank's K/V are all-gathered into two buffers; the lower buffer is
+then sorted by position and the upper one reversed by chunks, so each block is a contiguous range of one buffer
+and nothing is re-sorted (key order does not matter to a fully visible block). Each step lists the blocks to
+compute: rows of q against rows of K/V, fully visible or causal. Causal blocks are always square, so top-left and
 bottom-right causal alignment coincide and every kernel agrees.
 """
 from __future__ import annotations
@@ -44,8 +46,9 @@ class Block:
 
 @dataclass(frozen=True)
 class Step:
-    kv_rank: Optional[int]  # ring rank whose K/V this step sees; None = the gathered K/V of the whole ring
+    kv_rank: Optional[int]  # pass_kv: ring rank whose K/V this step sees
     blocks: tuple[Block, ...]
+    gathered_half: Optional[int] = None  # allgather: 0 = every ring rank's lower K/V half, 1 = upper halves
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,6 @@ class RingSchedule:
     ring_impl: str
     transport: str  # "pass_kv" or "allgather"
     steps: tuple[Step, ...]
-    kv_order: Optional[torch.Tensor] = None  # allgather: sorts the ring-rank-ordered gathered K/V by position
 
 
 def _pass_kv_blocks(ring_impl: str, rank: int, kv_rank: int, n: int, causal: bool) -> tuple[Block, ...]:
@@ -74,17 +76,20 @@ def _pass_kv_blocks(ring_impl: str, rank: int, kv_rank: int, n: int, causal: boo
     return (Block(1, n, 0, n - 1, True),) if n > 1 else ()
 
 
-def _allgather_blocks(ring_degree: int, rank: int, n: int, causal: bool) -> tuple[Block, ...]:
+def _allgather_steps(ring_degree: int, rank: int, n: int, causal: bool) -> tuple[Step, ...]:
+    """Blocks over the gathered halves. The lower buffer holds ring chunks 0..r-1 in order, the upper buffer
+    ring chunks 2r-1..r (rank i's upper half is chunk 2r-1-i). q rows [0, c) are chunk ``rank``, rows [c, n) are
+    chunk ``2r-1-rank``, which sees all lower chunks and the upper chunks of ranks rank+1..r-1."""
+    c = n // 2
+    everything = ring_degree * c
     if not causal:
-        return (Block(0, n, 0, n * ring_degree, False),)
-    chunk = n // 2
-    blocks = []
-    for q_start, global_chunk in ((0, rank), (chunk, 2 * ring_degree - 1 - rank)):
-        kv_start = global_chunk * chunk
-        if kv_start > 0:
-            blocks.append(Block(q_start, q_start + chunk, 0, kv_start, False))
-        blocks.append(Block(q_start, q_start + chunk, kv_start, kv_start + chunk, True))
-    return tuple(blocks)
+        return tuple(Step(None, (Block(0, n, 0, everything, False),), half) for half in (0, 1))
+    own = slice(rank * c, (rank + 1) * c)
+    lower = [Block(0, c, 0, own.start, False)] if rank > 0 else []
+    lower += [Block(0, c, own.start, own.stop, True), Block(c, n, 0, everything, False)]
+    upper = [Block(c, n, own.stop, everything, False)] if rank < ring_degree - 1 else []
+    upper += [Block(c, n, own.start, own.stop, True)]
+    return Step(None, tuple(lower), 0), Step(None, tuple(upper), 1)
 
 
 def build_schedule(
@@ -94,10 +99,7 @@ def build_schedule(
     check_ring_impl(ring_impl)
     n = seq_len // ring_degree
     if ring_impl == "allgather" and ring_degree > 1:
-        held = torch.cat([ring_positions(seq_len, ulysses_degree, ring_degree, k, ring_impl) for k in range(ring_degree)])
-        return RingSchedule(
-            ring_impl, "allgather", (Step(None, _allgather_blocks(ring_degree, ring_rank, n, causal)),), torch.argsort(held)
-        )
+        return RingSchedule(ring_impl, "allgather", _allgather_steps(ring_degree, ring_rank, n, causal))
     impl = "zigzag" if ring_impl == "allgather" else ring_impl  # r = 1: the local block of any impl
     steps = tuple(
         Step(kv_rank, _pass_kv_blocks(impl, ring_rank, kv_rank, n, causal))
@@ -106,16 +108,25 @@ def build_schedule(
     return RingSchedule(ring_impl, "pass_kv", steps)
 
 
-def _gather_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm) -> torch.Tensor:
-    """``[2, b, n, h, d]`` -> ``[2, b, r*n, h, d]`` sorted by global position."""
-    gathered = ring_comm.all_gather(kv, dim=2)
-    return gathered.index_select(2, schedule.kv_order.to(kv.device))
+def kv_positions(step: Step, seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str) -> torch.Tensor:
+    """Global positions of the K/V rows ``step`` sees (what its blocks' kv ranges index)."""
+    if step.gathered_half is None:
+        return ring_positions(seq_len, ulysses_degree, ring_degree, step.kv_rank, ring_impl)
+    half = seq_len // ring_degree // 2
+    rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
+    return torch.cat([ring_positions(seq_len, ulysses_degree, ring_degree, k, ring_impl)[rows]
+                      for k in range(ring_degree)])
 
 
-def _scatter_dkv(dkv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm) -> torch.Tensor:
-    """Inverse of :func:`_gather_kv` for gradients: unsort, then reduce-scatter (sum) over the ring."""
-    ring_ordered = dkv.index_select(2, torch.argsort(schedule.kv_order).to(dkv.device))
-    return ring_comm.reduce_scatter(ring_ordered, dim=2)
+def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:
+    """``[2, b, n, h, d]`` -> the lower and upper halves of every ring rank's K/V, ``[2, b, r*n/2, h, d]`` each."""
+    half = kv.shape[2] // 2
+    return [ring_comm.all_gather(kv[:, :, :half], dim=2), ring_comm.all_gather(kv[:, :, half:], dim=2)]
+
+
+def _scatter_halves(dkv_halves: list[torch.Tensor], ring_comm: comm.RingComm) -> torch.Tensor:
+    """Inverse of :func:`_gather_halves` for gradients: reduce-scatter (sum) each buffer, rejoin the halves."""
+    return torch.cat([ring_comm.reduce_scatter(dkv, dim=2) for dkv in dkv_halves], dim=2)
 
 
 def ring_forward(
@@ -133,16 +144,18 @@ def ring_forward(
     out = torch.zeros(batch, n, heads, head_dim, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, n), float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
-    if schedule.transport == "allgather":
-        kv = _gather_kv(kv, schedule, ring_comm)
-    exchanger = ring_comm.exchanger() if len(schedule.steps) > 1 else None
+    gathered = _gather_halves(kv, ring_comm) if schedule.transport == "allgather" else None
+    passing = gathered is None and len(schedule.steps) > 1
+    exchanger = ring_comm.exchanger() if passing else None
     for index, step in enumerate(schedule.steps):
-        more = index + 1 < len(schedule.steps)
+        step_kv = kv if gathered is None else gathered[step.gathered_half]
+        more = passing and index + 1 < len(schedule.steps)
         if more:
             exchanger.post(kv)  # the next step's K/V travel while this step computes
         for block in step.blocks:
             block_out, block_lse = kernel.forward(
-                q[:, block.q], kv[0][:, block.kv], kv[1][:, block.kv], causal=block.causal, softmax_scale=softmax_scale
+                q[:, block.q], step_kv[0][:, block.kv], step_kv[1][:, block.kv], causal=block.causal,
+                softmax_scale=softmax_scale,
             )
             out[:, block.q], lse[:, :, block.q] = merge_partial(
                 out[:, block.q], lse[:, :, block.q], block_out, block_lse
@@ -171,22 +184,26 @@ def ring_backward(
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
-    if schedule.transport == "allgather":
-        kv = _gather_kv(kv, schedule, ring_comm)
-    many = len(schedule.steps) > 1
-    kv_exchanger = ring_comm.exchanger() if many else None
-    dkv_exchanger = ring_comm.exchanger() if many else None
+    gathered = _gather_halves(kv, ring_comm) if schedule.transport == "allgather" else None
+    gathered_grads = None if gathered is None else [torch.zeros(g.shape, dtype=acc, device=g.device) for g in gathered]
+    passing = gathered is None and len(schedule.steps) > 1
+    kv_exchanger = ring_comm.exchanger() if passing else None
+    dkv_exchanger = ring_comm.exchanger() if passing else None
     for index, step in enumerate(schedule.steps):
-        more = index + 1 < len(schedule.steps)
+        step_kv = kv if gathered is None else gathered[step.gathered_half]
+        more = passing and index + 1 < len(schedule.steps)
         if more:
             kv_exchanger.post(kv)
-        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        if gathered is None:
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        else:
+            dkv = gathered_grads[step.gathered_half]
         for block in step.blocks:
             block_dq, block_dk, block_dv = kernel.backward(
                 dout[:, block.q],
                 q[:, block.q],
-                kv[0][:, block.kv],
-                kv[1][:, block.kv],
+                step_kv[0][:, block.kv],
+                step_kv[1][:, block.kv],
                 out[:, block.q],
                 lse[:, :, block.q],
                 causal=block.causal,
@@ -195,7 +212,7 @@ def ring_backward(
             dq[:, block.q] += block_dq
             dkv[0][:, block.kv] += block_dk
             dkv[1][:, block.kv] += block_dv
-        if many:
+        if passing:
             # dkv now holds this step's share for the K/V of rank step.kv_rank; the buffer arriving from the
             # previous rank carries the shares of the ranks before us for the same K/V.
             if index > 0:
@@ -203,10 +220,10 @@ def ring_backward(
             dkv_exchanger.post(dkv)
         if more:
             kv = kv_exchanger.wait()
-    if many:
+    if passing:
         dkv = dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
-    if schedule.transport == "allgather":
-        dkv = _scatter_dkv(dkv, schedule, ring_comm)
+    if gathered is not None:
+        dkv = _scatter_halves(gathered_grads, ring_comm)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
