@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .cost import block_pairs
 from .kernels import AttentionKernel
 from .ring import build_schedule, ring_backward, ring_forward
 from .ulysses import check_head_counts, kv_replication
@@ -102,9 +103,5 @@ def attention_pairs(problem: RankProblem, ring_rank: int) -> int:
     """(query, key) pairs ring rank ``ring_rank`` computes per head: its share of the attention work."""
     schedule = build_schedule(problem.ring_impl, problem.seq_len, problem.ulysses_degree, problem.ring_degree,
                               ring_rank, problem.causal)
-    pairs = 0
-    for step in schedule.steps:
-        for block in step.blocks:
-            rows, cols = block.q_stop - block.q_start, block.kv_stop - block.kv_start
-            pairs += rows * (rows + 1) // 2 if block.causal else rows * cols
-    return pairs
+    return sum(block_pairs(block.q_stop - block.q_start, block.kv_stop - block.kv_start, block.causal)
+               for step in schedule.steps for block in step.blocks)

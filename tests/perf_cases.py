@@ -5,7 +5,7 @@ import torch
 
 import megatron_usp as usp
 from megatron_usp.comm import count_traffic
-from megatron_usp.traffic import analytic_bytes_per_rank
+from megatron_usp.cost import analytic_bytes_per_rank
 from engine_cases import DTYPES, get_groups, make_inputs
 
 

@@ -11,7 +11,7 @@ import torch
 
 from megatron_usp.kernels import MathKernel
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step
-from megatron_usp.traffic import analytic_bytes_per_rank
+from megatron_usp.cost import analytic_bytes_per_rank
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

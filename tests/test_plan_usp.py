@@ -62,8 +62,8 @@ def test_causal_imbalance_per_impl(ring):
 
 
 def test_block_pairs_and_efficiency():
-    assert plan.block_pairs((4, 4, True)) == 10
-    assert plan.block_pairs((4, 6, False)) == 24
+    assert plan.block_pairs(4, 4, True) == 10
+    assert plan.block_pairs(4, 6, False) == 24
     assert plan.kernel_efficiency((8, 512, False), 512.0) == 0.5
     assert plan.kernel_efficiency((8, 512, False), 0.0) == 1.0
 

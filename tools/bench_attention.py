@@ -27,15 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
 from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
-from megatron_usp.traffic import analytic_bytes_per_rank  # noqa: E402
+from megatron_usp.cost import analytic_bytes_per_rank, attention_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool) -> float:
-    """Forward + backward FLOPs of attention (forward 4·b·s²·h·d, backward 2.5× forward, causal half)."""
-    forward = 4.0 * batch * seq_len * seq_len * heads * head_dim * (0.5 if causal else 1.0)
-    return 3.5 * forward
+def step_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Forward + backward FLOPs of attention (backward 2.5× forward)."""
+    return 3.5 * attention_flops(batch, seq_len, heads, head_dim, causal)
 
 
 def time_call(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> float:
@@ -113,7 +112,7 @@ def run_simulate(args, device: torch.device) -> list[dict]:
                     **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
                     "monolithic_ms": 1e3 * monolithic, "rank_ms": {str(k): 1e3 * t for k, t in rank_times.items()},
                     "time_ms": 1e3 * slowest, "efficiency": monolithic / (u * r) / slowest,
-                    "tflops_per_rank": attention_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
+                    "tflops_per_rank": step_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
                     / (u * r) / slowest / 1e12,
                 })
     return records
@@ -155,7 +154,7 @@ def run_multi_rank(args, device: torch.device) -> list[dict]:
         dist.barrier()
         monolithic = slowest(time_call(monolithic_step(problem(args, "basic", causal, 1, 1), kernel, dtype, device),
                                        args.repeats, args.warmup, device))
-        flops = attention_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
+        flops = step_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
         for u, r in grids(world, args.heads, args.kv_heads, args.ulysses_degree):
             groups = usp.init_groups(u, r)
             for ring_impl in args.ring_impls:

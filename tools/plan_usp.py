@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_usp.cost import attention_flops, block_pairs  # noqa: E402
 from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.ring import build_schedule  # noqa: E402
 from megatron_usp.ulysses import check_head_counts, kv_replication  # noqa: E402
@@ -162,19 +163,7 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------------- the model
 
 
-def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool) -> float:
-    """Forward FLOPs of full attention: 4·b·s²·h·d (QK^T and PV), halved when causal."""
-    flops = 4.0 * batch * seq_len * seq_len * heads * head_dim
-    return flops / 2 if causal else flops
-
-
 BlockShape = tuple[int, int, bool]  # (query rows, K/V rows, causal square)
-
-
-def block_pairs(block: BlockShape) -> int:
-    """Query-key pairs a block computes: rows x cols, or rows (rows + 1) / 2 for a causal square."""
-    rows, cols, causal = block
-    return rows * (rows + 1) // 2 if causal else rows * cols
 
 
 def kernel_efficiency(block: BlockShape, half_efficiency_tokens: float) -> float:
@@ -188,6 +177,9 @@ def kernel_efficiency(block: BlockShape, half_efficiency_tokens: float) -> float
 def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
     """``blocks[step][ring_rank]``: the kernel calls of each rank at each step, from the library's ring schedules."""
     schedules = [build_schedule(ring_impl, seq_len, ulysses, ring, rank, causal) for rank in range(ring)]
+    if schedules[0].transport == "allgather":  # its steps are buffers, not synchronised ring steps: one step
+        return (tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal)
+                            for step in sched.steps for b in step.blocks) for sched in schedules),)
     return tuple(
         tuple(
             tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in sched.steps[step].blocks)
@@ -200,7 +192,7 @@ def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causa
 def load_imbalance(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> float:
     """Critical-path work / mean work per ring rank, ranks stepping together (the slowest rank sets each step)."""
     steps = schedule_blocks(ring_impl, seq_len, ulysses, ring, causal)
-    work = [[sum(block_pairs(b) for b in rank_blocks) for rank_blocks in step] for step in steps]
+    work = [[sum(block_pairs(*b) for b in rank_blocks) for rank_blocks in step] for step in steps]
     critical = sum(max(step) for step in work)
     mean = sum(sum(step) for step in work) / ring
     return critical / mean
@@ -212,7 +204,7 @@ def step_compute_ms(
     """Per step, the slowest rank's kernel time: pairs x FLOPs / (TFLOPS x efficiency) + per-call overhead."""
     def rank_ms(blocks: tuple[BlockShape, ...]) -> float:
         return sum(
-            block_pairs(b) * flops_per_pair / (tflops * 1e12 * kernel_efficiency(b, hardware.half_efficiency_tokens))
+            block_pairs(*b) * flops_per_pair / (tflops * 1e12 * kernel_efficiency(b, hardware.half_efficiency_tokens))
             * 1e3 + hardware.kernel_overhead_us / 1e3
             for b in blocks
         )

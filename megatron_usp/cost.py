@@ -1,4 +1,5 @@
-"""What one ``usp_attn`` forward + backward sends per rank, computed from the shapes (no process groups).
+"""Cost facts computed from shapes alone (no process groups): attention FLOPs, (query, key) pairs of a block,
+and what one ``usp_attn`` forward + backward sends per rank.
 
 Benchmarks compare it with :func:`megatron_usp.comm.count_traffic`, which counts what the code really sends.
 It is also the minimum for these algorithms: every K/V block must reach the other ``r - 1`` ring ranks, every dK/dV
@@ -11,6 +12,18 @@ import torch
 from .kernels import accumulation_dtype
 from .layout import check_ring_impl
 from .ulysses import check_head_counts, kv_replication
+
+
+def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of attention over the whole sequence: 4·b·s²·h·d (QKᵀ and PV), halved when causal. The
+    backward is counted as 2.5× the forward (flash-attention's convention)."""
+    flops = 4.0 * batch * seq_len * seq_len * heads * head_dim
+    return flops / 2 if causal else flops
+
+
+def block_pairs(rows: int, cols: int, causal: bool) -> int:
+    """(query, key) pairs a block computes: rows × cols, or rows (rows + 1) / 2 for a causal square."""
+    return rows * (rows + 1) // 2 if causal else rows * cols
 
 
 def analytic_bytes_per_rank(
