@@ -66,9 +66,14 @@ def _inputs(batch, tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
     return q, k, v, dout
 
 
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dtype: torch.dtype,
               device: torch.device) -> Callable[[], None]:
-    """A function running ring rank ``ring_rank``'s forward and backward once (what a step costs it)."""
+    """A function running ring rank ``ring_rank``'s forward and backward once (what a step costs it); its
+    ``input_bytes`` is the size of the q, k, v and output gradient it holds."""
     check_head_counts(problem.heads, problem.kv_heads, problem.ulysses_degree)
     u, r = problem.ulysses_degree, problem.ring_degree
     kv_heads = problem.kv_heads * kv_replication(problem.kv_heads, u) // u
@@ -82,6 +87,7 @@ def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dty
         out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, scale)
         ring_backward(dout, q, k, v, out.to(dtype), lse, schedule, ring_comm, kernel, scale)
 
+    step.input_bytes = _nbytes(q, k, v, dout)
     return step
 
 
@@ -96,6 +102,7 @@ def monolithic_step(problem: RankProblem, kernel: AttentionKernel, dtype: torch.
         out, lse = kernel.forward(q, k, v, causal=problem.causal, softmax_scale=scale)
         kernel.backward(dout, q, k, v, out, lse, causal=problem.causal, softmax_scale=scale)
 
+    step.input_bytes = _nbytes(q, k, v, dout)
     return step
 
 

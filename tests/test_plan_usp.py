@@ -213,3 +213,14 @@ def test_hardware_overrides():
     assert (hw.fwd_tflops, hw.bwd_tflops, hw.inter_node_gbps, hw.intra_latency_us, hw.inter_latency_us) == (
         123, 123, 7, 3, 3)
     assert hw.intra_node_gbps == H100.intra_node_gbps
+
+
+def test_planner_ranking_matches_a_stored_cpu_measurement():
+    """docs/bench/mr_cpu_2r.json: tools/bench_attention.py --mode multi-rank, 2 gloo ranks on this 2-core CPU,
+    s=4096, 8/2 heads, d=64, fp32, every (u, r) x impl x causal. The planner must rank them as measured."""
+    from pathlib import Path
+
+    records = json.loads((Path(__file__).resolve().parents[1] / "docs/bench/mr_cpu_2r.json").read_text())
+    result = plan.compare(records, plan.PRESETS["cpu"], gpus_per_node=2)
+    assert len(result["rows"]) == 16
+    assert result["spearman"] >= 0.8, result["spearman"]

@@ -37,21 +37,6 @@ def step_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool
     return 3.5 * attention_flops(batch, seq_len, heads, head_dim, causal)
 
 
-def time_call(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of ``step`` over ``repeats`` runs after ``warmup`` runs."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def grids(world_size: int, heads: int, kv_heads: int, ulysses_degree) -> list[tuple[int, int]]:
     """(u, r) pairs to run: the given ulysses degree, or every u dividing the world that the heads allow."""
     from megatron_usp.ulysses import check_head_counts
@@ -93,28 +78,79 @@ def run_balance(args) -> list[dict]:
     return records
 
 
+def time_rounds(steps: dict, repeats: int, warmup: int, device: torch.device) -> list[dict]:
+    """Seconds of each step per round. A round times every step once, round-robin, with the monolithic step
+    both first and last (its two times are averaged): drift of a shared machine then hits a round's steps alike,
+    and per-round ratios cancel it."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(step) -> float:
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - start
+
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    rounds = []
+    for _ in range(repeats):
+        first = seconds(steps["monolithic"])
+        times = {name: seconds(step) for name, step in steps.items() if name != "monolithic"}
+        times["monolithic"] = (first + seconds(steps["monolithic"])) / 2
+        rounds.append(times)
+    return rounds
+
+
+def peak_memory(step: Callable[[], None], device: torch.device):
+    """Peak bytes of ``step``: its inputs plus what it allocates while running; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before + step.input_bytes
+
+
 def run_simulate(args, device: torch.device) -> list[dict]:
     dtype = DTYPES[args.dtype]
     kernel = resolve_kernel(args.backend, device, dtype, args.head_dim)
     records = []
     for causal in causal_flags(args.causal):
-        full = problem(args, "basic", causal, 1, 1)
-        monolithic = time_call(monolithic_step(full, kernel, dtype, device), args.repeats, args.warmup, device)
+        steps = {"monolithic": monolithic_step(problem(args, "basic", causal, 1, 1), kernel, dtype, device)}
+        cases = []
         for u, r in grids(args.world_size, args.heads, args.kv_heads, args.ulysses_degree):
             for ring_impl in args.ring_impls:
                 check_seq_len(args.seq_len, u, r, ring_impl)
                 spec = problem(args, ring_impl, causal, u, r)
-                ranks = range(r) if args.all_ranks or ring_impl == "basic" or not causal else [0, r - 1]
-                rank_times = {rank: time_call(rank_step(spec, rank, kernel, dtype, device), args.repeats,
-                                              args.warmup, device) for rank in ranks}
-                slowest = max(rank_times.values())
-                records.append({
-                    **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
-                    "monolithic_ms": 1e3 * monolithic, "rank_ms": {str(k): 1e3 * t for k, t in rank_times.items()},
-                    "time_ms": 1e3 * slowest, "efficiency": monolithic / (u * r) / slowest,
-                    "tflops_per_rank": step_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
-                    / (u * r) / slowest / 1e12,
-                })
+                ranks = range(r) if args.all_ranks or ring_impl == "basic" or not causal else sorted({0, r - 1})
+                cases.append((ring_impl, u, r, list(ranks)))
+                for rank in ranks:
+                    steps[(ring_impl, u, r, rank)] = rank_step(spec, rank, kernel, dtype, device)
+        rounds = time_rounds(steps, args.repeats, args.warmup, device)
+        peak = {name: peak_memory(step, device) for name, step in steps.items()}
+        monolithic = statistics.median(times["monolithic"] for times in rounds)
+        for ring_impl, u, r, ranks in cases:
+            rank_times = {rank: statistics.median(times[(ring_impl, u, r, rank)] for times in rounds) for rank in ranks}
+            # a step lasts as long as its slowest rank; efficiency per round, then the median over rounds
+            efficiency = statistics.median(
+                times["monolithic"] / (u * r) / max(times[(ring_impl, u, r, rank)] for rank in ranks) for times in rounds
+            )
+            slowest = max(rank_times.values())
+            records.append({
+                **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
+                "monolithic_ms": 1e3 * monolithic, "rank_ms": {str(k): 1e3 * t for k, t in rank_times.items()},
+                "time_ms": 1e3 * slowest, "efficiency": efficiency,
+                "tflops_per_rank": step_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
+                / (u * r) / slowest / 1e12,
+            })
+            if peak["monolithic"] is not None:  # GPU: peak bytes (inputs held + transients) vs monolithic / P
+                rank_peak = max(peak[(ring_impl, u, r, rank)] for rank in ranks)
+                records[-1].update(peak_memory_mib=rank_peak / 2**20,
+                                   memory_vs_monolithic_per_rank=rank_peak * u * r / peak["monolithic"])
     return records
 
 
@@ -142,63 +178,73 @@ def run_multi_rank(args, device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(args.batch, args.seq_len, h, args.head_dim, generator=gen).to(device, dtype)
             for h in (args.heads, args.kv_heads, args.kv_heads, args.heads)]
+    grid_groups = {(u, r): usp.init_groups(u, r) for u, r in grids(world, args.heads, args.kv_heads,
+                                                                     args.ulysses_degree)}
 
-    def slowest(seconds: float) -> float:  # a step takes as long as its slowest rank
-        value = torch.tensor([seconds], dtype=torch.float64, device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return value.item()
+    def usp_step(groups, ring_impl: str, causal: bool) -> Callable[[], None]:
+        q, k, v, dout = (usp.shard(x, groups, dim=1, ring_impl=ring_impl).requires_grad_(i < 3)
+                         for i, x in enumerate(full))
+
+        def step() -> None:
+            usp.usp_attn(q, k, v, groups, causal=causal, ring_impl=ring_impl, backend=args.backend).backward(dout)
+
+        return step
+
+    def together(step: Callable[[], None]) -> Callable[[], None]:
+        def synchronised() -> None:  # every rank starts the step at once; the step ends with its slowest rank
+            dist.barrier()
+            step()
+
+        return synchronised
 
     records = []
     for causal in causal_flags(args.causal):
         # every rank runs the whole sequence at once: the same contention as the parallel run
-        dist.barrier()
-        monolithic = slowest(time_call(monolithic_step(problem(args, "basic", causal, 1, 1), kernel, dtype, device),
-                                       args.repeats, args.warmup, device))
-        flops = step_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
-        for u, r in grids(world, args.heads, args.kv_heads, args.ulysses_degree):
-            groups = usp.init_groups(u, r)
+        steps = {"monolithic": monolithic_step(problem(args, "basic", causal, 1, 1), kernel, dtype, device)}
+        sent = {}
+        for (u, r), groups in grid_groups.items():
             for ring_impl in args.ring_impls:
                 check_seq_len(args.seq_len, u, r, ring_impl)
-                q, k, v, dout = (usp.shard(x, groups, dim=1, ring_impl=ring_impl).requires_grad_(i < 3)
-                                 for i, x in enumerate(full))
-
-                def step() -> None:
-                    out = usp.usp_attn(q, k, v, groups, causal=causal, ring_impl=ring_impl, backend=args.backend)
-                    out.backward(dout)
-
+                steps[(ring_impl, u, r)] = usp_step(groups, ring_impl, causal)
                 with count_traffic() as counter:
-                    step()
-                dist.barrier()
-                seconds = slowest(time_call(step, args.repeats, args.warmup, device))
-                sent = torch.tensor([counter.total_bytes], dtype=torch.float64, device=device)
-                dist.all_reduce(sent, op=dist.ReduceOp.MAX)
+                    steps[(ring_impl, u, r)]()
+                sent[(ring_impl, u, r)] = counter.total_bytes
+        yunchang = _yunchang_ulysses(dist.group.WORLD, causal)
+        if yunchang is not None and args.heads % world == 0:
+            q, k, v, dout = (x.chunk(world, dim=1)[rank].contiguous().requires_grad_(i < 3)
+                             for i, x in enumerate(full))
+            steps[("yunchang-ulysses", world, 1)] = lambda: yunchang(q, k, v).backward(dout)
+        rounds = time_rounds({name: together(step) for name, step in steps.items()}, args.repeats, args.warmup,
+                             device)
+        names = list(rounds[0])
+        local = torch.tensor([[times[name] for name in names] for times in rounds], dtype=torch.float64, device=device)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)  # each step, each round: its slowest rank
+        rounds = [dict(zip(names, row.tolist())) for row in local.cpu()]
+        monolithic = statistics.median(times["monolithic"] for times in rounds)
+        flops = step_flops(args.batch, args.seq_len, args.heads, args.head_dim, causal)
+        for name in names:
+            if name == "monolithic":
+                continue
+            ring_impl, u, r = name
+            seconds = statistics.median(times[name] for times in rounds)
+            record = {
+                **base_record(args, "multi-rank", ring_impl, causal, u, r), "kernel": kernel.name,
+                "backend": dist.get_backend(), "monolithic_ms": 1e3 * monolithic, "time_ms": 1e3 * seconds,
+                "efficiency": statistics.median(times["monolithic"] / world / times[name] for times in rounds),
+                "tflops_per_rank": flops / world / seconds / 1e12,
+            }
+            if name in sent:
+                bytes_sent = torch.tensor([sent[name]], dtype=torch.float64, device=device)
+                dist.all_reduce(bytes_sent, op=dist.ReduceOp.MAX)
                 analytic = sum(analytic_bytes_per_rank(
                     batch=args.batch, seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, dtype=dtype, ulysses_degree=u, ring_degree=r, ring_impl=ring_impl,
                 ).values())
-                records.append({
-                    **base_record(args, "multi-rank", ring_impl, causal, u, r), "kernel": kernel.name,
-                    "backend": dist.get_backend(), "monolithic_ms": 1e3 * monolithic, "time_ms": 1e3 * seconds,
-                    "efficiency": monolithic / world / seconds, "tflops_per_rank": flops / world / seconds / 1e12,
-                    "bytes_per_rank": int(sent.item()), "bytes_analytic": analytic,
-                    "bytes_ratio": sent.item() / analytic if analytic else 1.0,
-                })
-        yunchang = _yunchang_ulysses(dist.group.WORLD, causal)
-        if yunchang is None:
-            if rank == 0:
-                print(f"yunchang: not installed, skipped (pip install yunchang to compare)", flush=True)
-        elif args.heads % world == 0:
-            q, k, v, dout = (x.chunk(world, dim=1)[rank].contiguous().requires_grad_(i < 3)
-                             for i, x in enumerate(full))
-
-            def yunchang_step() -> None:
-                yunchang(q, k, v).backward(dout)
-
-            seconds = slowest(time_call(yunchang_step, args.repeats, args.warmup, device))
-            records.append({**base_record(args, "multi-rank", "yunchang-ulysses", causal, world, 1),
-                            "kernel": "yunchang", "monolithic_ms": 1e3 * monolithic, "time_ms": 1e3 * seconds,
-                            "efficiency": monolithic / world / seconds,
-                            "tflops_per_rank": flops / world / seconds / 1e12})
+                record.update(bytes_per_rank=int(bytes_sent.item()), bytes_analytic=analytic,
+                              bytes_ratio=bytes_sent.item() / analytic if analytic else 1.0)
+            records.append(record)
+    if rank == 0 and _yunchang_ulysses(dist.group.WORLD, True) is None:
+        print("yunchang: not installed, skipped (pip install yunchang to compare its Ulysses attention)", flush=True)
     return records
 
 
@@ -262,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ring-impls", nargs="+", choices=list(RING_IMPLS), default=list(RING_IMPLS))
     parser.add_argument("--causal", choices=["causal", "non-causal", "both"], default="causal")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--all-ranks", action="store_true",
                         help="simulate-rank: time every ring rank (default: the first and last, which bound the "
