@@ -20,8 +20,9 @@ import torch
 
 from . import comm
 from .groups import USPGroups
-from .kernels import AttentionKernel, accumulation_dtype
+from .kernels import AttentionKernel, MathKernel, accumulation_dtype
 from .layout import check_ring_impl, ring_positions
+from .masks import SKIP, BlockMasker
 from .merge import merge_partial
 
 
@@ -56,6 +57,18 @@ class RingSchedule:
     ring_impl: str
     transport: str  # "pass_kv" or "allgather"
     steps: tuple[Step, ...]
+    seq_len: int
+    ulysses_degree: int
+    ring_degree: int
+
+    def kv_positions(self, step: Step) -> torch.Tensor:
+        """Global positions of the K/V rows ``step`` sees (what its blocks' kv ranges index)."""
+        grid = (self.seq_len, self.ulysses_degree, self.ring_degree)
+        if step.gathered_half is None:
+            return ring_positions(*grid, step.kv_rank, self.ring_impl)
+        half = self.seq_len // self.ring_degree // 2
+        rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
+        return torch.cat([ring_positions(*grid, k, self.ring_impl)[rows] for k in range(self.ring_degree)])
 
 
 def _pass_kv_blocks(ring_impl: str, rank: int, kv_rank: int, n: int, causal: bool) -> tuple[Block, ...]:
@@ -99,23 +112,29 @@ def build_schedule(
     check_ring_impl(ring_impl)
     n = seq_len // ring_degree
     if ring_impl == "allgather" and ring_degree > 1:
-        return RingSchedule(ring_impl, "allgather", _allgather_steps(ring_degree, ring_rank, n, causal))
+        return RingSchedule(ring_impl, "allgather", _allgather_steps(ring_degree, ring_rank, n, causal), seq_len,
+                            ulysses_degree, ring_degree)
     impl = "zigzag" if ring_impl == "allgather" else ring_impl  # r = 1: the local block of any impl
     steps = tuple(
         Step(kv_rank, _pass_kv_blocks(impl, ring_rank, kv_rank, n, causal))
         for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree))
     )
-    return RingSchedule(ring_impl, "pass_kv", steps)
+    return RingSchedule(ring_impl, "pass_kv", steps, seq_len, ulysses_degree, ring_degree)
 
 
-def kv_positions(step: Step, seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str) -> torch.Tensor:
-    """Global positions of the K/V rows ``step`` sees (what its blocks' kv ranges index)."""
-    if step.gathered_half is None:
-        return ring_positions(seq_len, ulysses_degree, ring_degree, step.kv_rank, ring_impl)
-    half = seq_len // ring_degree // 2
-    rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
-    return torch.cat([ring_positions(seq_len, ulysses_degree, ring_degree, k, ring_impl)[rows]
-                      for k in range(ring_degree)])
+_MASKED_FALLBACK = MathKernel()
+
+
+def _plan_block(block: Block, kv_positions: Optional[torch.Tensor], masker: Optional[BlockMasker],
+                kernel: AttentionKernel) -> Optional[tuple[AttentionKernel, bool, dict]]:
+    """How to compute ``block``: (kernel, causal, extra kernel kwargs), or None when the mask hides all of it."""
+    if masker is None:
+        return kernel, block.causal, {}
+    visibility = masker.visibility(block.q, kv_positions[block.kv], block.causal)
+    if isinstance(visibility, str):
+        return None if visibility == SKIP else (kernel, block.causal, {})
+    masked_kernel = kernel if getattr(kernel, "supports_mask", False) else _MASKED_FALLBACK
+    return masked_kernel, False, {"mask": visibility}
 
 
 def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:
@@ -137,8 +156,10 @@ def ring_forward(
     ring_comm: comm.RingComm,
     kernel: AttentionKernel,
     softmax_scale: float,
+    masker: Optional[BlockMasker] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``schedule``. Returns ``out [b, n, h, d]`` and ``lse [b, h, n]``, both in the accumulation dtype."""
+    """Run ``schedule`` (restricted by ``masker``'s mask when given). Returns ``out [b, n, h, d]`` and
+    ``lse [b, h, n]``, both in the accumulation dtype."""
     acc = accumulation_dtype(q.dtype)
     batch, n, heads, head_dim = q.shape
     out = torch.zeros(batch, n, heads, head_dim, dtype=acc, device=q.device)
@@ -152,10 +173,15 @@ def ring_forward(
         more = passing and index + 1 < len(schedule.steps)
         if more:
             exchanger.post(kv)  # the next step's K/V travel while this step computes
+        kv_positions = schedule.kv_positions(step) if masker is not None else None
         for block in step.blocks:
-            block_out, block_lse = kernel.forward(
-                q[:, block.q], step_kv[0][:, block.kv], step_kv[1][:, block.kv], causal=block.causal,
-                softmax_scale=softmax_scale,
+            plan = _plan_block(block, kv_positions, masker, kernel)
+            if plan is None:
+                continue
+            block_kernel, causal, mask = plan
+            block_out, block_lse = block_kernel.forward(
+                q[:, block.q], step_kv[0][:, block.kv], step_kv[1][:, block.kv], causal=causal,
+                softmax_scale=softmax_scale, **mask,
             )
             out[:, block.q], lse[:, :, block.q] = merge_partial(
                 out[:, block.q], lse[:, :, block.q], block_out, block_lse
@@ -176,6 +202,7 @@ def ring_backward(
     ring_comm: comm.RingComm,
     kernel: AttentionKernel,
     softmax_scale: float,
+    masker: Optional[BlockMasker] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`ring_forward`. dq accumulates here in fp32; dK/dV accumulate in fp32 while they
     travel the ring back to their owner; each is cast to its input dtype once."""
@@ -198,16 +225,22 @@ def ring_backward(
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
         else:
             dkv = gathered_grads[step.gathered_half]
+        kv_positions = schedule.kv_positions(step) if masker is not None else None
         for block in step.blocks:
-            block_dq, block_dk, block_dv = kernel.backward(
+            plan = _plan_block(block, kv_positions, masker, kernel)
+            if plan is None:
+                continue
+            block_kernel, causal, mask = plan
+            block_dq, block_dk, block_dv = block_kernel.backward(
                 dout[:, block.q],
                 q[:, block.q],
                 step_kv[0][:, block.kv],
                 step_kv[1][:, block.kv],
                 out[:, block.q],
                 lse[:, :, block.q],
-                causal=block.causal,
+                causal=causal,
                 softmax_scale=softmax_scale,
+                **mask,
             )
             dq[:, block.q] += block_dq
             dkv[0][:, block.kv] += block_dk
@@ -229,20 +262,21 @@ def ring_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, schedule, ring_comm, kernel, softmax_scale):
-        out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, softmax_scale)
+    def forward(ctx, q, k, v, schedule, ring_comm, kernel, softmax_scale, masker):
+        out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, softmax_scale, masker)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale = schedule, ring_comm, kernel, softmax_scale
+        ctx.masker = masker
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(
-            dout, q, k, v, out, lse, ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale
+            dout, q, k, v, out, lse, ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale, ctx.masker
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def ring_attention(
@@ -253,6 +287,7 @@ def ring_attention(
     groups: USPGroups,
     kernel: AttentionKernel,
     softmax_scale: float,
+    masker: Optional[BlockMasker] = None,
 ) -> torch.Tensor:
     """Differentiable ring attention over ring-level-layout tensors; returns ``[b, n, heads, head_dim]``."""
-    return _RingAttention.apply(q, k, v, schedule, comm.RingComm(groups), kernel, softmax_scale)
+    return _RingAttention.apply(q, k, v, schedule, comm.RingComm(groups), kernel, softmax_scale, masker)

@@ -10,7 +10,8 @@ import torch
 
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
-from .layout import check_ring_impl, check_seq_len, gathered_order
+from .layout import check_ring_impl, check_seq_len, gathered_order, ring_positions
+from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
 from .ring import build_schedule, ring_attention
 from .ulysses import check_head_counts, heads_to_seq, replicate_kv_heads, seq_to_heads
 
@@ -25,6 +26,7 @@ def validate_inputs(
     ring_impl: str,
     softmax_scale: Optional[float],
     backend: str,
+    mask: AttentionMask = AttentionMask(),
 ) -> None:
     """Every check that can fail, done locally before any collective so all ranks raise, none hangs."""
     if not isinstance(groups, USPGroups):
@@ -68,6 +70,7 @@ def validate_inputs(
     except ValueError as error:
         raise ValueError(f"local sequence length {q.shape[1]} on a {groups.ulysses_degree} x {groups.ring_degree} "
                          f"grid: {error}") from None
+    check_mask(mask, q.shape[0], q.shape[1] * groups.sp_size)
 
 
 def usp_attn(
@@ -80,14 +83,22 @@ def usp_attn(
     ring_impl: str = "zigzag",
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    window: Optional[tuple[int, int]] = None,
+    document_ids: Optional[torch.Tensor] = None,
+    mask_mod: Optional[MaskMod] = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
     ``q [batch, seq_local, heads, head_dim]``, ``k, v [batch, seq_local, kv_heads, head_dim]`` hold this rank's
     tokens in the layout of ``ring_impl`` (see :func:`megatron_usp.shard`). Returns ``[batch, seq_local, heads,
     head_dim]``, exactly what full-sequence attention gives for those tokens; differentiable w.r.t. q, k, v.
+    Optional masks on top of ``causal`` (see :mod:`megatron_usp.masks`): ``window=(left, right)``,
+    ``document_ids [batch, seq_len]`` of the whole sequence, ``mask_mod(b, h, q_idx, kv_idx)``. Rows that see no
+    key give 0 and 0 gradient.
     """
-    validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale, backend=backend)
+    mask = AttentionMask(window, document_ids, mask_mod)
+    validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale, backend=backend,
+                    mask=mask)
     head_dim = q.shape[3]
     kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
@@ -97,8 +108,16 @@ def usp_attn(
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
     q, k, v = seq_to_heads((q, k, v), groups, order)
-    out = ring_attention(q, k, v, _cached_schedule(*grid, causal), groups, kernel, scale)
+    masker = _masker(mask, grid, groups, q) if mask.active else None
+    out = ring_attention(q, k, v, _cached_schedule(*grid, causal), groups, kernel, scale, masker)
     return heads_to_seq(out, groups, order)
+
+
+def _masker(mask: AttentionMask, grid: tuple, groups: USPGroups, q: torch.Tensor) -> BlockMasker:
+    """Block visibility for this rank's ring-level rows and heads (``q [b, n, heads/u, d]`` after the all-to-all)."""
+    heads_here = q.shape[2]
+    heads = groups.ulysses_rank * heads_here + torch.arange(heads_here)
+    return BlockMasker(mask, ring_positions(*grid), heads, q.shape[0], q.device)
 
 
 # Layout permutations and schedules depend only on the grid and length: built once, not once per layer per step.

@@ -4,8 +4,30 @@ from __future__ import annotations
 import torch
 
 
-def reference_attention(q, k, v, *, causal: bool, softmax_scale=None) -> torch.Tensor:
-    """``q [b, s, h, d]``, ``k, v [b, s, kv_heads, d]`` in float64 -> ``[b, s, h, d]``. Explicit masked softmax."""
+def dense_mask(batch, heads, seq_len, *, causal, window=None, document_ids=None, mask_mod=None) -> torch.Tensor:
+    """The full ``[b, h, s, s]`` boolean mask (True = visible), built the obvious way (tests only)."""
+    q_idx, kv_idx = torch.arange(seq_len).view(-1, 1), torch.arange(seq_len).view(1, -1)
+    visible = torch.ones(batch, heads, seq_len, seq_len, dtype=torch.bool)
+    if causal:
+        visible &= kv_idx <= q_idx
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            visible &= q_idx - kv_idx <= left
+        if right >= 0:
+            visible &= kv_idx - q_idx <= right
+    if document_ids is not None:
+        visible &= (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+    if mask_mod is not None:
+        for b in range(batch):
+            for h in range(heads):
+                visible[b, h] &= mask_mod(torch.tensor(b), torch.tensor(h), q_idx, kv_idx)
+    return visible
+
+
+def reference_attention(q, k, v, *, causal: bool, softmax_scale=None, mask=None) -> torch.Tensor:
+    """``q [b, s, h, d]``, ``k, v [b, s, kv_heads, d]`` in float64 -> ``[b, s, h, d]``. Explicit masked softmax;
+    ``mask [b, h, s, s]`` (True = visible) on top of ``causal``; rows that see nothing give 0."""
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     k = k.repeat_interleave(heads // kv_heads, dim=2)
@@ -14,7 +36,10 @@ def reference_attention(q, k, v, *, causal: bool, softmax_scale=None) -> torch.T
     if causal:
         s = q.shape[1]
         scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty row is all -inf: NaN -> 0
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

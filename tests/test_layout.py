@@ -7,7 +7,7 @@ import torch
 import megatron_usp as usp
 from megatron_usp.groups import USPGroups, grid_rank_lists
 from megatron_usp.layout import check_seq_len, gathered_order, global_positions, ring_positions
-from megatron_usp.ring import build_schedule, kv_positions
+from megatron_usp.ring import build_schedule
 
 GRIDS = [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (4, 1), (2, 4), (4, 2), (3, 2)]
 
@@ -84,7 +84,7 @@ def schedule_mask(impl, seq_len, u, r, j, causal):
     n = seq_len // r
     counts = torch.zeros(n, seq_len, dtype=torch.long)
     for step in schedule.steps:
-        kv_pos = kv_positions(step, seq_len, u, r, impl)
+        kv_pos = schedule.kv_positions(step)
         for block in step.blocks:
             rows, cols = block.q_stop - block.q_start, block.kv_stop - block.kv_start
             assert not block.causal or rows == cols, "causal blocks must be square"

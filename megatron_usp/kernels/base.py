@@ -4,6 +4,10 @@ Layout is bshd: ``q [batch, seq_q, heads, head_dim]``, ``k, v [batch, seq_k, kv_
 ``heads % kv_heads == 0`` (GQA: query head h uses kv head ``h // (heads // kv_heads)``).
 ``causal=True`` is only asked for square blocks (seq_q == seq_k), where top-left and bottom-right alignment
 agree, so kernels need not care which one they implement.
+
+Kernels with ``supports_mask = True`` also take ``mask=`` (bool ``[b|1, h|1, seq_q, seq_k]``, True = visible) in
+forward and backward; rows a mask empties give out 0 and lse -inf. Blocks with a mask go to the math kernel when
+the chosen kernel has no mask support.
 """
 from __future__ import annotations
 

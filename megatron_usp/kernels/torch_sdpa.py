@@ -42,10 +42,41 @@ class _AtenKernel:
         return dq, reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
 
 
+def additive_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool ``[b|1, h|1, s_q, s_k]`` (True = visible) -> the 0 / -inf bias ``[b, h, s_q, s_k]`` aten ops take."""
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return bias.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+
+
 class TorchCPUKernel(_AtenKernel):
-    """``aten._scaled_dot_product_flash_attention_for_cpu`` (fp32, fp64, bf16, fp16)."""
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` (fp32, fp64, bf16, fp16); also takes a block mask."""
 
     name = "torch_cpu"
+    supports_mask = True
+
+    def forward(self, q, k, v, *, causal, softmax_scale, mask=None):
+        if mask is None:
+            return super().forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        heads = q.shape[2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(expand_kv_heads(k, heads)), _bhsd(expand_kv_heads(v, heads)), 0.0, False,
+            attn_mask=additive_mask(mask, q, k), scale=softmax_scale,
+        )
+        # the op reports lse 0 for rows the mask empties; they saw nothing: -inf
+        lse = lse.to(accumulation_dtype(q.dtype)).masked_fill(~mask.any(-1).expand_as(lse), float("-inf"))
+        return out.transpose(1, 2), lse
+
+    def backward(self, dout, q, k, v, out, lse, *, causal, softmax_scale, mask=None):
+        if mask is None:
+            return super().backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
+        heads, kv_heads = q.shape[2], k.shape[2]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout.to(q.dtype)), _bhsd(q), _bhsd(expand_kv_heads(k, heads)), _bhsd(expand_kv_heads(v, heads)),
+            _bhsd(out.to(q.dtype)), lse.to(accumulation_dtype(q.dtype)).contiguous(), 0.0, False,
+            attn_mask=additive_mask(mask, q, k), scale=softmax_scale,
+        )
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return dq, reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
 
     def _forward(self, q, k, v, causal, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
