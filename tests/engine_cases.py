@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 import megatron_usp as usp
 from megatron_usp.kernels import TorchCPUKernel
-from reference import reference_attention, relative_error
+from reference import dense_mask, reference_attention, relative_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -34,19 +34,54 @@ def make_inputs(seed: int, batch: int, seq_len: int, heads: int, kv_heads: int, 
     return [t.to(dtype).to(torch.float64) for t in tensors]
 
 
+def _documents(batch: int, seq_len: int) -> torch.Tensor:
+    """Packed documents: row b has boundaries at 0, 5 + b, s/2, s - 3 (short and straddling documents)."""
+    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    for b in range(batch):
+        for boundary in (5 + b, seq_len // 2, seq_len - 3):
+            ids[b, boundary:] += 1
+    return ids
+
+
+def _prefix_mod(batch_idx, head_idx, q_idx, kv_idx):
+    """Rows 0..2 see nothing (tests empty rows); head h sees keys divisible by h + 1 (global head indices matter);
+    batch 1 also sees ahead by 2."""
+    return ((q_idx >= 3) & (kv_idx % (head_idx + 1) == 0)
+            & ((kv_idx <= q_idx) | (batch_idx == 1) & (kv_idx <= q_idx + 2)))
+
+
+def mask_kwargs(name, batch: int, seq_len: int) -> dict:
+    """usp_attn mask keywords for a named mask (names travel to the ranks; functions would not pickle)."""
+    return {
+        None: {},
+        "window": dict(window=(5, 0)),
+        "window_both_sides": dict(window=(4, 3)),
+        "documents": dict(document_ids=_documents(batch, seq_len)),
+        "mask_mod": dict(mask_mod=_prefix_mod),
+        "window_and_documents": dict(window=(6, 2), document_ids=_documents(batch, seq_len)),
+    }[name]
+
+
 def run_case(groups, config: dict, dtype) -> dict:
     """One attention case: forward and dq/dk/dv against the float64 reference; returns relative errors."""
     seed = config.get("seed", 0) + 1000 * sp_block(groups)  # each SP block of a DP x SP world gets its own data
     q, k, v, grad = make_inputs(seed, config["batch"], config["seq_len"], config["heads"], config["kv_heads"],
                                 config["head_dim"], dtype)
     causal, impl, scale = config["causal"], config["ring_impl"], config.get("softmax_scale")
+    masks = mask_kwargs(config.get("mask"), config["batch"], config["seq_len"])
+    reference_mask = dense_mask(config["batch"], config["heads"], config["seq_len"], causal=causal, **masks) \
+        if masks else None
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale)
+    ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale, mask=reference_mask)
     ref_out.backward(grad)
     local = [usp.shard(t, groups, ring_impl=impl).to(dtype).requires_grad_() for t in (q, k, v)]
-    out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale)
+    out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale, **masks)
     out.backward(usp.shard(grad, groups, ring_impl=impl).to(dtype))
     assert out.dtype == dtype and out.shape == local[0].shape, (out.dtype, out.shape)
+    if masks:  # no NaN anywhere; rows that see no key (mask_mod: positions 0..2) give exactly 0 and 0 gradient
+        assert all(torch.isfinite(t).all() for t in (out, *(x.grad for x in local)))
+        empty = usp.positions(config["seq_len"], groups, ring_impl=impl) < (3 if config.get("mask") == "mask_mod" else 0)
+        assert not out[:, empty].any() and not local[0].grad[:, empty].any()
     errors = {"out": relative_error(out, usp.shard(ref_out, groups, ring_impl=impl))}
     for name, x, ref in zip(("dq", "dk", "dv"), local, ref_inputs):
         assert x.grad.dtype == dtype
