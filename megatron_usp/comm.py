@@ -163,16 +163,26 @@ class RingExchanger:
 
 
 class RingComm:
-    """The ring group's transfers as ring.py uses them: exchangers, all-gather, reduce-scatter."""
+    """The ring group's transfers as ring.py and mqsp.py use them: exchangers, all-gather, reduce-scatter,
+    all-reduce. A ring of one rank communicates nothing."""
 
     def __init__(self, groups) -> None:
         self.groups = groups
+        self.rank = groups.ring_rank
+        self.alone = groups.ring_degree == 1
 
     def exchanger(self) -> RingExchanger:
         return RingExchanger(self.groups.ring_ranks, self.groups.ring_rank, self.groups.ring)
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return all_gather_no_grad(x, self.groups.ring, dim)
+        return x if self.alone else all_gather_no_grad(x, self.groups.ring, dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return reduce_scatter_no_grad(x, self.groups.ring, dim)
+        return x if self.alone else reduce_scatter_no_grad(x, self.groups.ring, dim)
+
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In place; returns ``x``."""
+        if not self.alone:
+            _record("all_reduce", _nbytes(x) * 2 * (self.groups.ring_degree - 1) // self.groups.ring_degree)
+            dist.all_reduce(x, op=op, group=self.groups.ring)
+        return x

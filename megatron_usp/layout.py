@@ -8,15 +8,16 @@ After the Ulysses all-to-all, a ring rank holds the union of its ulysses ranks' 
 the ring-level layout the ring schedules expect:
 
 * ``basic``: ring rank ``j`` holds the contiguous chunk ``j`` of ``r`` chunks.
-* ``zigzag`` / ``allgather``: ring rank ``j`` holds chunks ``j`` and ``2r-1-j`` of ``2r`` chunks.
+* ``zigzag`` / ``allgather`` / ``mqsp``: ring rank ``j`` holds chunks ``j`` and ``2r-1-j`` of ``2r`` chunks.
 * ``stripe``: ring rank ``j`` holds the tokens ``t = j (mod r)``.
 """
 from __future__ import annotations
 
 import torch
 
-RING_IMPLS = ("basic", "zigzag", "stripe", "allgather")
-ZIGZAG_LAYOUT_IMPLS = ("zigzag", "allgather")
+RING_IMPLS = ("basic", "zigzag", "stripe", "allgather", "mqsp")
+RING_SCHEDULE_IMPLS = ("basic", "zigzag", "stripe", "allgather")  # pass K/V (ring.py); mqsp passes Q (mqsp.py)
+ZIGZAG_LAYOUT_IMPLS = ("zigzag", "allgather", "mqsp")
 
 
 def check_ring_impl(ring_impl: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from . import comm
 from .groups import USPGroups
 from .kernels import AttentionKernel, MathKernel, accumulation_dtype
-from .layout import check_ring_impl, ring_positions
+from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
 from .masks import SKIP, BlockMasker
 from .merge import merge_partial
 
@@ -110,6 +110,8 @@ def build_schedule(
 ) -> RingSchedule:
     """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid."""
     check_ring_impl(ring_impl)
+    if ring_impl not in RING_SCHEDULE_IMPLS:
+        raise ValueError(f"ring_impl {ring_impl!r} has no pass-K/V schedule (mqsp passes Q: megatron_usp.mqsp)")
     n = seq_len // ring_degree
     if ring_impl == "allgather" and ring_degree > 1:
         return RingSchedule(ring_impl, "allgather", _allgather_steps(ring_degree, ring_rank, n, causal), seq_len,

@@ -33,6 +33,10 @@ class LoopbackRingComm:
 
     def __init__(self, ring_degree: int) -> None:
         self.ring_degree = ring_degree
+        self.rank = 0
+
+    def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        return x
 
     def exchanger(self) -> _LoopbackExchanger:
         return _LoopbackExchanger()

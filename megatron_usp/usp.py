@@ -11,7 +11,9 @@ import torch
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
 from .layout import check_ring_impl, check_seq_len, gathered_order, ring_positions
+from .comm import RingComm
 from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
+from .mqsp import MQSPPlan, check_micro_q, mqsp_attention
 from .ring import build_schedule, ring_attention
 from .ulysses import check_head_counts, heads_to_seq, replicate_kv_heads, seq_to_heads
 
@@ -27,6 +29,7 @@ def validate_inputs(
     softmax_scale: Optional[float],
     backend: str,
     mask: AttentionMask = AttentionMask(),
+    micro_q: Optional[int] = None,
 ) -> None:
     """Every check that can fail, done locally before any collective so all ranks raise, none hangs."""
     if not isinstance(groups, USPGroups):
@@ -71,6 +74,7 @@ def validate_inputs(
         raise ValueError(f"local sequence length {q.shape[1]} on a {groups.ulysses_degree} x {groups.ring_degree} "
                          f"grid: {error}") from None
     check_mask(mask, q.shape[0], q.shape[1] * groups.sp_size)
+    check_micro_q(micro_q)
 
 
 def usp_attn(
@@ -86,6 +90,7 @@ def usp_attn(
     window: Optional[tuple[int, int]] = None,
     document_ids: Optional[torch.Tensor] = None,
     mask_mod: Optional[MaskMod] = None,
+    micro_q: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
@@ -94,11 +99,12 @@ def usp_attn(
     head_dim]``, exactly what full-sequence attention gives for those tokens; differentiable w.r.t. q, k, v.
     Optional masks on top of ``causal`` (see :mod:`megatron_usp.masks`): ``window=(left, right)``,
     ``document_ids [batch, seq_len]`` of the whole sequence, ``mask_mod(b, h, q_idx, kv_idx)``. Rows that see no
-    key give 0 and 0 gradient.
+    key give 0 and 0 gradient. ``ring_impl="mqsp"`` passes Q instead of K/V, ``micro_q`` query rows per rank
+    at a time (default: all), which bounds its extra memory.
     """
     mask = AttentionMask(window, document_ids, mask_mod)
     validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale, backend=backend,
-                    mask=mask)
+                    mask=mask, micro_q=micro_q)
     head_dim = q.shape[3]
     kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
@@ -108,22 +114,25 @@ def usp_attn(
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
     q, k, v = seq_to_heads((q, k, v), groups, order)
-    masker = _masker(mask, grid, groups, q) if mask.active else None
-    out = ring_attention(q, k, v, _cached_schedule(*grid, causal), groups, kernel, scale, masker)
+    heads = groups.ulysses_rank * q.shape[2] + torch.arange(q.shape[2])  # global indices of the heads held here
+    if ring_impl == "mqsp":
+        plan = _cached_mqsp_plan(*grid[:4], causal, micro_q)
+        out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads)
+    else:
+        masker = BlockMasker(mask, ring_positions(*grid), heads, q.shape[0], q.device) if mask.active else None
+        out = ring_attention(q, k, v, _cached_schedule(*grid, causal), groups, kernel, scale, masker)
     return heads_to_seq(out, groups, order)
-
-
-def _masker(mask: AttentionMask, grid: tuple, groups: USPGroups, q: torch.Tensor) -> BlockMasker:
-    """Block visibility for this rank's ring-level rows and heads (``q [b, n, heads/u, d]`` after the all-to-all)."""
-    heads_here = q.shape[2]
-    heads = groups.ulysses_rank * heads_here + torch.arange(heads_here)
-    return BlockMasker(mask, ring_positions(*grid), heads, q.shape[0], q.device)
 
 
 # Layout permutations and schedules depend only on the grid and length: built once, not once per layer per step.
 @functools.lru_cache(maxsize=256)
 def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, device) -> torch.Tensor:
     return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q) -> MQSPPlan:
+    return MQSPPlan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q)
 
 
 @functools.lru_cache(maxsize=256)

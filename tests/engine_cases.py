@@ -75,7 +75,8 @@ def run_case(groups, config: dict, dtype) -> dict:
     ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale, mask=reference_mask)
     ref_out.backward(grad)
     local = [usp.shard(t, groups, ring_impl=impl).to(dtype).requires_grad_() for t in (q, k, v)]
-    out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale, **masks)
+    out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale, micro_q=config.get("micro_q"),
+                       **masks)
     out.backward(usp.shard(grad, groups, ring_impl=impl).to(dtype))
     assert out.dtype == dtype and out.shape == local[0].shape, (out.dtype, out.shape)
     if masks:  # no NaN anywhere; rows that see no key (mask_mod: positions 0..2) give exactly 0 and 0 gradient

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import record_error
 
-IMPLS = ["basic", "zigzag", "stripe", "allgather"]
+IMPLS = ["basic", "zigzag", "stripe", "allgather", "mqsp"]
 # (world_size, ulysses_degree, ring_degree, ulysses_inner); world > u*r means DP x SP (several SP blocks)
 GRIDS = [
     (1, 1, 1, True),
@@ -36,6 +36,9 @@ def configs_for(sp_size: int, impl: str, world_size: int) -> list[dict]:
     configs.append(dict(base, heads=4, kv_heads=2, causal=True, softmax_scale=0.37, seq_len=10 * sp_size, seed=11))
     configs.append(dict(base, heads=8, kv_heads=4, causal=True, dtype="float64", head_dim=6, seed=12))
     configs.append(dict(base, heads=8, kv_heads=2, causal=False, dtype="bfloat16", seed=13))
+    if impl == "mqsp":  # micro-chunks of 2 and 5 query rows (5 does not divide the rows: a shorter last chunk)
+        configs += [dict(base, heads=8, kv_heads=2, causal=causal, micro_q=micro_q, seed=14 + micro_q)
+                    for micro_q in (2, 5) for causal in (True, False)]
     return configs
 
 

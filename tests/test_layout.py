@@ -7,6 +7,7 @@ import torch
 import megatron_usp as usp
 from megatron_usp.groups import USPGroups, grid_rank_lists
 from megatron_usp.layout import check_seq_len, gathered_order, global_positions, ring_positions
+from megatron_usp.layout import RING_SCHEDULE_IMPLS
 from megatron_usp.ring import build_schedule
 
 GRIDS = [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (4, 1), (2, 4), (4, 2), (3, 2)]
@@ -96,7 +97,7 @@ def schedule_mask(impl, seq_len, u, r, j, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("impl", usp.RING_IMPLS)
+@pytest.mark.parametrize("impl", RING_SCHEDULE_IMPLS)
 @pytest.mark.parametrize("grid", GRIDS)
 def test_schedule_covers_exactly_the_mask(grid, impl, causal):
     u, r = grid

@@ -9,7 +9,7 @@ import megatron_usp as usp
 from conftest import record_error
 from megatron_usp.masks import AS_SCHEDULED, SKIP, AttentionMask, BlockMasker, check_mask
 
-IMPLS = ["basic", "zigzag", "stripe", "allgather"]
+IMPLS = ["basic", "zigzag", "stripe", "allgather", "mqsp"]
 MASKS = ["window", "window_both_sides", "documents", "mask_mod", "window_and_documents"]
 GRIDS = [(1, 1, 1), (2, 1, 2), (4, 2, 2), (4, 1, 4), (4, 4, 1), (8, 2, 4)]
 
@@ -23,6 +23,8 @@ def test_masked_attention_matches_float64_reference(rank_pool, grid, impl):
                     causal=causal, mask=mask, seed=i)
                for i, (mask, causal) in enumerate((m, c) for m in MASKS for c in (True, False))]
     configs.append(dict(configs[0], dtype="bfloat16", mask="documents", seed=99))
+    if impl == "mqsp":
+        configs += [dict(configs[0], mask=mask, micro_q=3, seed=100 + i) for i, mask in enumerate(MASKS)]
     reports = rank_pool(world_size).run("engine_cases:attention_matrix", ulysses_degree=ulysses_degree,
                                         ring_degree=ring_degree, ulysses_inner=True, configs=configs)
     for rank_report in reports:
@@ -65,3 +67,28 @@ def test_usp_attn_rejects_a_bad_mask_before_any_collective():
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="whole sequence"):
         usp.usp_attn(q, q, q, usp.USPGroups.single(), document_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("micro_q", [0, -1, 2.5, True])
+def test_bad_micro_q_is_rejected(micro_q):
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="micro_q"):
+        usp.usp_attn(q, q, q, usp.USPGroups.single(), ring_impl="mqsp", micro_q=micro_q)
+
+
+def test_mqsp_blocks_cover_exactly_the_causal_pairs():
+    from megatron_usp.mqsp import MQSPPlan
+
+    seq_len, ring_degree = 48, 4
+    for rank in range(ring_degree):
+        for micro_q in (None, 2, 5):
+            plan = MQSPPlan(seq_len, 1, ring_degree, rank, True, micro_q)
+            for q_positions, blocks in zip(plan.gathered_positions, plan.blocks):
+                counts = torch.zeros(len(q_positions), len(plan.kv_positions), dtype=torch.long)
+                for block in blocks:
+                    visible = torch.ones(block.q_stop - block.q_start, block.kv_stop - block.kv_start,
+                                         dtype=torch.long)
+                    counts[block.q_start:block.q_stop, block.kv_start:block.kv_stop] += (
+                        visible.tril() if block.causal else visible)
+                expected = (plan.kv_positions[None, :] <= q_positions[:, None]).long()
+                assert torch.equal(counts, expected), (rank, micro_q)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
-from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
 from megatron_usp.cost import analytic_bytes_per_rank, attention_flops  # noqa: E402
 
@@ -305,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_IMPLS), default=list(RING_IMPLS))
+    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_SCHEDULE_IMPLS), default=list(RING_SCHEDULE_IMPLS))
     parser.add_argument("--causal", choices=["causal", "non-causal", "both"], default="causal")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=5)

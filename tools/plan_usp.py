@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_usp.cost import attention_flops, block_pairs  # noqa: E402
-from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.ring import build_schedule  # noqa: E402
 from megatron_usp.ulysses import check_head_counts, kv_replication  # noqa: E402
 
@@ -432,7 +432,7 @@ def plan(
     hardware: Hardware,
     *,
     tp_choices: Sequence[int],
-    ring_impls: Sequence[str] = RING_IMPLS,
+    ring_impls: Sequence[str] = RING_SCHEDULE_IMPLS,
     dp: int = 1,
     orders: Sequence[bool] = (True,),
     other_memory_gib: Optional[float] = None,
@@ -684,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--dp", type=int, default=1, help="data-parallel replicas beside each TP x SP block")
     grid.add_argument("--order", choices=("ulysses-inner", "ring-inner", "both"), default="ulysses-inner",
                       help="which group gets adjacent ranks")
-    grid.add_argument("--ring-impls", default=",".join(RING_IMPLS), help="comma-separated ring impls to consider")
+    grid.add_argument("--ring-impls", default=",".join(RING_SCHEDULE_IMPLS), help="comma-separated ring impls to consider")
     hw = parser.add_argument_group("hardware (a preset, any field overridable)")
     hw.add_argument("--gpu", choices=sorted(PRESETS) + ["custom"], default="h100",
                     help="custom: start from h100 and override with the flags below")
@@ -757,9 +757,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cluster = Cluster(args.gpus_per_node or 8, args.nodes)
     tp_choices = _divisors(cluster.gpus_per_node) if args.tp == "auto" else [int(args.tp)]
     impls = [impl.strip() for impl in args.ring_impls.split(",") if impl.strip()]
-    unknown = [impl for impl in impls if impl not in RING_IMPLS]
+    unknown = [impl for impl in impls if impl not in RING_SCHEDULE_IMPLS]
     if unknown:
-        parser.error(f"unknown ring impl(s) {unknown}: choose among {', '.join(RING_IMPLS)}")
+        parser.error(f"unknown ring impl(s) {unknown}: choose among {', '.join(RING_SCHEDULE_IMPLS)}")
     orders = {"ulysses-inner": (True,), "ring-inner": (False,), "both": (True, False)}[args.order]
     ranked, infeasible = plan(shape, cluster, hardware, tp_choices=tp_choices, ring_impls=impls, dp=args.dp,
                               orders=orders, other_memory_gib=args.other_memory_gib)

@@ -1,0 +1,193 @@
+"""MQSP (micro-query sequence parallelism): pass Q, keep K/V local, combine with a distributed softmax.
+
+Over the ring group, every rank's queries are processed in micro-chunks of ``micro_q`` rows: the ring all-gathers
+chunk ``c`` of every rank's q (``[b, r*m, h, d]``), each rank attends it to its OWN K/V (partial out and lse), and
+a distributed softmax hands each rank the exact output of its own rows: the global lse comes from two small
+all-reduces (max, then sum of exp), every rank weights its partial output by ``exp(lse_part - lse)`` and one fp32
+reduce-scatter sums the weighted parts into the rows' owners. The backward gathers the chunk's q, dout, out and lse,
+computes dq for the gathered rows (reduce-scattered home) and accumulates dK/dV locally: K/V never move. Extra
+memory is a few ``r * micro_q``-row buffers, whatever the sequence length.
+
+Tensors are in the ring-level layout (after the Ulysses all-to-all, zigzag positions): ``q [b, n, h, d]``,
+``k, v [b, n, kv_h, d]``. Causal structure comes from positions: contiguous runs of q and K/V positions give
+fully visible blocks and aligned causal squares, so the kernels see only plain causal / full blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .kernels import AttentionKernel, MathKernel, accumulation_dtype
+from .layout import ring_positions
+from .masks import SKIP, AttentionMask, BlockMasker
+from .merge import merge_partial
+
+
+def _runs(positions: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive positions: ``(first row, first position, length)``."""
+    values = positions.tolist()
+    runs, start = [], 0
+    for row in range(1, len(values) + 1):
+        if row == len(values) or values[row] != values[row - 1] + 1:
+            runs.append((start, values[start], row - start))
+            start = row
+    return runs
+
+
+@dataclass(frozen=True)
+class QBlock:
+    """Gathered-q rows ``[q_start, q_stop)`` against local K/V rows ``[kv_start, kv_stop)``."""
+
+    q_start: int
+    q_stop: int
+    kv_start: int
+    kv_stop: int
+    causal: bool
+
+
+def chunk_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool) -> list[QBlock]:
+    """Blocks covering exactly the visible (q, kv) pairs, each fully visible or an aligned causal square."""
+    if not causal:
+        return [QBlock(0, len(q_positions), 0, len(kv_positions), False)]
+    blocks = []
+    for q_row, q_pos, q_len in _runs(q_positions):
+        for kv_row, kv_pos, kv_len in _runs(kv_positions):
+            # keys before the q run: visible to all of it
+            before = min(kv_pos + kv_len, q_pos) - kv_pos
+            if before > 0:
+                blocks.append(QBlock(q_row, q_row + q_len, kv_row, kv_row + before, False))
+            start, stop = max(kv_pos, q_pos), min(kv_pos + kv_len, q_pos + q_len)
+            if start < stop:  # keys inside the q run: a causal square, then fully visible to the later q rows
+                q_off, kv_off = q_row + start - q_pos, kv_row + start - kv_pos
+                blocks.append(QBlock(q_off, q_off + stop - start, kv_off, kv_off + stop - start, True))
+                if stop < q_pos + q_len:
+                    blocks.append(QBlock(q_off + stop - start, q_row + q_len, kv_off, kv_off + stop - start, False))
+    return blocks
+
+
+def check_micro_q(micro_q: Optional[int]) -> None:
+    if micro_q is not None and (isinstance(micro_q, bool) or not isinstance(micro_q, int) or micro_q < 1):
+        raise ValueError(f"micro_q must be a positive int (query rows per micro-chunk) or None, got {micro_q!r}")
+
+
+_MASKED_FALLBACK = MathKernel()
+
+
+class MQSPPlan:
+    """Everything one rank needs to run MQSP for a sequence length and grid (built once, reused per layer)."""
+
+    def __init__(self, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool,
+                 micro_q: Optional[int]):
+        grid = (seq_len, ulysses_degree, ring_degree)
+        self.ring_degree = ring_degree
+        self.positions = [ring_positions(*grid, rank, "mqsp") for rank in range(ring_degree)]
+        self.kv_positions = self.positions[ring_rank]
+        n = len(self.kv_positions)
+        self.micro_q = min(micro_q or n, n)
+        self.chunks = [slice(start, min(start + self.micro_q, n)) for start in range(0, n, self.micro_q)]
+        self.gathered_positions = [torch.cat([p[rows] for p in self.positions]) for rows in self.chunks]
+        self.blocks = [chunk_blocks(q_pos, self.kv_positions, causal) for q_pos in self.gathered_positions]
+
+
+def _block_work(plan: MQSPPlan, chunk: int, mask: AttentionMask, heads: torch.Tensor, batch: int,
+                kernel: AttentionKernel, device: torch.device):
+    """(block, kernel, causal, kernel kwargs) for the chunk's blocks the mask leaves visible."""
+    masker = BlockMasker(mask, plan.gathered_positions[chunk], heads, batch, device) if mask.active else None
+    for block in plan.blocks[chunk]:
+        if masker is None:
+            yield block, kernel, block.causal, {}
+            continue
+        visibility = masker.visibility(slice(block.q_start, block.q_stop),
+                                       plan.kv_positions[block.kv_start:block.kv_stop], block.causal)
+        if isinstance(visibility, str):
+            if visibility != SKIP:
+                yield block, kernel, block.causal, {}
+            continue
+        masked_kernel = kernel if getattr(kernel, "supports_mask", False) else _MASKED_FALLBACK
+        yield block, masked_kernel, False, {"mask": visibility}
+
+
+def _global_lse(lse_part: torch.Tensor, ring_comm) -> torch.Tensor:
+    """logsumexp over ranks of each row's partial lse (rows no rank sees stay -inf)."""
+    lse_max = ring_comm.all_reduce(lse_part.clone(), op=dist.ReduceOp.MAX)
+    shift = torch.where(torch.isneginf(lse_max), torch.zeros_like(lse_max), lse_max)
+    total = ring_comm.all_reduce(torch.exp(lse_part - shift), op=dist.ReduceOp.SUM)
+    return torch.log(total) + shift
+
+
+def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
+                 mask: AttentionMask, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns this rank's ``out [b, n, h, d]`` and ``lse [b, h, n]`` in the accumulation dtype."""
+    acc = accumulation_dtype(q.dtype)
+    batch, n, num_heads, head_dim = q.shape
+    out = torch.empty(batch, n, num_heads, head_dim, dtype=acc, device=q.device)
+    lse = torch.empty(batch, num_heads, n, dtype=acc, device=q.device)
+    for chunk, rows in enumerate(plan.chunks):
+        gathered_q = ring_comm.all_gather(q[:, rows], dim=1)  # [b, r*m, h, d], rank i's rows at [i*m, (i+1)*m)
+        part = torch.zeros(batch, gathered_q.shape[1], num_heads, head_dim, dtype=acc, device=q.device)
+        part_lse = torch.full((batch, num_heads, gathered_q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        for block, block_kernel, causal, extra in _block_work(plan, chunk, mask, heads, batch, kernel, q.device):
+            qs, ks = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+            block_out, block_lse = block_kernel.forward(gathered_q[:, qs], k[:, ks], v[:, ks], causal=causal,
+                                                        softmax_scale=softmax_scale, **extra)
+            part[:, qs], part_lse[:, :, qs] = merge_partial(part[:, qs], part_lse[:, :, qs], block_out, block_lse)
+        chunk_lse = _global_lse(part_lse, ring_comm)
+        weight = torch.exp(part_lse - chunk_lse).nan_to_num(0.0)  # -inf - -inf: a row nobody sees
+        weighted = part * weight.transpose(1, 2).unsqueeze(-1)
+        out[:, rows] = ring_comm.reduce_scatter(weighted, dim=1)
+        chunk_rows = weighted.shape[1] // plan.ring_degree
+        lse[:, :, rows] = chunk_lse[:, :, ring_comm.rank * chunk_rows:(ring_comm.rank + 1) * chunk_rows]
+    return out, lse
+
+
+def mqsp_backward(dout, q, k, v, out, lse, plan: MQSPPlan, ring_comm, kernel: AttentionKernel,
+                  softmax_scale: float, mask: AttentionMask, heads: torch.Tensor):
+    """Exact gradients: per chunk, gathered rows' dq reduce-scattered home; dK/dV accumulate locally in fp32."""
+    acc = accumulation_dtype(q.dtype)
+    batch = q.shape[0]
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # empty rows: p = 0
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dout = dout.to(q.dtype)
+    for chunk, rows in enumerate(plan.chunks):
+        gathered = ring_comm.all_gather(torch.stack([q[:, rows], dout[:, rows], out[:, rows]]), dim=2)
+        gathered_q, gathered_dout, gathered_out = gathered.unbind(0)
+        gathered_lse = ring_comm.all_gather(lse[:, :, rows].contiguous(), dim=2)
+        part_dq = torch.zeros(gathered_q.shape, dtype=acc, device=q.device)
+        for block, block_kernel, causal, extra in _block_work(plan, chunk, mask, heads, batch, kernel, q.device):
+            qs, ks = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+            block_dq, block_dk, block_dv = block_kernel.backward(
+                gathered_dout[:, qs], gathered_q[:, qs], k[:, ks], v[:, ks], gathered_out[:, qs],
+                gathered_lse[:, :, qs], causal=causal, softmax_scale=softmax_scale, **extra,
+            )
+            part_dq[:, qs] += block_dq
+            dk[:, ks] += block_dk
+            dv[:, ks] += block_dv
+        dq[:, rows] = ring_comm.reduce_scatter(part_dq, dim=1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _MQSPAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads):
+        out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (plan, ring_comm, kernel, softmax_scale, mask, heads)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = mqsp_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def mqsp_attention(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
+                   mask: AttentionMask, heads: torch.Tensor) -> torch.Tensor:
+    """Differentiable MQSP over ring-level tensors; returns ``[b, n, heads, head_dim]``."""
+    return _MQSPAttention.apply(q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads)
