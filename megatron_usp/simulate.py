@@ -12,6 +12,8 @@ import torch
 
 from .cost import block_pairs
 from .kernels import AttentionKernel
+from .masks import AttentionMask
+from .mqsp import MQSPPlan, mqsp_backward, mqsp_forward
 from .ring import build_schedule, ring_backward, ring_forward
 from .ulysses import check_head_counts, kv_replication
 
@@ -61,6 +63,7 @@ class RankProblem:
     ring_degree: int
     causal: bool
     batch: int = 1
+    micro_q: Optional[int] = None  # mqsp only
 
 
 def _inputs(batch, tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
@@ -83,9 +86,19 @@ def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dty
     kv_heads = problem.kv_heads * kv_replication(problem.kv_heads, u) // u
     q, k, v, dout = _inputs(problem.batch, problem.seq_len // r, problem.heads // u, kv_heads, problem.head_dim,
                             dtype, device)
-    schedule = build_schedule(problem.ring_impl, problem.seq_len, u, r, ring_rank, problem.causal)
     ring_comm = LoopbackRingComm(r)
     scale = problem.head_dim ** -0.5
+    if problem.ring_impl == "mqsp":
+        plan = MQSPPlan(problem.seq_len, u, r, ring_rank, problem.causal, problem.micro_q)
+        heads = torch.arange(problem.heads // u)
+
+        def step() -> None:
+            out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, scale, AttentionMask(), heads)
+            mqsp_backward(dout, q, k, v, out.to(dtype), lse, plan, ring_comm, kernel, scale, AttentionMask(), heads)
+
+        step.input_bytes = _nbytes(q, k, v, dout)
+        return step
+    schedule = build_schedule(problem.ring_impl, problem.seq_len, u, r, ring_rank, problem.causal)
 
     def step() -> None:
         out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, scale)

@@ -105,3 +105,20 @@ def test_bench_multi_rank_under_torchrun(tmp_path):
         assert record["bytes_per_rank"] == record["bytes_analytic"] > 0, record
         assert record["efficiency"] > 0 and record["tflops_per_rank"] > 0
     assert "| ring_impl |" in result.stdout
+
+
+def test_bench_memory_mode_measures_each_config_in_a_fresh_process(tmp_path):
+    records = bench_attention.main(["--mode", "memory", "--seq-lens", "1024", "--world-size", "2", "--heads", "2",
+                                    "--micro-q", "64", "--png", str(tmp_path / "memory.png")])
+    assert [(r["ring_impl"], r["micro_q"]) for r in records] == [("zigzag", None), ("mqsp", None), ("mqsp", 64)]
+    for record in records:
+        assert record["peak_mib"] > record["input_mib"] > 0, record
+        assert "VmHWM" in record["measure"]
+    assert (tmp_path / "memory.png").stat().st_size > 5000
+
+
+def test_simulated_mqsp_rank_runs():
+    kernel = MathKernel()
+    for micro_q in (None, 3):
+        rank_step(RankProblem("mqsp", 32, 4, 2, 8, 2, 2, True, micro_q=micro_q), 1, kernel, torch.float32,
+                  torch.device("cpu"))()

@@ -248,7 +248,58 @@ def run_multi_rank(args, device: torch.device) -> list[dict]:
     return records
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(spec: dict) -> dict:
+    """One rank's simulated forward + backward in this (fresh) process: peak memory above the pre-input baseline.
+    CPU: the kernel's peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs exist);
+    CUDA: torch.cuda.max_memory_allocated."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = DTYPES[spec["dtype"]]
+    kernel = resolve_kernel(spec["backend"], device, dtype, spec["head_dim"])
+    spec_problem = RankProblem(spec["ring_impl"], spec["seq_len"], spec["heads"], spec["kv_heads"], spec["head_dim"],
+                               1, spec["world_size"], True, spec["batch"], spec["micro_q"])
+    if device.type == "cuda":
+        step = rank_step(spec_problem, spec["world_size"] - 1, kernel, dtype, device)
+        return {"peak_mib": peak_memory(step, device) / 2**20, "input_mib": step.input_bytes / 2**20,
+                "measure": "torch.cuda.max_memory_allocated"}
+    baseline = _rss_kib("VmRSS")
+    step = rank_step(spec_problem, spec["world_size"] - 1, kernel, dtype, device)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the peak RSS to the current RSS
+    step()
+    return {"peak_mib": (_rss_kib("VmHWM") - baseline) / 1024, "input_mib": step.input_bytes / 2**20,
+            "measure": "peak RSS (VmHWM after clear_refs) above the RSS before the inputs, fresh process"}
+
+
+def run_memory(args) -> list[dict]:
+    """Peak memory of one rank against sequence length: zigzag, mqsp without micro-chunks, mqsp with them."""
+    import subprocess
+
+    configs = [("zigzag", None), ("mqsp", None), ("mqsp", args.micro_q)]
+    records = []
+    for seq_len in args.seq_lens:
+        for ring_impl, micro_q in configs:
+            check_seq_len(seq_len, 1, args.world_size, ring_impl)
+            spec = dict(ring_impl=ring_impl, micro_q=micro_q, seq_len=seq_len, world_size=args.world_size,
+                        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, batch=args.batch,
+                        dtype=args.dtype, backend=args.backend)
+            result = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)],
+                                    capture_output=True, text=True, check=True)
+            probe = json.loads(result.stdout.strip().splitlines()[-1])
+            records.append({**base_record(args, "memory", ring_impl, True, 1, args.world_size),
+                            "seq_len": seq_len, "micro_q": micro_q, **probe})
+    return records
+
+
 COLUMNS = {
+    "memory": ["ring_impl", "micro_q", "seq_len", "ring_degree", "input_mib", "peak_mib"],
     "balance": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "max_over_mean"],
     "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                       "efficiency", "tflops_per_rank"],
@@ -276,6 +327,25 @@ def plot(records: list[dict], mode: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if mode == "memory":
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys((r["ring_impl"], r["micro_q"]) for r in records):
+            rows = [r for r in records if (r["ring_impl"], r["micro_q"]) == name]
+            label = f"{name[0]}" + (f", micro_q {name[1]}" if name[1] else ", no micro-chunks" if name[0] == "mqsp" else "")
+            axis.plot([r["seq_len"] for r in rows], [r["peak_mib"] for r in rows], marker="o", label=label)
+        axis.plot([r["seq_len"] for r in rows], [r["input_mib"] for r in rows], color="gray", linestyle=":",
+                  label="the rank's q, k, v, dout")
+        axis.set_xlabel("sequence length")
+        axis.set_ylabel("peak MiB per rank")
+        axis.set_title(f"one rank of a ring of {records[0]['ring_degree']}: {records[0]['measure'].split(' (')[0]}",
+                       fontsize=9)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return
     metric = "max_over_mean" if mode == "balance" else "efficiency"
     labels = [f"{r['ring_impl']}\n{'causal' if r['causal'] else 'full'} {r['ulysses_degree']}x{r['ring_degree']}"
               for r in records]
@@ -295,7 +365,7 @@ def plot(records: list[dict], mode: str, path: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["multi-rank", "simulate-rank", "balance"], default="simulate-rank")
+    parser.add_argument("--mode", choices=["multi-rank", "simulate-rank", "balance", "memory"], default="simulate-rank")
     parser.add_argument("--world-size", type=int, default=4, help="P for simulate-rank and balance")
     parser.add_argument("--ulysses-degree", type=int, default=None,
                         help="default: multi-rank every u the heads allow; simulate-rank and balance u = 1")
@@ -313,6 +383,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--all-ranks", action="store_true",
                         help="simulate-rank: time every ring rank (default: the first and last, which bound the "
                              "balanced schedules; every rank for basic)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
+                        help="memory: the sequence lengths to measure")
+    parser.add_argument("--micro-q", type=int, default=256, help="memory: mqsp's micro-chunk of query rows")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
     parser.add_argument("--png", default=None, help="write a bar chart here")
     args = parser.parse_args(argv)
@@ -324,6 +398,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return []
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
@@ -338,6 +415,8 @@ def main(argv=None) -> list[dict]:
         dist.destroy_process_group()
     elif args.mode == "simulate-rank":
         records = run_simulate(args, device)
+    elif args.mode == "memory":
+        records = run_memory(args)
     else:
         records = run_balance(args)
     if leader:
