@@ -28,6 +28,8 @@ def test_defaults_and_flags_parse():
     args = parse("--ulysses-degree", "2", "--ring-degree", "4", "--usp-ring-impl", "stripe", "--usp-attn-backend",
                  "torch", "--usp-ring-inner")
     assert validate_usp_args(args).context_parallel_size == 8 and args.usp_ring_inner
+    args = parse("--ring-degree", "4", "--usp-ring-impl", "mqsp", "--usp-micro-q", "256")
+    assert validate_usp_args(args).context_parallel_size == 4 and args.usp_micro_q == 256
 
 
 def test_flags_are_an_extra_args_provider():
@@ -51,6 +53,8 @@ def test_flags_are_an_extra_args_provider():
         (["--ulysses-degree", "2", "--ring-degree", "2"], dict(seq_length=4100), "--seq-length"),
         (["--ring-degree", "2", "--usp-ring-impl", "stripe"], dict(seq_length=4097), "multiple of ulysses_degree x ring_degree = 2"),
         (["--ring-degree", "2"], dict(attention_backend="local"), "--attention-backend auto"),
+        (["--ring-degree", "2", "--usp-micro-q", "64"], {}, "--usp-ring-impl mqsp"),
+        (["--ring-degree", "2", "--usp-ring-impl", "mqsp", "--usp-micro-q", "0"], {}, "positive"),
     ],
 )
 def test_every_rejection_names_the_fix(argv, defaults, message):

@@ -15,9 +15,12 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="ranks that exchange heads by all-to-all (DeepSpeed-Ulysses); keep within a node")
     group.add_argument("--ring-degree", type=int, default=1, help="ranks that pass K/V around a ring")
     group.add_argument("--usp-ring-impl", default="zigzag", choices=list(RING_IMPLS),
-                       help="ring schedule; zigzag balances causal work and matches Megatron's CP layout")
+                       help="ring schedule; zigzag balances causal work and matches Megatron's CP layout; mqsp passes Q "
+                            "instead of K/V (with --usp-micro-q to bound memory)")
     group.add_argument("--usp-attn-backend", default="auto", choices=kernel_names(),
                        help="local attention kernel")
+    group.add_argument("--usp-micro-q", type=int, default=None,
+                       help="mqsp: query rows per rank per micro-chunk (bounds its extra memory; default: all)")
     group.add_argument("--usp-ring-inner", action="store_true",
                        help="put the ring group on adjacent ranks instead of the ulysses group")
     return parser
@@ -37,6 +40,10 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag, value in (("--ulysses-degree", ulysses_degree), ("--ring-degree", ring_degree)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    micro_q = getattr(args, "usp_micro_q", None)
+    if micro_q is not None and (micro_q < 1 or args.usp_ring_impl != "mqsp"):
+        raise ValueError(f"--usp-micro-q {micro_q}: needs a positive value and --usp-ring-impl mqsp (it sets the "
+                         "query rows MQSP processes at a time)")
     sp_size = ulysses_degree * ring_degree
     explicit_cp = getattr(args, "context_parallel_size", 1) or 1
     if explicit_cp not in (1, sp_size):

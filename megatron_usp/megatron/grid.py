@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from ..groups import USPGroups, check_degree, grid_rank_lists
 from ..kernels import check_backend_name
 from ..layout import check_ring_impl
+from ..mqsp import check_micro_q
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class USPState:
     groups: USPGroups
     ring_impl: str
     backend: str
+    micro_q: Optional[int] = None
 
 
 _STATE: Optional[USPState] = None
@@ -36,16 +38,19 @@ def initialize_model_parallel(
     ring_impl: str = "zigzag",
     ulysses_inner: bool = True,
     attn_backend: str = "auto",
+    micro_q: Optional[int] = None,
     **kwargs,
 ) -> USPGroups:
     """``parallel_state.initialize_model_parallel`` with ``context_parallel_size = u*r``, plus this rank's
     :class:`USPGroups`. The CP group stays the whole SP group (data slicing, RoPE, dp x cp reductions use it).
-    Extra ``kwargs`` go to megatron-core unchanged."""
+    ``micro_q``: query rows per MQSP micro-chunk (``ring_impl="mqsp"``). Extra ``kwargs`` go to megatron-core
+    unchanged."""
     global _STATE
     check_ring_impl(ring_impl)
     check_backend_name(attn_backend)
     check_degree("ulysses_degree", ulysses_degree)
     check_degree("ring_degree", ring_degree)
+    check_micro_q(micro_q)
     if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
         raise ValueError(
             f"context_parallel_size={kwargs['context_parallel_size']} conflicts with ulysses_degree x ring_degree = "
@@ -68,7 +73,7 @@ def initialize_model_parallel(
         groups = USPGroups.from_groups(ulysses, ring)
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
-    _STATE = USPState(groups, ring_impl, attn_backend)
+    _STATE = USPState(groups, ring_impl, attn_backend, micro_q)
     from .batch import install_rope_hook  # RoPE must follow the USP layout for every ring_impl
 
     install_rope_hook()
@@ -123,3 +128,7 @@ def get_usp_ring_impl() -> str:
 
 def get_usp_attn_backend() -> str:
     return _state().backend
+
+
+def get_usp_micro_q() -> Optional[int]:
+    return _state().micro_q

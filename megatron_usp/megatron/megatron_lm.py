@@ -155,6 +155,7 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
                 ring_impl=margs.usp_ring_impl,
                 ulysses_inner=not margs.usp_ring_inner,
                 attn_backend=margs.usp_attn_backend,
+                micro_q=getattr(margs, "usp_micro_q", None),
                 **arguments,
             )
         finally:
