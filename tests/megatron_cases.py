@@ -171,3 +171,152 @@ def gpt_pipeline_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl
     errors["grad"] = worst
     destroy_model_parallel()
     return errors
+
+
+# ---- masks: packed documents (THD) and sliding window ----------------------------------------------------------
+
+# One packed THD row of 2 x SEQ tokens: documents of real lengths 20, 16, 8 | 10, 22, 12; the third document is
+# padded to 12 slots (cu_seqlens_padded), and 4 padding tokens trail the last document.
+PACKED_CU = [0, 20, 36, 44, 54, 76, 88]
+PACKED_CU_PADDED = [0, 20, 36, 48, 58, 80, 92]
+PACKED_LEN = 2 * SEQ
+PACKED_MAX_SEQLEN = 22
+
+
+def make_packed_batch(seed: int = 7) -> dict:
+    """A Megatron THD batch: ``tokens [1, PACKED_LEN]`` plus global ``cu_seqlens`` / ``cu_seqlens_padded``."""
+    from megatron_usp.megatron import document_ids_from_cu_seqlens
+    from megatron_usp.megatron.batch import in_document_positions
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (1, PACKED_LEN + 1), generator=gen)
+    ids = document_ids_from_cu_seqlens(torch.tensor(PACKED_CU), PACKED_LEN, 1, torch.tensor(PACKED_CU_PADDED))
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": (ids % 2 == 0).float(),  # padding (odd ids) carries no loss
+        "position_ids": in_document_positions(PACKED_CU_PADDED, PACKED_LEN)[None],
+        "attention_mask": None,
+        "cu_seqlens": torch.tensor(PACKED_CU, dtype=torch.int32),
+        "cu_seqlens_padded": torch.tensor(PACKED_CU_PADDED, dtype=torch.int32),
+        "max_seqlen": torch.tensor([PACKED_MAX_SEQLEN], dtype=torch.int32),
+    }
+
+
+def packed_seq_params_of(batch: dict):
+    """What a Megatron-LM get_batch builds for THD data (global offsets; USP never shards them)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    max_seqlen = int(batch["max_seqlen"][0])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens"], cu_seqlens_kv=batch["cu_seqlens"],
+                           cu_seqlens_q_padded=batch["cu_seqlens_padded"],
+                           cu_seqlens_kv_padded=batch["cu_seqlens_padded"], max_seqlen_q=max_seqlen,
+                           max_seqlen_kv=max_seqlen)
+
+
+def _run_gpt(model, batch: dict, packed: bool) -> torch.Tensor:
+    """Per-token losses ``[b, s_local]``; backward of the loss-masked sum."""
+    losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                   packed_seq_params=packed_seq_params_of(batch) if packed else None)
+    (losses * batch["loss_mask"]).sum().backward()
+    return losses.detach()
+
+
+def _grads(model) -> dict:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def masked_reference(packed: bool, **config_overrides) -> tuple[torch.Tensor, dict]:
+    """TP=1, CP=1 (a 1 x 1 USP grid, nothing sharded): losses and grads of the packed or plain batch."""
+    from megatron_usp.megatron import (
+        destroy_model_parallel, enable_cpu_mode, get_gpt_layer_local_spec, initialize_model_parallel,
+    )
+
+    enable_cpu_mode()
+    initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    model = build_gpt(get_gpt_layer_local_spec, 1, **config_overrides)
+    losses = _run_gpt(model, make_packed_batch() if packed else make_batch(), packed)
+    grads = _grads(model)
+    destroy_model_parallel()
+    return losses, grads
+
+
+def per_document_reference() -> tuple[torch.Tensor, dict]:
+    """Independent reference: every document through the plain model on its own (no packing, no masks, RoPE
+    from 0); losses scattered back to their packed positions (padding stays 0), grads summed over documents."""
+    from megatron_usp.megatron import (
+        destroy_model_parallel, enable_cpu_mode, get_gpt_layer_local_spec, initialize_model_parallel,
+    )
+
+    enable_cpu_mode()
+    initialize_model_parallel(1, 1, ring_impl="basic", create_gloo_process_groups=False)
+    model = build_gpt(get_gpt_layer_local_spec, 1)
+    batch = make_packed_batch()
+    losses = torch.zeros(1, PACKED_LEN)
+    for i in range(len(PACKED_CU) - 1):
+        start, length = PACKED_CU_PADDED[i], PACKED_CU[i + 1] - PACKED_CU[i]
+        doc = {key: batch[key][:, start:start + length] for key in ("tokens", "labels", "loss_mask")}
+        doc.update(position_ids=torch.arange(length)[None], attention_mask=None)
+        losses[:, start:start + length] = _run_gpt(model, doc, packed=False)
+    grads = _grads(model)
+    destroy_model_parallel()
+    return losses, grads
+
+
+def _usp_run(ulysses_degree, ring_degree, ring_impl, packed, **config_overrides):
+    from megatron.core import parallel_state
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, get_usp_groups,
+        initialize_model_parallel,
+    )
+
+    initialize_model_parallel(1, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
+                              create_gloo_process_groups=False)
+    model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=ulysses_degree * ring_degree,
+                      **config_overrides)
+    batch = get_batch_on_this_usp_rank(make_packed_batch() if packed else make_batch())
+    if packed:
+        assert batch["cu_seqlens"].tolist() == PACKED_CU, "cu_seqlens must pass through the batch hook unchanged"
+    losses = usp.unshard(_run_gpt(model, batch, packed), get_usp_groups(), dim=1, ring_impl=ring_impl)
+    grads = {}
+    for name, param in model.named_parameters():
+        grads[name] = param.grad.detach().clone()
+        dist.all_reduce(grads[name], group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    destroy_model_parallel()
+    return losses, grads
+
+
+def _compare(label: str, losses, grads, ref_losses, ref_grads, tol: float = 1e-5) -> dict:
+    errors = {"loss": relative_error(losses, ref_losses),
+              "grad": max(relative_error(grads[name], ref_grads[name]) for name in ref_grads)}
+    for key, err in errors.items():
+        assert err <= tol, f"{label} {key}: relative error {err:.2e}"
+    return errors
+
+
+def gpt_packed_parity(rank, world_size, ulysses_degree, ring_degree, ring_impls, window_impls=(),
+                      per_document=True) -> list[dict]:
+    """Packed THD documents: USP GPTModel vs the 1 x 1 packed reference (same document mask, nothing sharded),
+    which itself matches per-document forward passes of the plain model (``per_document``; it does not depend
+    on the grid). Optionally window_size=(8, 0) too."""
+    ref_losses, ref_grads = masked_reference(packed=True)
+    report = []
+    if per_document:
+        doc_losses, doc_grads = per_document_reference()
+        real = make_packed_batch()["loss_mask"].bool()
+        report.append({"ring_impl": "1x1 vs per-document",
+                       **_compare("1x1 packed vs per-document", ref_losses * real, ref_grads, doc_losses, doc_grads)})
+    for ring_impl in ring_impls:
+        losses, grads = _usp_run(ulysses_degree, ring_degree, ring_impl, packed=True)
+        report.append({"ring_impl": ring_impl, **_compare(f"packed {ring_impl}", losses, grads, ref_losses, ref_grads)})
+    if window_impls:
+        window = dict(window_size=(8, 0))
+        win_losses, win_grads = masked_reference(packed=False, **window)
+        plain_losses, _ = masked_reference(packed=False)
+        assert relative_error(win_losses, plain_losses) > 1e-3, "window_size had no effect on the reference"
+        for ring_impl in window_impls:
+            losses, grads = _usp_run(ulysses_degree, ring_degree, ring_impl, packed=False, **window)
+            report.append({"ring_impl": f"window {ring_impl}",
+                           **_compare(f"window {ring_impl}", losses, grads, win_losses, win_grads)})
+    return report

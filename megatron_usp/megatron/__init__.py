@@ -1,7 +1,7 @@
 """megatron-core integration: grid, USP core attention, layer specs, batch + RoPE hook, flags."""
 from .args import add_usp_args, validate_usp_args
-from .attention import USPAttention
-from .batch import get_batch_on_this_usp_rank, install_rope_hook
+from .attention import USPAttention, packed_document_ids
+from .batch import document_ids_from_cu_seqlens, get_batch_on_this_usp_rank, install_rope_hook
 from .cpu_shim import enable_cpu_mode
 from .grid import (
     destroy_model_parallel,
@@ -18,6 +18,7 @@ __all__ = [
     "USPAttention",
     "add_usp_args",
     "destroy_model_parallel",
+    "document_ids_from_cu_seqlens",
     "enable_cpu_mode",
     "get_batch_on_this_usp_rank",
     "get_gpt_layer_local_spec",
@@ -28,6 +29,7 @@ __all__ = [
     "initialize_model_parallel",
     "install_rope_hook",
     "megatron_lm",
+    "packed_document_ids",
     "use_usp_core_attention",
     "usp_is_initialized",
 ]
