@@ -84,6 +84,7 @@ def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
     monkeypatch.setattr(attention, "get_usp_groups", USPGroups.single)
     monkeypatch.setattr(attention, "get_usp_ring_impl", lambda: "zigzag")
     monkeypatch.setattr(attention, "get_usp_attn_backend", lambda: "auto")
+    monkeypatch.setattr(attention, "get_usp_micro_q", lambda: None)
     from megatron.core.transformer import TransformerConfig
 
     def make_config(dropout):
@@ -93,8 +94,7 @@ def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
     config = make_config(0.0)
     with pytest.raises(ValueError, match="dropout"):
         attention.USPAttention(make_config(0.1), 1, AttnMaskType.causal)
-    with pytest.raises(ValueError, match="padding and arbitrary"):
-        attention.USPAttention(config, 1, AttnMaskType.padding)
+    padded = attention.USPAttention(config, 1, AttnMaskType.padding)  # fine with packed_seq_params (cu_seqlens)
     with pytest.raises(ValueError, match="self-attention only"):
         attention.USPAttention(config, 1, AttnMaskType.causal, attention_type="cross")
     module = attention.USPAttention(config, 1, AttnMaskType.causal, softmax_scale=None, cp_comm_type=None,
@@ -105,9 +105,11 @@ def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
     q = torch.randn(8, 1, 2, 16)
     with pytest.raises(ValueError, match="attention_bias"):
         module(q, q, q, None, attention_bias=torch.zeros(1))
-    with pytest.raises(ValueError, match="packed"):
+    with pytest.raises(TypeError, match="PackedSeqParams"):
         module(q, q, q, None, packed_seq_params=object())
     assert module(q, q, q, None).shape == (8, 1, 32)
+    with pytest.raises(ValueError, match="pass packed_seq_params"):  # a padding mask without cu_seqlens
+        padded(q, q, q, None)
 
 
 def test_specs_replace_core_attention(monkeypatch):

@@ -16,7 +16,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 from ..usp import usp_attn
 from .batch import check_cu_seqlens, document_ids_from_cu_seqlens
-from .grid import get_usp_attn_backend, get_usp_groups, get_usp_ring_impl
+from .grid import get_usp_attn_backend, get_usp_groups, get_usp_micro_q, get_usp_ring_impl
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 # TE turns causal / no_mask into these for packed (thd) input; the padding lives in cu_seqlens then
@@ -133,6 +133,7 @@ class USPAttention(MegatronModule):
         self.groups = get_usp_groups()
         self.ring_impl = get_usp_ring_impl()
         self.backend = get_usp_attn_backend()
+        self.micro_q = get_usp_micro_q()
 
     def forward(
         self,
@@ -160,6 +161,7 @@ class USPAttention(MegatronModule):
             backend=self.backend,
             window=_effective_window(self.window, causal),
             document_ids=document_ids,
+            micro_q=self.micro_q,
         )
         if thd:
             return out[0].reshape(query.shape[0], -1)
@@ -172,6 +174,9 @@ _last_ids: list = []  # [(packed_seq_params, versions, shape, sp_size, ids)]: ev
 def _cached_document_ids(packed_seq_params, query: torch.Tensor, sp_size: int) -> Optional[torch.Tensor]:
     if packed_seq_params is None:
         return None
+    if not all(hasattr(packed_seq_params, name) for name in ("qkv_format", "cu_seqlens_q", "cu_seqlens_q_padded")):
+        raise TypeError(f"packed_seq_params must be megatron.core's PackedSeqParams (qkv_format, cu_seqlens_q, ...), "
+                        f"got {type(packed_seq_params).__name__}")
     tensors = (packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded)
     versions = tuple(getattr(t, "_version", None) for t in tensors)
     key = (versions, tuple(query.shape), sp_size, query.device)

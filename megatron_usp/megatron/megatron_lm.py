@@ -77,8 +77,10 @@ def check_megatron_lm_args(args: Any) -> None:
     """Reject Megatron-LM features that USP does not support (only called when USP is requested)."""
     unsupported = (
         ("hybrid_context_parallel", "--hybrid-context-parallel"),
-        ("sft", "--sft (packed THD sequences)"),
-        ("dataloader_inter_document_masking", "--dataloader-inter-document-masking (packed THD sequences)"),
+        # Megatron-LM's THD loaders split documents its own way (TE per-document zigzag); USPAttention takes packed
+        # documents through megatron-core's PackedSeqParams with global cu_seqlens instead (see the README)
+        ("sft", "--sft (Megatron-LM's packed THD loader)"),
+        ("dataloader_inter_document_masking", "--dataloader-inter-document-masking (Megatron-LM's THD loader)"),
         ("use_legacy_models", "--use-legacy-models"),
     )
     for name, flag in unsupported:
@@ -257,7 +259,9 @@ def usp_layer_spec(spec: Any) -> Any:
 def get_batch_on_this_rank(batch: Dict[str, Any]) -> Dict[str, Any]:
     """This rank's tokens of a ``[batch, seq, ...]`` batch under USP; metadata entries pass through."""
     if batch.get("cu_seqlens") is not None:
-        raise ValueError("USP does not support packed (THD) sequences yet: drop --sft / inter-document masking")
+        raise ValueError("USP's Megatron-LM glue does not take Megatron-LM's packed THD batches (--sft / inter-document "
+                         "masking) yet: with megatron-core, shard with get_batch_on_this_usp_rank and pass "
+                         "PackedSeqParams with global cu_seqlens to the model")
     sequences = {key: value for key, value in batch.items() if key not in BATCH_METADATA_KEYS}
     sharded = get_batch_on_this_usp_rank(sequences)
     return {key: sharded[key] if key in sharded else value for key, value in batch.items()}
