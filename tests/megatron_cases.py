@@ -63,7 +63,8 @@ def reference_run(rank, world_size):
     return losses.detach(), grads, partition, weights
 
 
-def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ulysses_inner=True) -> list[dict]:
+def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ulysses_inner=True,
+               micro_q=None) -> list[dict]:
     """USP GPTModel (local spec, RoPE, GQA) vs the TP=1, CP=1 reference with the same weights."""
     from megatron.core import parallel_state
 
@@ -76,7 +77,7 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
     report = []
     for ring_impl in ring_impls:
         initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
-                                  ulysses_inner=ulysses_inner, create_gloo_process_groups=False)
+                                  ulysses_inner=ulysses_inner, micro_q=micro_q, create_gloo_process_groups=False)
         groups = get_usp_groups()
         model = build_gpt(get_gpt_layer_local_spec, tp, context_parallel_size=ulysses_degree * ring_degree)
         batch = get_batch_on_this_usp_rank(make_batch())

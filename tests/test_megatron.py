@@ -33,6 +33,20 @@ def test_gpt_losses_and_gradients_match_reference(fresh_rank_pool, tp, ulysses_d
             record_error(label + " grad", entry["grad"])
 
 
+@pytest.mark.parametrize("grid", [(1, 2, 2), (2, 1, 2)], ids=["tp1-u2-r2", "tp2-u1-r2"])
+def test_gpt_with_mqsp_matches_reference(fresh_rank_pool, grid):
+    """ring_impl mqsp (pass Q) inside the GPTModel, without and with micro-chunks of 5 query rows."""
+    tp, ulysses_degree, ring_degree = grid
+    for micro_q in (None, 5):
+        reports = fresh_rank_pool(4).run("megatron_cases:gpt_parity", timeout=300, tp=tp, ulysses_degree=ulysses_degree,
+                                         ring_degree=ring_degree, ring_impls=["mqsp"], micro_q=micro_q)
+        for rank_report in reports:
+            for entry in rank_report:
+                label = f"gpt tp{tp} u{ulysses_degree} r{ring_degree} mqsp micro_q {micro_q}"
+                record_error(label + " loss", entry["loss"])
+                record_error(label + " grad", entry["grad"])
+
+
 @pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])
 def test_pipeline_parallel_with_usp(fresh_rank_pool, ring_impl):
     results = fresh_rank_pool(4).run("megatron_cases:gpt_pipeline_parity", timeout=300, ulysses_degree=1, ring_degree=2,
