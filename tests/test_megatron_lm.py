@@ -158,9 +158,15 @@ def test_install_without_megatron_lm_names_the_fix(monkeypatch):
 
 def megatron_lm_style_init():
     """The call megatron.training.initialize makes (positional TP, PP, VPP; keywords for the rest)."""
+    import inspect
+
+    # what this megatron-core's initialize_model_parallel accepts (Megatron-LM of the same release passes it)
+    extra = ({"hybrid_context_parallel": False} if "hybrid_context_parallel" in inspect.signature(
+        getattr(parallel_state.initialize_model_parallel, "__wrapped__", parallel_state.initialize_model_parallel)
+    ).parameters else {})
     parallel_state.initialize_model_parallel(
         2, 1, None, context_parallel_size=4, hierarchical_context_parallel_sizes=None,
-        hybrid_context_parallel=False, order="tp-cp-ep-dp-pp", create_gloo_process_groups=True,
+        order="tp-cp-ep-dp-pp", create_gloo_process_groups=True, **extra,
     )
 
 

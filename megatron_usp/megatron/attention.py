@@ -12,7 +12,18 @@ from typing import Optional
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import is_layer_window_attention
+try:
+    from megatron.core.transformer.utils import is_layer_window_attention
+except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_skip_freq is absent, i.e. None)
+
+    def is_layer_window_attention(window_size, window_attn_skip_freq, layer_number) -> bool:
+        if not window_size:
+            return False
+        if window_attn_skip_freq is None:
+            return True
+        if isinstance(window_attn_skip_freq, int):
+            return layer_number % window_attn_skip_freq != 0
+        return bool(window_attn_skip_freq[layer_number - 1])
 
 from ..usp import usp_attn
 from .batch import check_cu_seqlens, document_ids_from_cu_seqlens

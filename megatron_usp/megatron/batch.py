@@ -8,6 +8,7 @@ per-document zigzag layout).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -129,6 +130,23 @@ def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None)
 _last_rope_index: list = []  # [cu_seqlens, key, index]
 
 
+@functools.lru_cache(maxsize=None)
+def _megatron_thd_rope_maps_exactly() -> bool:
+    """Whether this megatron-core's THD RoPE uses global positions when ``freqs`` covers exactly
+    ``cu_seqlens[-1]`` tokens (newer releases) or restarts per document regardless (older ones): asked of
+    megatron-core itself on a two-token probe (one-rank CP group), not read from a version string."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    class _OneRank:
+        size = staticmethod(lambda: 1)
+        rank = staticmethod(lambda: 0)
+
+    tokens = torch.ones(2, 1, 2)
+    freqs = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 1, 2)  # angle 0 at row 0, 1 at row 1
+    out = rope_utils._apply_rotary_pos_emb_thd(tokens, torch.tensor([0, 1, 2]), freqs, cp_group=_OneRank())
+    return not torch.allclose(out[1], out[0])  # the 2nd document's first token rotated by row 1: global
+
+
 def usp_apply_rotary_pos_emb_thd(
     t: torch.Tensor, freqs: torch.Tensor, config, cu_seqlens: torch.Tensor, mscale: float = 1.0
 ) -> torch.Tensor:
@@ -147,7 +165,7 @@ def usp_apply_rotary_pos_emb_thd(
     else:
         held = positions(seq_len, groups, ring_impl=ring_impl).to(t.device)
         cu = _as_int_list("cu_seqlens", cu_seqlens)
-        if freqs.shape[0] == cu[-1]:
+        if freqs.shape[0] == cu[-1] and _megatron_thd_rope_maps_exactly():
             index = held
         else:
             index = in_document_positions(cu, seq_len, device=t.device)[held]
