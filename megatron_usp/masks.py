@@ -21,6 +21,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .kernels import AttentionKernel, MathKernel
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -120,3 +122,20 @@ class BlockMasker:
         if not bool(extra.any()):
             return SKIP
         return extra
+
+
+_MASKED_FALLBACK = MathKernel()
+
+
+def plan_block(block, kv_positions: Optional[torch.Tensor], masker: Optional[BlockMasker],
+               kernel: AttentionKernel) -> Optional[tuple[AttentionKernel, bool, dict]]:
+    """How to compute ``block`` (a ring or MQSP ``Block``; ``kv_positions`` index by its kv rows): (kernel, causal,
+    extra kernel kwargs), or None when the mask hides all of it. Masked blocks go to the math kernel when
+    ``kernel`` takes no mask."""
+    if masker is None:
+        return kernel, block.causal, {}
+    visibility = masker.visibility(block.q, kv_positions[block.kv], block.causal)
+    if isinstance(visibility, str):
+        return None if visibility == SKIP else (kernel, block.causal, {})
+    masked_kernel = kernel if getattr(kernel, "supports_mask", False) else _MASKED_FALLBACK
+    return masked_kernel, False, {"mask": visibility}

@@ -14,16 +14,16 @@ fully visible blocks and aligned causal squares, so the kernels see only plain c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .kernels import AttentionKernel, MathKernel, accumulation_dtype
+from .kernels import AttentionKernel, accumulation_dtype
 from .layout import ring_positions
-from .masks import SKIP, AttentionMask, BlockMasker
+from .masks import AttentionMask, BlockMasker, plan_block
 from .merge import merge_partial
+from .ring import Block
 
 
 def _runs(positions: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -37,43 +37,29 @@ def _runs(positions: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
-@dataclass(frozen=True)
-class QBlock:
-    """Gathered-q rows ``[q_start, q_stop)`` against local K/V rows ``[kv_start, kv_stop)``."""
-
-    q_start: int
-    q_stop: int
-    kv_start: int
-    kv_stop: int
-    causal: bool
-
-
-def chunk_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool) -> list[QBlock]:
+def chunk_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool) -> list[Block]:
     """Blocks covering exactly the visible (q, kv) pairs, each fully visible or an aligned causal square."""
     if not causal:
-        return [QBlock(0, len(q_positions), 0, len(kv_positions), False)]
+        return [Block(0, len(q_positions), 0, len(kv_positions), False)]
     blocks = []
     for q_row, q_pos, q_len in _runs(q_positions):
         for kv_row, kv_pos, kv_len in _runs(kv_positions):
             # keys before the q run: visible to all of it
             before = min(kv_pos + kv_len, q_pos) - kv_pos
             if before > 0:
-                blocks.append(QBlock(q_row, q_row + q_len, kv_row, kv_row + before, False))
+                blocks.append(Block(q_row, q_row + q_len, kv_row, kv_row + before, False))
             start, stop = max(kv_pos, q_pos), min(kv_pos + kv_len, q_pos + q_len)
             if start < stop:  # keys inside the q run: a causal square, then fully visible to the later q rows
                 q_off, kv_off = q_row + start - q_pos, kv_row + start - kv_pos
-                blocks.append(QBlock(q_off, q_off + stop - start, kv_off, kv_off + stop - start, True))
+                blocks.append(Block(q_off, q_off + stop - start, kv_off, kv_off + stop - start, True))
                 if stop < q_pos + q_len:
-                    blocks.append(QBlock(q_off + stop - start, q_row + q_len, kv_off, kv_off + stop - start, False))
+                    blocks.append(Block(q_off + stop - start, q_row + q_len, kv_off, kv_off + stop - start, False))
     return blocks
 
 
 def check_micro_q(micro_q: Optional[int]) -> None:
     if micro_q is not None and (isinstance(micro_q, bool) or not isinstance(micro_q, int) or micro_q < 1):
         raise ValueError(f"micro_q must be a positive int (query rows per micro-chunk) or None, got {micro_q!r}")
-
-
-_MASKED_FALLBACK = MathKernel()
 
 
 class MQSPPlan:
@@ -92,22 +78,14 @@ class MQSPPlan:
         self.blocks = [chunk_blocks(q_pos, self.kv_positions, causal) for q_pos in self.gathered_positions]
 
 
-def _block_work(plan: MQSPPlan, chunk: int, mask: AttentionMask, heads: torch.Tensor, batch: int,
+def _block_work(plan: MQSPPlan, chunk: int, mask: AttentionMask, heads: Optional[torch.Tensor], batch: int,
                 kernel: AttentionKernel, device: torch.device):
     """(block, kernel, causal, kernel kwargs) for the chunk's blocks the mask leaves visible."""
     masker = BlockMasker(mask, plan.gathered_positions[chunk], heads, batch, device) if mask.active else None
     for block in plan.blocks[chunk]:
-        if masker is None:
-            yield block, kernel, block.causal, {}
-            continue
-        visibility = masker.visibility(slice(block.q_start, block.q_stop),
-                                       plan.kv_positions[block.kv_start:block.kv_stop], block.causal)
-        if isinstance(visibility, str):
-            if visibility != SKIP:
-                yield block, kernel, block.causal, {}
-            continue
-        masked_kernel = kernel if getattr(kernel, "supports_mask", False) else _MASKED_FALLBACK
-        yield block, masked_kernel, False, {"mask": visibility}
+        planned = plan_block(block, plan.kv_positions, masker, kernel)
+        if planned is not None:
+            yield (block, *planned)
 
 
 def _global_lse(lse_part: torch.Tensor, ring_comm) -> torch.Tensor:
@@ -119,7 +97,7 @@ def _global_lse(lse_part: torch.Tensor, ring_comm) -> torch.Tensor:
 
 
 def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
-                 mask: AttentionMask, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 mask: AttentionMask, heads: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns this rank's ``out [b, n, h, d]`` and ``lse [b, h, n]`` in the accumulation dtype."""
     acc = accumulation_dtype(q.dtype)
     batch, n, num_heads, head_dim = q.shape
@@ -130,7 +108,7 @@ def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, so
         part = torch.zeros(batch, gathered_q.shape[1], num_heads, head_dim, dtype=acc, device=q.device)
         part_lse = torch.full((batch, num_heads, gathered_q.shape[1]), float("-inf"), dtype=acc, device=q.device)
         for block, block_kernel, causal, extra in _block_work(plan, chunk, mask, heads, batch, kernel, q.device):
-            qs, ks = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+            qs, ks = block.q, block.kv
             block_out, block_lse = block_kernel.forward(gathered_q[:, qs], k[:, ks], v[:, ks], causal=causal,
                                                         softmax_scale=softmax_scale, **extra)
             part[:, qs], part_lse[:, :, qs] = merge_partial(part[:, qs], part_lse[:, :, qs], block_out, block_lse)
@@ -144,7 +122,7 @@ def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, so
 
 
 def mqsp_backward(dout, q, k, v, out, lse, plan: MQSPPlan, ring_comm, kernel: AttentionKernel,
-                  softmax_scale: float, mask: AttentionMask, heads: torch.Tensor):
+                  softmax_scale: float, mask: AttentionMask, heads: Optional[torch.Tensor]):
     """Exact gradients: per chunk, gathered rows' dq reduce-scattered home; dK/dV accumulate locally in fp32."""
     acc = accumulation_dtype(q.dtype)
     batch = q.shape[0]
@@ -159,7 +137,7 @@ def mqsp_backward(dout, q, k, v, out, lse, plan: MQSPPlan, ring_comm, kernel: At
         gathered_lse = ring_comm.all_gather(lse[:, :, rows].contiguous(), dim=2)
         part_dq = torch.zeros(gathered_q.shape, dtype=acc, device=q.device)
         for block, block_kernel, causal, extra in _block_work(plan, chunk, mask, heads, batch, kernel, q.device):
-            qs, ks = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+            qs, ks = block.q, block.kv
             block_dq, block_dk, block_dv = block_kernel.backward(
                 gathered_dout[:, qs], gathered_q[:, qs], k[:, ks], v[:, ks], gathered_out[:, qs],
                 gathered_lse[:, :, qs], causal=causal, softmax_scale=softmax_scale, **extra,
@@ -188,6 +166,6 @@ class _MQSPAttention(torch.autograd.Function):
 
 
 def mqsp_attention(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
-                   mask: AttentionMask, heads: torch.Tensor) -> torch.Tensor:
+                   mask: AttentionMask, heads: Optional[torch.Tensor]) -> torch.Tensor:
     """Differentiable MQSP over ring-level tensors; returns ``[b, n, heads, head_dim]``."""
     return _MQSPAttention.apply(q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads)

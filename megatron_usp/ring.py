@@ -20,9 +20,9 @@ import torch
 
 from . import comm
 from .groups import USPGroups
-from .kernels import AttentionKernel, MathKernel, accumulation_dtype
+from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
-from .masks import SKIP, BlockMasker
+from .masks import BlockMasker, plan_block
 from .merge import merge_partial
 
 
@@ -124,21 +124,6 @@ def build_schedule(
     return RingSchedule(ring_impl, "pass_kv", steps, seq_len, ulysses_degree, ring_degree)
 
 
-_MASKED_FALLBACK = MathKernel()
-
-
-def _plan_block(block: Block, kv_positions: Optional[torch.Tensor], masker: Optional[BlockMasker],
-                kernel: AttentionKernel) -> Optional[tuple[AttentionKernel, bool, dict]]:
-    """How to compute ``block``: (kernel, causal, extra kernel kwargs), or None when the mask hides all of it."""
-    if masker is None:
-        return kernel, block.causal, {}
-    visibility = masker.visibility(block.q, kv_positions[block.kv], block.causal)
-    if isinstance(visibility, str):
-        return None if visibility == SKIP else (kernel, block.causal, {})
-    masked_kernel = kernel if getattr(kernel, "supports_mask", False) else _MASKED_FALLBACK
-    return masked_kernel, False, {"mask": visibility}
-
-
 def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:
     """``[2, b, n, h, d]`` -> the lower and upper halves of every ring rank's K/V, ``[2, b, r*n/2, h, d]`` each."""
     half = kv.shape[2] // 2
@@ -177,7 +162,7 @@ def ring_forward(
             exchanger.post(kv)  # the next step's K/V travel while this step computes
         kv_positions = schedule.kv_positions(step) if masker is not None else None
         for block in step.blocks:
-            plan = _plan_block(block, kv_positions, masker, kernel)
+            plan = plan_block(block, kv_positions, masker, kernel)
             if plan is None:
                 continue
             block_kernel, causal, mask = plan
@@ -229,7 +214,7 @@ def ring_backward(
             dkv = gathered_grads[step.gathered_half]
         kv_positions = schedule.kv_positions(step) if masker is not None else None
         for block in step.blocks:
-            plan = _plan_block(block, kv_positions, masker, kernel)
+            plan = plan_block(block, kv_positions, masker, kernel)
             if plan is None:
                 continue
             block_kernel, causal, mask = plan

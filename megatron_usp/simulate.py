@@ -90,11 +90,9 @@ def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dty
     scale = problem.head_dim ** -0.5
     if problem.ring_impl == "mqsp":
         plan = MQSPPlan(problem.seq_len, u, r, ring_rank, problem.causal, problem.micro_q)
-        heads = torch.arange(problem.heads // u)
-
         def step() -> None:
-            out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, scale, AttentionMask(), heads)
-            mqsp_backward(dout, q, k, v, out.to(dtype), lse, plan, ring_comm, kernel, scale, AttentionMask(), heads)
+            out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, scale, AttentionMask(), None)
+            mqsp_backward(dout, q, k, v, out.to(dtype), lse, plan, ring_comm, kernel, scale, AttentionMask(), None)
 
         step.input_bytes = _nbytes(q, k, v, dout)
         return step

@@ -114,7 +114,8 @@ def usp_attn(
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
     q, k, v = seq_to_heads((q, k, v), groups, order)
-    heads = groups.ulysses_rank * q.shape[2] + torch.arange(q.shape[2])  # global indices of the heads held here
+    # global indices of the heads held here, for mask_mod (only built when a mask is given)
+    heads = groups.ulysses_rank * q.shape[2] + torch.arange(q.shape[2]) if mask.active else None
     if ring_impl == "mqsp":
         plan = _cached_mqsp_plan(*grid[:4], causal, micro_q)
         out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads)

@@ -157,10 +157,9 @@ def run_simulate(args, device: torch.device) -> list[dict]:
 def _yunchang_ulysses(group, causal: bool):
     """yunchang's Ulysses attention (its only path that is correct without flash-attn), or None."""
     try:
-        from yunchang import UlyssesAttention  # noqa: F401
+        from yunchang import UlyssesAttention
     except ImportError:
         return None
-    from yunchang import UlyssesAttention
 
     attention = UlyssesAttention(group, scatter_idx=2, gather_idx=1)
     return lambda q, k, v: attention(q, k, v, causal=causal)
