@@ -10,10 +10,26 @@ the ring-level layout the ring schedules expect:
 * ``basic``: ring rank ``j`` holds the contiguous chunk ``j`` of ``r`` chunks.
 * ``zigzag`` / ``allgather`` / ``mqsp``: ring rank ``j`` holds chunks ``j`` and ``2r-1-j`` of ``2r`` chunks.
 * ``stripe``: ring rank ``j`` holds the tokens ``t = j (mod r)``.
+
+Packed documents (``cu_seqlens``: offsets ``[0, ..., seq_len]`` of the documents of a row) split *every document*
+instead of the row, so that a rank's causal work no longer depends on where documents fall:
+
+* ``zigzag`` / ``allgather`` / ``mqsp`` / ``stripe``: each document is cut into ``2P`` near-equal chunks
+  (``P = u*r``) and CP rank ``i`` takes chunks ``i`` and ``2P-1-i`` of every document (Megatron's zigzag, per
+  document). ``stripe`` uses it too: its token interleave would make every run of a document one token long.
+* ``basic``: each document is cut into ``P`` chunks and CP rank ``i`` takes chunk ``i``.
+
+Which chunks get the ``+1`` of a length the parts do not divide rotates from document to document, so every rank
+holds exactly ``seq_len / P`` tokens with no padding; documents shorter than the number of parts leave chunks
+empty. A rank's tokens are in position order.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence, Union
+
 import torch
+
+CuSeqlens = Union[torch.Tensor, Sequence[int]]
 
 RING_IMPLS = ("basic", "zigzag", "stripe", "allgather", "mqsp")
 RING_SCHEDULE_IMPLS = ("basic", "zigzag", "stripe", "allgather")  # pass K/V (ring.py); mqsp passes Q (mqsp.py)
@@ -44,10 +60,70 @@ def check_seq_len(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl
         )
 
 
+def check_cu_seqlens(cu_seqlens: CuSeqlens, seq_len: int) -> tuple[int, ...]:
+    """Validate document offsets ``[0, ..., seq_len]`` of one packed row; returns them as a tuple of ints."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dim() != 1:
+            raise TypeError(f"cu_seqlens must be a 1-D integer tensor [num_documents + 1], got {cu_seqlens.dtype} "
+                            f"of shape {tuple(cu_seqlens.shape)}")
+        offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    elif isinstance(cu_seqlens, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
+        offsets = tuple(cu_seqlens)
+    else:
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got {type(cu_seqlens).__name__}")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must hold the document offsets of the whole row, [0, ..., seq_len={seq_len}], "
+                         f"got {_short(offsets)}: count trailing padding as one more document")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing (cumulative document lengths), got {_short(offsets)}")
+    return offsets
+
+
+def _short(offsets: Sequence[int]) -> str:
+    return str(list(offsets)) if len(offsets) <= 12 else f"[{', '.join(map(str, offsets[:5]))}, ..., {offsets[-1]}]"
+
+
+def document_parts(ring_impl: str, sp_size: int) -> int:
+    """How many chunks each document is cut into with ``cu_seqlens``."""
+    return sp_size if ring_impl == "basic" else 2 * sp_size
+
+
+def document_chunk_bounds(offsets: Sequence[int], parts: int) -> torch.Tensor:
+    """``[documents, parts + 1]`` start offsets of the ``parts`` near-equal chunks of every document (the last
+    column is the document's end). The ``+1`` of a remainder goes to the chunks that continue a round-robin over
+    all documents, so every chunk index gets the same number of tokens in total when ``parts`` divides it."""
+    cu = torch.tensor(offsets, dtype=torch.long)
+    lengths = cu.diff()
+    base, remainder = lengths // parts, lengths % parts
+    first_extra = (torch.cumsum(remainder, 0) - remainder) % parts
+    extra = (torch.arange(parts)[None, :] - first_extra[:, None]) % parts < remainder[:, None]
+    sizes = base[:, None] + extra.long()
+    return torch.cat([cu[:-1, None], cu[:-1, None] + sizes.cumsum(1)], dim=1)
+
+
+def _ranges(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(start, stop)`` for each pair, without a Python loop."""
+    lengths = stops - starts
+    total = int(lengths.sum())
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
+    return torch.arange(total) + shift
+
+
+def _document_positions(offsets: tuple[int, ...], sp_size: int, cp_rank: int, ring_impl: str) -> torch.Tensor:
+    parts = document_parts(ring_impl, sp_size)
+    bounds = document_chunk_bounds(offsets, parts)
+    chunks = [cp_rank] if parts == sp_size else [cp_rank, parts - 1 - cp_rank]  # in position order
+    starts = torch.stack([bounds[:, c] for c in chunks], dim=1).reshape(-1)
+    stops = torch.stack([bounds[:, c + 1] for c in chunks], dim=1).reshape(-1)
+    return _ranges(starts, stops)
+
+
 def global_positions(
-    seq_len: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int, ring_impl: str
+    seq_len: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int, ring_impl: str,
+    *, cu_seqlens: Optional[CuSeqlens] = None,
 ) -> torch.Tensor:
-    """LongTensor ``[seq_len // (u*r)]``: the global positions held by ``(ulysses_rank, ring_rank)``, in local order."""
+    """LongTensor ``[seq_len // (u*r)]``: the global positions held by ``(ulysses_rank, ring_rank)``, in local order.
+    With ``cu_seqlens`` (document offsets of the row) the documents are split over the ranks (see above)."""
     check_seq_len(seq_len, ulysses_degree, ring_degree, ring_impl)
     if not (0 <= ulysses_rank < ulysses_degree and 0 <= ring_rank < ring_degree):
         raise ValueError(
@@ -55,6 +131,8 @@ def global_positions(
         )
     sp_size = ulysses_degree * ring_degree
     cp_rank = ring_rank * ulysses_degree + ulysses_rank
+    if cu_seqlens is not None:
+        return _document_positions(check_cu_seqlens(cu_seqlens, seq_len), sp_size, cp_rank, ring_impl)
     if ring_impl == "basic":
         chunk = seq_len // sp_size
         return torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
@@ -68,24 +146,24 @@ def global_positions(
     return torch.arange(ring_rank + ring_degree * ulysses_rank, seq_len, sp_size)
 
 
-def ring_positions(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str) -> torch.Tensor:
-    """Sorted global positions a ring rank holds after the Ulysses all-to-all (the ring-level layout)."""
-    held = [
-        global_positions(seq_len, ulysses_degree, ring_degree, ulysses_rank, ring_rank, ring_impl)
+def _held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens) -> torch.Tensor:
+    return torch.cat([
+        global_positions(seq_len, ulysses_degree, ring_degree, ulysses_rank, ring_rank, ring_impl,
+                         cu_seqlens=cu_seqlens)
         for ulysses_rank in range(ulysses_degree)
-    ]
-    return torch.sort(torch.cat(held)).values
+    ])
 
 
-def gathered_order(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str) -> torch.Tensor:
+def ring_positions(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str,
+                   *, cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
+    """Sorted global positions a ring rank holds after the Ulysses all-to-all (the ring-level layout)."""
+    return torch.sort(_held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens)).values
+
+
+def gathered_order(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str,
+                   *, cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
     """Permutation that sorts the tokens gathered by the Ulysses all-to-all (ulysses-rank order) by position.
 
     ``gathered[:, order]`` is in ring-level layout; ``torch.argsort(order)`` undoes it.
     """
-    held = torch.cat(
-        [
-            global_positions(seq_len, ulysses_degree, ring_degree, ulysses_rank, ring_rank, ring_impl)
-            for ulysses_rank in range(ulysses_degree)
-        ]
-    )
-    return torch.argsort(held)
+    return torch.argsort(_held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens))
