@@ -19,42 +19,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .blocks import backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import ring_positions
-from .masks import AttentionMask, BlockMasker, plan_block
-from .merge import merge_partial
-from .ring import Block
-
-
-def _runs(positions: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive positions: ``(first row, first position, length)``."""
-    values = positions.tolist()
-    runs, start = [], 0
-    for row in range(1, len(values) + 1):
-        if row == len(values) or values[row] != values[row - 1] + 1:
-            runs.append((start, values[start], row - start))
-            start = row
-    return runs
-
-
-def chunk_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool) -> list[Block]:
-    """Blocks covering exactly the visible (q, kv) pairs, each fully visible or an aligned causal square."""
-    if not causal:
-        return [Block(0, len(q_positions), 0, len(kv_positions), False)]
-    blocks = []
-    for q_row, q_pos, q_len in _runs(q_positions):
-        for kv_row, kv_pos, kv_len in _runs(kv_positions):
-            # keys before the q run: visible to all of it
-            before = min(kv_pos + kv_len, q_pos) - kv_pos
-            if before > 0:
-                blocks.append(Block(q_row, q_row + q_len, kv_row, kv_row + before, False))
-            start, stop = max(kv_pos, q_pos), min(kv_pos + kv_len, q_pos + q_len)
-            if start < stop:  # keys inside the q run: a causal square, then fully visible to the later q rows
-                q_off, kv_off = q_row + start - q_pos, kv_row + start - kv_pos
-                blocks.append(Block(q_off, q_off + stop - start, kv_off, kv_off + stop - start, True))
-                if stop < q_pos + q_len:
-                    blocks.append(Block(q_off + stop - start, q_row + q_len, kv_off, kv_off + stop - start, False))
-    return blocks
+from .masks import AttentionMask, BlockMasker
 
 
 def check_micro_q(micro_q: Optional[int]) -> None:
@@ -66,26 +34,25 @@ class MQSPPlan:
     """Everything one rank needs to run MQSP for a sequence length and grid (built once, reused per layer)."""
 
     def __init__(self, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool,
-                 micro_q: Optional[int]):
+                 micro_q: Optional[int], cu_seqlens: Optional[tuple[int, ...]] = None):
         grid = (seq_len, ulysses_degree, ring_degree)
         self.ring_degree = ring_degree
-        self.positions = [ring_positions(*grid, rank, "mqsp") for rank in range(ring_degree)]
+        self.positions = [ring_positions(*grid, rank, "mqsp", cu_seqlens=cu_seqlens) for rank in range(ring_degree)]
         self.kv_positions = self.positions[ring_rank]
         n = len(self.kv_positions)
         self.micro_q = min(micro_q or n, n)
         self.chunks = [slice(start, min(start + self.micro_q, n)) for start in range(0, n, self.micro_q)]
         self.gathered_positions = [torch.cat([p[rows] for p in self.positions]) for rows in self.chunks]
-        self.blocks = [chunk_blocks(q_pos, self.kv_positions, causal) for q_pos in self.gathered_positions]
+        self.blocks = [position_blocks(q_pos, self.kv_positions, causal, cu_seqlens)
+                       for q_pos in self.gathered_positions]
+        self.grouped = [group_blocks(blocks) for blocks in self.blocks]
 
 
-def _block_work(plan: MQSPPlan, chunk: int, mask: AttentionMask, heads: Optional[torch.Tensor], batch: int,
+def _chunk_work(plan: MQSPPlan, chunk: int, mask: AttentionMask, heads: Optional[torch.Tensor], batch: int,
                 kernel: AttentionKernel, device: torch.device):
-    """(block, kernel, causal, kernel kwargs) for the chunk's blocks the mask leaves visible."""
+    """The kernel calls of one micro-chunk under the mask (see blocks.plan_work)."""
     masker = BlockMasker(mask, plan.gathered_positions[chunk], heads, batch, device) if mask.active else None
-    for block in plan.blocks[chunk]:
-        planned = plan_block(block, plan.kv_positions, masker, kernel)
-        if planned is not None:
-            yield (block, *planned)
+    return plan_work(plan.blocks[chunk], plan.grouped[chunk], plan.kv_positions, masker, kernel)
 
 
 def _global_lse(lse_part: torch.Tensor, ring_comm) -> torch.Tensor:
@@ -107,11 +74,8 @@ def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, so
         gathered_q = ring_comm.all_gather(q[:, rows], dim=1)  # [b, r*m, h, d], rank i's rows at [i*m, (i+1)*m)
         part = torch.zeros(batch, gathered_q.shape[1], num_heads, head_dim, dtype=acc, device=q.device)
         part_lse = torch.full((batch, num_heads, gathered_q.shape[1]), float("-inf"), dtype=acc, device=q.device)
-        for block, block_kernel, causal, extra in _block_work(plan, chunk, mask, heads, batch, kernel, q.device):
-            qs, ks = block.q, block.kv
-            block_out, block_lse = block_kernel.forward(gathered_q[:, qs], k[:, ks], v[:, ks], causal=causal,
-                                                        softmax_scale=softmax_scale, **extra)
-            part[:, qs], part_lse[:, :, qs] = merge_partial(part[:, qs], part_lse[:, :, qs], block_out, block_lse)
+        work = _chunk_work(plan, chunk, mask, heads, batch, kernel, q.device)
+        forward_blocks(gathered_q, k, v, work, kernel, softmax_scale, part, part_lse)
         chunk_lse = _global_lse(part_lse, ring_comm)
         weight = torch.exp(part_lse - chunk_lse).nan_to_num(0.0)  # -inf - -inf: a row nobody sees
         weighted = part * weight.transpose(1, 2).unsqueeze(-1)
@@ -136,15 +100,9 @@ def mqsp_backward(dout, q, k, v, out, lse, plan: MQSPPlan, ring_comm, kernel: At
         gathered_q, gathered_dout, gathered_out = gathered.unbind(0)
         gathered_lse = ring_comm.all_gather(lse[:, :, rows].contiguous(), dim=2)
         part_dq = torch.zeros(gathered_q.shape, dtype=acc, device=q.device)
-        for block, block_kernel, causal, extra in _block_work(plan, chunk, mask, heads, batch, kernel, q.device):
-            qs, ks = block.q, block.kv
-            block_dq, block_dk, block_dv = block_kernel.backward(
-                gathered_dout[:, qs], gathered_q[:, qs], k[:, ks], v[:, ks], gathered_out[:, qs],
-                gathered_lse[:, :, qs], causal=causal, softmax_scale=softmax_scale, **extra,
-            )
-            part_dq[:, qs] += block_dq
-            dk[:, ks] += block_dk
-            dv[:, ks] += block_dv
+        work = _chunk_work(plan, chunk, mask, heads, batch, kernel, q.device)
+        backward_blocks(gathered_dout, gathered_q, k, v, gathered_out, gathered_lse, work, kernel, softmax_scale,
+                        part_dq, dk, dv)
         dq[:, rows] = ring_comm.reduce_scatter(part_dq, dim=1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

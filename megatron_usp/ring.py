@@ -14,35 +14,17 @@ bottom-right causal alignment coincide and every kernel agrees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
 
 from . import comm
 from .groups import USPGroups
+from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
-from .masks import BlockMasker, plan_block
-from .merge import merge_partial
-
-
-@dataclass(frozen=True)
-class Block:
-    """q rows ``[q_start, q_stop)`` against K/V rows ``[kv_start, kv_stop)`` of the step's K/V."""
-
-    q_start: int
-    q_stop: int
-    kv_start: int
-    kv_stop: int
-    causal: bool
-
-    @property
-    def q(self) -> slice:
-        return slice(self.q_start, self.q_stop)
-
-    @property
-    def kv(self) -> slice:
-        return slice(self.kv_start, self.kv_stop)
+from .masks import BlockMasker
 
 
 @dataclass(frozen=True)
@@ -50,6 +32,11 @@ class Step:
     kv_rank: Optional[int]  # pass_kv: ring rank whose K/V this step sees
     blocks: tuple[Block, ...]
     gathered_half: Optional[int] = None  # allgather: 0 = every ring rank's lower K/V half, 1 = upper halves
+
+    @cached_property
+    def grouped(self):
+        """The step's kernel calls when no mask cuts its blocks (built once per schedule)."""
+        return group_blocks(self.blocks)
 
 
 @dataclass(frozen=True)
@@ -60,15 +47,22 @@ class RingSchedule:
     seq_len: int
     ulysses_degree: int
     ring_degree: int
+    cu_seqlens: Optional[tuple[int, ...]] = None  # packed documents: the document layout of layout.py
 
     def kv_positions(self, step: Step) -> torch.Tensor:
         """Global positions of the K/V rows ``step`` sees (what its blocks' kv ranges index)."""
-        grid = (self.seq_len, self.ulysses_degree, self.ring_degree)
-        if step.gathered_half is None:
-            return ring_positions(*grid, step.kv_rank, self.ring_impl)
-        half = self.seq_len // self.ring_degree // 2
-        rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
-        return torch.cat([ring_positions(*grid, k, self.ring_impl)[rows] for k in range(self.ring_degree)])
+        return step_kv_positions(self.seq_len, self.ulysses_degree, self.ring_degree, self.ring_impl, step,
+                                 self.cu_seqlens)
+
+
+def step_kv_positions(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str, step: Step,
+                      cu_seqlens: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    grid = (seq_len, ulysses_degree, ring_degree)
+    if step.gathered_half is None:
+        return ring_positions(*grid, step.kv_rank, ring_impl, cu_seqlens=cu_seqlens)
+    half = seq_len // ring_degree // 2
+    rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
+    return torch.cat([ring_positions(*grid, k, ring_impl, cu_seqlens=cu_seqlens)[rows] for k in range(ring_degree)])
 
 
 def _pass_kv_blocks(ring_impl: str, rank: int, kv_rank: int, n: int, causal: bool) -> tuple[Block, ...]:
@@ -106,14 +100,20 @@ def _allgather_steps(ring_degree: int, rank: int, n: int, causal: bool) -> tuple
 
 
 def build_schedule(
-    ring_impl: str, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool
+    ring_impl: str, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool,
+    cu_seqlens: Optional[tuple[int, ...]] = None,
 ) -> RingSchedule:
-    """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid."""
+    """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid. With
+    ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout."""
     check_ring_impl(ring_impl)
     if ring_impl not in RING_SCHEDULE_IMPLS:
         raise ValueError(f"ring_impl {ring_impl!r} has no pass-K/V schedule (mqsp passes Q: megatron_usp.mqsp)")
     n = seq_len // ring_degree
-    if ring_impl == "allgather" and ring_degree > 1:
+    allgather = ring_impl == "allgather" and ring_degree > 1
+    if cu_seqlens is not None:
+        return _document_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens,
+                                  allgather)
+    if allgather:
         return RingSchedule(ring_impl, "allgather", _allgather_steps(ring_degree, ring_rank, n, causal), seq_len,
                             ulysses_degree, ring_degree)
     impl = "zigzag" if ring_impl == "allgather" else ring_impl  # r = 1: the local block of any impl
@@ -122,6 +122,23 @@ def build_schedule(
         for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree))
     )
     return RingSchedule(ring_impl, "pass_kv", steps, seq_len, ulysses_degree, ring_degree)
+
+
+def _document_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens, allgather):
+    """Same transports as without documents; each step's blocks are the visible pieces of its positions."""
+    grid = (seq_len, ulysses_degree, ring_degree)
+    q_positions = ring_positions(*grid, ring_rank, ring_impl, cu_seqlens=cu_seqlens)
+    if allgather:
+        shells = [Step(None, (), half) for half in (0, 1)]
+    else:
+        shells = [Step((ring_rank - s) % ring_degree, ()) for s in range(ring_degree)]
+    steps = []
+    for shell in shells:
+        kv_positions = step_kv_positions(*grid, ring_impl, shell, cu_seqlens)
+        blocks = tuple(position_blocks(q_positions, kv_positions, causal, cu_seqlens))
+        steps.append(Step(shell.kv_rank, blocks, shell.gathered_half))
+    return RingSchedule(ring_impl, "allgather" if allgather else "pass_kv", tuple(steps), seq_len, ulysses_degree,
+                        ring_degree, cu_seqlens)
 
 
 def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:
@@ -161,18 +178,8 @@ def ring_forward(
         if more:
             exchanger.post(kv)  # the next step's K/V travel while this step computes
         kv_positions = schedule.kv_positions(step) if masker is not None else None
-        for block in step.blocks:
-            plan = plan_block(block, kv_positions, masker, kernel)
-            if plan is None:
-                continue
-            block_kernel, causal, mask = plan
-            block_out, block_lse = block_kernel.forward(
-                q[:, block.q], step_kv[0][:, block.kv], step_kv[1][:, block.kv], causal=causal,
-                softmax_scale=softmax_scale, **mask,
-            )
-            out[:, block.q], lse[:, :, block.q] = merge_partial(
-                out[:, block.q], lse[:, :, block.q], block_out, block_lse
-            )
+        work = plan_work(step.blocks, step.grouped, kv_positions, masker, kernel)
+        forward_blocks(q, step_kv[0], step_kv[1], work, kernel, softmax_scale, out, lse)
         if more:
             kv = exchanger.wait()
     return out, lse
@@ -213,25 +220,8 @@ def ring_backward(
         else:
             dkv = gathered_grads[step.gathered_half]
         kv_positions = schedule.kv_positions(step) if masker is not None else None
-        for block in step.blocks:
-            plan = plan_block(block, kv_positions, masker, kernel)
-            if plan is None:
-                continue
-            block_kernel, causal, mask = plan
-            block_dq, block_dk, block_dv = block_kernel.backward(
-                dout[:, block.q],
-                q[:, block.q],
-                step_kv[0][:, block.kv],
-                step_kv[1][:, block.kv],
-                out[:, block.q],
-                lse[:, :, block.q],
-                causal=causal,
-                softmax_scale=softmax_scale,
-                **mask,
-            )
-            dq[:, block.q] += block_dq
-            dkv[0][:, block.kv] += block_dk
-            dkv[1][:, block.kv] += block_dv
+        work = plan_work(step.blocks, step.grouped, kv_positions, masker, kernel)
+        backward_blocks(dout, q, step_kv[0], step_kv[1], out, lse, work, kernel, softmax_scale, dq, dkv[0], dkv[1])
         if passing:
             # dkv now holds this step's share for the K/V of rank step.kv_rank; the buffer arriving from the
             # previous rank carries the shares of the ranks before us for the same K/V.

@@ -1,17 +1,22 @@
 """shard / unshard / positions: the user-facing views of ``layout.global_positions``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import comm
 from .groups import USPGroups
-from .layout import global_positions
+from .layout import CuSeqlens, global_positions
 
 
-def positions(seq_len: int, groups: USPGroups, *, ring_impl: str = "zigzag") -> torch.LongTensor:
-    """Global positions of the tokens this rank holds, in local order (use them for RoPE)."""
+def positions(seq_len: int, groups: USPGroups, *, ring_impl: str = "zigzag",
+              cu_seqlens: Optional[CuSeqlens] = None) -> torch.LongTensor:
+    """Global positions of the tokens this rank holds, in local order (use them for RoPE). With ``cu_seqlens``
+    (document offsets of the row) the document layout (see ``layout.py``)."""
     return global_positions(
-        seq_len, groups.ulysses_degree, groups.ring_degree, groups.ulysses_rank, groups.ring_rank, ring_impl
+        seq_len, groups.ulysses_degree, groups.ring_degree, groups.ulysses_rank, groups.ring_rank, ring_impl,
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -23,13 +28,16 @@ def _check_dim(x: torch.Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
-def shard(x: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl: str = "zigzag") -> torch.Tensor:
+def shard(x: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl: str = "zigzag",
+          cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
     """The part of the full tensor ``x`` (sequence along ``dim``) that this rank holds. No communication."""
     dim = _check_dim(x, dim)
-    return x.index_select(dim, positions(x.shape[dim], groups, ring_impl=ring_impl).to(x.device))
+    held = positions(x.shape[dim], groups, ring_impl=ring_impl, cu_seqlens=cu_seqlens)
+    return x.index_select(dim, held.to(x.device))
 
 
-def unshard(x_local: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl: str = "zigzag") -> torch.Tensor:
+def unshard(x_local: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl: str = "zigzag",
+            cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
     """All-gather every rank's shard and restore sequence order (inverse of :func:`shard`). Differentiable:
     the gradient of a shard is the sum over ranks of the gradient at its positions."""
     dim = _check_dim(x_local, dim)
@@ -39,7 +47,8 @@ def unshard(x_local: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl
         for ulysses_rank in range(groups.ulysses_degree):
             held.append(
                 global_positions(
-                    seq_len, groups.ulysses_degree, groups.ring_degree, ulysses_rank, ring_rank, ring_impl
+                    seq_len, groups.ulysses_degree, groups.ring_degree, ulysses_rank, ring_rank, ring_impl,
+                    cu_seqlens=cu_seqlens,
                 )
             )
     gathered = x_local

@@ -10,7 +10,7 @@ import torch
 
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
-from .layout import check_ring_impl, check_seq_len, gathered_order, ring_positions
+from .layout import CuSeqlens, check_cu_seqlens, check_ring_impl, check_seq_len, gathered_order, ring_positions
 from .comm import RingComm
 from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
 from .mqsp import MQSPPlan, check_micro_q, mqsp_attention
@@ -30,8 +30,10 @@ def validate_inputs(
     backend: str,
     mask: AttentionMask = AttentionMask(),
     micro_q: Optional[int] = None,
-) -> None:
-    """Every check that can fail, done locally before any collective so all ranks raise, none hangs."""
+    cu_seqlens: Optional[CuSeqlens] = None,
+) -> Optional[tuple[int, ...]]:
+    """Every check that can fail, done locally before any collective so all ranks raise, none hangs. Returns the
+    validated ``cu_seqlens`` as a tuple (None without documents)."""
     if not isinstance(groups, USPGroups):
         raise TypeError(f"groups must be a USPGroups (from megatron_usp.init_groups), got {type(groups).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -75,6 +77,7 @@ def validate_inputs(
                          f"grid: {error}") from None
     check_mask(mask, q.shape[0], q.shape[1] * groups.sp_size)
     check_micro_q(micro_q)
+    return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1] * groups.sp_size)
 
 
 def usp_attn(
@@ -91,6 +94,7 @@ def usp_attn(
     document_ids: Optional[torch.Tensor] = None,
     mask_mod: Optional[MaskMod] = None,
     micro_q: Optional[int] = None,
+    cu_seqlens: Optional[CuSeqlens] = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
@@ -101,41 +105,48 @@ def usp_attn(
     ``document_ids [batch, seq_len]`` of the whole sequence, ``mask_mod(b, h, q_idx, kv_idx)``. Rows that see no
     key give 0 and 0 gradient. ``ring_impl="mqsp"`` passes Q instead of K/V, ``micro_q`` query rows per rank
     at a time (default: all), which bounds its extra memory.
+
+    Packed documents: ``cu_seqlens`` (offsets ``[0, ..., seq_len]`` of the documents of every row, the same on
+    every rank) keeps attention inside each document AND means the tokens are in the document layout
+    (:func:`megatron_usp.shard` with the same ``cu_seqlens``), which balances the work of every ring step.
     """
     mask = AttentionMask(window, document_ids, mask_mod)
-    validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale, backend=backend,
-                    mask=mask, micro_q=micro_q)
+    cu_seqlens = validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
+                                 backend=backend, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens)
     head_dim = q.shape[3]
     kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     seq_len = q.shape[1] * groups.sp_size
     grid = (seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl)
-    order = _cached_order(*grid, q.device)
+    order = _cached_order(*grid, cu_seqlens, q.device)
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
     q, k, v = seq_to_heads((q, k, v), groups, order)
     # global indices of the heads held here, for mask_mod (only built when a mask is given)
     heads = groups.ulysses_rank * q.shape[2] + torch.arange(q.shape[2]) if mask.active else None
     if ring_impl == "mqsp":
-        plan = _cached_mqsp_plan(*grid[:4], causal, micro_q)
+        plan = _cached_mqsp_plan(*grid[:4], causal, micro_q, cu_seqlens)
         out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads)
     else:
-        masker = BlockMasker(mask, ring_positions(*grid), heads, q.shape[0], q.device) if mask.active else None
-        out = ring_attention(q, k, v, _cached_schedule(*grid, causal), groups, kernel, scale, masker)
+        masker = None
+        if mask.active:
+            masker = BlockMasker(mask, ring_positions(*grid, cu_seqlens=cu_seqlens), heads, q.shape[0], q.device)
+        out = ring_attention(q, k, v, _cached_schedule(*grid, causal, cu_seqlens), groups, kernel, scale, masker)
     return heads_to_seq(out, groups, order)
 
 
 # Layout permutations and schedules depend only on the grid and length: built once, not once per layer per step.
+# With packed documents they change with every batch (cu_seqlens is part of the key) and are shared by its layers.
 @functools.lru_cache(maxsize=256)
-def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, device) -> torch.Tensor:
-    return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q) -> MQSPPlan:
-    return MQSPPlan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q)
+def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens, device) -> torch.Tensor:
+    return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens=cu_seqlens).to(device)
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal):
-    return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal)
+def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens) -> MQSPPlan:
+    return MQSPPlan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal, cu_seqlens):
+    return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens)

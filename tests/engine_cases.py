@@ -69,24 +69,33 @@ def run_case(groups, config: dict, dtype) -> dict:
                                 config["head_dim"], dtype)
     causal, impl, scale = config["causal"], config["ring_impl"], config.get("softmax_scale")
     masks = mask_kwargs(config.get("mask"), config["batch"], config["seq_len"])
-    reference_mask = dense_mask(config["batch"], config["heads"], config["seq_len"], causal=causal, **masks) \
-        if masks else None
+    cu_seqlens = config.get("cu_seqlens")
+    layout = dict(ring_impl=impl, cu_seqlens=cu_seqlens)
+    reference_masks = dict(masks)
+    if cu_seqlens is not None:  # documents, built independently of the library: id = number of offsets <= position
+        ids = (torch.arange(config["seq_len"])[:, None] >= torch.tensor(cu_seqlens)[None, 1:-1]).sum(1)
+        ids = ids.expand(config["batch"], -1)
+        if "document_ids" in reference_masks:
+            ids = ids * 1000 + reference_masks["document_ids"]
+        reference_masks["document_ids"] = ids
+    reference_mask = dense_mask(config["batch"], config["heads"], config["seq_len"], causal=causal,
+                                **reference_masks) if reference_masks else None
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale, mask=reference_mask)
     ref_out.backward(grad)
-    local = [usp.shard(t, groups, ring_impl=impl).to(dtype).requires_grad_() for t in (q, k, v)]
-    out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale, micro_q=config.get("micro_q"),
-                       **masks)
-    out.backward(usp.shard(grad, groups, ring_impl=impl).to(dtype))
+    local = [usp.shard(t, groups, **layout).to(dtype).requires_grad_() for t in (q, k, v)]
+    out = usp.usp_attn(*local, groups, causal=causal, softmax_scale=scale, micro_q=config.get("micro_q"),
+                       **layout, **masks)
+    out.backward(usp.shard(grad, groups, **layout).to(dtype))
     assert out.dtype == dtype and out.shape == local[0].shape, (out.dtype, out.shape)
     if masks:  # no NaN anywhere; rows that see no key (mask_mod: positions 0..2) give exactly 0 and 0 gradient
         assert all(torch.isfinite(t).all() for t in (out, *(x.grad for x in local)))
-        empty = usp.positions(config["seq_len"], groups, ring_impl=impl) < (3 if config.get("mask") == "mask_mod" else 0)
+        empty = usp.positions(config["seq_len"], groups, **layout) < (3 if config.get("mask") == "mask_mod" else 0)
         assert not out[:, empty].any() and not local[0].grad[:, empty].any()
-    errors = {"out": relative_error(out, usp.shard(ref_out, groups, ring_impl=impl))}
+    errors = {"out": relative_error(out, usp.shard(ref_out, groups, **layout), ref_out)}
     for name, x, ref in zip(("dq", "dk", "dv"), local, ref_inputs):
         assert x.grad.dtype == dtype
-        errors[name] = relative_error(x.grad, usp.shard(ref.grad, groups, ring_impl=impl))
+        errors[name] = relative_error(x.grad, usp.shard(ref.grad, groups, **layout), ref.grad)
     return errors
 
 

@@ -1,0 +1,218 @@
+"""Blocks of attention work and the one place they are computed (forward and backward).
+
+A :class:`Block` is rows of q against rows of K/V, fully visible or an aligned causal square. Ring and MQSP
+schedules are lists of blocks; :func:`position_blocks` derives them from the global positions of the rows
+(contiguous position runs, split at document boundaries when ``cu_seqlens`` is given), so any layout works.
+
+:func:`forward_blocks` / :func:`backward_blocks` run a list of blocks: blocks a mask cuts go one by one to a
+kernel that takes a mask; the others are grouped by kind (full / causal) and each group is ONE call: a dense call
+on slices when the group is one block, else a varlen call over the blocks packed side by side
+(:mod:`megatron_usp.kernels.varlen`), never one call per document.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Optional, Sequence
+
+import torch
+
+from .kernels import AttentionKernel
+from .kernels.varlen import Segments, varlen_backward, varlen_forward
+from .masks import BlockMasker, plan_block
+from .merge import merge_partial, merge_rows
+
+
+@dataclass(frozen=True)
+class Block:
+    """q rows ``[q_start, q_stop)`` against K/V rows ``[kv_start, kv_stop)`` of the step's K/V."""
+
+    q_start: int
+    q_stop: int
+    kv_start: int
+    kv_stop: int
+    causal: bool
+
+    @property
+    def q(self) -> slice:
+        return slice(self.q_start, self.q_stop)
+
+    @property
+    def kv(self) -> slice:
+        return slice(self.kv_start, self.kv_stop)
+
+
+def position_runs(positions: torch.Tensor, cu_seqlens: Optional[Sequence[int]] = None) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive positions inside one document: ``(first row, first position, length, document)``."""
+    positions = positions.cpu()
+    if len(positions) == 0:
+        return []
+    if cu_seqlens is None:
+        document = torch.zeros_like(positions)
+    else:
+        document = torch.searchsorted(torch.tensor(cu_seqlens), positions, right=True) - 1
+    breaks = (positions[1:] != positions[:-1] + 1) | (document[1:] != document[:-1])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(breaks).flatten() + 1])
+    lengths = torch.diff(starts, append=torch.tensor([len(positions)]))
+    return list(zip(starts.tolist(), positions[starts].tolist(), lengths.tolist(), document[starts].tolist()))
+
+
+def position_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool,
+                    cu_seqlens: Optional[Sequence[int]] = None) -> list[Block]:
+    """Blocks covering exactly the visible (q, kv) pairs — same document (when ``cu_seqlens`` is given) and, if
+    ``causal``, key position <= query position — each fully visible or an aligned causal square."""
+    if cu_seqlens is None and not causal:
+        return [Block(0, len(q_positions), 0, len(kv_positions), False)]
+    kv_runs: dict[int, list[tuple[int, int, int]]] = {}
+    for kv_row, kv_pos, kv_len, document in position_runs(kv_positions, cu_seqlens):
+        kv_runs.setdefault(document, []).append((kv_row, kv_pos, kv_len))
+    blocks = []
+    for q_row, q_pos, q_len, document in position_runs(q_positions, cu_seqlens):
+        for kv_row, kv_pos, kv_len in kv_runs.get(document, ()):
+            if not causal:
+                blocks.append(Block(q_row, q_row + q_len, kv_row, kv_row + kv_len, False))
+                continue
+            # keys before the q run: visible to all of it
+            before = min(kv_pos + kv_len, q_pos) - kv_pos
+            if before > 0:
+                blocks.append(Block(q_row, q_row + q_len, kv_row, kv_row + before, False))
+            start, stop = max(kv_pos, q_pos), min(kv_pos + kv_len, q_pos + q_len)
+            if start < stop:  # keys inside the q run: a causal square, then fully visible to the later q rows
+                q_off, kv_off = q_row + start - q_pos, kv_row + start - kv_pos
+                blocks.append(Block(q_off, q_off + stop - start, kv_off, kv_off + stop - start, True))
+                if stop < q_pos + q_len:
+                    blocks.append(Block(q_off + stop - start, q_row + q_len, kv_off, kv_off + stop - start, False))
+    return blocks
+
+
+def _rows(slices: Sequence[slice]) -> torch.Tensor:
+    starts = torch.tensor([s.start for s in slices], dtype=torch.long)
+    lengths = torch.tensor([s.stop - s.start for s in slices], dtype=torch.long)
+    total = int(lengths.sum())
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
+    return torch.arange(total) + shift
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenGroup:
+    """Blocks of one kind packed side by side: packed row ``i`` is q row ``q_index[i]`` (K/V: ``kv_index``)."""
+
+    blocks: tuple[Block, ...]
+    causal: bool
+    _device_indices: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def segments(self) -> Segments:
+        q_lengths = [b.q_stop - b.q_start for b in self.blocks]
+        kv_lengths = [b.kv_stop - b.kv_start for b in self.blocks]
+        return Segments(tuple(_cumsum(q_lengths)), tuple(_cumsum(kv_lengths)))
+
+    @cached_property
+    def q_index(self) -> torch.Tensor:
+        return _rows([b.q for b in self.blocks])
+
+    @cached_property
+    def kv_index(self) -> torch.Tensor:
+        return _rows([b.kv for b in self.blocks])
+
+    @cached_property
+    def q_rows_unique(self) -> bool:
+        return len(torch.unique(self.q_index)) == len(self.q_index)
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._device_indices:
+            self._device_indices[device] = (self.q_index.to(device), self.kv_index.to(device))
+        return self._device_indices[device]
+
+
+def _cumsum(lengths: Sequence[int]) -> list[int]:
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return offsets
+
+
+Work = tuple  # ("dense", block, kernel, causal, kwargs) or ("varlen", VarlenGroup)
+
+
+def group_blocks(blocks: Sequence[Block]) -> tuple[Work, ...]:
+    """Unmasked blocks by kind: one dense call for a kind with one block, one varlen call for a kind with more."""
+    work = []
+    for causal in (False, True):
+        kind = tuple(b for b in blocks if b.causal == causal and b.q_stop > b.q_start and b.kv_stop > b.kv_start)
+        if len(kind) == 1:
+            work.append(("dense", kind[0], None, causal, {}))
+        elif kind:
+            work.append(("varlen", VarlenGroup(kind, causal)))
+    return tuple(work)
+
+
+def plan_work(blocks: Sequence[Block], grouped: Optional[tuple[Work, ...]], kv_positions: Optional[torch.Tensor],
+              masker: Optional[BlockMasker], kernel: AttentionKernel) -> list[Work]:
+    """The calls for ``blocks`` under ``masker``: ``grouped`` (cached :func:`group_blocks`) when nothing is
+    masked; else blocks the mask cuts go one by one with their mask and the rest are grouped."""
+    if masker is None:
+        return list(grouped if grouped is not None else group_blocks(blocks))
+    plain, masked = [], []
+    for block in blocks:
+        planned = plan_block(block, kv_positions, masker, kernel)
+        if planned is None:
+            continue
+        if planned[2]:
+            masked.append(("dense", block, *planned))
+        else:
+            plain.append(block)
+    return list(group_blocks(plain)) + masked
+
+
+def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Sequence[Work], kernel: AttentionKernel,
+                   softmax_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Compute ``work`` over ``q [b, n, h, d]`` and ``k, v [b, m, kv_h, d]``, merging into ``out``/``lse`` in place."""
+    for item in work:
+        if item[0] == "dense":
+            _, block, block_kernel, causal, kwargs = item
+            block_out, block_lse = (block_kernel or kernel).forward(
+                q[:, block.q], k[:, block.kv], v[:, block.kv], causal=causal, softmax_scale=softmax_scale, **kwargs
+            )
+            out[:, block.q], lse[:, :, block.q] = merge_partial(out[:, block.q], lse[:, :, block.q], block_out,
+                                                                block_lse)
+            continue
+        group = item[1]
+        q_index, kv_index = group.indices(q.device)
+        part_out, part_lse = varlen_forward(kernel, q.index_select(1, q_index), k.index_select(1, kv_index),
+                                            v.index_select(1, kv_index), group.segments, causal=group.causal,
+                                            softmax_scale=softmax_scale)
+        if group.q_rows_unique:
+            merged_out, merged_lse = merge_partial(out.index_select(1, q_index), lse.index_select(2, q_index),
+                                                   part_out, part_lse)
+            out.index_copy_(1, q_index, merged_out)
+            lse.index_copy_(2, q_index, merged_lse)
+        else:
+            merge_rows(out, lse, part_out, part_lse, q_index)
+
+
+def backward_blocks(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, work: Sequence[Work], kernel: AttentionKernel, softmax_scale: float,
+                    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Gradients of :func:`forward_blocks` given the rows' FINAL ``out``/``lse``, accumulated into dq/dk/dv."""
+    for item in work:
+        if item[0] == "dense":
+            _, block, block_kernel, causal, kwargs = item
+            block_dq, block_dk, block_dv = (block_kernel or kernel).backward(
+                dout[:, block.q], q[:, block.q], k[:, block.kv], v[:, block.kv], out[:, block.q],
+                lse[:, :, block.q], causal=causal, softmax_scale=softmax_scale, **kwargs,
+            )
+            dq[:, block.q] += block_dq
+            dk[:, block.kv] += block_dk
+            dv[:, block.kv] += block_dv
+            continue
+        group = item[1]
+        q_index, kv_index = group.indices(q.device)
+        grads = varlen_backward(
+            kernel, dout.index_select(1, q_index), q.index_select(1, q_index), k.index_select(1, kv_index),
+            v.index_select(1, kv_index), out.index_select(1, q_index), lse.index_select(2, q_index),
+            group.segments, causal=group.causal, softmax_scale=softmax_scale,
+        )
+        dq.index_add_(1, q_index, grads[0].to(dq.dtype))
+        dk.index_add_(1, kv_index, grads[1].to(dk.dtype))
+        dv.index_add_(1, kv_index, grads[2].to(dv.dtype))
