@@ -118,7 +118,7 @@ def usp_attn(
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     seq_len = q.shape[1] * groups.sp_size
     grid = (seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl)
-    order = _cached_order(*grid, cu_seqlens, q.device)
+    order = _cached_order(*grid, q.device, cu_seqlens)
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
     q, k, v = seq_to_heads((q, k, v), groups, order)
@@ -135,18 +135,31 @@ def usp_attn(
     return heads_to_seq(out, groups, order)
 
 
-# Layout permutations and schedules depend only on the grid and length: built once, not once per layer per step.
-# With packed documents they change with every batch (cu_seqlens is part of the key) and are shared by its layers.
-@functools.lru_cache(maxsize=256)
-def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens, device) -> torch.Tensor:
+def _layout_cache(function):
+    """Memoize on the arguments: layouts and schedules depend only on the grid and length, so they are built once,
+    not once per layer per step. Keys with packed documents (a ``cu_seqlens`` tuple) change with every batch and
+    their schedules hold per-piece indices: only the last few batches' are kept (a batch's layers share one; a
+    pipeline has a few micro-batches in flight). ``cu_seqlens`` is the last argument."""
+    plain = functools.lru_cache(maxsize=256)(function)
+    documents = functools.lru_cache(maxsize=8)(function)
+
+    @functools.wraps(function)
+    def cached(*args):
+        return (plain if args[-1] is None else documents)(*args)
+
+    return cached
+
+
+@_layout_cache
+def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, device, cu_seqlens) -> torch.Tensor:
     return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens=cu_seqlens).to(device)
 
 
-@functools.lru_cache(maxsize=256)
+@_layout_cache
 def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens) -> MQSPPlan:
     return MQSPPlan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens)
 
 
-@functools.lru_cache(maxsize=256)
+@_layout_cache
 def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal, cu_seqlens):
     return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens)
