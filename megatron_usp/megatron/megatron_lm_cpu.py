@@ -1,0 +1,425 @@
+"""Rehearse a Megatron-LM checkout's ``pretrain_gpt.py`` on CPU/gloo: every CUDA stand-in in this one module.
+
+    PYTHONPATH=MEGATRON_DIR:DEPS:REPO torchrun --nproc-per-node 4 -m megatron_usp.megatron.megatron_lm_cpu \\
+        MEGATRON_DIR/pretrain_gpt.py --distributed-backend gloo <megatron args>
+
+The launcher installs the stand-ins (:func:`install`), then runs the script as ``__main__`` (``runpy``), so the
+training loop, DDP, optimizers, pipeline schedules, recompute and data pipeline are Megatron-LM's own. It is a
+rehearsal for the GPU run, not a CPU backend: nothing here is used when CUDA is available (:func:`install` returns
+``[]`` and changes nothing). ``tools/check_megatron_patch.py MEGATRON_DIR --train`` drives it.
+
+The stand-ins (:data:`STANDINS` holds the same list, printed by the launcher). None changes a number the model
+computes: each one maps a device, a stream, an event, a memory query, a compiler or an RNG *location* to the CPU.
+
+``cuda-to-cpu``
+    A ``torch.overrides.TorchFunctionMode`` (the whole run is inside it): ``device="cuda"`` / ``"cuda:N"`` / an int
+    index / ``torch.device("cuda")`` in any torch call and ``Tensor.to(...)`` become the CPU; ``Tensor.cuda()``
+    and ``Tensor.pin_memory()`` return the tensor; ``pin_memory=True`` becomes ``False``. Megatron allocates on
+    ``torch.cuda.current_device()`` everywhere.
+``tensor-type-names``
+    ``Tensor.type()`` (no argument) answers ``torch.cuda.FloatTensor`` etc. for CPU tensors: ``clip_grads.py`` and
+    the mixed-precision / distributed optimizers assert or branch on those names.
+``torch.cuda-runtime``
+    ``current_device`` → 0, ``set_device`` / ``synchronize`` / ``empty_cache`` no-ops, ``Stream`` / ``Event`` /
+    ``current_stream`` / ``default_stream`` / ``stream(...)`` inert objects (one CPU stream: everything is already
+    ordered), memory queries → 0. Megatron calls them on the training path (timers, DDP buckets, logging).
+``cuda-rng-is-cpu-rng``
+    ``torch.cuda.{manual_seed, get_rng_state, set_rng_state}`` and megatron-core's ``_get_cuda_rng_state`` /
+    ``_set_cuda_rng_state`` act on the CPU generator (where the tensors are drawn), so the RNG tracker's
+    ``add``/``fork`` (weight init, recompute) swap real states instead of queueing lazy CUDA calls that never run.
+    The tracker's warning "CPU RNG state changed within GPU RNG context" is filtered: it is by construction here.
+``initialize-without-cuda``
+    ``initialize_megatron(allow_no_cuda=True)``; inside ``_initialize_distributed`` and ``_set_random_seed``
+    ``torch.cuda.device_count()`` reads 1, so Megatron builds its model-parallel groups (the USP grid, through the
+    patch) and the RNG tracker, which it skips when no GPU is counted.
+``device-arch``
+    ``get_device_arch_version()`` → 9 (Hopper): ``validate_args`` reads it whenever TP or CP > 1.
+    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set (default) for the same check.
+``no-kernel-compilation``
+    ``fused_kernels.load`` (runs ``nvcc``) is a no-op; ``torch.compile`` (Megatron's ``jit_fuser``) is off
+    (``torch._dynamo.config.disable``, ``megatron.core.jit.disable_jit_fuser``), eager kernels compute the same ops.
+``warmup-jit-rng``
+    ``_warmup_jit_function`` runs under ``torch.random.fork_rng``: it draws tensors of ``seq_length / CP`` rows
+    right after seeding, from the CUDA generator on a GPU; here that is the CPU generator and would make the
+    initial weights depend on CP.
+``triton-absent``
+    Without triton (CPU wheels), ``megatron.core.transformer.custom_layers.batch_invariant_kernels`` (imported by
+    ``megatron.training.initialize``, used only with ``--batch-invariant-mode``) is an empty module.
+``helpers-cpp-build``
+    ``compile_helpers`` runs Megatron's ``make`` with this interpreter's pybind11 includes and extension suffix
+    (the Makefile calls ``python3``, which pyenv may resolve to the checkout's ``.python-version``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import runpy
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+STANDINS: Dict[str, str] = {
+    "cuda-to-cpu": "device='cuda'/int/torch.device('cuda') -> cpu in every torch call; Tensor.cuda()/pin_memory() "
+                   "return the tensor; pin_memory=True -> False",
+    "tensor-type-names": "Tensor.type() answers 'torch.cuda.*Tensor' (clip_grads and optimizers check the names)",
+    "torch.cuda-runtime": "current_device -> 0; set_device/synchronize/empty_cache no-ops; inert Stream/Event; "
+                          "memory queries -> 0",
+    "cuda-rng-is-cpu-rng": "torch.cuda manual_seed/get_rng_state/set_rng_state and megatron-core's "
+                           "_get/_set_cuda_rng_state act on the CPU generator",
+    "initialize-without-cuda": "initialize_megatron(allow_no_cuda=True); device_count() reads 1 inside "
+                               "_initialize_distributed and _set_random_seed (groups + RNG tracker get built)",
+    "device-arch": "get_device_arch_version() -> 9; CUDA_DEVICE_MAX_CONNECTIONS=1",
+    "no-kernel-compilation": "fused_kernels.load no-op; torch.compile / jit_fuser off",
+    "warmup-jit-rng": "_warmup_jit_function under torch.random.fork_rng (its draws would make init depend on CP)",
+    "triton-absent": "batch_invariant_kernels (imports triton; --batch-invariant-mode only) is an empty module",
+    "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
+}
+
+_PATCHED: List[tuple] = []
+_MODE: List[TorchFunctionMode] = []
+
+
+# ---------------------------------------------------------------------------------------------- cuda-to-cpu
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)  # an index means a CUDA device
+
+
+def _cuda_type_name(name: str) -> str:
+    return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+
+class CudaToCpu(TorchFunctionMode):
+    """The ``cuda-to-cpu`` and ``tensor-type-names`` stand-ins."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _cuda_type_name(func(*args))
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- torch.cuda
+
+
+class _Stream:
+    """One CPU stream: work is already ordered, so waiting and recording do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _Event()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Event:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _returns(value: Any) -> Callable:
+    """A new function object per stand-in: torch._dynamo's trace rules reject one object under two torch names."""
+
+    def stand_in(*args, **kwargs):
+        return value() if callable(value) else value
+
+    return stand_in
+
+
+_CUDA_RUNTIME: Dict[str, Callable[[], Any]] = {
+    "current_device": lambda: _returns(0),
+    "set_device": lambda: _returns(None),
+    "synchronize": lambda: _returns(None),
+    "empty_cache": lambda: _returns(None),
+    "Stream": lambda: type("Stream", (_Stream,), {}),
+    "Event": lambda: type("Event", (_Event,), {}),
+    "current_stream": lambda: _returns(_Stream),
+    "default_stream": lambda: _returns(_Stream),
+    "stream": lambda: _returns(contextlib.nullcontext),
+    "memory_allocated": lambda: _returns(0),
+    "max_memory_allocated": lambda: _returns(0),
+    "memory_reserved": lambda: _returns(0),
+    "max_memory_reserved": lambda: _returns(0),
+    "reset_peak_memory_stats": lambda: _returns(None),
+    "reset_max_memory_allocated": lambda: _returns(None),
+    "memory_stats": lambda: _returns(dict),
+}
+
+
+class _SameGeneratorWarning(logging.Filter):
+    """The tracker warns when the CPU state moves inside ``fork()``; here the CUDA generator *is* the CPU one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _cpu_get_rng_state(device: Any = "cuda", *args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))  # not torch.manual_seed: that calls torch.cuda.manual_seed_all
+
+
+_CUDA_RNG: Dict[str, Any] = {
+    "manual_seed": _cpu_manual_seed,
+    "get_rng_state": _cpu_get_rng_state,
+    "set_rng_state": _cpu_set_rng_state,
+}
+
+
+# ---------------------------------------------------------------------------------------------- installing
+
+
+def _patch(holder: Any, name: str, value: Any) -> None:
+    _PATCHED.append((holder, name, getattr(holder, name, None)))
+    setattr(holder, name, value)
+
+
+def _device_count_reads_one(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        saved = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = saved
+
+    return wrapper
+
+
+def _under_fork_rng(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return original(*args, **kwargs)
+
+    return wrapper
+
+
+def _allow_no_cuda(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original(*args, **kwargs)
+
+    return initialize_megatron
+
+
+def helpers_make_command(datasets_dir: str, python: str = sys.executable) -> List[str]:
+    """``make`` for megatron/core/datasets/helpers_cpp with ``python``'s pybind11 includes and extension suffix."""
+    includes = subprocess.run([python, "-m", "pybind11", "--includes"], capture_output=True, text=True, check=True)
+    suffix = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                            capture_output=True, text=True, check=True)
+    return ["make", "-C", datasets_dir, f"CPPFLAGS={includes.stdout.strip()}", f"LIBEXT={suffix.stdout.strip()}"]
+
+
+def _compile_helpers() -> None:
+    import megatron.core.datasets.utils as dataset_utils
+
+    datasets_dir = os.path.dirname(os.path.abspath(dataset_utils.__file__))
+    if subprocess.run(helpers_make_command(datasets_dir)).returncode != 0:
+        sys.exit("megatron_lm_cpu: building megatron/core/datasets/helpers_cpp failed (pip install pybind11?)")
+
+
+def install() -> List[str]:
+    """Install every stand-in (idempotent). Returns their names, or ``[]`` when CUDA is available."""
+    if torch.cuda.is_available():
+        return []
+    if _MODE:
+        return list(STANDINS)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    # triton-absent (before megatron.training imports it)
+    if importlib.util.find_spec("triton") is None:
+        name = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
+        stub = types.ModuleType(name)
+        for fn in ("set_batch_invariant_mode", "is_batch_invariant_mode_enabled", "disable_batch_invariant_mode",
+                   "enable_batch_invariant_mode"):
+            setattr(stub, fn, _noop)
+        sys.modules.setdefault(name, stub)
+    # no-kernel-compilation (before Megatron's fusion modules decorate their functions)
+    torch._dynamo.config.disable = True
+    import megatron.core.jit as jit
+
+    jit.disable_jit_fuser()
+    import megatron.legacy.fused_kernels as fused_kernels
+
+    _patch(fused_kernels, "load", _noop)
+    # torch.cuda-runtime and cuda-rng-is-cpu-rng
+    for name, make in _CUDA_RUNTIME.items():
+        _patch(torch.cuda, name, make())
+    for name, value in _CUDA_RNG.items():
+        _patch(torch.cuda, name, value)
+        _patch(torch.cuda.random, name, value)
+    import megatron.core.tensor_parallel.random as tp_random
+
+    _patch(tp_random, "_get_cuda_rng_state", _cpu_get_rng_state)
+    _patch(tp_random, "_set_cuda_rng_state", _cpu_set_rng_state)
+    logging.getLogger(tp_random.__name__).addFilter(_SameGeneratorWarning())
+    # initialize-without-cuda, warmup-jit-rng
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+
+    _patch(initialize, "initialize_megatron", _allow_no_cuda(initialize.initialize_megatron))
+    if getattr(training, "initialize_megatron", None) is not None:
+        _patch(training, "initialize_megatron", initialize.initialize_megatron)
+    for name in ("_initialize_distributed", "_set_random_seed"):
+        _patch(initialize, name, _device_count_reads_one(getattr(initialize, name)))
+    _patch(initialize, "_warmup_jit_function", _under_fork_rng(initialize._warmup_jit_function))
+    # device-arch
+    import megatron.training.arguments as arguments
+    import megatron.training.utils as training_utils
+
+    for holder in (arguments, training_utils):
+        _patch(holder, "get_device_arch_version", lambda: 9)
+    # helpers-cpp-build
+    import megatron.core.datasets.utils as dataset_utils
+
+    _patch(dataset_utils, "compile_helpers", _compile_helpers)
+    # cuda-to-cpu, tensor-type-names
+    mode = CudaToCpu()
+    mode.__enter__()
+    _MODE.append(mode)
+    return list(STANDINS)
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (for tests)."""
+    while _MODE:
+        _MODE.pop().__exit__(None, None, None)
+    while _PATCHED:
+        holder, name, original = _PATCHED.pop()
+        setattr(holder, name, original)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def _check_megatron_source(script: Path) -> None:
+    """megatron.core and megatron.training must both come from the checkout that holds ``script``."""
+    import megatron.core
+    import megatron.training
+
+    checkout = script.resolve().parent
+    for module in (megatron.core, megatron.training):
+        if checkout not in Path(module.__file__).resolve().parents:
+            raise SystemExit(
+                f"megatron_lm_cpu: {module.__name__} comes from {module.__file__}, not from {checkout}: put the "
+                "checkout first on PYTHONPATH"
+            )
+
+
+USP_PROBE_PREFIX = "megatron_lm_cpu: USP"
+
+
+def _count_usp_attention_calls() -> Dict[str, int]:
+    """Probe (not a stand-in): count USPAttention forwards, so a harness can tell USP really ran."""
+    from .attention import USPAttention
+
+    calls = {"forward": 0}
+    original = USPAttention.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        calls["forward"] += 1
+        return original(self, *args, **kwargs)
+
+    USPAttention.forward = forward
+    return calls
+
+
+def usp_probe_line(calls: int) -> str:
+    """One line saying whether USP ran on this rank and on which grid."""
+    from . import grid
+
+    if not grid.usp_is_initialized():
+        return f"{USP_PROBE_PREFIX} grid: none; attention calls: {calls}"
+    groups = grid.get_usp_groups()
+    return (f"{USP_PROBE_PREFIX} grid: u={groups.ulysses_degree} r={groups.ring_degree} "
+            f"ring_impl={grid.get_usp_ring_impl()}; attention calls: {calls}")
+
+
+def main(argv: List[str]) -> None:
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(__doc__.split("\n\n")[1])
+    script = Path(argv[0])
+    if str(script.parent.resolve()) not in sys.path:
+        sys.path.insert(0, str(script.parent.resolve()))
+    names = install()
+    _check_megatron_source(script)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        print("megatron_lm_cpu stand-ins:" if names else "megatron_lm_cpu: CUDA available, no stand-ins",
+              ", ".join(names), flush=True)
+    calls = _count_usp_attention_calls()
+    sys.argv = [str(script)] + list(argv[1:])
+    runpy.run_path(str(script), run_name="__main__")
+    if rank0:
+        print(usp_probe_line(calls["forward"]), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
