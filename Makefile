@@ -42,6 +42,12 @@ demo: install
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
+# One unattended run on one H100/H200 (<= 8 min): kernel parity (dense + varlen), simulate-rank efficiency, packed
+# rows, peak memory per rank; ends with a summary table. Smoke test on CPU: $(PY) tools/gpu_check.py --device cpu --tiny
+.PHONY: gpu-check
+gpu-check: install
+	$(PY) tools/gpu_check.py
+
 # Not in CI: rerun the Megatron tests against older megatron-core releases, one venv each.
 COMPAT_VERSIONS ?= 0.13.1 0.14.0 0.15.0
 .PHONY: test-compat
