@@ -61,3 +61,77 @@ def analytic_bytes_per_rank(
         else:
             result["ring_p2p"] = 2 * (r - 1) * kv_block + r * dkv_block
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed documents: visible (query, key) pairs counted from position runs, never from an S x S tensor.
+
+
+def document_runs(positions: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maximal runs of consecutive positions inside one document of SORTED ``positions``: ``(document, start,
+    stop)`` LongTensors (``stop`` exclusive). ``cu_seqlens``: document offsets ``[0, ..., seq_len]``."""
+    positions = torch.as_tensor(positions, dtype=torch.long).cpu()
+    if len(positions) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.long)
+    document = torch.searchsorted(cu, positions, right=True) - 1
+    breaks = (positions[1:] != positions[:-1] + 1) | (document[1:] != document[:-1])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(breaks).flatten() + 1])
+    ends = torch.cat([starts[1:], torch.tensor([len(positions)])]) - 1
+    return document[starts], positions[starts], positions[ends] + 1
+
+
+def _pairs_up_to(t: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """sum_{i < t} min(i + 1, length): causal pairs of the first ``t`` queries from a key run's start."""
+    t = t.clamp(min=0)
+    inside = torch.minimum(t, length)
+    return inside * (inside + 1) // 2 + (t - inside) * length
+
+
+def run_pairs(q_runs, kv_runs, causal: bool = True) -> int:
+    """Visible (query, key) pairs between two sets of :func:`document_runs`: same document and, if ``causal``,
+    key position <= query position. Vectorised over every pair of runs that share a document."""
+    q_doc, q_start, q_stop = q_runs
+    kv_doc, kv_start, kv_stop = kv_runs
+    if len(q_doc) == 0 or len(kv_doc) == 0:
+        return 0
+    documents = int(max(q_doc.max(), kv_doc.max())) + 1
+    order = torch.argsort(kv_doc, stable=True)
+    kv_doc, kv_start, kv_stop = kv_doc[order], kv_start[order], kv_stop[order]
+    count = torch.bincount(kv_doc, minlength=documents)
+    first = torch.cumsum(count, 0) - count
+    matches = count[q_doc]
+    total = int(matches.sum())
+    if total == 0:
+        return 0
+    q_index = torch.repeat_interleave(torch.arange(len(q_doc)), matches, output_size=total)
+    kv_index = torch.arange(total) + torch.repeat_interleave(first[q_doc] - (torch.cumsum(matches, 0) - matches),
+                                                             matches, output_size=total)
+    a, b = q_start[q_index], q_stop[q_index]
+    c, e = kv_start[kv_index], kv_stop[kv_index]
+    if not causal:
+        return int(((b - a) * (e - c)).sum())
+    length = e - c
+    return int((_pairs_up_to(b - c, length) - _pairs_up_to(a - c, length)).sum())
+
+
+def visible_pairs(q_positions: torch.Tensor, kv_positions: torch.Tensor, cu_seqlens, causal: bool = True) -> int:
+    """(query, key) pairs of two sets of sorted global positions that attend: same document of ``cu_seqlens``
+    and, if ``causal``, key <= query."""
+    return run_pairs(document_runs(q_positions, cu_seqlens), document_runs(kv_positions, cu_seqlens), causal)
+
+
+def document_pairs(cu_seqlens, causal: bool = True) -> int:
+    """All visible pairs of a packed row: sum of L (L + 1) / 2 (causal) or L^2 over its documents."""
+    lengths = torch.as_tensor(cu_seqlens, dtype=torch.long).diff()
+    return int((lengths * (lengths + 1) // 2).sum() if causal else (lengths * lengths).sum())
+
+
+def step_synchronous_cost(pairs) -> float:
+    """Ring-step cost over its ideal: ``pairs[j][s]`` is ring rank j's work at step s of a pass-K/V ring (its
+    queries against ring rank (j - s) mod r's keys). A step lasts as long as its busiest rank, so the cost is
+    sum_s max_j pairs[j][s] divided by the ideal (all pairs) / r."""
+    pairs = torch.as_tensor(pairs, dtype=torch.float64)
+    ideal = pairs.sum() / pairs.shape[0]
+    return float(pairs.max(dim=0).values.sum() / ideal) if ideal > 0 else 1.0

@@ -6,6 +6,10 @@
     python tools/bench_attention.py --mode simulate-rank --world-size 4 --seq-len 8192 --json runs/bench/sim.json
     # (c) attention work per rank from the schedules: max / mean
     python tools/bench_attention.py --mode balance --world-size 8 --seq-len 65536
+    # (d) packed documents: step-synchronous ring cost / ideal, global zigzag layout vs the document layout
+    python tools/bench_attention.py --mode balance --documents stdlib lognormal uniform --json docs/bench/balance_documents.json
+    # (e) one rank on packed rows vs monolithic varlen attention over the row (same kernel, same varlen path)
+    python tools/bench_attention.py --mode simulate-rank --documents stdlib --world-size 4 --seq-len 32768
 
 efficiency = (monolithic time / P) / rank time, with the same kernel, in the same run; 1.0 is perfect scaling.
 Prints a markdown table; --json writes a list of records, --png a bar chart.
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -25,11 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
-from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len, ring_positions  # noqa: E402
+from megatron_usp.ring import build_schedule  # noqa: E402
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
-from megatron_usp.cost import analytic_bytes_per_rank, attention_flops  # noqa: E402
+from megatron_usp.cost import (analytic_bytes_per_rank, attention_flops, block_pairs, document_pairs,  # noqa: E402
+                                document_runs, run_pairs, step_synchronous_cost, visible_pairs)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+          "float": torch.float32, "half": torch.float16, "double": torch.float64}  # fp*/bf16 and torch's names
 
 
 def step_flops(batch: int, seq_len: int, heads: int, head_dim: int, causal: bool) -> float:
@@ -75,6 +85,174 @@ def run_balance(args) -> list[dict]:
                 work = [attention_pairs(problem(args, ring_impl, causal, u, r), rank) for rank in range(r)]
                 records.append({**base_record(args, "balance", ring_impl, causal, u, r), "pairs_per_rank": work,
                                 "max_over_mean": max(work) / statistics.mean(work)})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed documents: rows of S tokens packed from random documents of a length source.
+
+LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 1000, 1.5  # tokens; mean = median * exp(sigma^2 / 2) ~ 3,080
+UNIFORM_RANGE = (1, 8192)  # tokens, both ends included
+
+
+def stdlib_document_lengths() -> list[int]:
+    """Token lengths (bytes / 4, at least 1) of the Python standard library's ``.py`` files, site-packages
+    excluded, in sorted path order (a heavy-tailed mix of real documents)."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    lengths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__"))
+        lengths += [max(1, os.path.getsize(os.path.join(folder, f)) // 4) for f in sorted(files) if f.endswith(".py")]
+    return lengths
+
+
+def document_source(name: str) -> Callable[[random.Random], int]:
+    """A sampler of document lengths: ``stdlib``, ``lognormal`` (median 1000, sigma 1.5), ``uniform``
+    (1..8192) or a path to a file of lengths, one per line (drawn uniformly with replacement)."""
+    if name == "lognormal":
+        mu = math.log(LOGNORMAL_MEDIAN)
+        return lambda rng: max(1, round(rng.lognormvariate(mu, LOGNORMAL_SIGMA)))
+    if name == "uniform":
+        return lambda rng: rng.randint(*UNIFORM_RANGE)
+    if name == "stdlib":
+        pool = stdlib_document_lengths()
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"--documents {name!r}: not stdlib, lognormal, uniform or a file of lengths")
+        pool = [int(line) for line in path.read_text().split() if line.strip()]
+        if not pool or min(pool) < 1:
+            raise SystemExit(f"--documents {name}: needs positive integer lengths, one per line")
+    return lambda rng: rng.choice(pool)
+
+
+def source_label(name: str) -> str:
+    return name if name in ("stdlib", "lognormal", "uniform") else Path(name).name
+
+
+def source_detail(name: str) -> str:
+    if name == "lognormal":
+        return f"lognormal lengths, median {LOGNORMAL_MEDIAN}, sigma {LOGNORMAL_SIGMA} (at least 1)"
+    if name == "uniform":
+        return f"uniform lengths {UNIFORM_RANGE[0]}..{UNIFORM_RANGE[1]}"
+    if name == "stdlib":
+        return (f"{len(stdlib_document_lengths())} .py files of Python {sys.version.split()[0]}'s standard library "
+                "(site-packages excluded), bytes / 4 tokens")
+    return f"{len(Path(name).read_text().split())} lengths from {name}"
+
+
+def packed_row(sample: Callable[[random.Random], int], seq_len: int, seed: str) -> tuple[int, ...]:
+    """cu_seqlens of one row of ``seq_len`` tokens packed from random documents; the last one is truncated."""
+    rng = random.Random(seed)
+    offsets = [0]
+    while offsets[-1] < seq_len:
+        offsets.append(min(seq_len, offsets[-1] + sample(rng)))
+    return tuple(offsets)
+
+
+def packed_rows(source: str, seq_len: int, rows: int, seed: int) -> list[tuple[int, ...]]:
+    """The same rows for every grid: row ``i`` is seeded by (seed, source, seq_len, i)."""
+    sample = document_source(source)
+    return [packed_row(sample, seq_len, f"{seed}:{source_label(source)}:{seq_len}:{i}") for i in range(rows)]
+
+
+def old_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...],
+                        positions: list[torch.Tensor]) -> list[list[int]]:
+    """``[j][s]``: pairs ring rank j COMPUTES at step s when documents are only a mask on the global layout (what
+    usp_attn(document_ids=...) does): a block the documents do not touch is skipped, a block inside one document
+    runs as scheduled (a causal square counts n (n + 1) / 2), any other block runs with a mask over its whole
+    area."""
+    cu_tensor = torch.tensor(cu)
+    result = []
+    for j in range(r):
+        schedule = build_schedule(ring_impl, seq_len, u, r, j, True)
+        row = []
+        for step in schedule.steps:
+            work = 0
+            for block in step.blocks:
+                q, kv = positions[j][block.q], positions[step.kv_rank][block.kv]
+                if len(q) == 0 or len(kv) == 0 or visible_pairs(q, kv, cu) == 0:
+                    continue
+                low, high = min(int(q.min()), int(kv.min())), max(int(q.max()), int(kv.max()))
+                docs = torch.searchsorted(cu_tensor, torch.tensor([low, high]), right=True)
+                rows, cols = block.q_stop - block.q_start, block.kv_stop - block.kv_start
+                work += block_pairs(rows, cols, block.causal) if docs[0] == docs[1] else rows * cols
+            row.append(work)
+        result.append(row)
+    return result
+
+
+def new_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...]) -> list[list[int]]:
+    """``[j][s]``: pairs of the pieces the engine computes with ``cu_seqlens`` (document layout)."""
+    return [[sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in step.blocks)
+             for step in build_schedule(ring_impl, seq_len, u, r, j, True, cu).steps] for j in range(r)]
+
+
+def row_balance(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...]) -> dict:
+    """Step-synchronous cost / ideal of one packed row on a u x r grid, old (global) and new (document) layout:
+    from visible pairs (counted analytically per document from position runs) and from computed pairs."""
+    total = document_pairs(cu)
+    result = {"documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:]))}
+    for name, layout_cu in (("old", None), ("new", cu)):
+        positions = [ring_positions(seq_len, u, r, j, ring_impl, cu_seqlens=layout_cu) for j in range(r)]
+        runs = [document_runs(p, cu) for p in positions]
+        visible = [[run_pairs(runs[j], runs[(j - s) % r]) for s in range(r)] for j in range(r)]
+        if sum(map(sum, visible)) != total:
+            raise AssertionError(f"{name} layout: visible pairs {sum(map(sum, visible))} != {total} of the row")
+        if name == "old":
+            computed = old_layout_computed(seq_len, u, r, ring_impl, cu, positions)
+        else:
+            computed = new_layout_computed(seq_len, u, r, ring_impl, cu)
+        result[f"{name}_cost"] = step_synchronous_cost(visible)
+        # computed work, each step as long as its busiest rank, over the same ideal (visible pairs / r)
+        result[f"{name}_computed_cost"] = sum(max(computed[j][s] for j in range(r)) for s in range(r)) / (total / r)
+        result[f"{name}_computed_over_visible"] = sum(map(sum, computed)) / total
+        if name == "new":
+            result["new_pieces_equal_visible"] = computed == visible
+    return result
+
+
+def run_balance_documents(args) -> list[dict]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny tensor ops: intra-op threads only add overhead (5x measured)
+    try:
+        return _balance_documents(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _balance_documents(args) -> list[dict]:
+    records = []
+    for source in args.documents:
+        for seq_len in args.seq_lens:
+            rows = packed_rows(source, seq_len, args.rows, args.seed)
+            for world_size in args.world_sizes:
+                for u in args.ulysses_degrees:
+                    if world_size % u:
+                        continue
+                    r = world_size // u
+                    for ring_impl in args.ring_impls:
+                        check_seq_len(seq_len, u, r, ring_impl)
+                        started = time.perf_counter()
+                        per_row = [row_balance(seq_len, u, r, ring_impl, cu) for cu in rows]
+                        record = {"mode": "balance", "documents": source_label(source),
+                                  "documents_detail": source_detail(source), "ring_impl": ring_impl,
+                                  "causal": True, "world_size": world_size, "ulysses_degree": u, "ring_degree": r,
+                                  "seq_len": seq_len, "rows": len(rows), "seed": args.seed}
+                        for key in ("old_cost", "new_cost", "old_computed_cost", "new_computed_cost",
+                                    "old_computed_over_visible", "new_computed_over_visible"):
+                            values = [row[key] for row in per_row]
+                            record[f"{key}_median"] = statistics.median(values)
+                            record[f"{key}_worst"] = max(values)
+                        record["new_pieces_equal_visible"] = all(row["new_pieces_equal_visible"] for row in per_row)
+                        record["documents_per_row"] = [row["documents"] for row in per_row]
+                        record["max_document"] = [row["max_document"] for row in per_row]
+                        record["per_row"] = {key: [row[key] for row in per_row] for key in
+                                             ("old_cost", "new_cost", "old_computed_cost", "new_computed_cost")}
+                        record["seconds"] = time.perf_counter() - started
+                        records.append(record)
     return records
 
 
@@ -300,6 +478,9 @@ def run_memory(args) -> list[dict]:
 COLUMNS = {
     "memory": ["ring_impl", "micro_q", "seq_len", "ring_degree", "input_mib", "peak_mib"],
     "balance": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "max_over_mean"],
+    "balance-documents": ["documents", "world_size", "ulysses_degree", "ring_degree", "seq_len", "old_cost_median",
+                          "old_cost_worst", "new_cost_median", "new_cost_worst", "old_computed_cost_median",
+                          "old_computed_cost_worst", "new_computed_cost_median"],
     "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                       "efficiency", "tflops_per_rank"],
     "multi-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
@@ -311,6 +492,8 @@ def markdown_table(records: list[dict], mode: str) -> str:
     columns = COLUMNS[mode]
 
     def cell(value):
+        if isinstance(value, float) and mode == "balance-documents":
+            return f"{value:.3f}"
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.4g}"
         return str(value)
@@ -345,6 +528,9 @@ def plot(records: list[dict], mode: str, path: str) -> None:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return
+    if mode == "balance-documents":
+        plot_balance_documents(records, path)
+        return
     metric = "max_over_mean" if mode == "balance" else "efficiency"
     labels = [f"{r['ring_impl']}\n{'causal' if r['causal'] else 'full'} {r['ulysses_degree']}x{r['ring_degree']}"
               for r in records]
@@ -356,6 +542,40 @@ def plot(records: list[dict], mode: str, path: str) -> None:
     first = records[0]
     axis.set_title(f"{mode}: seq {first['seq_len']}, heads {first['heads']}/{first['kv_heads']}, d {first['head_dim']},"
                    f" {first['dtype']}")
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_balance_documents(records: list[dict], path: str) -> None:
+    """One panel per document source: old (global zigzag) vs new (document) layout, median bars, worst ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(dict.fromkeys(r["documents"] for r in records))
+    figure, axes = plt.subplots(len(sources), 1, figsize=(max(7, 0.55 * len(records) / len(sources) + 3),
+                                                          3.2 * len(sources)), squeeze=False)
+    for axis, source in zip(axes[:, 0], sources):
+        rows = [r for r in records if r["documents"] == source]
+        x = torch.arange(len(rows), dtype=torch.float64)
+        for offset, layout, color, label in ((-0.2, "old", "tab:red", "global zigzag (documents as a mask)"),
+                                             (0.2, "new", "tab:blue", "document layout (cu_seqlens)")):
+            axis.bar((x + offset).tolist(), [r[f"{layout}_cost_median"] for r in rows], width=0.4, color=color,
+                     alpha=0.8, label=f"{label}: median")
+            axis.scatter((x + offset).tolist(), [r[f"{layout}_cost_worst"] for r in rows], marker="_", s=120,
+                         color="black", zorder=3, label="worst row" if layout == "new" else None)
+        axis.axhline(1.0, color="gray", linewidth=1, linestyle="--")
+        axis.axhline(1.05, color="tab:green", linewidth=1, linestyle=":", label="target 1.05 (median)")
+        axis.set_xticks(x.tolist(), [f"P={r['world_size']} {r['ulysses_degree']}x{r['ring_degree']}\n"
+                                     f"S={r['seq_len'] // 1024}K" for r in rows], fontsize=7)
+        axis.set_ylabel("step cost / ideal")
+        axis.set_title(f"{source}: {rows[0]['rows']} packed rows per point, causal ring (pass K/V), visible pairs",
+                       fontsize=9)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -374,7 +594,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_SCHEDULE_IMPLS), default=list(RING_SCHEDULE_IMPLS))
+    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_SCHEDULE_IMPLS), default=None,
+                        help="default: all; with --documents zigzag (balance: pass-K/V schedules only)")
     parser.add_argument("--causal", choices=["causal", "non-causal", "both"], default="causal")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=5)
@@ -382,14 +603,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--all-ranks", action="store_true",
                         help="simulate-rank: time every ring rank (default: the first and last, which bound the "
                              "balanced schedules; every rank for basic)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
-                        help="memory: the sequence lengths to measure")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                        help="memory: the sequence lengths to measure (default 2048 4096 8192 16384); balance "
+                             "--documents: the row lengths (default 32768 131072)")
+    parser.add_argument("--documents", nargs="+", default=None, metavar="SOURCE",
+                        help="packed documents: stdlib (the Python standard library's .py files, bytes/4 tokens), "
+                             f"lognormal (median {LOGNORMAL_MEDIAN}, sigma {LOGNORMAL_SIGMA}), uniform "
+                             f"({UNIFORM_RANGE[0]}..{UNIFORM_RANGE[1]}) or a file of lengths, one per line. balance: "
+                             "old vs document layout per source; simulate-rank: the first source")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="packed rows per point (default: balance 8, simulate-rank 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the packed rows")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[4, 8, 16], help="balance --documents: P")
+    parser.add_argument("--ulysses-degrees", type=int, nargs="+", default=[1, 2],
+                        help="balance --documents: u of each u x (P/u) grid")
     parser.add_argument("--micro-q", type=int, default=256, help="memory: mqsp's micro-chunk of query rows")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
     parser.add_argument("--png", default=None, help="write a bar chart here")
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
+    if args.ring_impls is None:
+        args.ring_impls = ["zigzag"] if args.documents else list(RING_SCHEDULE_IMPLS)
+    if args.seq_lens is None:
+        args.seq_lens = [32768, 131072] if args.documents else [2048, 4096, 8192, 16384]
+    if args.rows is None:
+        args.rows = 8 if args.mode == "balance" else 2
+    if args.documents and args.mode == "balance" and "allgather" in args.ring_impls:
+        parser.error("balance --documents measures pass-K/V rings: choose among basic, zigzag, stripe")
     if args.mode != "multi-rank" and args.ulysses_degree is None:
         args.ulysses_degree = 1
     return args
@@ -416,17 +657,20 @@ def main(argv=None) -> list[dict]:
         records = run_simulate(args, device)
     elif args.mode == "memory":
         records = run_memory(args)
+    elif args.documents:
+        records = run_balance_documents(args)
     else:
         records = run_balance(args)
     if leader:
         print(f"{args.mode} on {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
               f", {torch.get_num_threads()} threads):")
-        print(markdown_table(records, args.mode), flush=True)
+        table_mode = "balance-documents" if args.mode == "balance" and args.documents else args.mode
+        print(markdown_table(records, table_mode), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(records, indent=1))
         if args.png:
-            plot(records, args.mode, args.png)
+            plot(records, table_mode, args.png)
     return records
 
 
