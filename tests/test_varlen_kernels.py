@@ -561,6 +561,34 @@ def test_fake_aten_signatures_mirror_the_installed_torch():
     assert "softcap" not in names(fa2_v259_varlen_forward) and "softcap" in names(fa2_v263_varlen_forward)
 
 
+def test_real_aten_schemas_and_lse_layouts_on_meta_tensors():
+    """The adapters' calls bind to the installed torch's real ops, and the lse layouts they assume are the real
+    ones: torch's meta kernels (shape inference, no GPU) return flash ``[h, total_q]`` and mem-efficient
+    ``[num_segments, h, ceil(max_q / 32) * 32]``."""
+    segments = Segments((0, 3, 3, 8, 10), (0, 4, 6, 6, 11))  # one segment without queries, one without keys
+    meta = torch.device("meta")
+    q = torch.empty(2, 10, 4, 64, device=meta, dtype=torch.bfloat16)
+    k = torch.empty(2, 11, 2, 64, device=meta, dtype=torch.bfloat16)
+    cu_q, cu_k = segments.batched(2, meta)
+    flash = torch.ops.aten._flash_attention_forward(q.reshape(20, 4, 64), k.reshape(22, 2, 64), k.reshape(22, 2, 64),
+                                                    cu_q, cu_k, 5, 4, 0.0, False, False)
+    assert flash[1].shape == (4, 20)
+    efficient = torch.ops.aten._efficient_attention_forward(q.reshape(1, 20, 4, 64), *[k.new_empty(1, 22, 4, 64)] * 2,
+                                                            None, cu_q, cu_k, 5, 4, 0.0, 0, True)
+    assert efficient[1].shape == (8, 4, 32)
+    for kernel in (TorchCUDAFlashKernel(), TorchCUDAEfficientKernel()):
+        out, lse = kernel.varlen_forward(q, k, k, segments, causal=False, softmax_scale=SCALE)
+        assert out.shape == q.shape and lse.shape == (2, 4, 10) and lse.dtype == torch.float32
+    grads = TorchCUDAFlashKernel().varlen_backward(q, q, k, k, q, lse, segments, causal=True, softmax_scale=SCALE)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    # torch's meta of the mem-efficient backward rejects its own keywords: bind on CPU tensors instead, where the
+    # call gets as far as the dispatcher (no CPU kernel), i.e. every argument matched the schema
+    cpu = [torch.zeros(x.shape, dtype=x.dtype) for x in (q, k)]
+    with pytest.raises(NotImplementedError, match="CPU"):
+        TorchCUDAEfficientKernel().varlen_backward(cpu[0], cpu[0], cpu[1], cpu[1], cpu[0], torch.zeros(2, 4, 10),
+                                                   segments, causal=False, softmax_scale=SCALE)
+
+
 def test_plan_offsets_and_masks():
     segments = Segments((0, 2, 2, 5), (0, 0, 3, 4))  # 2 x 0, 0 x 3, 3 x 1
     plan = _adapt.varlen_plan(segments, 2, torch.device("cpu"))

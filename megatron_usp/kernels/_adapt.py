@@ -161,6 +161,7 @@ class VarlenPlan:
         self.trivial = not any(lq > 0 and lk > 0 for lq, lk in zip(lens_q, lens_k))
         self.q_without_keys = self._rows([lq > 0 and lk == 0 for lq, lk in zip(lens_q, lens_k)], lens_q)
         self.k_without_queries = self._rows([lk > 0 and lq == 0 for lq, lk in zip(lens_q, lens_k)], lens_k)
+        self._lens_q = lens_q
         self._padded_index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def _rows(self, flags: list[bool], lens: list[int]) -> Optional[torch.Tensor]:
@@ -173,11 +174,12 @@ class VarlenPlan:
     def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(segment, position)`` of every flattened query row: indexes lse stored per segment, padded to the
         longest (``[num_segments, h, >= max_q]``) as the mem-efficient kernel and TE's older cuDNN path keep it."""
-        if self._padded_index is None:
-            cu = self.cu_q.to(device="cpu", dtype=torch.long)
-            rows = torch.arange(self.total_q)
-            segment = torch.searchsorted(cu[1:], rows, right=True)  # skips empty segments
-            self._padded_index = (segment.to(self.device), (rows - cu[segment]).to(self.device))
+        if self._padded_index is None:  # from the python offsets: no device-to-host copy
+            lens = torch.tensor(self._lens_q * self.batch, dtype=torch.long)
+            segment = torch.repeat_interleave(torch.arange(len(lens)), lens)
+            starts = torch.cumsum(lens, 0) - lens
+            position = torch.arange(self.total_q) - starts[segment]
+            self._padded_index = (segment.to(self.device), position.to(self.device))
         return self._padded_index
 
 
