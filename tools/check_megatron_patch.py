@@ -13,18 +13,30 @@
    ``get_device_arch_version`` (reads CUDA) returns 9, and ``batch_invariant_kernels`` (imports triton) is
    replaced by an empty module when triton is absent.
 
+4. ``--train``: Megatron-LM's own ``pretrain_gpt.py`` (patched) trains a tiny GPT on CPU/gloo under torchrun
+   through ``megatron_usp.megatron.megatron_lm_cpu`` (the CUDA stand-ins): for every case of :func:`train_cases`
+   a run without SP and a USP run with the same Megatron flags, mock data, fp32, dropout 0. Every iteration's lm
+   loss must agree (relative difference <= ``--rtol``, default 2e-6: Megatron prints 7 digits), the baseline must
+   not have USP and the USP run must report its grid and attention calls. Prints the commands, a table, and exits
+   non-zero on any mismatch. ``--cases`` picks cases by name; ``--logs DIR`` keeps every run's output.
+
 Megatron-LM's training code imports a few small packages megatron-core does not need; install them aside, e.g.
-``pip install --target /tmp/mlm-deps six regex pyyaml pydantic``, and pass ``--deps /tmp/mlm-deps``.
+``pip install --target /tmp/mlm-deps six regex pyyaml pydantic pybind11 psutil``, and pass ``--deps /tmp/mlm-deps``
+(pybind11 builds Megatron's dataset helpers for ``--train``).
 Exits non-zero when a step fails.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 USP_ARGV = ["--ulysses-degree", "2", "--ring-degree", "2", "--num-layers", "2", "--hidden-size", "64",
@@ -92,12 +104,242 @@ def touched_files(megatron_dir: Path) -> list:
     return files
 
 
+# ---------------------------------------------------------------------------------------------- --train
+
+LAUNCHER = "megatron_usp.megatron.megatron_lm_cpu"
+USP_PROBE = re.compile(r"megatron_lm_cpu: USP grid: (?P<grid>.*?); attention calls: (?P<calls>\d+)")
+LOSS_LINE = re.compile(r"iteration\s+(?P<it>\d+)/\s*\d+ \|.*?\| lm loss: (?P<loss>[-+0-9.eEnaNiIf]+) \|")
+
+
+def train_model_args(train_iters: int = 6, seq_length: int = 64) -> List[str]:
+    """Megatron flags of every --train run: a tiny GPT (2 layers, hidden 64, 4 heads in 2 query groups, RoPE), mock
+    data with NullTokenizer, fp32, dropout 0, 2 micro-batches of 2 per iteration, no evaluation, on gloo."""
+    return [
+        "--distributed-backend", "gloo", "--transformer-impl", "local",
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--group-query-attention", "--num-query-groups", "2",
+        "--seq-length", str(seq_length), "--max-position-embeddings", str(seq_length),
+        "--position-embedding-type", "rope", "--no-rope-fusion",
+        "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", str(train_iters), "--lr", "1e-3", "--lr-warmup-iters", "1", "--seed", "1234",
+        "--log-interval", "1", "--eval-iters", "0", "--eval-interval", str(train_iters + 1),
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--num-workers", "0",
+        "--attention-dropout", "0", "--hidden-dropout", "0",
+        "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+        "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """One torchrun of the launcher: ``nproc`` ranks with ``args`` after :func:`train_model_args`."""
+
+    nproc: int
+    args: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    name: str
+    baseline: TrainRun
+    usp: TrainRun
+    grid: str  # what the USP run's probe line must report, e.g. "u=2 r=2 ring_impl=zigzag"
+    skip: Optional[str] = None  # a reason not to run it
+
+
+def usp_flags(ulysses: int, ring: int, ring_impl: str = "zigzag") -> Tuple[str, ...]:
+    return ("--ulysses-degree", str(ulysses), "--ring-degree", str(ring), "--usp-ring-impl", ring_impl)
+
+
+def train_cases() -> List[TrainCase]:
+    """Baseline (no SP) vs USP with the same Megatron flags; every USP run uses 4 ranks."""
+    recompute_full = ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")
+    cases = [
+        TrainCase("u2 r2 zigzag", TrainRun(1), TrainRun(4, usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag"),
+        TrainCase("u1 r4 stripe", TrainRun(1), TrainRun(4, usp_flags(1, 4, "stripe")), "u=1 r=4 ring_impl=stripe"),
+    ]
+    for name, flags in (
+        ("distributed optimizer u2 r2", ("--use-distributed-optimizer",)),
+        ("recompute full u2 r2", recompute_full),
+        ("recompute selective u2 r2", ("--recompute-granularity", "selective")),
+    ):
+        cases.append(TrainCase(name, TrainRun(1, flags), TrainRun(4, flags + usp_flags(2, 2)),
+                               "u=2 r=2 ring_impl=zigzag"))
+    pp2 = ("--pipeline-model-parallel-size", "2")
+    cases.append(TrainCase("PP=2 u2", TrainRun(2, pp2), TrainRun(4, pp2 + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"))
+    return cases
+
+
+def select_cases(cases: Sequence[TrainCase], names: Optional[str]) -> List[TrainCase]:
+    """``names``: comma-separated case names (case-insensitive) or None for all; unknown names are an error."""
+    if not names:
+        return list(cases)
+    wanted = [name.strip().lower() for name in names.split(",") if name.strip()]
+    known = {case.name.lower(): case for case in cases}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown --cases {unknown}; known: {', '.join(case.name for case in cases)}")
+    return [known[name] for name in wanted]
+
+
+def launcher_command(python: str, script: Path, run: TrainRun, model_args: Sequence[str]) -> List[str]:
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.nproc),
+            "-m", LAUNCHER, str(script), *model_args, *run.args]
+
+
+def parse_losses(output: str) -> Dict[int, float]:
+    """``{iteration: lm loss}`` from Megatron's training log lines (``... | lm loss: 5.549841E+00 | ...``)."""
+    return {int(m.group("it")): float(m.group("loss")) for m in LOSS_LINE.finditer(output)}
+
+
+def parse_usp_probe(output: str) -> Optional[Tuple[str, int]]:
+    """(grid, attention calls) from the launcher's probe line; grid is "none" without USP."""
+    match = USP_PROBE.search(output)
+    return (match.group("grid"), int(match.group("calls"))) if match else None
+
+
+@dataclasses.dataclass
+class CaseResult:
+    name: str
+    status: str  # "ok", "MISMATCH", "FAILED" or "SKIP"
+    baseline: Dict[int, float] = dataclasses.field(default_factory=dict)
+    usp: Dict[int, float] = dataclasses.field(default_factory=dict)
+    max_rel: Optional[float] = None
+    worst_iteration: Optional[int] = None
+    note: str = ""
+
+
+def relative_difference(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    return abs(a - b) / max(abs(a), abs(b))
+
+
+def compare_losses(name: str, baseline: Dict[int, float], usp: Dict[int, float], train_iters: int,
+                   rtol: float) -> CaseResult:
+    """Every iteration 1..train_iters must be in both logs and agree within ``rtol`` (NaN never agrees)."""
+    result = CaseResult(name, "ok", baseline, usp)
+    expected = set(range(1, train_iters + 1))
+    for label, losses in (("baseline", baseline), ("USP", usp)):
+        missing = sorted(expected - set(losses))
+        if missing:
+            result.status, result.note = "FAILED", f"{label} has no lm loss for iterations {missing}"
+            return result
+    worst, worst_it = 0.0, None
+    for it in sorted(expected):
+        diff = relative_difference(baseline[it], usp[it])
+        if diff != diff:  # NaN
+            diff = float("inf")
+        if worst_it is None or diff > worst:
+            worst, worst_it = diff, it
+    result.max_rel, result.worst_iteration = worst, worst_it
+    if worst > rtol:
+        result.status = "MISMATCH"
+        result.note = (f"iteration {worst_it}: baseline {baseline[worst_it]:.6E} vs USP {usp[worst_it]:.6E} "
+                       f"(relative {worst:.2e} > {rtol:.0e})")
+    return result
+
+
+def check_probe(result: CaseResult, case: TrainCase, baseline_probe, usp_probe) -> CaseResult:
+    """The baseline must run without USP, the USP run on the case's grid with USP attention calls."""
+    problems = []
+    if baseline_probe is None or baseline_probe[0] != "none" or baseline_probe[1] != 0:
+        problems.append(f"baseline probe {baseline_probe} (expected no USP grid and 0 attention calls)")
+    if usp_probe is None or usp_probe[0] != case.grid or usp_probe[1] <= 0:
+        problems.append(f"USP probe {usp_probe} (expected grid {case.grid!r} and attention calls)")
+    if problems:
+        result.status = "FAILED"
+        result.note = "; ".join(filter(None, [result.note] + problems))
+    return result
+
+
+def format_table(results: Sequence[CaseResult], rtol: float) -> str:
+    """One row per case: the first and last losses of both runs, the largest relative difference, the verdict."""
+    header = ("case", "iters", "baseline first", "baseline last", "USP first", "USP last", "max rel diff", "result")
+    rows = [header]
+    for r in results:
+        def pick(losses: Dict[int, float], last: bool) -> str:
+            return f"{losses[max(losses) if last else min(losses)]:.6E}" if losses else "-"
+
+        rows.append((r.name, str(len(r.usp) if r.usp else len(r.baseline)),
+                     pick(r.baseline, False), pick(r.baseline, True), pick(r.usp, False), pick(r.usp, True),
+                     "-" if r.max_rel is None else f"{r.max_rel:.1e}", r.status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    notes = [f"  {r.name}: {r.note}" for r in results if r.note]
+    footer = [f"tolerance: relative {rtol:.0e} per iteration (Megatron prints 7 digits)"]
+    return "\n".join(lines + footer + notes)
+
+
+def per_iteration_table(result: CaseResult) -> str:
+    lines = [f"{result.name}:", "  iter  baseline       USP            rel diff"]
+    for it in sorted(set(result.baseline) | set(result.usp)):
+        base, usp = result.baseline.get(it), result.usp.get(it)
+        diff = "-" if base is None or usp is None else f"{relative_difference(base, usp):.1e}"
+        lines.append(f"  {it:<5} {'-' if base is None else f'{base:.6E}':<14} {'-' if usp is None else f'{usp:.6E}':<14} "
+                     f"{diff}")
+    return "\n".join(lines)
+
+
+def run_training(command: List[str], env: Dict[str, str], cwd: Path, log: Path) -> Tuple[int, str]:
+    print("$", " ".join(shlex.quote(part) for part in command), flush=True)
+    result = subprocess.run(command, env=env, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log.write_text(result.stdout)
+    print(f"  (exit {result.returncode}, log {log})", flush=True)
+    if result.returncode != 0:
+        errors = [line for line in result.stdout.splitlines() if "Error" in line or "error:" in line]
+        print("\n".join("  " + line for line in errors[-5:]), flush=True)
+    return result.returncode, result.stdout
+
+
+def train(options, env: Dict[str, str]) -> int:
+    """Run the --train cases; print the table; return the number of cases that did not pass."""
+    script = options.megatron_dir.resolve() / "pretrain_gpt.py"
+    logs = Path(options.logs or tempfile.mkdtemp(prefix="megatron-usp-train-")).resolve()
+    logs.mkdir(parents=True, exist_ok=True)
+    model_args = train_model_args(options.train_iters, options.seq_length)
+    env = dict(env, OMP_NUM_THREADS="1")  # same threads in every run; ranks share few cores
+    outputs: Dict[TrainRun, Tuple[int, str]] = {}
+
+    def output_of(run: TrainRun) -> Tuple[int, str]:
+        if run not in outputs:  # baselines shared by several cases run once
+            outputs[run] = run_training(launcher_command(options.python, script, run, model_args), env, logs,
+                                        logs / f"run{len(outputs):02d}-np{run.nproc}.log")
+        return outputs[run]
+
+    results = []
+    for case in select_cases(train_cases(), options.cases):
+        print(f"== {case.name}", flush=True)
+        if case.skip:
+            results.append(CaseResult(case.name, "SKIP", note=case.skip))
+            continue
+        (base_rc, base_out), (usp_rc, usp_out) = output_of(case.baseline), output_of(case.usp)
+        result = compare_losses(case.name, parse_losses(base_out), parse_losses(usp_out), options.train_iters,
+                                options.rtol)
+        if base_rc or usp_rc:
+            result.status = "FAILED"
+            result.note = "; ".join(filter(None, [result.note, f"exit codes: baseline {base_rc}, USP {usp_rc}"]))
+        result = check_probe(result, case, parse_usp_probe(base_out), parse_usp_probe(usp_out))
+        print(per_iteration_table(result), flush=True)
+        results.append(result)
+    print(f"\nMegatron-LM pretrain_gpt.py on CPU/gloo, baseline (no SP) vs USP (logs in {logs}):")
+    print(format_table(results, options.rtol), flush=True)
+    return sum(result.status not in ("ok", "SKIP") for result in results)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("megatron_dir", type=Path)
     parser.add_argument("--python", default=sys.executable, help="interpreter for py_compile and the parse check")
     parser.add_argument("--deps", help="folder with Megatron-LM's extra packages (pip install --target)")
     parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--train", action="store_true", help="also train baseline vs USP and compare losses")
+    parser.add_argument("--cases", help="--train: comma-separated case names (default: all)")
+    parser.add_argument("--train-iters", type=int, default=6)
+    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--rtol", type=float, default=2e-6)
+    parser.add_argument("--logs", help="--train: folder for every run's output (default: a new temporary folder)")
     options = parser.parse_args()
     if os.sep in options.python:  # the parse check runs from another folder
         options.python = str(Path(options.python).absolute())
@@ -112,11 +354,13 @@ def main() -> int:
     if not has_torch:
         print(f"parse check skipped: {options.python} has no torch (py_compile only)")
         return int(failures > 0)
-    path = [str(options.megatron_dir)] + ([options.deps] if options.deps else []) + [str(REPO)]
+    path = [str(options.megatron_dir.resolve())] + ([str(Path(options.deps).resolve())] if options.deps else []) + [str(REPO)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), WORLD_SIZE=str(options.world_size), RANK="0",
                CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONWARNINGS="ignore")
     print(f"PYTHONPATH={env['PYTHONPATH']} WORLD_SIZE={options.world_size}")
     failures += run([options.python, "-c", PARSE_CHECK, *USP_ARGV], env=env, cwd="/") != 0
+    if options.train:
+        failures += train(options, env)
     return int(failures > 0)
 
 

@@ -1,0 +1,180 @@
+"""The Megatron-LM CPU rehearsal without a Megatron-LM checkout: the harness's pure logic
+(tools/check_megatron_patch.py --train) and the device-mapping stand-in of megatron_usp.megatron.megatron_lm_cpu."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_usp.megatron import megatron_lm_cpu
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "check_megatron_patch.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("check_megatron_patch", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+LOG = """\
+megatron_lm_cpu stand-ins: cuda-to-cpu, tensor-type-names
+ [2026-11-29 12:54:40.595928] iteration        1/       3 | consumed samples:            2 | elapsed time per \
+iteration (ms): 303.9 | learning rate: 6.666667E-04 | global batch size:     2 | lm loss: 5.549841E+00 | loss \
+scale: 1.0 | grad norm: 1.523 | number of skipped iterations:   0 | number of nan iterations:   0 |
+[Rank 0] (after 1 iterations) memory (MB) | allocated: 0.00
+ [2026-11-29 12:54:40.766608] iteration        2/       3 | consumed samples:            4 | lm loss: 5.471092E+00 | \
+loss scale: 1.0 |
+ [2026-11-29 12:54:40.942392] iteration       10/      10 | consumed samples:            6 | lm loss: nan | x |
+megatron_lm_cpu: USP grid: u=2 r=2 ring_impl=zigzag; attention calls: 12
+"""
+
+
+def test_parse_losses_reads_every_logged_iteration_including_nan(tool):
+    losses = tool.parse_losses(LOG)
+    assert losses[1] == 5.549841 and losses[2] == 5.471092
+    assert sorted(losses) == [1, 2, 10] and losses[10] != losses[10]
+
+
+def test_parse_usp_probe(tool):
+    assert tool.parse_usp_probe(LOG) == ("u=2 r=2 ring_impl=zigzag", 12)
+    assert tool.parse_usp_probe("megatron_lm_cpu: USP grid: none; attention calls: 0") == ("none", 0)
+    assert tool.parse_usp_probe("no probe") is None
+
+
+def test_probe_line_format_is_what_the_harness_parses(tool):
+    line = f"{megatron_lm_cpu.USP_PROBE_PREFIX} grid: u=1 r=4 ring_impl=stripe; attention calls: 3"
+    assert tool.parse_usp_probe(line) == ("u=1 r=4 ring_impl=stripe", 3)
+    assert tool.parse_usp_probe(megatron_lm_cpu.usp_probe_line(0)) == ("none", 0)  # no grid in this process
+
+
+def test_compare_losses_ok_mismatch_missing_and_nan(tool):
+    base = {1: 5.548004, 2: 5.552901, 3: 5.304918}
+    ok = tool.compare_losses("c", base, {1: 5.548005, 2: 5.552901, 3: 5.304918}, 3, 2e-6)
+    assert ok.status == "ok" and ok.worst_iteration == 1 and ok.max_rel == pytest.approx(1.8e-7, rel=0.01)
+    bad = tool.compare_losses("c", base, {1: 5.548004, 2: 5.552901, 3: 5.304818}, 3, 2e-6)
+    assert bad.status == "MISMATCH" and bad.worst_iteration == 3 and "iteration 3" in bad.note
+    missing = tool.compare_losses("c", base, {1: 5.548004, 2: 5.552901}, 3, 2e-6)
+    assert missing.status == "FAILED" and "USP has no lm loss for iterations [3]" in missing.note
+    nan = tool.compare_losses("c", base, {1: 5.548004, 2: float("nan"), 3: 5.304918}, 3, 2e-6)
+    assert nan.status == "MISMATCH" and nan.worst_iteration == 2
+
+
+def test_relative_difference_at_seven_digits(tool):
+    assert tool.relative_difference(4.985997, 4.985997) == 0.0
+    assert tool.relative_difference(5.548004, 5.548005) < 2e-6  # one unit in the last printed digit passes
+    assert tool.relative_difference(5.548004, 5.548016) > 2e-6  # twelve do not
+
+
+def test_check_probe_requires_no_usp_in_the_baseline_and_the_grid_in_the_usp_run(tool):
+    case = tool.TrainCase("c", tool.TrainRun(1), tool.TrainRun(4, tool.usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag")
+
+    def result():
+        return tool.CaseResult("c", "ok")
+
+    assert tool.check_probe(result(), case, ("none", 0), ("u=2 r=2 ring_impl=zigzag", 4)).status == "ok"
+    for base, usp in ((("none", 0), ("u=2 r=2 ring_impl=zigzag", 0)),  # USP grid but no USP attention ran
+                      (("none", 0), ("u=1 r=4 ring_impl=stripe", 4)),  # another grid
+                      (("none", 0), None),  # no probe line
+                      (("u=2 r=2 ring_impl=zigzag", 4), ("u=2 r=2 ring_impl=zigzag", 4))):  # baseline with USP
+        assert tool.check_probe(result(), case, base, usp).status == "FAILED"
+
+
+def test_cases_compare_like_with_like(tool):
+    cases = tool.train_cases()
+    names = [case.name for case in cases]
+    assert len(set(names)) == len(names)
+    for name in ("u2 r2 zigzag", "u1 r4 stripe", "distributed optimizer u2 r2", "recompute full u2 r2", "PP=2 u2"):
+        assert name in names
+    for case in cases:
+        base, usp = list(case.baseline.args), list(case.usp.args)
+        assert "--ulysses-degree" not in base and "--ring-degree" not in base
+        i = usp.index("--ulysses-degree")
+        u, r = int(usp[i + 1]), int(usp[usp.index("--ring-degree") + 1])
+        assert usp[:i] + usp[i + 6:] == base, case.name  # same Megatron flags apart from the USP ones
+        assert f"u={u} r={r} ring_impl={usp[usp.index('--usp-ring-impl') + 1]}" == case.grid
+        pp = int(base[base.index("--pipeline-model-parallel-size") + 1]) if "--pipeline-model-parallel-size" in base else 1
+        assert case.baseline.nproc == pp and case.usp.nproc == pp * u * r, case.name
+
+
+def test_select_cases(tool):
+    cases = tool.train_cases()
+    assert tool.select_cases(cases, None) == cases
+    assert [c.name for c in tool.select_cases(cases, "PP=2 u2, U2 R2 zigzag")] == ["PP=2 u2", "u2 r2 zigzag"]
+    with pytest.raises(SystemExit, match="unknown --cases"):
+        tool.select_cases(cases, "u3 r3")
+
+
+def test_model_args_are_deterministic_fp32_mock_data_on_gloo(tool):
+    args = tool.train_model_args(train_iters=6, seq_length=128)
+    value = {name: args[i + 1] for i, name in enumerate(args[:-1]) if name.startswith("--")}
+    assert value["--distributed-backend"] == "gloo" and value["--train-iters"] == "6"
+    assert value["--seq-length"] == "128" and value["--tokenizer-type"] == "NullTokenizer"
+    assert value["--attention-dropout"] == "0" and value["--hidden-dropout"] == "0"
+    assert "--mock-data" in args and "--bf16" not in args and "--fp16" not in args
+    assert int(value["--eval-interval"]) > 6 and value["--eval-iters"] == "0"
+
+
+def test_launcher_command_runs_the_script_through_the_stand_ins(tool):
+    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), tool.TrainRun(4, ("--x",)), ["--a", "1"])
+    assert command[:6] == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    assert command[6:] == ["-m", "megatron_usp.megatron.megatron_lm_cpu", "/m/pretrain_gpt.py", "--a", "1", "--x"]
+
+
+def test_format_table_lists_every_case_and_the_notes(tool):
+    ok = tool.compare_losses("u2 r2 zigzag", {1: 5.0, 2: 4.0}, {1: 5.0, 2: 4.0}, 2, 2e-6)
+    bad = tool.compare_losses("u1 r4 stripe", {1: 5.0, 2: 4.0}, {1: 5.0, 2: 4.1}, 2, 2e-6)
+    skipped = tool.CaseResult("thd", "SKIP", note="no dataset")
+    table = tool.format_table([ok, bad, skipped], 2e-6)
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["case", "iters"] and set(lines[1].replace(" ", "")) == {"-"}
+    assert "5.000000E+00" in lines[2] and lines[2].endswith("ok")
+    assert lines[3].endswith("MISMATCH") and "2.4e-02" in lines[3]
+    assert lines[4].endswith("SKIP") and "thd: no dataset" in table
+
+
+def test_cuda_devices_map_to_cpu_and_type_names_read_cuda():
+    mode = megatron_lm_cpu.CudaToCpu()
+    with mode:
+        a = torch.ones(3, device="cuda")
+        b = torch.empty(2, device=torch.device("cuda", 0))
+        c = torch.zeros(2, device=0, pin_memory=True)
+        d = a.cuda().to("cuda:0", non_blocking=True).to(0)
+        e = torch.tensor([1.0], device="cuda").pin_memory()
+        names = (a.type(), torch.ones(1, dtype=torch.bfloat16).type(), torch.ones(1, dtype=torch.half).type())
+        converted = a.type(torch.float64)
+    assert all(t.device.type == "cpu" for t in (a, b, c, d, e))
+    assert names == ("torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", "torch.cuda.HalfTensor")
+    assert converted.dtype == torch.float64
+    assert a.type() == "torch.FloatTensor"  # only inside the mode
+
+
+def test_install_is_a_no_op_with_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert megatron_lm_cpu.install() == []
+    assert not megatron_lm_cpu._MODE and not megatron_lm_cpu._PATCHED
+
+
+def test_every_stand_in_is_documented():
+    doc = megatron_lm_cpu.__doc__
+    for name in megatron_lm_cpu.STANDINS:
+        assert f"``{name}``" in doc, name
+
+
+def test_helpers_make_command_names_this_interpreter(monkeypatch):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        out = "-I/inc/python -I/inc/pybind11" if "pybind11" in command else ".cpython-311-x86_64-linux-gnu.so"
+        return type("Done", (), {"stdout": out + "\n", "returncode": 0})()
+
+    monkeypatch.setattr(megatron_lm_cpu.subprocess, "run", fake_run)
+    command = megatron_lm_cpu.helpers_make_command("/m/megatron/core/datasets", python="/venv/bin/python")
+    assert command == ["make", "-C", "/m/megatron/core/datasets", "CPPFLAGS=-I/inc/python -I/inc/pybind11",
+                       "LIBEXT=.cpython-311-x86_64-linux-gnu.so"]
+    assert all(call[0] == "/venv/bin/python" for call in calls)
