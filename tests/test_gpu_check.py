@@ -37,6 +37,8 @@ def test_tiny_cpu_run_reports_every_section(tmp_path, capsys):
     assert len(memory) == len(efficiency) and all(r["status"] == "SKIP" and "CUDA" in r["figure"] for r in memory)
     assert [r for r in records if r["section"] == "c"]  # measured, or skipped with the reason
     assert all(r["status"] in ("INFO", "SKIP") for r in records if r["section"] == "c")
+    setups = [r for r in records if r["section"] == "c" and r["case"].startswith("setup") and r["status"] == "INFO"]
+    assert all("documents" in r["figure"] for r in setups)
     output = capsys.readouterr().out
     assert "| section | case | status | figure |" in output and "0 FAIL, 0 ERROR" in output
 
@@ -63,8 +65,8 @@ def test_packed_rows_use_the_rank_problem_documents_field(monkeypatch):
     monkeypatch.setattr(gpu_check, "RankProblem", WithDocuments)
     monkeypatch.setattr(gpu_check, "rank_step", rank_step)
     report = gpu_check.Report(budget_s=60)
-    gpu_check.simulate(report, "c", 32, gpu_check.TINY, torch.float32, torch.device("cpu"))
-    row = gpu_check.lognormal_row(32 * gpu_check.TINY.world_size, seed=32)
+    gpu_check.simulate(report, "c", 16, gpu_check.TINY, torch.float32, torch.device("cpu"))
+    row = gpu_check.lognormal_row(16 * gpu_check.TINY.world_size, 16, gpu_check.TINY.document_median)
     assert {impl for impl, _ in seen} == set(gpu_check.RING_IMPLS) and all(cu == row for _, cu in seen)
     measured = [r for r in report.records if "efficiency" in r.data]
     assert len(measured) == len(GRIDS) and all(r.section == "c" and "packed" in r.case for r in measured)

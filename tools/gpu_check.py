@@ -64,16 +64,19 @@ class Sizes:
     grids: tuple[tuple[int, int], ...]  # (u, r) with u * r = world_size
     repeats: int
     warmup: int
+    document_median: int  # (c): lognormal document lengths, sigma LOGNORMAL_SIGMA
 
 
 FULL = Sizes(batch=2, seq=1024, segments=24, max_segment=300, heads=16, kv_heads=4, head_dim=128,
-             tokens_per_rank=(8192, 32768), world_size=8, grids=((1, 8), (2, 4)), repeats=3, warmup=1)
+             tokens_per_rank=(8192, 32768), world_size=8, grids=((1, 8), (2, 4)), repeats=3, warmup=1,
+             document_median=1000)
 TINY = Sizes(batch=2, seq=64, segments=9, max_segment=12, heads=4, kv_heads=2, head_dim=16,
-             tokens_per_rank=(16, 32), world_size=8, grids=((1, 8), (2, 4)), repeats=1, warmup=0)
+             tokens_per_rank=(16,), world_size=8, grids=((1, 8), (2, 4)), repeats=1, warmup=0,
+             document_median=24)
 # parity tolerances (max |error| / max |reference|) per input dtype: bf16 kernels vs float64 math
 TOLERANCE = {torch.bfloat16: {"out": 2e-2, "lse": 1e-3, "grad": 3e-2},
              torch.float32: {"out": 1e-4, "lse": 1e-5, "grad": 1e-4}}
-LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 1000, 1.5  # document lengths of (c), tokens (as bench_attention --documents)
+LOGNORMAL_SIGMA = 1.5  # document lengths of (c): lognormal, median Sizes.document_median (as bench_attention's)
 
 
 class Skip(Exception):
@@ -252,10 +255,10 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[int]
     return torch.cuda.max_memory_allocated(device) - before + step.input_bytes
 
 
-def lognormal_row(seq_len: int, seed: int) -> tuple[int, ...]:
+def lognormal_row(seq_len: int, seed: int, median: int = 1000) -> tuple[int, ...]:
     """cu_seqlens of one row of ``seq_len`` tokens packed from lognormal documents (the last one truncated)."""
     rng = random.Random(seed)
-    mu = math.log(LOGNORMAL_MEDIAN)
+    mu = math.log(median)
     offsets = [0]
     while offsets[-1] < seq_len:
         offsets.append(min(seq_len, offsets[-1] + max(1, round(rng.lognormvariate(mu, LOGNORMAL_SIGMA)))))
@@ -288,30 +291,31 @@ def monolithic_packed_step(seq_len: int, cu: tuple[int, ...], sizes: Sizes, kern
     return step
 
 
-def pick_kernel(device, dtype, head_dim: int, need_varlen: bool):
-    """The "auto" kernel; with ``need_varlen`` the best available one with a native varlen entry point (else
-    "auto" through the per-segment fallback)."""
-    auto = kernels.resolve_kernel("auto", device, dtype, head_dim)
-    if not need_varlen or hasattr(auto, "varlen_forward"):
+def pick_kernel(backend: str, device, dtype, head_dim: int, need_varlen: bool):
+    """``backend``'s kernel; for "auto" with ``need_varlen`` the best available one with a native varlen entry
+    point (else "auto" through the per-segment fallback)."""
+    auto = kernels.resolve_kernel(backend, device, dtype, head_dim)
+    if backend != "auto" or not need_varlen or hasattr(auto, "varlen_forward"):
         return auto
     usable = [e for e in kernels.registry._KERNELS.values()
               if e.unavailable_reason(device, dtype, head_dim) is None and hasattr(e.factory(), "varlen_forward")]
     return max(usable, key=lambda e: e.priority).factory() if usable else auto
 
 
-def simulate(report: Report, section: str, tokens_per_rank: int, sizes: Sizes, dtype, device) -> None:
+def simulate(report: Report, section: str, tokens_per_rank: int, sizes: Sizes, dtype, device,
+             backend: str = "auto") -> None:
     """(b) + (d) (section "b") or (c) (section "c") at one size: every impl x grid, one record each."""
     world = sizes.world_size
     seq_len = tokens_per_rank * world
     label = f"{tokens_per_rank // 1024}K" if tokens_per_rank >= 1024 else str(tokens_per_rank)
     kernel = None
-    cu = lognormal_row(seq_len, seed=tokens_per_rank) if section == "c" else None
+    cu = lognormal_row(seq_len, tokens_per_rank, sizes.document_median) if section == "c" else None
     steps: dict = {}
     cases = []
 
     def build() -> Record:
         nonlocal kernel
-        kernel = pick_kernel(device, dtype, sizes.head_dim, need_varlen=section == "c")
+        kernel = pick_kernel(backend, device, dtype, sizes.head_dim, need_varlen=section == "c")
         base = RankProblem("basic", seq_len, sizes.heads, sizes.kv_heads, sizes.head_dim, 1, 1, True)
         if cu is None:
             steps["monolithic"] = monolithic_step(base, kernel, dtype, device)
@@ -402,6 +406,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cases starting after this many seconds are skipped (default 450: the whole run "
                              "stays under 8 minutes on an H100/H200)")
     parser.add_argument("--sections", default="abcd", help="which of a, b, c, d to run (default all)")
+    parser.add_argument("--backend", default=None,
+                        help="kernel of (b), (c), (d) (default: auto on CUDA, with a native varlen one for (c); math "
+                             "on CPU, where the tiny blocks make it the quickest)")
     parser.add_argument("--json", default=None, help="write every record (a JSON list) here")
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.tiny:
@@ -432,12 +439,13 @@ def main(argv=None) -> int:
                     for causal in (True, False):
                         report.run("a", f"{kernel_name} {mode} {'causal' if causal else 'full'}",
                                    lambda: kernel_parity(kernel_name, mode, causal, sizes, dtype, device))
+        backend = args.backend or ("auto" if device.type == "cuda" else "math")
         if "b" in args.sections or "d" in args.sections:
             for tokens in sizes.tokens_per_rank:
-                simulate(report, "b", tokens, sizes, dtype, device)
+                simulate(report, "b", tokens, sizes, dtype, device, backend)
         if "c" in args.sections:
             for tokens in sizes.tokens_per_rank:
-                simulate(report, "c", tokens, sizes, dtype, device)
+                simulate(report, "c", tokens, sizes, dtype, device, backend)
     print(f"\nsummary ({report.elapsed():.0f} s):")
     print(summary_table(report.records), flush=True)
     if args.json:
