@@ -5,13 +5,14 @@ time what one rank of a ``u x r`` grid computes, and compare it with monolithic 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
 from .cost import block_pairs
 from .kernels import AttentionKernel
+from .layout import check_cu_seqlens
 from .masks import AttentionMask
 from .mqsp import MQSPPlan, mqsp_backward, mqsp_forward
 from .ring import build_schedule, ring_backward, ring_forward
@@ -52,7 +53,9 @@ class LoopbackRingComm:
 
 @dataclass(frozen=True)
 class RankProblem:
-    """Attention over ``seq_len`` tokens on a ``ulysses_degree x ring_degree`` grid, seen from one ring rank."""
+    """Attention over ``seq_len`` tokens on a ``ulysses_degree x ring_degree`` grid, seen from one ring rank.
+    With ``cu_seqlens`` the row is packed documents in the document layout (what ``usp_attn(..., cu_seqlens=)``
+    runs): attention stays inside each document and the blocks are the visible pieces of each step."""
 
     ring_impl: str
     seq_len: int
@@ -64,6 +67,11 @@ class RankProblem:
     causal: bool
     batch: int = 1
     micro_q: Optional[int] = None  # mqsp only
+    cu_seqlens: Optional[tuple[int, ...]] = None  # packed documents: offsets [0, ..., seq_len] of the row
+
+    def __post_init__(self) -> None:
+        if self.cu_seqlens is not None:  # validated once, kept as a tuple of ints (hashable, cacheable)
+            object.__setattr__(self, "cu_seqlens", check_cu_seqlens(self.cu_seqlens, self.seq_len))
 
 
 def _inputs(batch, tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
@@ -89,14 +97,15 @@ def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dty
     ring_comm = LoopbackRingComm(r)
     scale = problem.head_dim ** -0.5
     if problem.ring_impl == "mqsp":
-        plan = MQSPPlan(problem.seq_len, u, r, ring_rank, problem.causal, problem.micro_q)
+        plan = MQSPPlan(problem.seq_len, u, r, ring_rank, problem.causal, problem.micro_q, problem.cu_seqlens)
         def step() -> None:
             out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, scale, AttentionMask(), None)
             mqsp_backward(dout, q, k, v, out.to(dtype), lse, plan, ring_comm, kernel, scale, AttentionMask(), None)
 
         step.input_bytes = _nbytes(q, k, v, dout)
         return step
-    schedule = build_schedule(problem.ring_impl, problem.seq_len, u, r, ring_rank, problem.causal)
+    schedule = build_schedule(problem.ring_impl, problem.seq_len, u, r, ring_rank, problem.causal,
+                              problem.cu_seqlens)
 
     def step() -> None:
         out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, scale)
@@ -108,7 +117,12 @@ def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dty
 
 def monolithic_step(problem: RankProblem, kernel: AttentionKernel, dtype: torch.dtype,
                     device: torch.device) -> Callable[[], None]:
-    """Single-device attention over the whole sequence, forward and backward, with the same kernel."""
+    """Single-device attention over the whole sequence, forward and backward, with the same kernel. With
+    documents: what ``usp_attn`` on one rank runs (``u = r = 1`` with ``cu_seqlens``): the row's pieces, one
+    causal square per document, in one varlen call per kind."""
+    if problem.cu_seqlens is not None:
+        single = replace(problem, ring_impl="zigzag", ulysses_degree=1, ring_degree=1, micro_q=None)
+        return rank_step(single, 0, kernel, dtype, device)
     q, k, v, dout = _inputs(problem.batch, problem.seq_len, problem.heads, problem.kv_heads, problem.head_dim,
                             dtype, device)
     scale = problem.head_dim ** -0.5
@@ -122,8 +136,9 @@ def monolithic_step(problem: RankProblem, kernel: AttentionKernel, dtype: torch.
 
 
 def attention_pairs(problem: RankProblem, ring_rank: int) -> int:
-    """(query, key) pairs ring rank ``ring_rank`` computes per head: its share of the attention work."""
+    """(query, key) pairs ring rank ``ring_rank`` computes per head: its share of the attention work (pass-K/V
+    and allgather schedules; with documents, the visible pieces only)."""
     schedule = build_schedule(problem.ring_impl, problem.seq_len, problem.ulysses_degree, problem.ring_degree,
-                              ring_rank, problem.causal)
+                              ring_rank, problem.causal, problem.cu_seqlens)
     return sum(block_pairs(block.q_stop - block.q_start, block.kv_stop - block.kv_start, block.causal)
                for step in schedule.steps for block in step.blocks)

@@ -122,3 +122,58 @@ def test_simulated_mqsp_rank_runs():
     for micro_q in (None, 3):
         rank_step(RankProblem("mqsp", 32, 4, 2, 8, 2, 2, True, micro_q=micro_q), 1, kernel, torch.float32,
                   torch.device("cpu"))()
+
+
+@pytest.fixture
+def one_thread():
+    """Packed documents mean many small tensor ops: one intra-op thread (a shared CI CPU stalls on more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rank_problem_with_documents_covers_each_visible_pair_once(one_thread):
+    from megatron_usp.cost import document_pairs
+
+    cu = (0, 1, 9, 10, 40, 41, 96)  # length-1 documents, one shorter than 2 P, boundaries anywhere
+    for impl in IMPLS:
+        for grid in ((1, 4), (2, 2)):
+            problem = RankProblem(impl, 96, 4, 2, 8, *grid, True, cu_seqlens=torch.tensor(cu))
+            assert problem.cu_seqlens == cu  # validated, stored as a tuple
+            assert sum(attention_pairs(problem, rank) for rank in range(grid[1])) == document_pairs(cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        RankProblem("zigzag", 96, 4, 2, 8, 1, 4, True, cu_seqlens=(0, 50))
+
+
+def test_simulated_rank_and_monolithic_run_on_packed_documents(one_thread):
+    kernel, cpu = MathKernel(), torch.device("cpu")
+    cu = (0, 3, 20, 21, 64)
+    for impl in IMPLS + ["mqsp"]:
+        for rank in range(2):
+            rank_step(RankProblem(impl, 64, 4, 2, 8, 2, 2, True, cu_seqlens=cu), rank, kernel, torch.float32, cpu)()
+    monolithic_step(RankProblem("zigzag", 64, 4, 2, 8, 1, 1, True, cu_seqlens=cu), kernel, torch.float32, cpu)()
+
+
+def test_bench_simulate_rank_documents(tmp_path, one_thread):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("1\n40\n300\n7\n")
+    json_path = tmp_path / "sim_documents.json"
+    records = bench_attention.main(["--mode", "simulate-rank", "--documents", str(lengths), "--world-size", "4",
+                                    "--seq-len", "512", "--heads", "2", "--head-dim", "8", "--rows", "2",
+                                    "--repeats", "1", "--warmup", "0", "--ring-impls", "zigzag", "mqsp",
+                                    "--dtype", "float32", "--threads", "1", "--json", str(json_path)])
+    assert json.loads(json_path.read_text()) == records
+    assert [r["ring_impl"] for r in records] == ["zigzag", "mqsp"]
+    for record in records:
+        assert record["documents"] == "lengths.txt" and record["dtype"] == "float32" and len(record["per_row"]) == 2
+        assert record["efficiency"] > 0 and record["efficiency_worst"] <= record["efficiency"]
+        assert all(set(row["rank_ms"]) == {"0", "1", "2", "3"} for row in record["per_row"])
+
+
+@pytest.mark.parametrize("name,dtype", [("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),
+                                        ("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                        ("float64", torch.float64)])
+def test_bench_dtype_takes_torch_names(name, dtype):
+    args = bench_attention.parse_args(["--dtype", name])
+    assert bench_attention.DTYPES[args.dtype] is dtype

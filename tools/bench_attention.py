@@ -69,11 +69,13 @@ def causal_flags(choice: str) -> list[bool]:
 def base_record(args, mode: str, ring_impl: str, causal: bool, u: int, r: int) -> dict:
     return {"mode": mode, "ring_impl": ring_impl, "causal": causal, "ulysses_degree": u, "ring_degree": r,
             "world_size": u * r, "seq_len": args.seq_len, "batch": args.batch, "heads": args.heads,
-            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype}
+            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
+            "threads": torch.get_num_threads()}
 
 
-def problem(args, ring_impl: str, causal: bool, u: int, r: int) -> RankProblem:
-    return RankProblem(ring_impl, args.seq_len, args.heads, args.kv_heads, args.head_dim, u, r, causal, args.batch)
+def problem(args, ring_impl: str, causal: bool, u: int, r: int, cu_seqlens=None) -> RankProblem:
+    return RankProblem(ring_impl, args.seq_len, args.heads, args.kv_heads, args.head_dim, u, r, causal, args.batch,
+                       cu_seqlens=cu_seqlens)
 
 
 def run_balance(args) -> list[dict]:
@@ -332,6 +334,52 @@ def run_simulate(args, device: torch.device) -> list[dict]:
     return records
 
 
+def run_simulate_documents(args, device: torch.device) -> list[dict]:
+    """simulate-rank on packed rows (the first --documents source): every ring rank of each grid against
+    monolithic attention over the whole row with the same kernel and the same varlen path (usp_attn's u = r = 1
+    with cu_seqlens). Per row: efficiency per round = (monolithic / P) / slowest rank, median over rounds; the
+    record reports the median and the worst over rows."""
+    dtype = DTYPES[args.dtype]
+    kernel = resolve_kernel(args.backend, device, dtype, args.head_dim)
+    source = args.documents[0]
+    rows = packed_rows(source, args.seq_len, args.rows, args.seed)
+    records = {}
+    for causal in causal_flags(args.causal):
+        for row, cu in enumerate(rows):
+            steps = {"monolithic": monolithic_step(problem(args, "zigzag", causal, 1, 1, cu), kernel, dtype, device)}
+            cases = []
+            for u, r in grids(args.world_size, args.heads, args.kv_heads, args.ulysses_degree):
+                for ring_impl in args.ring_impls:
+                    check_seq_len(args.seq_len, u, r, ring_impl)
+                    cases.append((ring_impl, u, r))
+                    for rank in range(r):  # documents: no rank bounds the others, time them all
+                        steps[(ring_impl, u, r, rank)] = rank_step(problem(args, ring_impl, causal, u, r, cu), rank,
+                                                                   kernel, dtype, device)
+            rounds = time_rounds(steps, args.repeats, args.warmup, device)
+            for ring_impl, u, r in cases:
+                slowest = [max(times[(ring_impl, u, r, rank)] for rank in range(r)) for times in rounds]
+                record = records.setdefault((causal, ring_impl, u, r), {
+                    **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
+                    "documents": source_label(source), "documents_detail": source_detail(source),
+                    "rows": len(rows), "seed": args.seed, "repeats": args.repeats, "per_row": []})
+                record["per_row"].append({
+                    "documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:])),
+                    "monolithic_ms": 1e3 * statistics.median(times["monolithic"] for times in rounds),
+                    "rank_ms": {str(rank): 1e3 * statistics.median(times[(ring_impl, u, r, rank)] for times in rounds)
+                                for rank in range(r)},
+                    "time_ms": 1e3 * statistics.median(slowest),
+                    "efficiency": statistics.median(times["monolithic"] / (u * r) / slow
+                                                    for times, slow in zip(rounds, slowest)),
+                })
+    for record in records.values():
+        per_row = record["per_row"]
+        record.update(monolithic_ms=statistics.median(x["monolithic_ms"] for x in per_row),
+                      time_ms=statistics.median(x["time_ms"] for x in per_row),
+                      efficiency=statistics.median(x["efficiency"] for x in per_row),
+                      efficiency_worst=min(x["efficiency"] for x in per_row))
+    return list(records.values())
+
+
 def _yunchang_ulysses(group, causal: bool):
     """yunchang's Ulysses attention (its only path that is correct without flash-attn), or None."""
     try:
@@ -483,6 +531,8 @@ COLUMNS = {
                           "old_computed_cost_worst", "new_computed_cost_median"],
     "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                       "efficiency", "tflops_per_rank"],
+    "simulate-rank-documents": ["documents", "ring_impl", "causal", "ulysses_degree", "ring_degree", "seq_len", "rows",
+                                "kernel", "monolithic_ms", "time_ms", "efficiency", "efficiency_worst"],
     "multi-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                    "efficiency", "tflops_per_rank", "bytes_per_rank", "bytes_analytic", "bytes_ratio"],
 }
@@ -594,10 +644,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_SCHEDULE_IMPLS), default=None,
-                        help="default: all; with --documents zigzag (balance: pass-K/V schedules only)")
+    parser.add_argument("--ring-impls", nargs="+", choices=list(RING_SCHEDULE_IMPLS) + ["mqsp"], default=None,
+                        help="default: basic zigzag stripe allgather; with --documents zigzag. mqsp: simulate-rank "
+                             "and memory only; balance --documents: basic, zigzag, stripe (pass-K/V rings)")
     parser.add_argument("--causal", choices=["causal", "non-causal", "both"], default="causal")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's). On a shared CPU 1 thread measures far more "
+                             "steadily: spinning threads of an oversubscribed pool turn small ops into ~20 ms stalls")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--all-ranks", action="store_true",
@@ -629,6 +683,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seq_lens = [32768, 131072] if args.documents else [2048, 4096, 8192, 16384]
     if args.rows is None:
         args.rows = 8 if args.mode == "balance" else 2
+    if args.mode == "balance" and "mqsp" in args.ring_impls:
+        parser.error("balance counts pass-K/V and allgather schedules: mqsp passes Q")
     if args.documents and args.mode == "balance" and "allgather" in args.ring_impls:
         parser.error("balance --documents measures pass-K/V rings: choose among basic, zigzag, stripe")
     if args.mode != "multi-rank" and args.ulysses_degree is None:
@@ -645,6 +701,8 @@ def main(argv=None) -> list[dict]:
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     leader = True
     if args.mode == "multi-rank":
         import torch.distributed as dist
@@ -653,6 +711,8 @@ def main(argv=None) -> list[dict]:
         leader = dist.get_rank() == 0
         records = run_multi_rank(args, device)
         dist.destroy_process_group()
+    elif args.mode == "simulate-rank" and args.documents:
+        records = run_simulate_documents(args, device)
     elif args.mode == "simulate-rank":
         records = run_simulate(args, device)
     elif args.mode == "memory":
@@ -664,7 +724,8 @@ def main(argv=None) -> list[dict]:
     if leader:
         print(f"{args.mode} on {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
               f", {torch.get_num_threads()} threads):")
-        table_mode = "balance-documents" if args.mode == "balance" and args.documents else args.mode
+        table_mode = f"{args.mode}-documents" if args.mode in ("balance", "simulate-rank") and args.documents \
+            else args.mode
         print(markdown_table(records, table_mode), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
