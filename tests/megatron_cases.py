@@ -277,9 +277,16 @@ def _usp_run(ulysses_degree, ring_degree, ring_impl, packed, **config_overrides)
     model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=ulysses_degree * ring_degree,
                       **config_overrides)
     batch = get_batch_on_this_usp_rank(make_packed_batch() if packed else make_batch())
-    if packed:
-        assert batch["cu_seqlens"].tolist() == PACKED_CU, "cu_seqlens must pass through the batch hook unchanged"
-    losses = usp.unshard(_run_gpt(model, batch, packed), get_usp_groups(), dim=1, ring_impl=ring_impl)
+    layout = None
+    if packed:  # the balanced document layout; its offsets (padding folded in as documents) replace cu_seqlens
+        from megatron_usp.megatron.documents import layout_cu_seqlens
+
+        layout = layout_cu_seqlens(PACKED_CU, PACKED_LEN, PACKED_CU_PADDED)
+        assert tuple(batch["cu_seqlens"].tolist()) == layout and batch["cu_seqlens_padded"] is None
+        assert torch.equal(batch["tokens"], usp.shard(make_packed_batch()["tokens"], get_usp_groups(),
+                                                      ring_impl=ring_impl, cu_seqlens=layout))
+    losses = usp.unshard(_run_gpt(model, batch, packed), get_usp_groups(), dim=1, ring_impl=ring_impl,
+                         cu_seqlens=layout)
     grads = {}
     for name, param in model.named_parameters():
         grads[name] = param.grad.detach().clone()
@@ -308,9 +315,11 @@ def gpt_packed_parity(rank, world_size, ulysses_degree, ring_degree, ring_impls,
         real = make_packed_batch()["loss_mask"].bool()
         report.append({"ring_impl": "1x1 vs per-document",
                        **_compare("1x1 packed vs per-document", ref_losses * real, ref_grads, doc_losses, doc_grads)})
+    real = make_packed_batch()["loss_mask"]  # padding outputs are not defined (TE leaves them unwritten)
     for ring_impl in ring_impls:
         losses, grads = _usp_run(ulysses_degree, ring_degree, ring_impl, packed=True)
-        report.append({"ring_impl": ring_impl, **_compare(f"packed {ring_impl}", losses, grads, ref_losses, ref_grads)})
+        report.append({"ring_impl": ring_impl,
+                       **_compare(f"packed {ring_impl}", losses * real, grads, ref_losses * real, ref_grads)})
     if window_impls:
         window = dict(window_size=(8, 0))
         win_losses, win_grads = masked_reference(packed=False, **window)
@@ -320,4 +329,139 @@ def gpt_packed_parity(rank, world_size, ulysses_degree, ring_degree, ring_impls,
             losses, grads = _usp_run(ulysses_degree, ring_degree, ring_impl, packed=False, **window)
             report.append({"ring_impl": f"window {ring_impl}",
                            **_compare(f"window {ring_impl}", losses, grads, win_losses, win_grads)})
+    return report
+
+
+# ---- --reset-attention-mask batches: documents at EOD tokens, Megatron's dense mask as the reference -------------
+
+EOD = 3
+RESET_EODS = ([9, 20, 21, 35], [4, 30, 46])  # per row: two adjacent EODs make a one-token document
+
+
+def make_reset_batch(batch_size: int, seed: int = 11) -> dict:
+    """Rows with EOD tokens and Megatron's own dataloader masks (--reset-attention-mask --reset-position-ids)."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(EOD + 1, VOCAB, (batch_size, SEQ + 1), generator=gen)
+    for row in range(batch_size):
+        text[row, RESET_EODS[row]] = EOD
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    masks = [_get_ltor_masks_and_position_ids(row, EOD, True, True, False, True) for row in tokens]
+    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(batch_size, SEQ),
+            "attention_mask": torch.stack([m for m, _, _ in masks]), "position_ids": torch.stack([p for _, _, p in masks])}
+
+
+def dense_mask_reference(batch_size: int) -> tuple[torch.Tensor, dict]:
+    """TP=1, CP=1 with megatron-core's own local spec: DotProductAttention applies the dense [b, 1, s, s] mask."""
+    import contextlib
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec as megatron_local_spec
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from megatron_usp.megatron import destroy_model_parallel, enable_cpu_mode, initialize_model_parallel
+    from megatron_usp.megatron.cpu_shim import _current_cuda_device_is_cpu
+
+    enable_cpu_mode()
+    initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    tracker = get_cuda_rng_tracker()
+    fork = tracker.fork
+    tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()  # dropout 0: no CUDA RNG state needed
+    try:
+        with _current_cuda_device_is_cpu():  # its softmax buffers ask for the current CUDA device
+            model = build_gpt(megatron_local_spec, 1)
+            batch = make_reset_batch(batch_size)
+            losses = _run_gpt(model, batch, packed=False)
+            plain = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
+            with torch.no_grad():
+                plain_losses = model(batch["tokens"], batch["position_ids"], plain, labels=batch["labels"])
+    finally:
+        tracker.fork = fork
+    assert relative_error(losses, plain_losses) > 1e-3, "the document mask had no effect on the reference"
+    grads = _grads(model)
+    destroy_model_parallel()
+    return losses, grads
+
+
+def gpt_reset_mask_parity(rank, world_size, ulysses_degree, ring_degree, ring_impls, batch_size,
+                          from_eod=False) -> list[dict]:
+    """USP GPTModel on --reset-attention-mask batches (through get_batch_on_this_usp_rank: the dense mask, or EOD
+    tokens with ``from_eod``) vs the 1 x 1 megatron-core model with the dense mask. Micro-batch 1: the balanced
+    document layout; 2 (rows with different documents): the row layout with document ids."""
+    from megatron.core import parallel_state
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, get_usp_groups,
+        initialize_model_parallel,
+    )
+    from megatron_usp.megatron import documents
+
+    ref_losses, ref_grads = dense_mask_reference(batch_size)
+    report = []
+    for ring_impl in ring_impls:
+        initialize_model_parallel(1, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
+                                  create_gloo_process_groups=False)
+        model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=ulysses_degree * ring_degree)
+        full = make_reset_batch(batch_size)
+        if from_eod:
+            batch = get_batch_on_this_usp_rank({**full, "attention_mask": None}, eod_token=EOD)
+        else:
+            batch = get_batch_on_this_usp_rank(full)
+        layout = documents.current_layout(SEQ)
+        assert (layout is not None) == (batch_size == 1), layout
+        losses = usp.unshard(_run_gpt(model, batch, packed=False), get_usp_groups(), dim=1, ring_impl=ring_impl,
+                             cu_seqlens=layout)
+        grads = {}
+        for name, param in model.named_parameters():
+            grads[name] = param.grad.detach().clone()
+            dist.all_reduce(grads[name], group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        destroy_model_parallel()
+        label = f"reset-mask b{batch_size} {ring_impl}{' eod' if from_eod else ''}"
+        report.append({"ring_impl": label, **_compare(label, losses, grads, ref_losses, ref_grads)})
+    return report
+
+
+def gpt_mask_refusal(rank, world_size) -> list[str]:
+    """A dense attention_mask handed straight to the USP model (not through the batch hook) raises ValueError on
+    every rank before usp_attn runs (so before any collective): the ranks then meet at a barrier, no hang."""
+    from megatron_usp.megatron import (
+        attention, destroy_model_parallel, enable_cpu_mode, get_batch_on_this_usp_rank, get_gpt_layer_local_spec,
+        initialize_model_parallel,
+    )
+
+    enable_cpu_mode()
+    initialize_model_parallel(1, 1, ulysses_degree=2, ring_degree=2, create_gloo_process_groups=False)
+    model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=4)
+    full = make_reset_batch(1)
+    batch = get_batch_on_this_usp_rank({**full, "attention_mask": None})
+    calls = []
+    original = attention.usp_attn
+    attention.usp_attn = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    messages = []
+    try:
+        for mask in (full["attention_mask"], full["attention_mask"][:, :, :SEQ // 4], torch.zeros(1, SEQ).float()):
+            try:
+                model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+            except ValueError as error:
+                messages.append(str(error))
+    finally:
+        attention.usp_attn = original
+    assert calls == [] and len(messages) == 3, (calls, messages)
+    dist.barrier()
+    destroy_model_parallel()
+    return messages
+
+
+def gpt_reset_mask_cases(rank, world_size) -> list[dict]:
+    """The --reset-attention-mask matrix in one pool run (u2 x r2): micro-batch 1 from the dense mask (zigzag) and
+    from EOD tokens (stripe), micro-batch 2 (zigzag); then the refusal of a mask handed straight to the model."""
+    import time
+
+    report = []
+    for batch_size, ring_impl, from_eod in ((1, "zigzag", False), (1, "stripe", True), (2, "zigzag", False)):
+        start = time.perf_counter()
+        report += gpt_reset_mask_parity(rank, world_size, 2, 2, [ring_impl], batch_size, from_eod)
+        report[-1]["seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report.append({"refusals": gpt_mask_refusal(rank, world_size), "seconds": time.perf_counter() - start})
     return report

@@ -94,3 +94,17 @@ def test_gpt_packed_documents_and_window_match_reference(fresh_rank_pool, ulysse
             label = f"gpt masks u{ulysses_degree} r{ring_degree} {entry['ring_impl']}"
             record_error(label + " loss", entry["loss"])
             record_error(label + " grad", entry["grad"])
+
+
+def test_gpt_reset_attention_mask_matches_megatron_dense_mask_and_refuses_raw_masks(fresh_rank_pool):
+    """--reset-attention-mask batches (documents from Megatron's dense mask or from EOD tokens) on u2 x r2 vs the
+    1 x 1 megatron-core model applying the dense mask: micro-batch 1 in the balanced document layout, micro-batch 2
+    (rows with different documents) in the row layout. A mask handed to the model without the batch hook raises
+    on every rank before any collective."""
+    reports = fresh_rank_pool(4).run("megatron_cases:gpt_reset_mask_cases", timeout=300)
+    for rank_report in reports:
+        *parity, refusal = rank_report
+        for entry in parity:
+            record_error(f"gpt u2 r2 {entry['ring_impl']} loss", entry["loss"])
+            record_error(f"gpt u2 r2 {entry['ring_impl']} grad", entry["grad"])
+        assert all("get_batch_on_this_usp_rank" in message for message in refusal["refusals"][:2]), refusal

@@ -34,6 +34,8 @@ def megatron_like_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-length", type=int)
     parser.add_argument("--world-size", type=int)
     parser.add_argument("--sft", action="store_true")
+    parser.add_argument("--reset-attention-mask", action="store_true")
+    parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     return parser
 
 
@@ -77,6 +79,7 @@ def usp_grid_up(monkeypatch):
     """USP state of CP rank 1 of u=2 x r=2 (ulysses rank 1, ring rank 0), without process groups."""
     groups = USPGroups(None, None, 2, 2, 1, 0, (0, 2))
     monkeypatch.setattr(grid, "_STATE", grid.USPState(groups, "zigzag", "torch"))
+    monkeypatch.setattr(megatron_lm, "_get_megatron_args", lambda: types.SimpleNamespace())  # Megatron-LM's defaults
     return groups
 
 
@@ -134,7 +137,9 @@ def test_without_usp_flags_megatron_context_parallelism_is_untouched(fake_megatr
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--sft"], "--sft"),
+        (["--reset-attention-mask", "--pipeline-model-parallel-size", "3"], "--reset-attention-mask with USP needs"),
+        (["--sft", "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+         "--sft with USP needs"),
         (["--context-parallel-size", "2"], "--context-parallel-size 2 conflicts"),
         (["--cp-comm-type", "a2a"], "--cp-comm-type"),
     ],
@@ -144,6 +149,13 @@ def test_usp_conflicts_are_rejected_before_megatron_validates(fake_megatron_lm, 
     with pytest.raises(ValueError, match=message):
         fake_megatron_lm.initialize.validate_args(parse(["--ulysses-degree", "2", "--ring-degree", "2"] + argv), {})
     assert fake_megatron_lm.calls == []
+
+
+@pytest.mark.parametrize("argv", [["--sft"], ["--reset-attention-mask", "--pipeline-model-parallel-size", "2"]])
+def test_packed_and_document_masked_training_is_accepted(fake_megatron_lm, argv):
+    megatron_lm.install(get_args=lambda: None)
+    fake_megatron_lm.initialize.validate_args(parse(["--ulysses-degree", "2", "--ring-degree", "2"] + argv), {})
+    assert fake_megatron_lm.calls == [4]
 
 
 def test_install_without_megatron_lm_names_the_fix(monkeypatch):
@@ -278,10 +290,75 @@ def test_batch_hook_gives_megatron_zigzag_chunks_and_keeps_metadata(usp_grid_up)
     assert out["cu_seqlens"] is None and out["max_seqlen"] is None
 
 
-def test_batch_hook_rejects_packed_and_hybrid_batches(usp_grid_up):
+def test_batch_hook_rejects_hybrid_batches(usp_grid_up):
     hook = megatron_lm.wrap_get_batch_on_this_cp_rank(lambda batch, is_hybrid_cp=False: None)
-    tokens = torch.arange(16).view(1, 16)
-    with pytest.raises(ValueError, match="packed"):
-        hook({"tokens": tokens, "cu_seqlens": torch.tensor([0, 16])}, is_hybrid_cp=False)
     with pytest.raises(ValueError, match="hybrid"):
-        hook({"tokens": tokens}, True)
+        hook({"tokens": torch.arange(16).view(1, 16)}, True)
+
+
+def test_batch_hook_shards_megatron_019_thd_batches_with_the_document_layout(usp_grid_up):
+    """megatron-core 0.19's get_batch_on_this_cp_rank gets THD rows with cu_seqlens [1, n]: the document layout,
+    cu_seqlens -> the layout offsets (forward_step builds PackedSeqParams from them), cu_seqlens_padded -> None."""
+    from megatron_usp.megatron.documents import layout_cu_seqlens
+    from megatron_usp.sharding import positions
+
+    hook = megatron_lm.wrap_get_batch_on_this_cp_rank(lambda *a, **k: pytest.fail("Megatron's"))
+    tokens = torch.arange(32).view(1, 32)
+    batch = {"attention_mask": None, "cu_seqlens": torch.tensor([[0, 3, 9]], dtype=torch.int32),
+             "cu_seqlens_padded": torch.tensor([[0, 4, 16]], dtype=torch.int32), "hybrid_cp_group": None,
+             "labels": tokens + 100, "local_cp_size": None, "loss_mask": torch.ones(1, 32),
+             "max_seqlen": torch.tensor([6], dtype=torch.int32), "position_ids": tokens % 16, "tokens": tokens}
+    out = hook(batch, is_hybrid_cp=False, cp_group=None, use_per_sequence_balancing=True)
+    assert list(out) == list(batch)
+    layout = layout_cu_seqlens([0, 3, 9], 32, [0, 4, 16])
+    held = positions(32, usp_grid_up, ring_impl="zigzag", cu_seqlens=layout)
+    assert out["tokens"].tolist() == [held.tolist()] and torch.equal(out["labels"], tokens[:, held] + 100)
+    assert tuple(out["cu_seqlens"][0].tolist()) == layout and out["cu_seqlens_padded"] is None
+    assert out["max_seqlen"] is batch["max_seqlen"]
+
+
+def test_thd_hook_replaces_transformer_engine_partitioning(usp_grid_up):
+    """Megatron-LM <= 0.16 sends --sft batches to get_thd_batch_on_this_cp_rank (Transformer Engine's indices):
+    under USP the document layout and PackedSeqParams with the layout offsets; Megatron's function otherwise."""
+    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+
+    from megatron_usp.sharding import positions
+
+    hook = megatron_lm.wrap_get_thd_batch_on_this_cp_rank(get_thd_batch_on_this_cp_rank)
+    tokens = torch.arange(32).view(1, 32)
+    batch = {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(1, 32), "attention_mask": None,
+             "position_ids": tokens % 8}
+    cu = torch.tensor([[0, 8, 20, 32]], dtype=torch.int32)
+    out, params = hook(dict(batch), cu, None, torch.tensor([12], dtype=torch.int32))
+    held = positions(32, usp_grid_up, ring_impl="zigzag", cu_seqlens=(0, 8, 20, 32))
+    assert list(out) == list(batch) and out["tokens"].tolist() == [held.tolist()]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 8, 20, 32]
+    assert params.cu_seqlens_kv is params.cu_seqlens_q and params.cu_seqlens_q_padded is None
+    assert (params.max_seqlen_q, params.max_seqlen_kv) == (12, 12)
+
+
+def test_thd_hook_passes_through_without_the_usp_grid():
+    hook = megatron_lm.wrap_get_thd_batch_on_this_cp_rank(lambda *args, **kwargs: ("megatron", args, kwargs))
+    assert hook({"tokens": 1}, "cu", None, "max", cp_size=1) == ("megatron", ({"tokens": 1}, "cu", None, "max"),
+                                                                {"cp_size": 1})
+
+
+def test_batch_hook_takes_reset_attention_mask_documents_from_eod(usp_grid_up, monkeypatch):
+    """--reset-attention-mask --no-create-attention-mask-in-dataloader: documents from the tokenizer's EOD; with
+    the dataloader's dense mask, from the mask (the EOD is then not needed)."""
+    from megatron_usp.megatron import documents
+    from megatron_usp.sharding import positions
+
+    training = types.ModuleType("megatron.training")
+    training.get_tokenizer = lambda: types.SimpleNamespace(eod=7)
+    monkeypatch.setitem(sys.modules, "megatron.training", training)
+    monkeypatch.setattr(megatron_lm, "_get_megatron_args", lambda: types.SimpleNamespace(reset_attention_mask=True))
+    tokens = torch.tensor([[1, 2, 3, 7, 4, 5, 6, 1, 2, 3, 7, 5, 4, 3, 2, 1]])
+    hook = megatron_lm.wrap_get_batch_on_this_cp_rank(lambda *a, **k: pytest.fail("Megatron's"))
+    out = hook({"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(1, 16), "attention_mask": None,
+                "position_ids": tokens}, is_hybrid_cp=False)
+    held = positions(16, usp_grid_up, ring_impl="zigzag", cu_seqlens=(0, 4, 11, 16))
+    assert out["tokens"].tolist() == [tokens[0, held].tolist()]
+    assert out["attention_mask"].tolist() == [[0] * 4 + [1] * 7 + [2] * 5]
+    assert documents.current_layout(16) == (0, 4, 11, 16)
+    documents.set_current(None)

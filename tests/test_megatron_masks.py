@@ -14,6 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_usp.groups import USPGroups  # noqa: E402
 from megatron_usp.megatron import attention, batch as batch_mod, document_ids_from_cu_seqlens, packed_document_ids  # noqa: E402
+from megatron_usp.megatron import documents  # noqa: E402
 from megatron_usp.sharding import positions  # noqa: E402
 
 
@@ -81,19 +82,196 @@ def test_window_size_per_layer_and_mask_types():
         attention._is_causal(AttnMaskType.padding_causal)
 
 
-def test_batch_hook_shards_tokens_and_passes_cu_seqlens(monkeypatch):
+def test_layout_cu_seqlens_folds_padding_into_documents():
+    layout = documents.layout_cu_seqlens
+    assert layout(torch.tensor([0, 5, 10, 15]), 16) == (0, 5, 10, 15, 16)  # trailing tokens: one more document
+    assert layout([0, 5, 10, 16], 16) == (0, 5, 10, 16)
+    # documents of 3 and 2 real tokens padded to 4 slots each, then 2 trailing: padding never joins a document
+    assert layout([0, 3, 5], 10, [0, 4, 8]) == (0, 3, 4, 6, 8, 10)
+    assert layout([0, 4, 4, 8], 8) == (0, 4, 8)  # empty documents dropped
+    assert layout(torch.tensor([[0, 3, 5]]), 10, torch.tensor([[0, 4, 8]])) == (0, 3, 4, 6, 8, 10)  # [1, n+1]
+    for cu, padded in (([0, 5, 10, 15], None), ([0, 3, 5], [0, 4, 8]), ([0, 16], None)):
+        once = layout(cu, 16, padded)
+        assert layout(list(once), 16) == once  # a fixed point: handing it on keeps the layout
+
+
+def _thd_batch(seq, cu, padded=None):
+    return {"tokens": torch.arange(seq)[None], "position_ids": torch.arange(seq)[None] % 5,
+            "cu_seqlens": torch.tensor([cu], dtype=torch.int32), "max_seqlen": torch.tensor([5]),
+            "cu_seqlens_padded": None if padded is None else torch.tensor([padded], dtype=torch.int32)}
+
+
+@pytest.mark.parametrize("ring_impl", ["zigzag", "stripe", "basic"])
+@pytest.mark.parametrize("cu,padded", [([0, 5, 10, 15], None), ([0, 3, 9, 12], [0, 4, 11, 14]), ([0, 32], None)],
+                         ids=["trailing", "padded", "one-document"])
+def test_batch_hook_shards_thd_rows_with_the_document_layout(ring_impl, cu, padded):
+    """Every rank's THD shard = usp.shard with the layout offsets; together the ranks hold the row once; the batch
+    hands on those offsets (cu_seqlens_padded None) so PackedSeqParams built from it describe the layout."""
+    seq, u, r = 32, 2, 2
+    full = _thd_batch(seq, cu, padded)
+    expected_cu = documents.layout_cu_seqlens(cu, seq, padded)
+    seen = []
+    for ring_rank in range(r):
+        for ulysses_rank in range(u):
+            groups = fake_groups(u, r, ulysses_rank, ring_rank)
+            local = batch_mod.get_batch_on_this_usp_rank(full, groups, ring_impl)
+            held = positions(seq, groups, ring_impl=ring_impl, cu_seqlens=expected_cu)
+            assert torch.equal(local["tokens"][0], held)
+            assert torch.equal(local["position_ids"], full["position_ids"][:, held])
+            assert tuple(local["cu_seqlens"][0].tolist()) == expected_cu and local["cu_seqlens"].dtype == torch.int32
+            assert local["cu_seqlens_padded"] is None and local["max_seqlen"] is full["max_seqlen"]
+            seen.append(held)
+    assert sorted(torch.cat(seen).tolist()) == list(range(seq))
+    if padded is None and cu[-1] == seq:  # nothing to fold in: the metadata pass through as they are
+        assert local["cu_seqlens"] is full["cu_seqlens"]
+
+
+def test_batch_hook_thd_rejections():
     groups = fake_groups(2, 2, 1, 0)
-    seq = 16
-    full = {"tokens": torch.arange(seq)[None], "position_ids": torch.tensor([[0, 1, 2, 3, 4] * 3 + [0]]),
-            "cu_seqlens": torch.tensor([0, 5, 10, 15]), "cu_seqlens_padded": None, "max_seqlen": torch.tensor([5]),
-            "packed_seq_params": "kept"}
-    local = batch_mod.get_batch_on_this_usp_rank(full, groups, "zigzag")
-    held = positions(seq, groups, ring_impl="zigzag")
-    assert torch.equal(local["tokens"][0], held) and torch.equal(local["position_ids"], full["position_ids"][:, held])
-    for key in ("cu_seqlens", "max_seqlen", "packed_seq_params"):
-        assert local[key] is full[key]
+    full = _thd_batch(16, [0, 5, 10, 15])
     with pytest.raises(ValueError, match="global"):
         batch_mod.get_batch_on_this_usp_rank({**full, "cu_seqlens": torch.tensor([0, 5, 17])}, groups, "zigzag")
+    with pytest.raises(ValueError, match="one packed row"):
+        batch_mod.get_batch_on_this_usp_rank({**full, "tokens": torch.zeros(2, 8)}, groups, "zigzag")
+    with pytest.raises(ValueError, match="drop the attention_mask"):
+        batch_mod.get_batch_on_this_usp_rank({**full, "attention_mask": torch.ones(1, 1, 16, 16).bool()}, groups,
+                                             "zigzag")
+
+
+def _megatron_masks(tokens: torch.Tensor, eod: int):
+    """Megatron's own dataloader masks (--reset-attention-mask --reset-position-ids) for rows of tokens."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    rows = [_get_ltor_masks_and_position_ids(row, eod, True, True, False, True) for row in tokens]
+    return torch.stack([m for m, _, _ in rows]).view(len(rows), 1, tokens.shape[1], -1), torch.stack([p for _, _, p in rows])
+
+
+def test_documents_from_megatron_masks_and_eod():
+    eod, seq = 7, 12
+    tokens = torch.tensor([[1, 2, 7, 3, 4, 5, 7, 1, 7, 2, 3, 7], [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]])
+    mask, _ = _megatron_masks(tokens, eod)
+    ids = documents.documents_from_dense_mask(mask)
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3], [0] * seq]  # an EOD ends its document
+    assert torch.equal(documents.documents_from_eod(tokens, eod), ids)
+    assert documents.documents_from_dense_mask(mask[1:]) is None  # plain causal
+    assert documents.documents_from_eod(tokens[1:], eod) is None
+    assert documents.shared_cu_seqlens(ids[:1].expand(3, seq)) == (0, 3, 7, 9, 12)
+    assert documents.shared_cu_seqlens(ids) is None  # rows differ: per-row document ids
+    assert documents.shared_cu_seqlens(torch.tensor([[0, 0, 1, 1, 0]])) is None  # a label that is not one run
+
+
+@pytest.mark.parametrize("name", ["window", "padding", "float", "shape", "blind row"])
+def test_dense_masks_that_are_not_causal_documents_are_refused(name, monkeypatch):
+    seq = 8
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
+    masks = {
+        "window": causal | torch.tril(torch.ones(seq, seq, dtype=torch.bool), -3),
+        "padding": causal | (torch.arange(seq) >= 6)[None, :],
+        "float": (~causal).float(),
+        "shape": causal[None],
+        "blind row": causal | torch.eye(seq, dtype=torch.bool),
+    }
+    mask = masks[name] if name == "shape" else masks[name][None, None]
+    monkeypatch.setattr(documents, "_CHECK_ELEMENTS", 16)  # several row blocks
+    with pytest.raises(ValueError, match="attention_mask"):
+        batch_mod.get_batch_on_this_usp_rank({"tokens": torch.zeros(1, seq, dtype=torch.long), "attention_mask": mask},
+                                             fake_groups(2, 1, 0, 0), "zigzag")
+
+
+@pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])
+def test_batch_hook_reset_attention_mask_layouts(ring_impl):
+    """Rows with the same documents: the balanced document layout, attention_mask -> document ids; rows that differ:
+    the row layout. Dense mask and EOD tokens give the same batch."""
+    eod, seq, u, r = 7, 16, 2, 2
+    row = torch.tensor([[1, 2, 3, 7, 4, 5, 6, 1, 2, 3, 7, 5, 4, 3, 2, 1]])
+    for tokens in (row, torch.cat([row, row.flip(1)])):
+        mask, position_ids = _megatron_masks(tokens, eod)
+        full = {"tokens": tokens, "labels": tokens + 100, "loss_mask": torch.ones(tokens.shape),
+                "attention_mask": mask, "position_ids": position_ids}
+        for ring_rank in range(r):
+            for ulysses_rank in range(u):
+                groups = fake_groups(u, r, ulysses_rank, ring_rank)
+                local = batch_mod.get_batch_on_this_usp_rank(full, groups, ring_impl)
+                cu = (0, 4, 11, 16) if tokens.shape[0] == 1 else None
+                held = positions(seq, groups, ring_impl=ring_impl, cu_seqlens=cu)
+                assert torch.equal(local["tokens"], tokens[:, held]) and torch.equal(local["labels"], tokens[:, held] + 100)
+                assert torch.equal(local["position_ids"], position_ids[:, held])
+                assert torch.equal(local["attention_mask"], documents.documents_from_eod(tokens, eod))
+                assert documents.current_layout(seq) == cu
+                by_eod = batch_mod.get_batch_on_this_usp_rank({**full, "attention_mask": None}, groups, ring_impl,
+                                                              eod_token=eod)
+                assert all(torch.equal(by_eod[k], local[k]) for k in local)
+    plain = batch_mod.get_batch_on_this_usp_rank({**full, "attention_mask": _megatron_masks(tokens[:, :6], 99)[0]},
+                                                 fake_groups(2, 1, 0, 0), ring_impl)  # plain causal: dropped
+    assert plain["attention_mask"] is None and documents.current_layout(6) is None
+
+
+def _attention_documents(mask, query, sp_size=4, params=None):
+    return attention._cached_documents(params, mask, query, sp_size)
+
+
+def test_attention_refuses_masks_it_cannot_honour_and_stale_documents():
+    """Local checks in USPAttention (before usp_attn, so before any collective): a dense mask is refused per layer,
+    documents must be those of the batch the hook sharded (RoPE followed it), THD padding must be folded in."""
+    seq, batch = 16, 1
+    query = torch.zeros(seq // 4, batch, 2, 8)
+    dense = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]
+    with pytest.raises(ValueError, match="get_batch_on_this_usp_rank"):
+        _attention_documents(dense, query)
+    ids = torch.tensor([[0] * 5 + [1] * 11])
+    documents.set_current(documents.BatchDocuments(ids, (0, 5, 16)))
+    try:
+        assert _attention_documents(ids, query) == (None, (0, 5, 16))
+        assert _attention_documents(ids.detach(), query) == (None, (0, 5, 16))  # recomputation detaches
+        with pytest.raises(ValueError, match="not those of the batch"):
+            _attention_documents(None, query)  # a batch that bypassed the hook while RoPE used the documents
+        with pytest.raises(ValueError, match="not those of the batch"):
+            _attention_documents(ids.clone(), query)
+        with pytest.raises(ValueError, match=r"\[batch, seq_len\]"):
+            _attention_documents(ids[:, :8], query)
+    finally:
+        documents.set_current(None)
+    with pytest.raises(ValueError, match="not those of the batch"):
+        _attention_documents(ids, query)  # documents the hook never saw: RoPE used the row layout
+    per_row = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
+    documents.set_current(documents.BatchDocuments(per_row, None))
+    try:
+        got = _attention_documents(per_row, torch.zeros(seq // 4, 2, 2, 8))
+        assert got[0] is per_row and got[1] is None
+    finally:
+        documents.set_current(None)
+    thd_query = torch.zeros(4, 2, 8)
+    padded = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3, 9]), cu_seqlens_kv=torch.tensor([0, 3, 9]),
+                             cu_seqlens_q_padded=torch.tensor([0, 4, 16]), cu_seqlens_kv_padded=torch.tensor([0, 4, 16]))
+    with pytest.raises(ValueError, match="padded slots inside documents"):
+        _attention_documents(None, thd_query, params=padded)
+    assert _attention_documents(None, torch.zeros(16, 2, 8), sp_size=1, params=padded) == (None, (0, 3, 4, 10, 16))
+    with pytest.raises(ValueError, match="not both"):
+        _attention_documents(ids, thd_query, params=padded)
+
+
+def test_sbhd_rope_follows_the_document_layout_of_the_batch(monkeypatch):
+    """megatron-core caches the sliced rotary table per length; for a batch in the document layout the apply hook
+    re-selects the rows of the positions held there (row positions, as megatron-core's sbhd RoPE)."""
+    seq, u, r = 16, 2, 2
+    full = torch.randn(seq, 1, 1, 8)
+    monkeypatch.setattr(batch_mod, "get_usp_ring_impl", lambda: "zigzag")
+    cu = (0, 5, 16)
+    for ring_rank in range(r):
+        for ulysses_rank in range(u):
+            groups = fake_groups(u, r, ulysses_rank, ring_rank)
+            monkeypatch.setattr(batch_mod, "get_usp_groups", lambda g=groups: g)
+            sliced = batch_mod.usp_pos_emb_on_this_rank(full, 0)
+            t = torch.zeros(seq // 4, 1, 2, 8)
+            assert batch_mod._sbhd_rope_freqs(t, sliced) is sliced  # row layout: megatron-core's slice
+            documents.set_current(documents.BatchDocuments(torch.tensor([[0] * 5 + [1] * 11]), cu))
+            try:
+                held = positions(seq, groups, ring_impl="zigzag", cu_seqlens=cu)
+                assert torch.equal(batch_mod._sbhd_rope_freqs(t, sliced), full[held])
+                with pytest.raises(ValueError, match="RoPE hook"):
+                    batch_mod._sbhd_rope_freqs(t, sliced.clone())
+            finally:
+                documents.set_current(None)
 
 
 @pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])
@@ -114,7 +292,7 @@ def test_thd_rope_hook_matches_megatron_single_rank(monkeypatch, ring_impl, exac
         for ulysses_rank in range(u):
             groups = fake_groups(u, r, ulysses_rank, ring_rank)
             monkeypatch.setattr(batch_mod, "get_usp_groups", lambda g=groups: g)
-            held = positions(seq, groups, ring_impl=ring_impl)
+            held = positions(seq, groups, ring_impl=ring_impl, cu_seqlens=cu)  # THD rows: the document layout
             out = batch_mod.usp_apply_rotary_pos_emb_thd(t[held], freqs, config, cu)
             torch.testing.assert_close(out, expected[held], rtol=0, atol=1e-6)
 

@@ -2,8 +2,11 @@
 
 Masks: ``config.window_size`` (sliding window, ``(left, right)``, ``-1`` = unbounded; with causal masking the
 right side is 0, as Transformer Engine does; ``window_attn_skip_freq`` picks the layers), packed documents via
-``PackedSeqParams`` (``qkv_format="thd"``: global ``cu_seqlens`` -> document ids; ``"sbhd"``: per-row valid
-lengths, the rest is padding, as TE reads ``cu_seqlens`` for sbhd).
+``PackedSeqParams`` (``qkv_format="thd"``: global ``cu_seqlens`` -> the document layout, see
+:func:`.documents.layout_cu_seqlens`; ``"sbhd"``: per-row valid lengths, the rest is padding, as TE reads
+``cu_seqlens`` for sbhd), and documents of sbhd batches as ``attention_mask`` = document ids ``[b, s]`` (what
+:func:`.batch.get_batch_on_this_usp_rank` makes of ``--reset-attention-mask`` batches). Any other
+``attention_mask`` is a ValueError, raised before any collective: it is never ignored.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_s
         return bool(window_attn_skip_freq[layer_number - 1])
 
 from ..usp import usp_attn
+from . import documents
 from .batch import check_cu_seqlens, document_ids_from_cu_seqlens
+from .documents import layout_cu_seqlens
 from .grid import get_usp_attn_backend, get_usp_groups, get_usp_micro_q, get_usp_ring_impl
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
@@ -67,6 +72,37 @@ def _effective_window(window: Optional[tuple[int, int]], causal: bool) -> Option
     return None if window == (-1, -1) else window
 
 
+def _self_attention_offsets(packed_seq_params) -> tuple:
+    """``(cu_seqlens_q, cu_seqlens_q_padded)`` after checking they equal the kv ones (self-attention)."""
+    cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+    padded_q, padded_kv = packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_kv_padded
+    if cu_q is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q is None: give the global cumulative document lengths")
+    for name, a, b in (("cu_seqlens", cu_q, cu_kv), ("cu_seqlens_padded", padded_q, padded_kv)):
+        if b is not None and (a is None or not torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu())):
+            raise ValueError(f"USPAttention is self-attention: {name}_q and {name}_kv must be equal")
+    return cu_q, padded_q
+
+
+def thd_cu_seqlens(packed_seq_params, query: torch.Tensor, sp_size: int) -> tuple:
+    """The document-layout offsets ``[0, ..., S]`` of a THD row (``query [t_local, heads, d]``, ``S = t_local *
+    sp_size``) from ``packed_seq_params``: :func:`.documents.layout_cu_seqlens`, the function the batch hook
+    sharded with. Megatron's THD RoPE sees only the padded offsets, so with ``sp_size > 1`` they must imply the
+    same layout: padded slots inside documents are folded in by the batch hook, else ValueError."""
+    if query.dim() != 3:
+        raise ValueError(f"thd query must be [tokens, heads, head_dim], got shape {tuple(query.shape)}")
+    cu_q, padded_q = _self_attention_offsets(packed_seq_params)
+    total = query.shape[0] * sp_size
+    layout = layout_cu_seqlens(cu_q, total, padded_q)
+    if sp_size > 1 and padded_q is not None and layout_cu_seqlens(padded_q, total) != layout:
+        raise ValueError(
+            "cu_seqlens_q_padded has padded slots inside documents, which megatron-core's RoPE cannot see: build "
+            "PackedSeqParams from the cu_seqlens that get_batch_on_this_usp_rank returns (padding folded in as "
+            "documents, cu_seqlens_padded None)"
+        )
+    return layout
+
+
 def packed_document_ids(packed_seq_params, query: torch.Tensor, sp_size: int) -> Optional[torch.Tensor]:
     """Document ids ``[batch, seq_len]`` of the global sequence for ``usp_attn``, from ``packed_seq_params``.
 
@@ -81,13 +117,7 @@ def packed_document_ids(packed_seq_params, query: torch.Tensor, sp_size: int) ->
     if qkv_format not in PACKED_FORMATS:
         raise ValueError(f"USPAttention supports packed_seq_params with qkv_format 'thd' (packed documents) or "
                          f"'sbhd' (per-row padding), got {qkv_format!r}")
-    cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
-    padded_q, padded_kv = packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_kv_padded
-    if cu_q is None:
-        raise ValueError("packed_seq_params.cu_seqlens_q is None: give the global cumulative document lengths")
-    for name, a, b in (("cu_seqlens", cu_q, cu_kv), ("cu_seqlens_padded", padded_q, padded_kv)):
-        if b is not None and (a is None or not torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu())):
-            raise ValueError(f"USPAttention is self-attention: {name}_q and {name}_kv must be equal")
+    cu_q, padded_q = _self_attention_offsets(packed_seq_params)
     if qkv_format == "thd":
         if query.dim() != 3:
             raise ValueError(f"thd query must be [tokens, heads, head_dim], got shape {tuple(query.shape)}")
@@ -160,7 +190,7 @@ class USPAttention(MegatronModule):
             raise ValueError("USPAttention does not support attention_bias yet")
         packed = packed_seq_params is not None
         causal = _is_causal(self.attn_mask_type if attn_mask_type is None else attn_mask_type, packed)
-        document_ids = _cached_document_ids(packed_seq_params, query, self.groups.sp_size)
+        document_ids, cu_seqlens = _cached_documents(packed_seq_params, attention_mask, query, self.groups.sp_size)
         thd = packed and packed_seq_params.qkv_format == "thd"
         q, k, v = (x.unsqueeze(0) if thd else x.transpose(0, 1) for x in (query, key, value))
         out = usp_attn(
@@ -172,6 +202,7 @@ class USPAttention(MegatronModule):
             backend=self.backend,
             window=_effective_window(self.window, causal),
             document_ids=document_ids,
+            cu_seqlens=cu_seqlens,
             micro_q=self.micro_q,
         )
         if thd:
@@ -179,20 +210,61 @@ class USPAttention(MegatronModule):
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
 
 
-_last_ids: list = []  # [(packed_seq_params, versions, shape, sp_size, ids)]: every layer of a step shares one
+def _mask_documents(attention_mask: torch.Tensor, query: torch.Tensor, sp_size: int):
+    """``(document_ids, cu_seqlens)`` of an ``attention_mask`` that holds document ids ``[b, s]`` (sbhd)."""
+    fix = ("pass the batch through get_batch_on_this_usp_rank (megatron-core) or the patched pretrain_gpt.py, which "
+           "turn plain causal and causal document masks (--reset-attention-mask) into what USPAttention takes")
+    if attention_mask.is_floating_point() or attention_mask.dtype == torch.bool or attention_mask.dim() != 2:
+        raise ValueError(f"USPAttention cannot honour an attention_mask of shape {tuple(attention_mask.shape)} "
+                         f"({attention_mask.dtype}) per layer: {fix}")
+    if query.dim() != 4:
+        raise ValueError("attention_mask with document ids needs sbhd input; thd takes documents from packed_seq_params")
+    expected = (query.shape[1], query.shape[0] * sp_size)
+    if tuple(attention_mask.shape) != expected:
+        raise ValueError(f"attention_mask (document ids) must be [batch, seq_len] = {list(expected)} of the whole "
+                         f"sequence, got {tuple(attention_mask.shape)}: {fix}")
+    cu = documents.shared_cu_seqlens(attention_mask)
+    return (attention_mask if cu is None else None), cu
 
 
-def _cached_document_ids(packed_seq_params, query: torch.Tensor, sp_size: int) -> Optional[torch.Tensor]:
-    if packed_seq_params is None:
-        return None
-    if not all(hasattr(packed_seq_params, name) for name in ("qkv_format", "cu_seqlens_q", "cu_seqlens_q_padded")):
-        raise TypeError(f"packed_seq_params must be megatron.core's PackedSeqParams (qkv_format, cu_seqlens_q, ...), "
-                        f"got {type(packed_seq_params).__name__}")
-    tensors = (packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded)
-    versions = tuple(getattr(t, "_version", None) for t in tensors)
-    key = (versions, tuple(query.shape), sp_size, query.device)
-    if _last_ids and _last_ids[0][0] is packed_seq_params and _last_ids[0][1] == key:
-        return _last_ids[0][2]
-    ids = packed_document_ids(packed_seq_params, query, sp_size)
-    _last_ids[:] = [(packed_seq_params, key, ids)]
-    return ids
+_last_documents: list = []  # [(sources, key, result)]: every layer of a step shares one
+
+
+def _cached_documents(packed_seq_params, attention_mask, query: torch.Tensor, sp_size: int) -> tuple:
+    """``(document_ids, cu_seqlens)`` for ``usp_attn`` from ``packed_seq_params`` or ``attention_mask`` (at most one);
+    derived once per batch. Local checks only: a ValueError is raised on every rank before any collective."""
+    if packed_seq_params is not None:
+        if not all(hasattr(packed_seq_params, n) for n in ("qkv_format", "cu_seqlens_q", "cu_seqlens_q_padded")):
+            raise TypeError(f"packed_seq_params must be megatron.core's PackedSeqParams (qkv_format, cu_seqlens_q, "
+                            f"...), got {type(packed_seq_params).__name__}")
+        if attention_mask is not None:
+            raise ValueError("USPAttention takes documents from packed_seq_params or from attention_mask, not both: "
+                             "pass attention_mask=None with packed_seq_params")
+        tensors = (packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded)
+        source = packed_seq_params
+    elif attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+        tensors = (attention_mask,)
+        source = attention_mask
+    else:
+        if sp_size > 1:
+            documents.check_against_current(None, None, query.shape[0] * sp_size)
+        return None, None
+    key = (tuple(getattr(t, "_version", None) for t in tensors), tuple(query.shape), sp_size, query.device)
+    if _last_documents and _last_documents[0][1] == key and (
+            _last_documents[0][0] is source
+            or (isinstance(source, torch.Tensor) and documents.same_tensor(_last_documents[0][0], source))):
+        result = _last_documents[0][2]
+    elif packed_seq_params is not None:
+        if packed_seq_params.qkv_format == "thd":
+            result = None, thd_cu_seqlens(packed_seq_params, query, sp_size)
+        else:
+            result = packed_document_ids(packed_seq_params, query, sp_size), None
+        _last_documents[:] = [(source, key, result)]
+    else:
+        result = _mask_documents(attention_mask, query, sp_size)
+        _last_documents[:] = [(source, key, result)]
+    if attention_mask is not None and sp_size > 1:
+        documents.check_against_current(attention_mask, result[1], query.shape[0] * sp_size)
+    return result

@@ -1,58 +1,22 @@
 """Batch + RoPE hook: tokens and rotary embeddings follow the USP layout of the chosen ring_impl.
 
-Packed sequences (THD, ``PackedSeqParams(qkv_format="thd")``): the packed row of ``S`` tokens is sharded like
-any sequence (position-based, so a document may straddle ranks); ``cu_seqlens`` stay global. Attention stays
-inside a document through :func:`document_ids_from_cu_seqlens`, and RoPE restarts per document exactly as
-megatron-core's own THD RoPE does on one rank (the hook below replaces its CP slicing, which assumes TE's
-per-document zigzag layout).
+Batches with documents (see :mod:`.documents`) use the engine's document layout: packed THD rows
+(``PackedSeqParams(qkv_format="thd")``, global ``cu_seqlens``) always, sbhd batches with a causal document mask
+(``--reset-attention-mask``) when all rows share their documents. RoPE follows the tokens: THD RoPE restarts
+per document as megatron-core's own THD RoPE does on one rank, sbhd RoPE keeps row positions.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from ..groups import USPGroups
 from ..sharding import positions, shard
+from . import documents
+from .documents import _as_int_list, check_cu_seqlens, layout_cu_seqlens
 from .grid import get_usp_groups, get_usp_ring_impl, usp_is_initialized
-
-
-def _as_int_list(name: str, value) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex():
-            raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
-        if value.dim() == 2 and value.shape[0] == 1:  # Megatron-LM data loaders keep a leading batch dim of 1
-            value = value[0]
-        if value.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [num_documents + 1], got shape {tuple(value.shape)}")
-        return [int(x) for x in value.tolist()]
-    if isinstance(value, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        return list(value)
-    raise TypeError(f"{name} must be a 1-D integer tensor [num_documents + 1], got {type(value).__name__}")
-
-
-def check_cu_seqlens(cu_seqlens, total: int, cu_seqlens_padded=None) -> tuple[list[int], list[int]]:
-    """Validate cumulative document lengths over ``total`` packed tokens; returns ``(cu_seqlens, starts)`` as
-    lists, ``starts`` = the padded offsets (``cu_seqlens_padded``, or ``cu_seqlens`` when none are given)."""
-    cu = _as_int_list("cu_seqlens", cu_seqlens)
-    padded = cu if cu_seqlens_padded is None else _as_int_list("cu_seqlens_padded", cu_seqlens_padded)
-    for name, offsets in (("cu_seqlens", cu), ("cu_seqlens_padded", padded)):
-        if len(offsets) < 2 or offsets[0] != 0:
-            raise ValueError(f"{name} must start at 0 and hold num_documents + 1 >= 2 offsets, got {offsets}")
-        if any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got {offsets}")
-        if offsets[-1] > total:
-            raise ValueError(f"{name} ends at {offsets[-1]} but the packed sequence holds only {total} tokens: "
-                             "cu_seqlens must cover the global (unsharded) sequence, not this rank's shard")
-    if len(padded) != len(cu):
-        raise ValueError(f"cu_seqlens ({len(cu)} offsets) and cu_seqlens_padded ({len(padded)}) must describe the "
-                         "same documents")
-    for i in range(len(cu) - 1):
-        if cu[i + 1] - cu[i] > padded[i + 1] - padded[i]:
-            raise ValueError(f"document {i} has {cu[i + 1] - cu[i]} tokens but only {padded[i + 1] - padded[i]} "
-                             "padded slots: cu_seqlens_padded must be >= cu_seqlens per document")
-    return cu, padded
 
 
 def document_ids_from_cu_seqlens(
@@ -94,37 +58,124 @@ def in_document_positions(cu_seqlens, total: int, device: Optional[torch.device]
 _PASS_THROUGH_PREFIXES = ("cu_seqlens", "max_seqlen")  # global packing metadata: never sharded
 
 
-def get_batch_on_this_usp_rank(
-    batch: dict, groups: Optional[USPGroups] = None, ring_impl: Optional[str] = None
-) -> dict:
-    """Like Megatron's ``get_batch_on_this_cp_rank``: ``[batch, seq, ...]`` tensors -> this rank's tokens.
+def _offsets_like(offsets: tuple, like) -> torch.Tensor:
+    """``offsets`` as a tensor with the dtype, device and leading dims (``[n]`` or ``[1, n]``) of ``like``."""
+    if not isinstance(like, torch.Tensor):
+        return torch.tensor(offsets, dtype=torch.int32)
+    return torch.tensor(offsets, dtype=like.dtype, device=like.device).view(*like.shape[:-1], len(offsets))
 
-    ``attention_mask`` (``[b, 1, s, s]``) keeps this rank's query rows (dim 2), as in Megatron. ``position_ids``
-    are sharded like tokens (packed data keeps its per-document positions). Packed batches (THD, ``tokens [1, S]``):
-    ``cu_seqlens*`` / ``max_seqlen*`` entries and a ``packed_seq_params`` object pass through unchanged (global
-    offsets, as ``USPAttention`` and the RoPE hook expect). Defaults come from ``initialize_model_parallel``.
-    """
-    groups = groups or get_usp_groups()
-    ring_impl = ring_impl or get_usp_ring_impl()
-    tokens = batch.get("tokens")
-    if batch.get("cu_seqlens") is not None and isinstance(tokens, torch.Tensor):
-        check_cu_seqlens(batch["cu_seqlens"], tokens.numel(), batch.get("cu_seqlens_padded"))
-    if groups.sp_size == 1:
-        return batch
-    result = {}
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor) or key.startswith(_PASS_THROUGH_PREFIXES):
-            result[key] = value
-        else:
-            result[key] = shard(value, groups, dim=2 if key == "attention_mask" else 1, ring_impl=ring_impl)
+
+def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str) -> dict:
+    """A packed THD row ``[1, S]``: sharded with the document layout of :func:`documents.layout_cu_seqlens`;
+    ``cu_seqlens`` is replaced by those offsets (padding folded in as documents) and ``cu_seqlens_padded`` by
+    None, so that any ``PackedSeqParams`` built from the result describes the layout the tokens are in."""
+    tokens = next((batch[k] for k in ("tokens", "labels", "position_ids") if isinstance(batch.get(k), torch.Tensor)),
+                  None)
+    if tokens is None or tokens.dim() < 2 or tokens.shape[0] != 1:
+        raise ValueError(f"a THD batch (cu_seqlens) is one packed row [1, S], got "
+                         f"{None if tokens is None else tuple(tokens.shape)}: flatten the micro-batch into one row "
+                         "(megatron-core's flatten_batch_for_packed_sequences)")
+    if isinstance(batch.get("attention_mask"), torch.Tensor):
+        raise ValueError("a THD batch takes its documents from cu_seqlens: drop the attention_mask "
+                         "(--no-create-attention-mask-in-dataloader)")
+    cu, padded = batch["cu_seqlens"], batch.get("cu_seqlens_padded")
+    layout = layout_cu_seqlens(cu, tokens.shape[1], padded)
+    result = dict(batch)
+    if padded is not None or _as_int_list("cu_seqlens", cu) != list(layout):
+        result["cu_seqlens"] = _offsets_like(layout, cu)
+    if "cu_seqlens_padded" in batch:
+        result["cu_seqlens_padded"] = None
+    documents.set_current(None)
+    if groups.sp_size > 1:
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and not key.startswith(_PASS_THROUGH_PREFIXES):
+                result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=layout)
     return result
 
 
+def batch_documents(batch: dict, eod_token: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Document ids ``[b, s]`` of an sbhd batch: from its dense ``attention_mask`` (checked: causal document masks
+    only) or, without one, from EOD tokens when ``eod_token`` is given; None when attention is plain causal."""
+    mask, tokens = batch.get("attention_mask"), batch.get("tokens")
+    batch_size = next((v.shape[0] for k, v in batch.items() if k != "attention_mask" and isinstance(v, torch.Tensor)),
+                      None)
+    if mask is not None:
+        return documents.documents_from_dense_mask(mask, batch_size)
+    if eod_token is not None:
+        return documents.documents_from_eod(tokens, eod_token)
+    return None
+
+
+def get_batch_on_this_usp_rank(
+    batch: dict, groups: Optional[USPGroups] = None, ring_impl: Optional[str] = None, *,
+    eod_token: Optional[int] = None,
+) -> dict:
+    """Like Megatron's ``get_batch_on_this_cp_rank``: ``[batch, seq, ...]`` tensors -> this rank's tokens.
+
+    * Packed THD rows (``cu_seqlens`` [+ ``cu_seqlens_padded``], ``tokens [1, S]``): the document layout; the
+      returned ``cu_seqlens`` are the layout's offsets (padding as documents) and ``cu_seqlens_padded`` None —
+      build ``PackedSeqParams`` from them. ``max_seqlen*`` pass through.
+    * Documents in an sbhd batch: a dense ``attention_mask [b, 1, s, s]`` (Megatron-LM's dataloader) is read once
+      here — plain causal is dropped, a causal document mask (``--reset-attention-mask``) becomes documents, any
+      other mask raises ValueError; without a mask, ``eod_token`` takes the documents from EOD tokens as
+      ``--reset-attention-mask`` does. Rows with the same documents (micro-batch 1) use the balanced document
+      layout, otherwise the row layout. The returned ``attention_mask`` is None or the document ids ``[b, s]``
+      (global, unsharded): hand it to the model, ``USPAttention`` reads it.
+
+    ``position_ids`` are sharded like tokens. Defaults come from ``initialize_model_parallel``.
+    """
+    groups = groups or get_usp_groups()
+    ring_impl = ring_impl or get_usp_ring_impl()
+    if batch.get("cu_seqlens") is not None:
+        return _thd_batch(batch, groups, ring_impl)
+    ids = batch_documents(batch, eod_token)
+    cu = None if ids is None else documents.shared_cu_seqlens(ids)
+    documents.set_current(None if ids is None else documents.BatchDocuments(ids, cu))
+    result = dict(batch)
+    if "attention_mask" in batch or ids is not None:
+        result["attention_mask"] = ids
+    if groups.sp_size > 1:
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and key != "attention_mask" and not key.startswith(_PASS_THROUGH_PREFIXES):
+                result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=cu)
+    return result
+
+
+_FULL_POS_EMB = "_usp_full_pos_emb"  # attribute: the unsliced rotary table a sliced one came from
+
+
 def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None) -> torch.Tensor:
-    """Drop-in for megatron's ``get_pos_emb_on_this_cp_rank``: the rotary rows of the positions held here."""
+    """Drop-in for megatron's ``get_pos_emb_on_this_cp_rank``: the rotary rows of the positions held here in the
+    row layout. The unsliced table rides along as an attribute: megatron-core caches this result per sequence
+    length, and a batch in the document layout re-selects its rows in the apply hook."""
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
     held = positions(pos_emb.shape[seq_dim], groups, ring_impl=ring_impl).to(pos_emb.device)
-    return pos_emb.index_select(seq_dim, held)
+    sliced = pos_emb.index_select(seq_dim, held)
+    if seq_dim == 0:
+        setattr(sliced, _FULL_POS_EMB, pos_emb)
+    return sliced
+
+
+_last_sbhd_index: list = []  # [key, index]
+
+
+def _sbhd_rope_freqs(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``freqs`` for this rank's sbhd tokens ``t [s_local, b, ...]``: unchanged in the row layout; in the document
+    layout of the current batch the rows of the positions held here (row positions, as megatron-core's sbhd RoPE)."""
+    groups = get_usp_groups()
+    seq_len = t.shape[0] * groups.sp_size
+    cu = documents.current_layout(seq_len) if groups.sp_size > 1 else None
+    if cu is None:
+        return freqs
+    full = getattr(freqs, _FULL_POS_EMB, None)
+    if full is None:
+        raise ValueError("this batch is sharded in the document layout but its rotary embeddings did not come from "
+                         "the USP RoPE hook (install_rope_hook via megatron_usp.megatron.initialize_model_parallel)")
+    key = (cu, seq_len, groups, get_usp_ring_impl(), full.device)
+    if not (_last_sbhd_index and _last_sbhd_index[0] == key):
+        index = positions(seq_len, groups, ring_impl=get_usp_ring_impl(), cu_seqlens=cu).to(full.device)
+        _last_sbhd_index[:] = [key, index]
+    return full.index_select(0, _last_sbhd_index[1])
 
 
 _last_rope_index: list = []  # [cu_seqlens, key, index]
@@ -163,7 +214,8 @@ def usp_apply_rotary_pos_emb_thd(
     if _last_rope_index and _last_rope_index[0] is cu_seqlens and _last_rope_index[1] == key:
         index = _last_rope_index[2]  # q and k of every layer share one index per step
     else:
-        held = positions(seq_len, groups, ring_impl=ring_impl).to(t.device)
+        layout = layout_cu_seqlens(cu_seqlens, seq_len)  # what the batch hook sharded with (a fixed point)
+        held = positions(seq_len, groups, ring_impl=ring_impl, cu_seqlens=layout).to(t.device)
         cu = _as_int_list("cu_seqlens", cu_seqlens)
         if freqs.shape[0] == cu[-1] and _megatron_thd_rope_maps_exactly():
             index = held
@@ -199,6 +251,8 @@ def _hook_apply_rotary_pos_emb(module) -> None:
     def hooked_apply(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, _original=original):
         if cu_seqlens is not None and usp_is_initialized():
             return usp_apply_rotary_pos_emb_thd(t, freqs, config, cu_seqlens, mscale)
+        if cu_seqlens is None and usp_is_initialized():
+            freqs = _sbhd_rope_freqs(t, freqs)
         return _original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
 
     hooked_apply.usp_original = original

@@ -99,9 +99,12 @@ def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
 
 
 def destroy_model_parallel() -> None:
-    """Reset megatron-core's groups and ours."""
+    """Reset megatron-core's groups and ours (and the documents of the last batch)."""
     global _STATE
+    from .documents import set_current
+
     _STATE = None
+    set_current(None)
     parallel_state.destroy_model_parallel()
 
 

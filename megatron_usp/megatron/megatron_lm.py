@@ -1,13 +1,14 @@
 """Glue for a patched Megatron-LM ``pretrain_gpt.py`` (see ``patches/`` and ``tools/apply_megatron_patch.py``).
 
-The patches only call the five names below; all logic lives here and is feature-detected (no version strings):
+The patches only call the names below; all logic lives here and is feature-detected (no version strings):
 
 * :func:`with_usp_args` / :func:`extra_args_provider`: the ``--ulysses-degree`` / ``--ring-degree`` flags.
 * :func:`install`: Megatron-LM's own ``validate_args`` runs :func:`validate_usp_args` first (so
   ``context_parallel_size = u*r`` before the data-parallel size is derived), and its
   ``mpu.initialize_model_parallel`` call builds the USP grid.
 * :func:`usp_layer_spec`: USP core attention in whatever layer / block / MTP spec Megatron-LM built.
-* :func:`wrap_get_batch_on_this_cp_rank`: batches follow the USP layout.
+* :func:`wrap_get_batch_on_this_cp_rank` / :func:`wrap_get_thd_batch_on_this_cp_rank`: batches follow the USP
+  layout (packed THD rows and ``--reset-attention-mask`` documents included, see :mod:`.documents`).
 
 USP is on when ``--ulysses-degree x --ring-degree > 1``. Otherwise every hook passes through and the patched
 script behaves like stock Megatron-LM (its own context parallelism included).
@@ -21,6 +22,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -77,15 +79,22 @@ def check_megatron_lm_args(args: Any) -> None:
     """Reject Megatron-LM features that USP does not support (only called when USP is requested)."""
     unsupported = (
         ("hybrid_context_parallel", "--hybrid-context-parallel"),
-        # Megatron-LM's THD loaders split documents its own way (TE per-document zigzag); USPAttention takes packed
-        # documents through megatron-core's PackedSeqParams with global cu_seqlens instead (see the README)
-        ("sft", "--sft (Megatron-LM's packed THD loader)"),
-        ("dataloader_inter_document_masking", "--dataloader-inter-document-masking (Megatron-LM's THD loader)"),
         ("use_legacy_models", "--use-legacy-models"),
     )
     for name, flag in unsupported:
         if getattr(args, name, False):
             raise ValueError(f"{flag} conflicts with --ulysses-degree/--ring-degree: drop it or set both degrees to 1")
+    documents = [flag for name, flag in (("reset_attention_mask", "--reset-attention-mask"), ("sft", "--sft"),
+                                         ("dataloader_inter_document_masking", "--dataloader-inter-document-masking"))
+                 if getattr(args, name, False)]
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    virtual = (getattr(args, "virtual_pipeline_model_parallel_size", None)
+               or getattr(args, "num_layers_per_virtual_pipeline_stage", None))
+    if documents and (pp > 2 or (pp > 1 and virtual)):
+        # Megatron-LM hands intermediate pipeline stages no batch: their attention would not see the documents
+        raise ValueError(f"{documents[0]} with USP needs every pipeline stage to be a first or last stage (Megatron-LM "
+                         "gives intermediate stages no batch, so their attention would not see the documents): use "
+                         "--pipeline-model-parallel-size <= 2 without a virtual pipeline")
 
 
 # ---------------------------------------------------------------------------------------------- install
@@ -256,14 +265,27 @@ def usp_layer_spec(spec: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- batch
 
 
+def _eod_token(batch: Dict[str, Any]) -> Optional[int]:
+    """Megatron-LM's EOD token when ``--reset-attention-mask`` must take documents from tokens (no dense mask)."""
+    if batch.get("attention_mask") is not None or batch.get("cu_seqlens") is not None:
+        return None
+    if not getattr(_megatron_args(), "reset_attention_mask", False):
+        return None
+    from megatron.training import get_tokenizer
+
+    return int(get_tokenizer().eod)
+
+
 def get_batch_on_this_rank(batch: Dict[str, Any]) -> Dict[str, Any]:
-    """This rank's tokens of a ``[batch, seq, ...]`` batch under USP; metadata entries pass through."""
-    if batch.get("cu_seqlens") is not None:
-        raise ValueError("USP's Megatron-LM glue does not take Megatron-LM's packed THD batches (--sft / inter-document "
-                         "masking) yet: with megatron-core, shard with get_batch_on_this_usp_rank and pass "
-                         "PackedSeqParams with global cu_seqlens to the model")
-    sequences = {key: value for key, value in batch.items() if key not in BATCH_METADATA_KEYS}
-    sharded = get_batch_on_this_usp_rank(sequences)
+    """This rank's tokens of a ``[batch, seq, ...]`` batch under USP (see :func:`get_batch_on_this_usp_rank`);
+    metadata entries pass through, packed THD rows get the offsets of their document layout in ``cu_seqlens``
+    (``cu_seqlens_padded`` None), a dense ``attention_mask`` becomes None or document ids. Key order is kept."""
+    sequences = {key: value for key, value in batch.items()
+                 if key not in BATCH_METADATA_KEYS or key in ("cu_seqlens", "cu_seqlens_padded")}
+    if sequences.get("cu_seqlens") is None:
+        sequences.pop("cu_seqlens", None)
+        sequences.pop("cu_seqlens_padded", None)
+    sharded = get_batch_on_this_usp_rank(sequences, eod_token=_eod_token(batch))
     return {key: sharded[key] if key in sharded else value for key, value in batch.items()}
 
 
@@ -283,3 +305,29 @@ def wrap_get_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
 
     setattr(get_batch_on_this_cp_rank, _WRAPPED_MARK, megatron_fn)
     return get_batch_on_this_cp_rank
+
+
+def wrap_get_thd_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
+    """megatron-core's ``get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, ...)``
+    (Megatron-LM <= 0.16's packed path: --sft) that, while USP is active, shards with the document layout instead
+    of Transformer Engine's ``thd_get_partitioned_indices`` and returns ``(batch, PackedSeqParams)`` whose
+    ``cu_seqlens`` are the layout's offsets; calls ``megatron_fn`` unchanged otherwise."""
+    signature = inspect.signature(megatron_fn)
+
+    @functools.wraps(megatron_fn)
+    def get_thd_batch_on_this_cp_rank(batch, *args, **kwargs):
+        if not usp_active():
+            return megatron_fn(batch, *args, **kwargs)
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        arguments = signature.bind(batch, *args, **kwargs).arguments
+        max_seqlen = int(torch.as_tensor(arguments["max_seqlen"]).reshape(-1)[0])
+        sharded = get_batch_on_this_usp_rank({**batch, "cu_seqlens": arguments["cu_seqlens"],
+                                              "cu_seqlens_padded": arguments.get("cu_seqlens_padded")})
+        cu_seqlens = sharded["cu_seqlens"].reshape(-1)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                 max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+        return {key: sharded[key] for key in batch}, params
+
+    setattr(get_thd_batch_on_this_cp_rank, _WRAPPED_MARK, megatron_fn)
+    return get_thd_batch_on_this_cp_rank
