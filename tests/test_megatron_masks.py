@@ -250,28 +250,72 @@ def test_attention_refuses_masks_it_cannot_honour_and_stale_documents():
         _attention_documents(ids, thd_query, params=padded)
 
 
+def test_recomputation_checks_documents_against_the_batches_the_hook_made():
+    """Activation recomputation runs attention inside backward, after the hook moved on to later micro-batches
+    (pipeline schedules): the documents must then be ids the hook made, whatever the current batch is."""
+    seq = 16
+    query = torch.zeros(seq // 4, 1, 2, 8)
+    older = torch.tensor([[0] * 5 + [1] * 11])
+    documents.set_current(documents.BatchDocuments(older, (0, 5, 16)))
+    documents.set_current(documents.BatchDocuments(torch.tensor([[0] * 9 + [1] * 7]), (0, 9, 16)))  # a later one
+    seen = []
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(_attention_documents(older.detach(), query))
+            seen.append(_attention_documents(None, query))  # a batch without documents, recomputed
+            with pytest.raises(ValueError, match="not those of the batch"):
+                _attention_documents(older.clone(), query)
+            return grad
+
+    try:
+        with pytest.raises(ValueError, match="not those of the batch"):
+            _attention_documents(older, query)  # in a forward pass: only the current batch's documents
+        Recompute.apply(torch.ones(1, requires_grad=True)).sum().backward()
+    finally:
+        documents.set_current(None)
+    assert seen == [(None, (0, 5, 16)), (None, None)]
+
+
+class _FakeGroup:
+    def __init__(self, size: int):
+        self.size = lambda: size
+
+
 def test_sbhd_rope_follows_the_document_layout_of_the_batch(monkeypatch):
-    """megatron-core caches the sliced rotary table per length; for a batch in the document layout the apply hook
-    re-selects the rows of the positions held there (row positions, as megatron-core's sbhd RoPE)."""
+    """megatron-core caches the sliced rotary table per length; for a batch in the document layout the rotary
+    forward hands on the rows of the positions held there (row positions, as megatron-core's sbhd RoPE)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_usp.megatron import grid
+
     seq, u, r = 16, 2, 2
-    full = torch.randn(seq, 1, 1, 8)
-    monkeypatch.setattr(batch_mod, "get_usp_ring_impl", lambda: "zigzag")
+    batch_mod.install_rope_hook()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
     cu = (0, 5, 16)
     for ring_rank in range(r):
         for ulysses_rank in range(u):
             groups = fake_groups(u, r, ulysses_rank, ring_rank)
-            monkeypatch.setattr(batch_mod, "get_usp_groups", lambda g=groups: g)
-            sliced = batch_mod.usp_pos_emb_on_this_rank(full, 0)
-            t = torch.zeros(seq // 4, 1, 2, 8)
-            assert batch_mod._sbhd_rope_freqs(t, sliced) is sliced  # row layout: megatron-core's slice
+            monkeypatch.setattr(grid, "_STATE", grid.USPState(groups, "zigzag", "torch"))
+            full = rope.get_emb(seq)
+            cp_group = _FakeGroup(u * r)  # hashable: megatron-core's rotary forward is lru_cached
+            row_layout = rope(seq, cp_group=cp_group)
+            assert torch.equal(row_layout, full[positions(seq, groups, ring_impl="zigzag")])
             documents.set_current(documents.BatchDocuments(torch.tensor([[0] * 5 + [1] * 11]), cu))
             try:
                 held = positions(seq, groups, ring_impl="zigzag", cu_seqlens=cu)
-                assert torch.equal(batch_mod._sbhd_rope_freqs(t, sliced), full[held])
-                with pytest.raises(ValueError, match="RoPE hook"):
-                    batch_mod._sbhd_rope_freqs(t, sliced.clone())
+                assert torch.equal(rope(seq, cp_group=cp_group), full[held])
+                assert torch.equal(batch_mod.document_layout_rows(row_layout.clone()), row_layout)  # not ours: as is
             finally:
                 documents.set_current(None)
+            assert rope(seq, cp_group=cp_group) is row_layout  # megatron-core's cached table again
+            rope.forward.cache_clear()  # YaRN calls it on the instance
 
 
 @pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])

@@ -249,7 +249,7 @@ def _cached_documents(packed_seq_params, attention_mask, query: torch.Tensor, sp
         source = attention_mask
     else:
         if sp_size > 1:
-            documents.check_against_current(None, None, query.shape[0] * sp_size)
+            documents.check_attention_documents(None, None, query.shape[0] * sp_size)
         return None, None
     key = (tuple(getattr(t, "_version", None) for t in tensors), tuple(query.shape), sp_size, query.device)
     if _last_documents and _last_documents[0][1] == key and (
@@ -266,5 +266,5 @@ def _cached_documents(packed_seq_params, attention_mask, query: torch.Tensor, sp
         result = _mask_documents(attention_mask, query, sp_size)
         _last_documents[:] = [(source, key, result)]
     if attention_mask is not None and sp_size > 1:
-        documents.check_against_current(attention_mask, result[1], query.shape[0] * sp_size)
+        documents.check_attention_documents(attention_mask, result[1], query.shape[0] * sp_size)
     return result

@@ -146,8 +146,8 @@ _FULL_POS_EMB = "_usp_full_pos_emb"  # attribute: the unsliced rotary table a sl
 
 def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None) -> torch.Tensor:
     """Drop-in for megatron's ``get_pos_emb_on_this_cp_rank``: the rotary rows of the positions held here in the
-    row layout. The unsliced table rides along as an attribute: megatron-core caches this result per sequence
-    length, and a batch in the document layout re-selects its rows in the apply hook."""
+    row layout. The unsliced table rides along as an attribute (megatron-core caches this result per length):
+    :func:`document_layout_rows` re-selects rows for a batch in the document layout."""
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
     held = positions(pos_emb.shape[seq_dim], groups, ring_impl=ring_impl).to(pos_emb.device)
     sliced = pos_emb.index_select(seq_dim, held)
@@ -156,26 +156,46 @@ def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None)
     return sliced
 
 
-_last_sbhd_index: list = []  # [key, index]
+_last_rows_index: list = []  # [key, index]
 
 
-def _sbhd_rope_freqs(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``freqs`` for this rank's sbhd tokens ``t [s_local, b, ...]``: unchanged in the row layout; in the document
-    layout of the current batch the rows of the positions held here (row positions, as megatron-core's sbhd RoPE)."""
-    groups = get_usp_groups()
-    seq_len = t.shape[0] * groups.sp_size
-    cu = documents.current_layout(seq_len) if groups.sp_size > 1 else None
+def document_layout_rows(emb: torch.Tensor) -> torch.Tensor:
+    """The sbhd rotary table ``emb [s_local, ...]`` for the current batch: unchanged in the row layout; for a batch
+    the hook put in the document layout (:func:`.documents.current_layout`), the rows of the positions held here
+    (row positions, as megatron-core's sbhd RoPE), taken from the unsliced table."""
+    full = getattr(emb, _FULL_POS_EMB, None)
+    if full is None or not usp_is_initialized():
+        return emb
+    cu = documents.current_layout(full.shape[0])
     if cu is None:
-        return freqs
-    full = getattr(freqs, _FULL_POS_EMB, None)
-    if full is None:
-        raise ValueError("this batch is sharded in the document layout but its rotary embeddings did not come from "
-                         "the USP RoPE hook (install_rope_hook via megatron_usp.megatron.initialize_model_parallel)")
-    key = (cu, seq_len, groups, get_usp_ring_impl(), full.device)
-    if not (_last_sbhd_index and _last_sbhd_index[0] == key):
-        index = positions(seq_len, groups, ring_impl=get_usp_ring_impl(), cu_seqlens=cu).to(full.device)
-        _last_sbhd_index[:] = [key, index]
-    return full.index_select(0, _last_sbhd_index[1])
+        return emb
+    groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
+    key = (cu, full.shape[0], groups, ring_impl, full.device)
+    if not (_last_rows_index and _last_rows_index[0] == key):
+        _last_rows_index[:] = [key, positions(full.shape[0], groups, ring_impl=ring_impl, cu_seqlens=cu).to(full.device)]
+    return full.index_select(0, _last_rows_index[1])
+
+
+def _hook_rotary_forward(cls) -> None:
+    """``cls.forward`` (megatron-core's rotary embeddings, lru_cached per length) followed by
+    :func:`document_layout_rows`: the table GPTModel hands its layers (and activation recomputation keeps) is the
+    one of the batch being run."""
+    original = cls.__dict__.get("forward")
+    if original is None or getattr(original, "usp_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if isinstance(out, tuple):  # YaRN: (emb, mscale)
+            return (document_layout_rows(out[0]), *out[1:])
+        return document_layout_rows(out)
+
+    forward.usp_original = original
+    for name in ("cache_clear", "cache_info"):  # YaRN calls self.forward.cache_clear()
+        if hasattr(original, name):
+            setattr(forward, name, getattr(original, name))
+    cls.forward = forward
 
 
 _last_rope_index: list = []  # [cu_seqlens, key, index]
@@ -240,6 +260,12 @@ _APPLY_ROPE_MODULES = (
     "megatron.core.transformer.attention",
     "megatron.core.transformer.multi_latent_attention",
 )
+# rotary embedding classes whose (cached) forward is followed by document_layout_rows
+_ROTARY_CLASSES = (
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding"),
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "MultimodalRotaryEmbedding"),
+    ("megatron.core.models.common.embeddings.yarn_rotary_pos_embedding", "YarnRotaryEmbedding"),
+)
 _original_pos_emb_fns: dict = {}
 _original_apply_fns: dict = {}
 
@@ -251,8 +277,6 @@ def _hook_apply_rotary_pos_emb(module) -> None:
     def hooked_apply(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, _original=original):
         if cu_seqlens is not None and usp_is_initialized():
             return usp_apply_rotary_pos_emb_thd(t, freqs, config, cu_seqlens, mscale)
-        if cu_seqlens is None and usp_is_initialized():
-            freqs = _sbhd_rope_freqs(t, freqs)
         return _original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
 
     hooked_apply.usp_original = original
@@ -261,7 +285,8 @@ def _hook_apply_rotary_pos_emb(module) -> None:
 
 def install_rope_hook() -> None:
     """Make megatron-core's rotary embeddings (RoPE, multimodal RoPE, YaRN) slice by the USP layout (every
-    ring_impl; for zigzag this equals Megatron's own slicing, and it needs no pinned memory or CUDA), and its THD
+    ring_impl; for zigzag this equals Megatron's own slicing, and it needs no pinned memory or CUDA; a batch in the
+    document layout gets its own rows through the rotary classes' forward), and its THD
     RoPE (``apply_rotary_pos_emb`` with ``cu_seqlens``) follow the USP layout with per-document positions.
     Idempotent; both fall back to megatron-core's functions while USP is not initialized."""
     import importlib
@@ -287,3 +312,10 @@ def install_rope_hook() -> None:
             return _original(pos_emb, seq_dim, cp_group)
 
         module.get_pos_emb_on_this_cp_rank = hooked
+    for module_name, class_name in _ROTARY_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            _hook_rotary_forward(cls)

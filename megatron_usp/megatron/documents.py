@@ -12,14 +12,16 @@ Document ids ``[b, s]`` whose rows are all equal (micro-batch 1, the long-contex
 documents: :func:`shared_cu_seqlens` turns them into offsets and the batch uses the balanced document layout;
 otherwise the ordinary row layout with ``document_ids``.
 
-State (the only module state of the batch path): megatron-core computes sbhd RoPE once per sequence length
-(``RotaryEmbedding.forward`` is ``lru_cache``d) and hands ``apply_rotary_pos_emb`` nothing of the batch, so the
-RoPE hook reads the layout of the current batch from :func:`current_layout`, set by the batch hook for every
-batch. ``USPAttention`` checks it against the documents it is handed (``attention_mask``) and raises if they
-disagree (a batch that bypassed the batch hook), so a stale record can never go unnoticed.
+State (the only module state of the batch path): megatron-core computes sbhd RoPE from the sequence length alone
+(``RotaryEmbedding.forward``, ``lru_cache``d), so the RoPE hook reads the layout of the current batch from
+:func:`current_layout`, set by the batch hook for every batch; it is read once per model forward, when GPTModel
+builds its rotary table, and that table travels with the batch (activation recomputation reuses it).
+``USPAttention`` checks the record against the documents it is handed (``attention_mask``) and raises if they
+disagree (a batch that bypassed the batch hook), so a stale record cannot go unnoticed.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -164,12 +166,16 @@ class BatchDocuments:
 
 
 _current: Optional[BatchDocuments] = None
+_hooked: list = []  # weak references to the document ids of recent batches (still alive in autograd graphs)
 
 
 def set_current(record: Optional[BatchDocuments]) -> None:
     """Called by the batch hook for every batch (None: a batch without documents)."""
     global _current
     _current = record
+    _hooked[:] = [ref for ref in _hooked if ref() is not None]
+    if record is not None:
+        _hooked.append(weakref.ref(record.document_ids))
 
 
 def current_layout(seq_len: int) -> Optional[Offsets]:
@@ -185,16 +191,27 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.stride() == b.stride())
 
 
-def check_against_current(document_ids: Optional[torch.Tensor], cu_seqlens: Optional[Offsets], seq_len: int) -> None:
-    """ValueError unless the layout RoPE used for this batch (:func:`current_layout`) is ``cu_seqlens``, the layout
-    of the documents the attention was handed. Local: raised on every rank before any collective."""
-    rope = current_layout(seq_len)
-    if rope == cu_seqlens and (cu_seqlens is None or same_tensor(_current.document_ids, document_ids)):
-        return
-    raise ValueError(
-        "the documents handed to USPAttention (attention_mask) are not those of the batch the RoPE hook and the "
-        "token sharding followed: pass every batch through get_batch_on_this_usp_rank (megatron-core) or the "
-        "patched pretrain_gpt.py, and hand the model the attention_mask it returns"
-    )
+def _in_backward() -> bool:
+    """True inside an autograd backward pass (activation recomputation runs forward code there, long after the
+    batch hook moved on to later micro-batches)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is None or task() != -1
 
 
+def check_attention_documents(document_ids: Optional[torch.Tensor], cu_seqlens: Optional[Offsets],
+                              seq_len: int) -> None:
+    """ValueError unless RoPE and the token sharding of this batch followed ``cu_seqlens``, the layout of the
+    documents the attention was handed: in a forward pass the current batch's (:func:`current_layout`, the very
+    ids for the document layout); in a recomputation, ids the batch hook made. Local: raised on every rank
+    before any collective."""
+    if _in_backward():
+        ok = cu_seqlens is None or any(ref() is not None and same_tensor(ref(), document_ids) for ref in _hooked)
+    else:
+        ok = current_layout(seq_len) == cu_seqlens and (
+            cu_seqlens is None or same_tensor(_current.document_ids, document_ids))
+    if not ok:
+        raise ValueError(
+            "the documents handed to USPAttention (attention_mask) are not those of the batch the RoPE hook and the "
+            "token sharding followed: pass every batch through get_batch_on_this_usp_rank (megatron-core) or the "
+            "patched pretrain_gpt.py, and hand the model the attention_mask it returns"
+        )
