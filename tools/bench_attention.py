@@ -258,28 +258,42 @@ def _balance_documents(args) -> list[dict]:
     return records
 
 
-def time_rounds(steps: dict, repeats: int, warmup: int, device: torch.device) -> list[dict]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_rounds(steps: dict, repeats: int, warmup: int, device: torch.device, clock: str = "wall") -> list[dict]:
     """Seconds of each step per round. A round times every step once, round-robin, with the monolithic step
     both first and last (its two times are averaged): drift of a shared machine then hits a round's steps alike,
-    and per-round ratios cancel it."""
+    and per-round ratios cancel it. ``clock="cpu"`` (CPU only) counts the process's CPU seconds instead of wall
+    seconds: with one thread it is the work done, whatever share of the cores other processes take."""
+    if clock == "cpu" and device.type == "cuda":
+        raise ValueError("--clock cpu measures CPU work: use --clock wall on a GPU")
+    return time_rounds_clocks(steps, repeats, warmup, device, (clock,))[clock]
+
+
+def time_rounds_clocks(steps: dict, repeats: int, warmup: int, device: torch.device,
+                       clocks=("wall", "cpu")) -> dict[str, list[dict]]:
+    """:func:`time_rounds` read on several clocks at once (the same calls): ``{clock: rounds}``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def seconds(step) -> float:
+    def seconds(step) -> dict[str, float]:
         sync()
-        start = time.perf_counter()
+        start = {clock: CLOCKS[clock]() for clock in clocks}
         step()
         sync()
-        return time.perf_counter() - start
+        return {clock: CLOCKS[clock]() - start[clock] for clock in clocks}
 
     for step in steps.values():
         for _ in range(warmup):
             step()
-    rounds = []
+    rounds = {clock: [] for clock in clocks}
     for _ in range(repeats):
         first = seconds(steps["monolithic"])
         times = {name: seconds(step) for name, step in steps.items() if name != "monolithic"}
-        times["monolithic"] = (first + seconds(steps["monolithic"])) / 2
-        rounds.append(times)
+        last = seconds(steps["monolithic"])
+        for clock in clocks:
+            rounds[clock].append({name: spent[clock] for name, spent in times.items()})
+            rounds[clock][-1]["monolithic"] = (first[clock] + last[clock]) / 2
     return rounds
 
 
@@ -310,7 +324,7 @@ def run_simulate(args, device: torch.device) -> list[dict]:
                 cases.append((ring_impl, u, r, list(ranks)))
                 for rank in ranks:
                     steps[(ring_impl, u, r, rank)] = rank_step(spec, rank, kernel, dtype, device)
-        rounds = time_rounds(steps, args.repeats, args.warmup, device)
+        rounds = time_rounds(steps, args.repeats, args.warmup, device, args.clock)
         peak = {name: peak_memory(step, device) for name, step in steps.items()}
         monolithic = statistics.median(times["monolithic"] for times in rounds)
         for ring_impl, u, r, ranks in cases:
@@ -334,6 +348,12 @@ def run_simulate(args, device: torch.device) -> list[dict]:
     return records
 
 
+def _round_efficiency(rounds: list[dict], ring_impl: str, u: int, r: int) -> float:
+    """Median over rounds of (monolithic / P) / the round's slowest rank."""
+    return statistics.median(times["monolithic"] / (u * r) / max(times[(ring_impl, u, r, rank)] for rank in range(r))
+                             for times in rounds)
+
+
 def run_simulate_documents(args, device: torch.device) -> list[dict]:
     """simulate-rank on packed rows (the first --documents source): every ring rank of each grid against
     monolithic attention over the whole row with the same kernel and the same varlen path (usp_attn's u = r = 1
@@ -355,13 +375,17 @@ def run_simulate_documents(args, device: torch.device) -> list[dict]:
                     for rank in range(r):  # documents: no rank bounds the others, time them all
                         steps[(ring_impl, u, r, rank)] = rank_step(problem(args, ring_impl, causal, u, r, cu), rank,
                                                                    kernel, dtype, device)
-            rounds = time_rounds(steps, args.repeats, args.warmup, device)
+            clocks = ("wall",) if device.type == "cuda" else ("wall", "cpu")
+            by_clock = time_rounds_clocks(steps, args.repeats, args.warmup, device,
+                                          tuple(dict.fromkeys((args.clock,) + clocks)))
+            rounds = by_clock[args.clock]
             for ring_impl, u, r in cases:
                 slowest = [max(times[(ring_impl, u, r, rank)] for rank in range(r)) for times in rounds]
                 record = records.setdefault((causal, ring_impl, u, r), {
                     **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
                     "documents": source_label(source), "documents_detail": source_detail(source),
-                    "rows": len(rows), "seed": args.seed, "repeats": args.repeats, "per_row": []})
+                    "rows": len(rows), "seed": args.seed, "repeats": args.repeats, "clock": args.clock,
+                    "per_row": []})
                 record["per_row"].append({
                     "documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:])),
                     "monolithic_ms": 1e3 * statistics.median(times["monolithic"] for times in rounds),
@@ -370,13 +394,26 @@ def run_simulate_documents(args, device: torch.device) -> list[dict]:
                     "time_ms": 1e3 * statistics.median(slowest),
                     "efficiency": statistics.median(times["monolithic"] / (u * r) / slow
                                                     for times, slow in zip(rounds, slowest)),
+                    # noise on a shared machine only adds time: each step's best round, then the slowest rank
+                    "efficiency_best_rounds": min(times["monolithic"] for times in rounds) / (u * r)
+                    / max(min(times[(ring_impl, u, r, rank)] for times in rounds) for rank in range(r)),
+                    "rounds_ms": {clock: [{"monolithic": 1e3 * times["monolithic"],
+                                           **{str(rank): 1e3 * times[(ring_impl, u, r, rank)] for rank in range(r)}}
+                                          for times in clock_rounds] for clock, clock_rounds in by_clock.items()},
                 })
+                for clock, clock_rounds in by_clock.items():
+                    if clock != args.clock:
+                        record["per_row"][-1][f"efficiency_{clock}_clock"] = _round_efficiency(clock_rounds,
+                                                                                               ring_impl, u, r)
     for record in records.values():
         per_row = record["per_row"]
         record.update(monolithic_ms=statistics.median(x["monolithic_ms"] for x in per_row),
                       time_ms=statistics.median(x["time_ms"] for x in per_row),
                       efficiency=statistics.median(x["efficiency"] for x in per_row),
-                      efficiency_worst=min(x["efficiency"] for x in per_row))
+                      efficiency_worst=min(x["efficiency"] for x in per_row),
+                      efficiency_best_rounds=statistics.median(x["efficiency_best_rounds"] for x in per_row))
+        other = [key for key in per_row[0] if key.startswith("efficiency_") and key.endswith("_clock")]
+        record.update({key: statistics.median(x[key] for x in per_row) for key in other})
     return list(records.values())
 
 
@@ -532,7 +569,8 @@ COLUMNS = {
     "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                       "efficiency", "tflops_per_rank"],
     "simulate-rank-documents": ["documents", "ring_impl", "causal", "ulysses_degree", "ring_degree", "seq_len", "rows",
-                                "kernel", "monolithic_ms", "time_ms", "efficiency", "efficiency_worst"],
+                                "kernel", "threads", "clock", "monolithic_ms", "time_ms", "efficiency", "efficiency_worst",
+                                "efficiency_best_rounds", "efficiency_cpu_clock"],
     "multi-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                    "efficiency", "tflops_per_rank", "bytes_per_rank", "bytes_analytic", "bytes_ratio"],
 }
@@ -652,6 +690,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's). On a shared CPU 1 thread measures far more "
                              "steadily: spinning threads of an oversubscribed pool turn small ops into ~20 ms stalls")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="simulate-rank: wall seconds, or cpu = the process's CPU seconds (CPU with --threads 1:"
+                             " the work done, immune to other processes' load on a shared machine)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--all-ranks", action="store_true",
