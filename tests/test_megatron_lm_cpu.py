@@ -85,12 +85,15 @@ def test_check_probe_requires_no_usp_in_the_baseline_and_the_grid_in_the_usp_run
 
 
 def test_cases_compare_like_with_like(tool):
-    cases = tool.train_cases()
+    cases = tool.train_cases(Path("/fixture"))
     names = [case.name for case in cases]
     assert len(set(names)) == len(names)
-    for name in ("u2 r2 zigzag", "u1 r4 stripe", "distributed optimizer u2 r2", "recompute full u2 r2", "PP=2 u2"):
+    for name in ("u2 r2 zigzag", "u1 r4 stripe", "distributed optimizer u2 r2", "recompute full u2 r2", "PP=2 u2",
+                 "reset-attention-mask u2 r2 zigzag", "THD --sft u2 r2 zigzag"):
         assert name in names
     for case in cases:
+        assert case.skip is None and case.baseline.data == case.usp.data, case.name
+        assert case.usp.launcher == () and case.baseline.launcher in ((), ("--thd-reference-attention",))
         base, usp = list(case.baseline.args), list(case.usp.args)
         assert "--ulysses-degree" not in base and "--ring-degree" not in base
         i = usp.index("--ulysses-degree")
@@ -99,6 +102,26 @@ def test_cases_compare_like_with_like(tool):
         assert f"u={u} r={r} ring_impl={usp[usp.index('--usp-ring-impl') + 1]}" == case.grid
         pp = int(base[base.index("--pipeline-model-parallel-size") + 1]) if "--pipeline-model-parallel-size" in base else 1
         assert case.baseline.nproc == pp and case.usp.nproc == pp * u * r, case.name
+
+
+def test_documents_cases_use_documents(tool):
+    cases = {case.name: case for case in tool.train_cases(Path("/fixture"))}
+    reset = cases["reset-attention-mask u2 r2 zigzag"]
+    assert "--reset-attention-mask" in reset.baseline.args and "--reset-position-ids" in reset.baseline.args
+    assert reset.baseline.data[-2:] == ("--vocab-size", "20")  # NullTokenizer's EOD every 21 mock tokens
+    thd = cases["THD --sft u1 r4 stripe"]
+    assert thd.baseline.launcher == ("--thd-reference-attention",)
+    assert "--calculate-per-token-loss" in thd.baseline.args and "--calculate-per-token-loss" in thd.usp.args
+    data = list(thd.usp.data)
+    assert "--sft" in data and "--mock-data" not in data
+    assert data[data.index("--data-path") + 1] == "/fixture/sft.jsonl"
+    assert data[data.index("--micro-batch-size") + 1] == "1"
+
+
+def test_thd_cases_skip_with_the_reason_without_a_fixture(tool):
+    thd = [case for case in tool.train_cases(None, "no transformers") if case.name.startswith("THD")]
+    assert thd and all(case.skip == "no transformers" for case in thd)
+    assert all(case.skip is None for case in tool.train_cases(None) if not case.name.startswith("THD"))
 
 
 def test_select_cases(tool):
@@ -113,16 +136,22 @@ def test_model_args_are_deterministic_fp32_mock_data_on_gloo(tool):
     args = tool.train_model_args(train_iters=6, seq_length=128)
     value = {name: args[i + 1] for i, name in enumerate(args[:-1]) if name.startswith("--")}
     assert value["--distributed-backend"] == "gloo" and value["--train-iters"] == "6"
-    assert value["--seq-length"] == "128" and value["--tokenizer-type"] == "NullTokenizer"
+    assert value["--seq-length"] == "128" and "--tokenizer-type" not in args  # the data flags come from the run
+    assert tool.MOCK_DATA[:3] == ("--mock-data", "--tokenizer-type", "NullTokenizer")
     assert value["--attention-dropout"] == "0" and value["--hidden-dropout"] == "0"
-    assert "--mock-data" in args and "--bf16" not in args and "--fp16" not in args
+    assert "--bf16" not in args and "--fp16" not in args
     assert int(value["--eval-interval"]) > 6 and value["--eval-iters"] == "0"
 
 
 def test_launcher_command_runs_the_script_through_the_stand_ins(tool):
     command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), tool.TrainRun(4, ("--x",)), ["--a", "1"])
     assert command[:6] == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
-    assert command[6:] == ["-m", "megatron_usp.megatron.megatron_lm_cpu", "/m/pretrain_gpt.py", "--a", "1", "--x"]
+    assert command[6:] == ["-m", "megatron_usp.megatron.megatron_lm_cpu", "/m/pretrain_gpt.py", "--a", "1",
+                           *tool.MOCK_DATA, "--x"]
+    run = tool.TrainRun(1, ("--x",), ("--sft",), ("--thd-reference-attention",))
+    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), run, ["--a"])
+    assert command[6:] == ["-m", "megatron_usp.megatron.megatron_lm_cpu", "--thd-reference-attention",
+                           "/m/pretrain_gpt.py", "--a", "--sft", "--x"]
 
 
 def test_format_table_lists_every_case_and_the_notes(tool):
@@ -151,6 +180,14 @@ def test_cuda_devices_map_to_cpu_and_type_names_read_cuda():
     assert names == ("torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", "torch.cuda.HalfTensor")
     assert converted.dtype == torch.float64
     assert a.type() == "torch.FloatTensor"  # only inside the mode
+
+
+def test_thd_reference_mask_is_causal_within_documents_and_trailing_tokens_form_one_more():
+    visible = ~megatron_lm_cpu.thd_reference_mask(torch.tensor([[0, 2, 5]], dtype=torch.int32), 7)[0, 0]
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    for start, end in ((0, 2), (2, 5), (5, 7)):
+        expected[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    assert torch.equal(visible, expected)
 
 
 def test_install_is_a_no_op_with_cuda(monkeypatch):

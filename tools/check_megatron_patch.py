@@ -19,6 +19,9 @@
    loss must agree (relative difference <= ``--rtol``, default 2e-6: Megatron prints 7 digits), the baseline must
    not have USP and the USP run must report its grid and attention calls. Prints the commands, a table, and exits
    non-zero on any mismatch. ``--cases`` picks cases by name; ``--logs DIR`` keeps every run's output.
+   The packed THD cases (``--sft``) make a tiny chat dataset and character tokenizer locally (no download) and need
+   transformers<5, datasets and jinja2 (``pip install --target /tmp/mlm-sft-deps "transformers<5" datasets
+   jinja2``, ``--sft-deps /tmp/mlm-sft-deps``); without them they are skipped, with the reason in the table.
 
 Megatron-LM's training code imports a few small packages megatron-core does not need; install them aside, e.g.
 ``pip install --target /tmp/mlm-deps six regex pyyaml pydantic pybind11 psutil``, and pass ``--deps /tmp/mlm-deps``
@@ -111,9 +114,13 @@ USP_PROBE = re.compile(r"megatron_lm_cpu: USP grid: (?P<grid>.*?); attention cal
 LOSS_LINE = re.compile(r"iteration\s+(?P<it>\d+)/\s*\d+ \|.*?\| lm loss: (?P<loss>[-+0-9.eEnaNiIf]+) \|")
 
 
+MOCK_DATA = ("--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128")
+
+
 def train_model_args(train_iters: int = 6, seq_length: int = 64) -> List[str]:
-    """Megatron flags of every --train run: a tiny GPT (2 layers, hidden 64, 4 heads in 2 query groups, RoPE), mock
-    data with NullTokenizer, fp32, dropout 0, 2 micro-batches of 2 per iteration, no evaluation, on gloo."""
+    """Megatron flags of every --train run: a tiny GPT (2 layers, hidden 64, 4 heads in 2 query groups, RoPE),
+    fp32, dropout 0, 2 micro-batches of 2 per iteration, no evaluation, on gloo. The data flags come from the run
+    (:data:`MOCK_DATA` unless a case says otherwise); a flag given again later wins (argparse)."""
     return [
         "--distributed-backend", "gloo", "--transformer-impl", "local",
         "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -123,7 +130,7 @@ def train_model_args(train_iters: int = 6, seq_length: int = 64) -> List[str]:
         "--micro-batch-size", "2", "--global-batch-size", "4",
         "--train-iters", str(train_iters), "--lr", "1e-3", "--lr-warmup-iters", "1", "--seed", "1234",
         "--log-interval", "1", "--eval-iters", "0", "--eval-interval", str(train_iters + 1),
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--num-workers", "0",
+        "--num-workers", "0",
         "--attention-dropout", "0", "--hidden-dropout", "0",
         "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
         "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
@@ -132,10 +139,13 @@ def train_model_args(train_iters: int = 6, seq_length: int = 64) -> List[str]:
 
 @dataclasses.dataclass(frozen=True)
 class TrainRun:
-    """One torchrun of the launcher: ``nproc`` ranks with ``args`` after :func:`train_model_args`."""
+    """One torchrun of the launcher: ``nproc`` ranks; ``data`` then ``args`` after :func:`train_model_args`;
+    ``launcher``: options of the launcher itself (before the script path)."""
 
     nproc: int
     args: Tuple[str, ...] = ()
+    data: Tuple[str, ...] = MOCK_DATA
+    launcher: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +161,17 @@ def usp_flags(ulysses: int, ring: int, ring_impl: str = "zigzag") -> Tuple[str, 
     return ("--ulysses-degree", str(ulysses), "--ring-degree", str(ring), "--usp-ring-impl", ring_impl)
 
 
-def train_cases() -> List[TrainCase]:
-    """Baseline (no SP) vs USP with the same Megatron flags; every USP run uses 4 ranks."""
+def sft_data_args(fixture: Path) -> Tuple[str, ...]:
+    """Megatron-LM's packed THD path: --sft on the fixture's jsonl and tokenizer (see SFT_FIXTURE), rows of 128
+    tokens, one row per micro-batch (Megatron packs only with micro-batch 1); SFTTokenizer is a legacy tokenizer."""
+    return ("--sft", "--legacy-tokenizer", "--tokenizer-type", "SFTTokenizer", "--tokenizer-model", str(fixture / "tokenizer"),
+            "--data-path", str(fixture / "sft.jsonl"), "--split", "100,0,0", "--seq-length", "128",
+            "--max-position-embeddings", "128", "--micro-batch-size", "1", "--no-create-attention-mask-in-dataloader")
+
+
+def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixture") -> List[TrainCase]:
+    """Baseline (no SP) vs USP with the same Megatron flags; every USP run uses 4 ranks. The packed THD (--sft) cases
+    need ``sft_fixture`` (made by :func:`make_sft_fixture`), else they are skipped with ``sft_skip``."""
     recompute_full = ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")
     cases = [
         TrainCase("u2 r2 zigzag", TrainRun(1), TrainRun(4, usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag"),
@@ -162,11 +181,31 @@ def train_cases() -> List[TrainCase]:
         ("distributed optimizer u2 r2", ("--use-distributed-optimizer",)),
         ("recompute full u2 r2", recompute_full),
         ("recompute selective u2 r2", ("--recompute-granularity", "selective")),
+        ("cpu initialization u2 r2", ("--use-cpu-initialization",)),  # weights from the CPU generator
     ):
         cases.append(TrainCase(name, TrainRun(1, flags), TrainRun(4, flags + usp_flags(2, 2)),
                                "u=2 r=2 ring_impl=zigzag"))
     pp2 = ("--pipeline-model-parallel-size", "2")
     cases.append(TrainCase("PP=2 u2", TrainRun(2, pp2), TrainRun(4, pp2 + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"))
+    # Documents: the mock tokens cycle through 1..V and NullTokenizer's EOD is V, so --vocab-size 20 puts an EOD
+    # every 21 tokens (3 documents per 64-token row); the baseline takes the dense per-document mask Megatron builds.
+    reset = ("--reset-attention-mask", "--reset-position-ids")
+    data = MOCK_DATA[:-1] + ("20",)
+    grids = (("u2 r2 zigzag", (2, 2, "zigzag")), ("u1 r4 stripe", (1, 4, "stripe")))
+    for grid, (u, r, impl) in grids:
+        cases.append(TrainCase(f"reset-attention-mask {grid}", TrainRun(1, reset, data),
+                               TrainRun(4, reset + usp_flags(u, r, impl), data), f"u={u} r={r} ring_impl={impl}"))
+    # Packed THD rows (--sft): the baseline's local attention gets the per-document mask from the launcher's
+    # --thd-reference-attention (Megatron's THD attention needs Transformer Engine).
+    # SFT masks prompts and padding, so CP ranks hold different numbers of loss tokens: without
+    # --calculate-per-token-loss Megatron weights each rank's tokens by 1 / its own count (stock CP as well), and the
+    # gradients differ from the 1-rank run's from the second step on (measured: 4.1e-3 by iteration 5).
+    sft = sft_data_args(sft_fixture) if sft_fixture is not None else ()
+    per_token = ("--calculate-per-token-loss",)
+    for grid, (u, r, impl) in grids:
+        cases.append(TrainCase(f"THD --sft {grid}", TrainRun(1, per_token, sft, ("--thd-reference-attention",)),
+                               TrainRun(4, per_token + usp_flags(u, r, impl), sft), f"u={u} r={r} ring_impl={impl}",
+                               skip=None if sft_fixture is not None else sft_skip))
     return cases
 
 
@@ -184,7 +223,68 @@ def select_cases(cases: Sequence[TrainCase], names: Optional[str]) -> List[Train
 
 def launcher_command(python: str, script: Path, run: TrainRun, model_args: Sequence[str]) -> List[str]:
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.nproc),
-            "-m", LAUNCHER, str(script), *model_args, *run.args]
+            "-m", LAUNCHER, *run.launcher, str(script), *model_args, *run.data, *run.args]
+
+
+# A tiny chat dataset for Megatron-LM's --sft loader, made locally (no download): a character-level HF tokenizer with
+# the special tokens of SFTTokenizer's nemotron-h-aligned template, and jsonl rows of 2-4 conversations. Every
+# conversation is a multiple of 8 tokens long (EOD included) and a row at most 128: Megatron's SFTDataset pads each
+# conversation to a multiple of 2 x CP when CP > 1 and truncates long rows, which would make the baseline's rows
+# (CP = 1) differ from the USP run's (CP = 4).
+SFT_FIXTURE = r"""
+import importlib.util, json, random, sys, types
+from pathlib import Path
+out, seq = Path(sys.argv[1]), int(sys.argv[2])
+if importlib.util.find_spec("triton") is None:  # megatron.training imports it for --batch-invariant-mode only
+    stub = types.ModuleType("batch_invariant_kernels")
+    stub.enable_batch_invariant_mode = lambda *a, **k: None
+    sys.modules["megatron.core.transformer.custom_layers.batch_invariant_kernels"] = stub
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+special = ["<unk>", "<eos>", "<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<SPECIAL_233>"]
+vocab = {token: i for i, token in enumerate(special + [chr(c) for c in range(32, 127)] + [chr(10)])}
+tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+tokenizer.add_special_tokens(special)
+PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>",
+                        pad_token="<SPECIAL_233>").save_pretrained(out / "tokenizer")
+from megatron.training.tokenizer.sft_tokenizer import SFTTokenizer
+sft = SFTTokenizer(str(out / "tokenizer"), "nemotron-h-aligned")
+rng = random.Random(1234)
+def words(n):  # no spaces: the template strips the content
+    return "".join(rng.choice("abcdefghijklmnopqrst") for _ in range(n))
+def conversation(length):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": words(rng.randint(1, 6))},
+                {"role": "assistant", "content": "a"}]
+    short = len(sft.tokenize_conversation(messages, return_target=False, add_generation_prompt=False)) + 1
+    messages[2]["content"] = words(length - short + 1)
+    assert len(sft.tokenize_conversation(messages, return_target=False, add_generation_prompt=False)) + 1 == length
+    return messages
+rows = []
+for _ in range(8):
+    lengths = []
+    while True:
+        length = rng.choice([40, 48, 56])  # a conversation with an empty answer has 31-36 tokens
+        if sum(lengths) + length > seq or len(lengths) == 4:
+            break
+        lengths.append(length)
+    rows.append({"messages": [m for length in lengths for m in conversation(length)]})
+    print("row of conversations with", lengths, "tokens")
+(out / "sft.jsonl").write_text("".join(json.dumps(row) + chr(10) for row in rows))
+print("SFT FIXTURE OK", out)
+"""
+
+
+def make_sft_fixture(python: str, folder: Path, env: Dict[str, str]) -> Tuple[Optional[Path], str]:
+    """Make the --sft tokenizer and jsonl in ``folder`` with ``python``; (folder, "") or (None, why not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([python, "-c", SFT_FIXTURE, str(folder), "128"], env=env, text=True, capture_output=True)
+    if result.returncode != 0 or "SFT FIXTURE OK" not in result.stdout:
+        last = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
+        return None, ("the --sft fixture needs transformers<5 (SFTTokenizer indexes apply_chat_template's result), "
+                      f"datasets and jinja2 (pass --sft-deps): {last[0]}")
+    print(result.stdout.strip(), flush=True)
+    return folder, ""
 
 
 def parse_losses(output: str) -> Dict[int, float]:
@@ -300,21 +400,31 @@ def train(options, env: Dict[str, str]) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     model_args = train_model_args(options.train_iters, options.seq_length)
     env = dict(env, OMP_NUM_THREADS="1")  # same threads in every run; ranks share few cores
+    cases = select_cases(train_cases(), options.cases)
+    sft_env = env
+    if any(case.name.startswith("THD") for case in cases):
+        sft_env = dict(env, HF_DATASETS_CACHE=str(logs / "hf-datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        if options.sft_deps:
+            sft_env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"].split(os.pathsep)[0],
+                                                     str(Path(options.sft_deps).resolve()), env["PYTHONPATH"]])
+        fixture, why = make_sft_fixture(options.python, logs / "sft", sft_env)
+        cases = select_cases(train_cases(fixture, why), ",".join(case.name for case in cases))
     outputs: Dict[TrainRun, Tuple[int, str]] = {}
 
-    def output_of(run: TrainRun) -> Tuple[int, str]:
+    def output_of(run: TrainRun, env: Dict[str, str]) -> Tuple[int, str]:
         if run not in outputs:  # baselines shared by several cases run once
             outputs[run] = run_training(launcher_command(options.python, script, run, model_args), env, logs,
                                         logs / f"run{len(outputs):02d}-np{run.nproc}.log")
         return outputs[run]
 
     results = []
-    for case in select_cases(train_cases(), options.cases):
+    for case in cases:
         print(f"== {case.name}", flush=True)
         if case.skip:
             results.append(CaseResult(case.name, "SKIP", note=case.skip))
             continue
-        (base_rc, base_out), (usp_rc, usp_out) = output_of(case.baseline), output_of(case.usp)
+        run_env = sft_env if case.name.startswith("THD") else env
+        (base_rc, base_out), (usp_rc, usp_out) = output_of(case.baseline, run_env), output_of(case.usp, run_env)
         result = compare_losses(case.name, parse_losses(base_out), parse_losses(usp_out), options.train_iters,
                                 options.rtol)
         if base_rc or usp_rc:
@@ -340,6 +450,8 @@ def main() -> int:
     parser.add_argument("--seq-length", type=int, default=64)
     parser.add_argument("--rtol", type=float, default=2e-6)
     parser.add_argument("--logs", help="--train: folder for every run's output (default: a new temporary folder)")
+    parser.add_argument("--sft-deps", help="--train: folder with transformers<5, datasets and jinja2 for the THD "
+                        "(--sft) cases (pip install --target); without them those cases are skipped")
     options = parser.parse_args()
     if os.sep in options.python:  # the parse check runs from another folder
         options.python = str(Path(options.python).absolute())

@@ -3,6 +3,9 @@
     PYTHONPATH=MEGATRON_DIR:DEPS:REPO torchrun --nproc-per-node 4 -m megatron_usp.megatron.megatron_lm_cpu \\
         MEGATRON_DIR/pretrain_gpt.py --distributed-backend gloo <megatron args>
 
+``--thd-reference-attention`` before the script path gives a run *without* USP a THD (packed, ``--sft``) attention
+on CPU (:func:`install_thd_reference_attention`: a reference for baselines, not a stand-in).
+
 The launcher installs the stand-ins (:func:`install`), then runs the script as ``__main__`` (``runpy``), so the
 training loop, DDP, optimizers, pipeline schedules, recompute and data pipeline are Megatron-LM's own. It is a
 rehearsal for the GPU run, not a CPU backend: nothing here is used when CUDA is available (:func:`install` returns
@@ -40,8 +43,9 @@ computes: each one maps a device, a stream, an event, a memory query, a compiler
     (``torch._dynamo.config.disable``, ``megatron.core.jit.disable_jit_fuser``), eager kernels compute the same ops.
 ``warmup-jit-rng``
     ``_warmup_jit_function`` runs under ``torch.random.fork_rng``: it draws tensors of ``seq_length / CP`` rows
-    right after seeding, from the CUDA generator on a GPU; here that is the CPU generator and would make the
-    initial weights depend on CP.
+    right after seeding, from the CUDA generator on a GPU; here that is the CPU generator, from which
+    ``--use-cpu-initialization`` draws the weights, so they would depend on CP (measured without this stand-in:
+    u=2 r=2 vs 1 rank differ by 3.4e-3 at iteration 1).
 ``triton-absent``
     Without triton (CPU wheels), ``megatron.core.transformer.custom_layers.batch_invariant_kernels`` (imported by
     ``megatron.training.initialize``, used only with ``--batch-invariant-mode``) is an empty module.
@@ -372,6 +376,68 @@ def _check_megatron_source(script: Path) -> None:
             )
 
 
+# ---------------------------------------------------------------------------------------------- baseline reference
+
+THD_REFERENCE_FLAG = "--thd-reference-attention"
+
+
+def thd_reference_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[1, 1, total, total]`` bool mask, True where a query may NOT see a key: other document or a later token.
+    Tokens past ``cu_seqlens[-1]`` form one more document."""
+    bounds = cu_seqlens.reshape(-1).to(torch.long)
+    document = torch.bucketize(torch.arange(total), bounds[1:], right=True)
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    same = document[:, None] == document[None, :]
+    return ~(causal & same)[None, None]
+
+
+def install_thd_reference_attention() -> None:
+    """NOT a stand-in: a reference for the baseline run of the packed (THD, ``--sft``) case only.
+
+    Megatron's local ``DotProductAttention`` refuses ``packed_seq_params`` (THD needs Transformer Engine, which does
+    not run on CPU). Here a THD call ``[t, heads, d]`` becomes one sbhd row ``[t, 1, heads, d]`` with the dense
+    per-document causal mask built from ``cu_seqlens_q`` (:func:`thd_reference_mask`): what TE's THD attention
+    computes. Refused while USP is active, so it can never serve the run it is compared with. Also hands
+    ``get_thd_batch_on_this_cp_rank`` 1-D ``cu_seqlens`` (below)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from . import grid
+
+    original = DotProductAttention.forward
+
+    @functools.wraps(original)
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            return original(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        if grid.usp_is_initialized() and grid.get_usp_groups().sp_size > 1:
+            raise RuntimeError(f"{THD_REFERENCE_FLAG} is for runs without USP (the baseline)")
+        if packed_seq_params.cu_seqlens_q_padded is not None and not torch.equal(
+                packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q):
+            raise NotImplementedError(f"{THD_REFERENCE_FLAG}: padded cu_seqlens")
+        mask = thd_reference_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
+        out = original(self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, attn_mask_type,
+                       attention_bias, None)
+        return out.reshape(query.shape[0], -1)  # [t, 1, heads*d] -> [t, heads*d], as the THD path expects
+
+    DotProductAttention.forward = forward
+
+    # Megatron-LM 0.16 hands get_thd_batch_on_this_cp_rank the collated cu_seqlens ([1, documents + 1] at micro-batch
+    # 1); its non-fused THD RoPE (rope_utils: ``freqs.size(0) == cu_seqlens[-1]``) needs them 1-D.
+    import megatron.core.utils as core_utils
+
+    original_thd_batch = core_utils.get_thd_batch_on_this_cp_rank
+
+    @functools.wraps(original_thd_batch)
+    def get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs):
+        def flat(offsets):
+            return None if offsets is None else offsets.reshape(-1)
+
+        return original_thd_batch(batch, flat(cu_seqlens), flat(cu_seqlens_padded), max_seqlen, *args, **kwargs)
+
+    core_utils.get_thd_batch_on_this_cp_rank = get_thd_batch_on_this_cp_rank
+
+
 USP_PROBE_PREFIX = "megatron_lm_cpu: USP"
 
 
@@ -403,6 +469,8 @@ def usp_probe_line(calls: int) -> str:
 
 
 def main(argv: List[str]) -> None:
+    thd_reference = bool(argv) and argv[0] == THD_REFERENCE_FLAG
+    argv = argv[1:] if thd_reference else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit(__doc__.split("\n\n")[1])
     script = Path(argv[0])
@@ -414,6 +482,10 @@ def main(argv: List[str]) -> None:
     if rank0:
         print("megatron_lm_cpu stand-ins:" if names else "megatron_lm_cpu: CUDA available, no stand-ins",
               ", ".join(names), flush=True)
+    if thd_reference:
+        install_thd_reference_attention()
+        if rank0:
+            print(f"megatron_lm_cpu: {THD_REFERENCE_FLAG} (baseline reference, not a stand-in)", flush=True)
     calls = _count_usp_attention_calls()
     sys.argv = [str(script)] + list(argv[1:])
     runpy.run_path(str(script), run_name="__main__")
