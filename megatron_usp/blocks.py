@@ -82,7 +82,28 @@ def position_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causa
                 blocks.append(Block(q_off, q_off + stop - start, kv_off, kv_off + stop - start, True))
                 if stop < q_pos + q_len:
                     blocks.append(Block(q_off + stop - start, q_row + q_len, kv_off, kv_off + stop - start, False))
-    return blocks
+    return _coalesce(blocks)
+
+
+def _coalesce(blocks: list[Block]) -> list[Block]:
+    """Join fully visible blocks that share their kv rows and have adjacent q rows (then: share q rows, adjacent kv
+    rows): the two runs a rank holds of one document are adjacent rows, so a step's pieces of a document against
+    one run of keys become one call, the shape of the zigzag blocks without documents."""
+    full = [b for b in blocks if not b.causal]
+    for key, adjacent, join in (
+        (lambda b: (b.kv_start, b.kv_stop, b.q_start), lambda a, b: a.kv == b.kv and a.q_stop == b.q_start,
+         lambda a, b: Block(a.q_start, b.q_stop, a.kv_start, a.kv_stop, False)),
+        (lambda b: (b.q_start, b.q_stop, b.kv_start), lambda a, b: a.q == b.q and a.kv_stop == b.kv_start,
+         lambda a, b: Block(a.q_start, a.q_stop, a.kv_start, b.kv_stop, False)),
+    ):
+        merged: list[Block] = []
+        for block in sorted(full, key=key):
+            if merged and adjacent(merged[-1], block):
+                merged[-1] = join(merged[-1], block)
+            else:
+                merged.append(block)
+        full = merged
+    return sorted(full, key=lambda b: (b.q_start, b.kv_start)) + [b for b in blocks if b.causal]
 
 
 def _rows(slices: Sequence[slice]) -> torch.Tensor:
@@ -150,19 +171,31 @@ def group_blocks(blocks: Sequence[Block]) -> tuple[Work, ...]:
 def plan_work(blocks: Sequence[Block], grouped: Optional[tuple[Work, ...]], kv_positions: Optional[torch.Tensor],
               masker: Optional[BlockMasker], kernel: AttentionKernel) -> list[Work]:
     """The calls for ``blocks`` under ``masker``: ``grouped`` (cached :func:`group_blocks`) when nothing is
-    masked; else blocks the mask cuts go one by one with their mask and the rest are grouped."""
+    masked; else blocks the mask cuts go one by one with their mask and the rest are grouped. A kernel without a
+    native varlen entry point gets one dense call per block on views instead of a group: packing the rows for it
+    would only add copies (measured on CPU: the copies cost as much as the monolithic run's whole overhead)."""
     if masker is None:
-        return list(grouped if grouped is not None else group_blocks(blocks))
-    plain, masked = [], []
-    for block in blocks:
-        planned = plan_block(block, kv_positions, masker, kernel)
-        if planned is None:
-            continue
-        if planned[2]:
-            masked.append(("dense", block, *planned))
+        work = list(grouped if grouped is not None else group_blocks(blocks))
+    else:
+        plain, masked = [], []
+        for block in blocks:
+            planned = plan_block(block, kv_positions, masker, kernel)
+            if planned is None:
+                continue
+            if planned[2]:
+                masked.append(("dense", block, *planned))
+            else:
+                plain.append(block)
+        work = list(group_blocks(plain)) + masked
+    if getattr(kernel, "varlen_forward", None) is not None:
+        return work
+    per_block = []
+    for item in work:
+        if item[0] == "dense":
+            per_block.append(item)
         else:
-            plain.append(block)
-    return list(group_blocks(plain)) + masked
+            per_block += [("dense", block, None, item[1].causal, {}) for block in item[1].blocks]
+    return per_block
 
 
 def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Sequence[Work], kernel: AttentionKernel,

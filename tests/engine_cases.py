@@ -5,8 +5,24 @@ import torch
 import torch.distributed as dist
 
 import megatron_usp as usp
-from megatron_usp.kernels import TorchCPUKernel
+from megatron_usp.kernels import TorchCPUKernel, register_kernel, varlen
 from reference import dense_mask, reference_attention, relative_error
+
+class PackingKernel(TorchCPUKernel):
+    """The CPU kernel with a "native" varlen entry point (the per-segment loop over packed rows), so CPU tests run
+    the engine's varlen path: rows packed per kind, merged back (repeated rows included), gradients scattered."""
+
+    name = "test_packing"
+
+    def varlen_forward(self, q, k, v, segments, *, causal, softmax_scale):
+        return varlen.varlen_forward(TorchCPUKernel(), q, k, v, segments, causal=causal, softmax_scale=softmax_scale)
+
+    def varlen_backward(self, dout, q, k, v, out, lse, segments, *, causal, softmax_scale):
+        return varlen.varlen_backward(TorchCPUKernel(), dout, q, k, v, out, lse, segments, causal=causal,
+                                      softmax_scale=softmax_scale)
+
+
+register_kernel("test_packing", PackingKernel, lambda device, dtype, head_dim: None, priority=-1)
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -85,7 +101,7 @@ def run_case(groups, config: dict, dtype) -> dict:
     ref_out.backward(grad)
     local = [usp.shard(t, groups, **layout).to(dtype).requires_grad_() for t in (q, k, v)]
     out = usp.usp_attn(*local, groups, causal=causal, softmax_scale=scale, micro_q=config.get("micro_q"),
-                       **layout, **masks)
+                       backend=config.get("backend", "auto"), **layout, **masks)
     out.backward(usp.shard(grad, groups, **layout).to(dtype))
     assert out.dtype == dtype and out.shape == local[0].shape, (out.dtype, out.shape)
     if masks:  # no NaN anywhere; rows that see no key (mask_mod: positions 0..2) give exactly 0 and 0 gradient

@@ -42,6 +42,10 @@ def configs_for(sp_size: int, impl: str) -> list[dict]:
     configs.append(dict(base, cu_seqlens=random_mix, causal=True, heads=8, kv_heads=1, seed=24))
     if impl == "mqsp":
         configs += [dict(base, cu_seqlens=random_mix, causal=causal, micro_q=3, seed=25) for causal in (True, False)]
+    # the varlen path (rows packed per kind, merged back, gradients scattered), as CUDA kernels run it
+    configs += [dict(base, cu_seqlens=cu, causal=causal, backend="test_packing", seed=26)
+                for cu in (random_mix, document_mixes(seq_len, sp_size)["tiny"]) for causal in (True, False)]
+    configs.append(dict(base, cu_seqlens=random_mix, causal=True, mask="window", backend="test_packing", seed=27))
     return configs
 
 
