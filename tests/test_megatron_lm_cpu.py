@@ -94,6 +94,8 @@ def test_cases_compare_like_with_like(tool):
     for case in cases:
         assert case.skip is None and case.baseline.data == case.usp.data, case.name
         assert case.usp.launcher == () and case.baseline.launcher in ((), ("--thd-reference-attention",))
+        if case.pre is not None:
+            continue  # test_resume_cases
         base, usp = list(case.baseline.args), list(case.usp.args)
         assert "--ulysses-degree" not in base and "--ring-degree" not in base
         i = usp.index("--ulysses-degree")
@@ -102,6 +104,36 @@ def test_cases_compare_like_with_like(tool):
         assert f"u={u} r={r} ring_impl={usp[usp.index('--usp-ring-impl') + 1]}" == case.grid
         pp = int(base[base.index("--pipeline-model-parallel-size") + 1]) if "--pipeline-model-parallel-size" in base else 1
         assert case.baseline.nproc == pp and case.usp.nproc == pp * u * r, case.name
+
+
+def test_resume_cases_save_half_way_at_u2_r2_and_load_elsewhere(tool):
+    resume = [case for case in tool.train_cases(checkpoint=Path("/ck"), train_iters=6) if case.pre is not None]
+    assert len(resume) == 2
+    for case in resume:
+        pre, usp = list(case.pre.args), list(case.usp.args)
+        assert case.first_iteration == 4 and case.baseline == tool.TrainRun(1)
+        assert pre[:6] == list(tool.usp_flags(2, 2)) and case.pre.nproc == 4
+        assert pre[6:] == ["--save", "/ck", "--save-interval", "3", "--exit-interval", "3"]
+        assert usp[:2] == ["--load", "/ck"] and "--save" not in usp
+    assert [case.grid for case in resume] == ["u=1 r=4 ring_impl=stripe", "none"]
+    assert resume[1].usp == tool.TrainRun(1, ("--load", "/ck"))
+
+
+def test_compare_from_a_later_iteration_and_probe_without_usp(tool):
+    base = {1: 5.0, 2: 4.0, 3: 3.0}
+    assert tool.compare_losses("c", base, {2: 4.0, 3: 3.0}, 3, 2e-6, first=2).status == "ok"
+    assert tool.compare_losses("c", base, {3: 3.0}, 3, 2e-6, first=2).status == "FAILED"
+    case = tool.TrainCase("c", tool.TrainRun(1), tool.TrainRun(1, ("--load", "/ck")), "none")
+    assert tool.check_probe(tool.CaseResult("c", "ok"), case, ("none", 0), ("none", 0)).status == "ok"
+    bad = tool.check_probe(tool.CaseResult("c", "ok"), case, ("none", 0), ("u=2 r=2 ring_impl=zigzag", 4))
+    assert bad.status == "FAILED"
+
+
+def test_undo_first_log_accumulation(tool):
+    logged = {4: 5.164205, 5: (5.164205 + 5.046723) / 2, 6: 4.985997}  # Megatron: iteration 5 = mean of 4 and 5
+    fixed = tool.undo_first_log_accumulation(logged, 4)
+    assert fixed[4] == 5.164205 and fixed[5] == pytest.approx(5.046723) and fixed[6] == 4.985997
+    assert tool.undo_first_log_accumulation({4: 1.0}, 4) == {4: 1.0}
 
 
 def test_documents_cases_use_documents(tool):

@@ -19,6 +19,7 @@
    loss must agree (relative difference <= ``--rtol``, default 2e-6: Megatron prints 7 digits), the baseline must
    not have USP and the USP run must report its grid and attention calls. Prints the commands, a table, and exits
    non-zero on any mismatch. ``--cases`` picks cases by name; ``--logs DIR`` keeps every run's output.
+   The resume cases save at u=2 r=2 half-way (``--exit-interval``) and ``--load`` at u=1 r=4 and without SP.
    The packed THD cases (``--sft``) make a tiny chat dataset and character tokenizer locally (no download) and need
    transformers<5, datasets and jinja2 (``pip install --target /tmp/mlm-sft-deps "transformers<5" datasets
    jinja2``, ``--sft-deps /tmp/mlm-sft-deps``); without them they are skipped, with the reason in the table.
@@ -35,6 +36,7 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,8 +155,10 @@ class TrainCase:
     name: str
     baseline: TrainRun
     usp: TrainRun
-    grid: str  # what the USP run's probe line must report, e.g. "u=2 r=2 ring_impl=zigzag"
+    grid: str  # what the USP run's probe line must report, e.g. "u=2 r=2 ring_impl=zigzag"; "none": no USP
     skip: Optional[str] = None  # a reason not to run it
+    pre: Optional[TrainRun] = None  # runs before ``usp`` (e.g. saves the checkpoint it loads); compared too
+    first_iteration: int = 1  # the first iteration ``usp`` logs (after --load: the one after the checkpoint)
 
 
 def usp_flags(ulysses: int, ring: int, ring_impl: str = "zigzag") -> Tuple[str, ...]:
@@ -169,9 +173,12 @@ def sft_data_args(fixture: Path) -> Tuple[str, ...]:
             "--max-position-embeddings", "128", "--micro-batch-size", "1", "--no-create-attention-mask-in-dataloader")
 
 
-def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixture") -> List[TrainCase]:
+def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixture",
+                checkpoint: Path = Path("checkpoint"), train_iters: int = 6) -> List[TrainCase]:
     """Baseline (no SP) vs USP with the same Megatron flags; every USP run uses 4 ranks. The packed THD (--sft) cases
-    need ``sft_fixture`` (made by :func:`make_sft_fixture`), else they are skipped with ``sft_skip``."""
+    need ``sft_fixture`` (made by :func:`make_sft_fixture`), else they are skipped with ``sft_skip``. The resume
+    cases save to ``checkpoint`` at u=2 r=2 after half the iterations and load it on another grid and without SP:
+    every later iteration must equal the uninterrupted 1-rank run."""
     recompute_full = ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")
     cases = [
         TrainCase("u2 r2 zigzag", TrainRun(1), TrainRun(4, usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag"),
@@ -206,6 +213,14 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
         cases.append(TrainCase(f"THD --sft {grid}", TrainRun(1, per_token, sft, ("--thd-reference-attention",)),
                                TrainRun(4, per_token + usp_flags(u, r, impl), sft), f"u={u} r={r} ring_impl={impl}",
                                skip=None if sft_fixture is not None else sft_skip))
+    half = train_iters // 2
+    save = TrainRun(4, usp_flags(2, 2) + ("--save", str(checkpoint), "--save-interval", str(half),
+                                          "--exit-interval", str(half)))
+    load = ("--load", str(checkpoint))
+    cases.append(TrainCase("save u2 r2 -> load u1 r4 stripe", TrainRun(1), TrainRun(4, load + usp_flags(1, 4, "stripe")),
+                           "u=1 r=4 ring_impl=stripe", pre=save, first_iteration=half + 1))
+    cases.append(TrainCase("save u2 r2 -> load without SP", TrainRun(1), TrainRun(1, load), "none", pre=save,
+                           first_iteration=half + 1))
     return cases
 
 
@@ -292,6 +307,17 @@ def parse_losses(output: str) -> Dict[int, float]:
     return {int(m.group("it")): float(m.group("loss")) for m in LOSS_LINE.finditer(output)}
 
 
+def undo_first_log_accumulation(losses: Dict[int, float], first: int) -> Dict[int, float]:
+    """Megatron-LM (<= 0.16 at least) logs a process's first iteration without resetting its loss accumulator
+    (``training_log(is_first_iteration=True)``), so with --log-interval 1 the next line prints the mean of both
+    iterations. Every fresh run does it at iteration 2 alike; a run resumed at ``first`` does it at ``first + 1``,
+    which this undoes (``2 * logged - logged[first]``) to compare it with an uninterrupted run."""
+    fixed = dict(losses)
+    if first in losses and first + 1 in losses:
+        fixed[first + 1] = 2 * losses[first + 1] - losses[first]
+    return fixed
+
+
 def parse_usp_probe(output: str) -> Optional[Tuple[str, int]]:
     """(grid, attention calls) from the launcher's probe line; grid is "none" without USP."""
     match = USP_PROBE.search(output)
@@ -316,10 +342,10 @@ def relative_difference(a: float, b: float) -> float:
 
 
 def compare_losses(name: str, baseline: Dict[int, float], usp: Dict[int, float], train_iters: int,
-                   rtol: float) -> CaseResult:
-    """Every iteration 1..train_iters must be in both logs and agree within ``rtol`` (NaN never agrees)."""
+                   rtol: float, first: int = 1) -> CaseResult:
+    """Every iteration first..train_iters must be in both logs and agree within ``rtol`` (NaN never agrees)."""
     result = CaseResult(name, "ok", baseline, usp)
-    expected = set(range(1, train_iters + 1))
+    expected = set(range(first, train_iters + 1))
     for label, losses in (("baseline", baseline), ("USP", usp)):
         missing = sorted(expected - set(losses))
         if missing:
@@ -341,11 +367,15 @@ def compare_losses(name: str, baseline: Dict[int, float], usp: Dict[int, float],
 
 
 def check_probe(result: CaseResult, case: TrainCase, baseline_probe, usp_probe) -> CaseResult:
-    """The baseline must run without USP, the USP run on the case's grid with USP attention calls."""
+    """The baseline must run without USP, the USP run on the case's grid with USP attention calls (none when the
+    case's grid is "none")."""
     problems = []
     if baseline_probe is None or baseline_probe[0] != "none" or baseline_probe[1] != 0:
         problems.append(f"baseline probe {baseline_probe} (expected no USP grid and 0 attention calls)")
-    if usp_probe is None or usp_probe[0] != case.grid or usp_probe[1] <= 0:
+    if case.grid == "none":
+        if usp_probe != ("none", 0):
+            problems.append(f"probe {usp_probe} (expected no USP grid and 0 attention calls)")
+    elif usp_probe is None or usp_probe[0] != case.grid or usp_probe[1] <= 0:
         problems.append(f"USP probe {usp_probe} (expected grid {case.grid!r} and attention calls)")
     if problems:
         result.status = "FAILED"
@@ -400,7 +430,13 @@ def train(options, env: Dict[str, str]) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     model_args = train_model_args(options.train_iters, options.seq_length)
     env = dict(env, OMP_NUM_THREADS="1")  # same threads in every run; ranks share few cores
-    cases = select_cases(train_cases(), options.cases)
+    checkpoint = logs / "checkpoint"
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the resume cases load what this run saves
+
+    def all_cases(fixture: Optional[Path] = None, why: str = "no SFT fixture") -> List[TrainCase]:
+        return train_cases(fixture, why, checkpoint, options.train_iters)
+
+    cases = select_cases(all_cases(), options.cases)
     sft_env = env
     if any(case.name.startswith("THD") for case in cases):
         sft_env = dict(env, HF_DATASETS_CACHE=str(logs / "hf-datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -408,7 +444,7 @@ def train(options, env: Dict[str, str]) -> int:
             sft_env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"].split(os.pathsep)[0],
                                                      str(Path(options.sft_deps).resolve()), env["PYTHONPATH"]])
         fixture, why = make_sft_fixture(options.python, logs / "sft", sft_env)
-        cases = select_cases(train_cases(fixture, why), ",".join(case.name for case in cases))
+        cases = select_cases(all_cases(fixture, why), ",".join(case.name for case in cases))
     outputs: Dict[TrainRun, Tuple[int, str]] = {}
 
     def output_of(run: TrainRun, env: Dict[str, str]) -> Tuple[int, str]:
@@ -424,12 +460,29 @@ def train(options, env: Dict[str, str]) -> int:
             results.append(CaseResult(case.name, "SKIP", note=case.skip))
             continue
         run_env = sft_env if case.name.startswith("THD") else env
-        (base_rc, base_out), (usp_rc, usp_out) = output_of(case.baseline, run_env), output_of(case.usp, run_env)
-        result = compare_losses(case.name, parse_losses(base_out), parse_losses(usp_out), options.train_iters,
-                                options.rtol)
-        if base_rc or usp_rc:
+        base_rc, base_out = output_of(case.baseline, run_env)
+        pre_note = ""
+        if case.pre is not None:
+            pre_rc, pre_out = output_of(case.pre, run_env)
+            last = case.first_iteration - 1
+            pre = compare_losses(case.name, parse_losses(base_out), parse_losses(pre_out), last, options.rtol)
+            print(per_iteration_table(dataclasses.replace(pre, name=f"{case.name} (run before)")), flush=True)
+            if pre_rc or pre.status != "ok":
+                pre_note = f"run before (iterations 1-{last}): exit {pre_rc}, {pre.status} {pre.note}".strip()
+        usp_rc, usp_out = output_of(case.usp, run_env)
+        usp_losses = parse_losses(usp_out)
+        if case.first_iteration > 1:
+            usp_losses = undo_first_log_accumulation(usp_losses, case.first_iteration)
+        result = compare_losses(case.name, parse_losses(base_out), usp_losses, options.train_iters,
+                                options.rtol, case.first_iteration)
+        early = sorted(it for it in usp_losses if it < case.first_iteration)
+        if early:  # a --load run that logs iterations before the checkpoint's did not resume
+            pre_note = "; ".join(filter(None, [pre_note, f"did not resume: logged iterations {early}"]))
+        if base_rc or usp_rc or pre_note:
             result.status = "FAILED"
-            result.note = "; ".join(filter(None, [result.note, f"exit codes: baseline {base_rc}, USP {usp_rc}"]))
+            result.note = "; ".join(filter(None, [result.note, pre_note] +
+                                           ([f"exit codes: baseline {base_rc}, USP {usp_rc}"] if base_rc or usp_rc
+                                            else [])))
         result = check_probe(result, case, parse_usp_probe(base_out), parse_usp_probe(usp_out))
         print(per_iteration_table(result), flush=True)
         results.append(result)

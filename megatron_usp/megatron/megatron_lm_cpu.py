@@ -11,8 +11,10 @@ training loop, DDP, optimizers, pipeline schedules, recompute and data pipeline 
 rehearsal for the GPU run, not a CPU backend: nothing here is used when CUDA is available (:func:`install` returns
 ``[]`` and changes nothing). ``tools/check_megatron_patch.py MEGATRON_DIR --train`` drives it.
 
-The stand-ins (:data:`STANDINS` holds the same list, printed by the launcher). None changes a number the model
-computes: each one maps a device, a stream, an event, a memory query, a compiler or an RNG *location* to the CPU.
+The stand-ins (:data:`STANDINS` holds the same list, printed by the launcher). None changes what the model computes
+from its inputs and weights: each maps a device, a stream, an event, a memory query, a compiler or an RNG *location*
+to the CPU. (Random draws come from one CPU generator where a GPU run has a CPU and a CUDA one: the initial weights
+are not a GPU run's, but they are the same in every CPU run compared.)
 
 ``cuda-to-cpu``
     A ``torch.overrides.TorchFunctionMode`` (the whole run is inside it): ``device="cuda"`` / ``"cuda:N"`` / an int
@@ -49,6 +51,10 @@ computes: each one maps a device, a stream, an event, a memory query, a compiler
 ``triton-absent``
     Without triton (CPU wheels), ``megatron.core.transformer.custom_layers.batch_invariant_kernels`` (imported by
     ``megatron.training.initialize``, used only with ``--batch-invariant-mode``) is an empty module.
+``spawn-children``
+    Processes started with ``spawn`` (``dist_checkpointing``'s async writer starts a ``Manager`` even for a
+    synchronous ``--save``) do not re-run the script as ``__mp_main__``: it runs under ``runpy``, so the child would
+    import Megatron-LM without the stand-ins (and fail on triton); the Manager only serves a queue.
 ``helpers-cpp-build``
     ``compile_helpers`` runs Megatron's ``make`` with this interpreter's pybind11 includes and extension suffix
     (the Makefile calls ``python3``, which pyenv may resolve to the checkout's ``.python-version``).
@@ -84,10 +90,12 @@ STANDINS: Dict[str, str] = {
     "no-kernel-compilation": "fused_kernels.load no-op; torch.compile / jit_fuser off",
     "warmup-jit-rng": "_warmup_jit_function under torch.random.fork_rng (its draws would make init depend on CP)",
     "triton-absent": "batch_invariant_kernels (imports triton; --batch-invariant-mode only) is an empty module",
+    "spawn-children": "spawned children (dist_checkpointing's Manager) do not re-run the script without the stand-ins",
     "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
 }
 
 _PATCHED: List[tuple] = []
+_SCRIPTS: List[str] = []  # the script main() runs as __main__
 _MODE: List[TorchFunctionMode] = []
 
 
@@ -289,6 +297,18 @@ def _compile_helpers() -> None:
         sys.exit("megatron_lm_cpu: building megatron/core/datasets/helpers_cpp failed (pip install pybind11?)")
 
 
+def _children_skip_the_script(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_preparation_data(name):
+        data = original(name)
+        path = data.get("init_main_from_path")
+        if path is not None and os.path.abspath(path) in _SCRIPTS:
+            del data["init_main_from_path"]
+        return data
+
+    return get_preparation_data
+
+
 def install() -> List[str]:
     """Install every stand-in (idempotent). Returns their names, or ``[]`` when CUDA is available."""
     if torch.cuda.is_available():
@@ -304,7 +324,8 @@ def install() -> List[str]:
                    "enable_batch_invariant_mode"):
             setattr(stub, fn, _noop)
         sys.modules.setdefault(name, stub)
-    # no-kernel-compilation (before Megatron's fusion modules decorate their functions)
+    # no-kernel-compilation: the dynamo switch covers functions torch.compile already wrapped (this package imports
+    # megatron.core first), disable_jit_fuser the ones Megatron decorates from now on
     torch._dynamo.config.disable = True
     import megatron.core.jit as jit
 
@@ -339,6 +360,10 @@ def install() -> List[str]:
 
     for holder in (arguments, training_utils):
         _patch(holder, "get_device_arch_version", lambda: 9)
+    # spawn-children
+    import multiprocessing.spawn as mp_spawn
+
+    _patch(mp_spawn, "get_preparation_data", _children_skip_the_script(mp_spawn.get_preparation_data))
     # helpers-cpp-build
     import megatron.core.datasets.utils as dataset_utils
 
@@ -351,7 +376,7 @@ def install() -> List[str]:
 
 
 def uninstall() -> None:
-    """Undo :func:`install` (for tests)."""
+    """Undo :func:`install` (for tests); torch.compile stays off and the triton stand-in module stays."""
     while _MODE:
         _MODE.pop().__exit__(None, None, None)
     while _PATCHED:
@@ -488,6 +513,7 @@ def main(argv: List[str]) -> None:
             print(f"megatron_lm_cpu: {THD_REFERENCE_FLAG} (baseline reference, not a stand-in)", flush=True)
     calls = _count_usp_attention_calls()
     sys.argv = [str(script)] + list(argv[1:])
+    _SCRIPTS.append(os.path.abspath(script))
     runpy.run_path(str(script), run_name="__main__")
     if rank0:
         print(usp_probe_line(calls["forward"]), flush=True)
