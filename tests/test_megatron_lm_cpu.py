@@ -129,6 +129,13 @@ def test_compare_from_a_later_iteration_and_probe_without_usp(tool):
     assert bad.status == "FAILED"
 
 
+def test_only_bf16_has_its_own_looser_tolerance(tool):
+    cases = tool.train_cases(Path("/fixture"))
+    assert {case.name: case.rtol for case in cases if case.rtol is not None} == {"bf16 u2 r2": 1e-4}
+    bf16 = [case for case in cases if case.rtol is not None][0]
+    assert "--bf16" in bf16.baseline.args and "--bf16" in bf16.usp.args
+
+
 def test_undo_first_log_accumulation(tool):
     logged = {4: 5.164205, 5: (5.164205 + 5.046723) / 2, 6: 4.985997}  # Megatron: iteration 5 = mean of 4 and 5
     fixed = tool.undo_first_log_accumulation(logged, 4)
