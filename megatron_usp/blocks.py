@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import accumulate
 from typing import Optional, Sequence
 
 import torch
 
 from .kernels import AttentionKernel
 from .kernels.varlen import Segments, varlen_backward, varlen_forward
+from .layout import concat_ranges
 from .masks import BlockMasker, plan_block
 from .merge import merge_partial, merge_rows
 
@@ -107,11 +109,7 @@ def _coalesce(blocks: list[Block]) -> list[Block]:
 
 
 def _rows(slices: Sequence[slice]) -> torch.Tensor:
-    starts = torch.tensor([s.start for s in slices], dtype=torch.long)
-    lengths = torch.tensor([s.stop - s.start for s in slices], dtype=torch.long)
-    total = int(lengths.sum())
-    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
-    return torch.arange(total) + shift
+    return concat_ranges(torch.tensor([s.start for s in slices]), torch.tensor([s.stop for s in slices]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +124,7 @@ class VarlenGroup:
     def segments(self) -> Segments:
         q_lengths = [b.q_stop - b.q_start for b in self.blocks]
         kv_lengths = [b.kv_stop - b.kv_start for b in self.blocks]
-        return Segments(tuple(_cumsum(q_lengths)), tuple(_cumsum(kv_lengths)))
+        return Segments(tuple(accumulate(q_lengths, initial=0)), tuple(accumulate(kv_lengths, initial=0)))
 
     @cached_property
     def q_index(self) -> torch.Tensor:
@@ -144,13 +142,6 @@ class VarlenGroup:
         if device not in self._device_indices:
             self._device_indices[device] = (self.q_index.to(device), self.kv_index.to(device))
         return self._device_indices[device]
-
-
-def _cumsum(lengths: Sequence[int]) -> list[int]:
-    offsets = [0]
-    for length in lengths:
-        offsets.append(offsets[-1] + length)
-    return offsets
 
 
 Work = tuple  # ("dense", block, kernel, causal, kwargs) or ("varlen", VarlenGroup)

@@ -101,7 +101,7 @@ def document_chunk_bounds(offsets: Sequence[int], parts: int) -> torch.Tensor:
     return torch.cat([cu[:-1, None], cu[:-1, None] + sizes.cumsum(1)], dim=1)
 
 
-def _ranges(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+def concat_ranges(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
     """Concatenation of ``arange(start, stop)`` for each pair, without a Python loop."""
     lengths = stops - starts
     total = int(lengths.sum())
@@ -115,7 +115,7 @@ def _document_positions(offsets: tuple[int, ...], sp_size: int, cp_rank: int, ri
     chunks = [cp_rank] if parts == sp_size else [cp_rank, parts - 1 - cp_rank]  # in position order
     starts = torch.stack([bounds[:, c] for c in chunks], dim=1).reshape(-1)
     stops = torch.stack([bounds[:, c + 1] for c in chunks], dim=1).reshape(-1)
-    return _ranges(starts, stops)
+    return concat_ranges(starts, stops)
 
 
 def global_positions(
