@@ -514,9 +514,11 @@ def main(argv: List[str]) -> None:
     calls = _count_usp_attention_calls()
     sys.argv = [str(script)] + list(argv[1:])
     _SCRIPTS.append(os.path.abspath(script))
-    runpy.run_path(str(script), run_name="__main__")
-    if rank0:
-        print(usp_probe_line(calls["forward"]), flush=True)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:  # also when Megatron exits early (--exit-interval)
+        if rank0:
+            print(usp_probe_line(calls["forward"]), flush=True)
 
 
 if __name__ == "__main__":
