@@ -35,6 +35,8 @@ def megatron_like_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int)
     parser.add_argument("--sft", action="store_true")
     parser.add_argument("--reset-attention-mask", action="store_true")
+    parser.add_argument("--eod-mask-loss", action="store_true")
+    parser.add_argument("--calculate-per-token-loss", action="store_true")
     parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     return parser
 
@@ -142,6 +144,8 @@ def test_without_usp_flags_megatron_context_parallelism_is_untouched(fake_megatr
          "--sft with USP needs"),
         (["--context-parallel-size", "2"], "--context-parallel-size 2 conflicts"),
         (["--cp-comm-type", "a2a"], "--cp-comm-type"),
+        (["--sft"], "--sft masks loss tokens unevenly.*add --calculate-per-token-loss"),
+        (["--eod-mask-loss"], "--eod-mask-loss masks loss tokens unevenly"),
     ],
 )
 def test_usp_conflicts_are_rejected_before_megatron_validates(fake_megatron_lm, argv, message):
@@ -151,7 +155,9 @@ def test_usp_conflicts_are_rejected_before_megatron_validates(fake_megatron_lm, 
     assert fake_megatron_lm.calls == []
 
 
-@pytest.mark.parametrize("argv", [["--sft"], ["--reset-attention-mask", "--pipeline-model-parallel-size", "2"]])
+@pytest.mark.parametrize("argv", [["--sft", "--calculate-per-token-loss"],
+                                  ["--eod-mask-loss", "--calculate-per-token-loss"],
+                                  ["--reset-attention-mask", "--pipeline-model-parallel-size", "2"]])
 def test_packed_and_document_masked_training_is_accepted(fake_megatron_lm, argv):
     megatron_lm.install(get_args=lambda: None)
     fake_megatron_lm.initialize.validate_args(parse(["--ulysses-degree", "2", "--ring-degree", "2"] + argv), {})
