@@ -5,7 +5,8 @@ schedules are lists of blocks; :func:`position_blocks` derives them from the glo
 (contiguous position runs, split at document boundaries when ``cu_seqlens`` is given), so any layout works.
 
 :func:`forward_blocks` / :func:`backward_blocks` run a list of blocks: blocks a mask cuts go one by one to a
-kernel that takes a mask; the others are grouped by kind (full / causal) and each group is ONE call: a dense call
+kernel that takes a mask (cut into tiles first when larger than the mask budget, so no mask tensor grows
+with the sequence); the others are grouped by kind (full / causal) and each group is ONE call: a dense call
 on slices when the group is one block, else a varlen call over the blocks packed side by side
 (:mod:`megatron_usp.kernels.varlen`), never one call per document.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import accumulate
+from math import isqrt
 from typing import Optional, Sequence
 
 import torch
@@ -21,7 +23,7 @@ import torch
 from .kernels import AttentionKernel
 from .kernels.varlen import Segments, varlen_backward, varlen_forward
 from .layout import concat_ranges
-from .masks import BlockMasker, plan_block
+from .masks import AS_SCHEDULED, BlockMasker, plan_block
 from .merge import merge_partial, merge_rows
 
 
@@ -160,24 +162,57 @@ def group_blocks(blocks: Sequence[Block]) -> tuple[Work, ...]:
     return tuple(work)
 
 
+def tile_block(block: Block, max_pairs: int) -> list[Block]:
+    """``block`` cut into tiles of at most ``max_pairs`` (q row, key) pairs (the block itself when it fits). A
+    causal block (an aligned square) is cut at the same offsets on both axes: its diagonal tiles are aligned causal
+    squares, the tiles below them are fully visible and those above, invisible, are left out."""
+    rows, cols = block.q_stop - block.q_start, block.kv_stop - block.kv_start
+    if rows * cols <= max_pairs:
+        return [block]
+    if block.causal:
+        assert rows == cols, f"causal blocks are aligned squares, got {block}"
+        side = max(1, isqrt(max_pairs))
+        return [Block(block.q_start + i, block.q_start + min(i + side, rows), block.kv_start + j,
+                      block.kv_start + min(j + side, cols), i == j)
+                for i in range(0, rows, side) for j in range(0, i + 1, side)]
+    tile_cols = min(cols, max(1, max_pairs // min(rows, max(1, isqrt(max_pairs)))))
+    tile_rows = min(rows, max(1, max_pairs // tile_cols))
+    return [Block(block.q_start + i, block.q_start + min(i + tile_rows, rows), block.kv_start + j,
+                  block.kv_start + min(j + tile_cols, cols), False)
+            for i in range(0, rows, tile_rows) for j in range(0, cols, tile_cols)]
+
+
 def plan_work(blocks: Sequence[Block], grouped: Optional[tuple[Work, ...]], kv_positions: Optional[torch.Tensor],
               masker: Optional[BlockMasker], kernel: AttentionKernel) -> list[Work]:
     """The calls for ``blocks`` under ``masker``: ``grouped`` (cached :func:`group_blocks`) when nothing is
-    masked; else blocks the mask cuts go one by one with their mask and the rest are grouped. A kernel without a
+    masked; else blocks the mask cuts go one by one with their mask and the rest are grouped. A block the mask
+    may cut that is larger than the mask budget (:meth:`BlockMasker.tile_elements`) is first cut into tiles
+    (:func:`tile_block`), each skipped, computed as scheduled or computed with its own tile-sized mask; a block's
+    tiles computed as scheduled are joined again (:func:`_coalesce`) so they cost few calls. A kernel without a
     native varlen entry point gets one dense call per block on views instead of a group: packing the rows for it
     would only add copies (measured on CPU: the copies cost as much as the monolithic run's whole overhead)."""
     if masker is None:
         work = list(grouped if grouped is not None else group_blocks(blocks))
     else:
         plain, masked = [], []
+        max_pairs = masker.tile_elements()
         for block in blocks:
-            planned = plan_block(block, kv_positions, masker, kernel)
-            if planned is None:
+            by_range = masker.by_range(block.q, kv_positions[block.kv])
+            if by_range is not None:  # decided for the whole block without building anything
+                if by_range == AS_SCHEDULED:
+                    plain.append(block)
                 continue
-            if planned[2]:
-                masked.append(("dense", block, *planned))
-            else:
-                plain.append(block)
+            tiles = tile_block(block, max_pairs)
+            plain_tiles = []
+            for tile in tiles:
+                planned = plan_block(tile, kv_positions, masker, kernel)
+                if planned is None:
+                    continue
+                if planned[2]:
+                    masked.append(("dense", tile, *planned))
+                else:
+                    plain_tiles.append(tile)
+            plain += plain_tiles if len(tiles) == 1 else _coalesce(plain_tiles)
         work = list(group_blocks(plain)) + masked
     if getattr(kernel, "varlen_forward", None) is not None:
         return work
