@@ -47,6 +47,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim has stride 1, else a contiguous copy. Fused kernels (torch's CPU flash op,
+    the CUDA aten ops, flash-attn) read head_dim rows as dense vectors: given a view such as ``x[..., ::2]`` or a
+    ``[b, s, d, h]`` tensor permuted to bshd, the CPU op silently computes garbage. Copies only when needed."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 def expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[b, s, kv_heads, d] -> [b, s, heads, d]`` by repeating each kv head for its query group."""
     groups = heads // x.shape[2]

@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 
 from . import _adapt
-from .base import accumulation_dtype, expand_kv_heads, reduce_kv_heads
+from .base import accumulation_dtype, expand_kv_heads, last_dim_contiguous, reduce_kv_heads
 
 # Optional inputs of the aten varlen ops we never use (sliding window, paged kv, alibi, bias, split counts).
 _ATEN_ABSENT = frozenset("bias seqused_k alibi_slopes block_table seqlen_k window_size".split())
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2)
+    """bshd -> the ``[b, h, s, d]`` view the aten ops take, with a dense last dim (every aten attention op assumes
+    it; the CPU flash op silently computes garbage without it). Copies only a view whose last dim is strided."""
+    return last_dim_contiguous(x).transpose(1, 2)
 
 
 class _AtenKernel:
