@@ -25,6 +25,7 @@ from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_w
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
 from .masks import BlockMasker
+from .merge import nan_query_rows
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def ring_forward(
         forward_blocks(q, step_kv[0], step_kv[1], work, kernel, softmax_scale, out, lse)
         if more:
             kv = exchanger.wait()
+    nan_query_rows(q, out, lse)
     return out, lse
 
 
@@ -237,6 +239,20 @@ def ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+def refuse_double_backward() -> None:
+    """Called first in the attention backward: with ``create_graph=True`` (double backward: gradient penalties,
+    Hessian-vector products) autograd runs it with grad mode on, and the hand-written backward is not itself
+    differentiable; its gradients would have no graph (second-order terms silently missing) or fail deep inside
+    with an in-place error. Every rank reaches this point, so every rank raises: no hang."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "usp_attn does not support double backward: its backward (ring / mqsp schedule over hand-written "
+            "kernel gradients) is not differentiable, so torch.autograd.grad(..., create_graph=True) / "
+            "backward(create_graph=True) through it cannot give second-order gradients. Differentiate once "
+            "(create_graph=False), or run attention for the higher-order term on one device."
+        )
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, schedule, ring_comm, kernel, softmax_scale, masker):
@@ -249,6 +265,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_double_backward()
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(
             dout, q, k, v, out, lse, ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale, ctx.masker
