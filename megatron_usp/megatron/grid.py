@@ -12,7 +12,7 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ..groups import USPGroups, check_degree, grid_rank_lists
+from ..groups import USPGroups, check_degree, grid_rank_lists, group_timeout
 from ..kernels import check_backend_name
 from ..layout import check_ring_impl
 from ..mqsp import check_micro_q
@@ -70,7 +70,7 @@ def initialize_model_parallel(
         groups = USPGroups.single()
     elif ulysses_inner:
         ulysses, ring = parallel_state.get_hierarchical_context_parallel_groups()
-        groups = USPGroups.from_groups(ulysses, ring)
+        groups = USPGroups.from_groups(ulysses, ring, sp=parallel_state.get_context_parallel_group())
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
     _STATE = USPState(groups, ring_impl, attn_backend, micro_q)
@@ -81,8 +81,10 @@ def initialize_model_parallel(
 
 
 def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
-    """Ring-inner groups inside every CP group; every rank creates every group in the same order."""
+    """Ring-inner groups inside every CP group; every rank creates every group in the same order, with the
+    timeout megatron-core gave its CP group (``distributed_timeout_minutes``), not torch's default."""
     cp_ranks = parallel_state.get_context_parallel_global_ranks()
+    timeout = group_timeout(parallel_state.get_context_parallel_group()) or group_timeout()
     every_cp_group: list = [None] * dist.get_world_size()
     dist.all_gather_object(every_cp_group, tuple(cp_ranks))
     me = dist.get_rank()
@@ -90,12 +92,12 @@ def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
     for ranks in sorted(set(every_cp_group)):
         ulysses_lists, ring_lists = grid_rank_lists(list(ranks), ulysses_degree, ring_degree, ulysses_inner=False)
         for rank_list in ulysses_lists:
-            group = dist.new_group(rank_list)
+            group = dist.new_group(rank_list, timeout=timeout)
             ulysses_group = group if me in rank_list else ulysses_group
         for rank_list in ring_lists:
-            group = dist.new_group(rank_list)
+            group = dist.new_group(rank_list, timeout=timeout)
             ring_group = group if me in rank_list else ring_group
-    return USPGroups.from_groups(ulysses_group, ring_group)
+    return USPGroups.from_groups(ulysses_group, ring_group, sp=parallel_state.get_context_parallel_group())
 
 
 def destroy_model_parallel() -> None:
