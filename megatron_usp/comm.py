@@ -126,6 +126,47 @@ def reduce_scatter_no_grad(x: torch.Tensor, group: dist.ProcessGroup, dim: int) 
     return _reduce_scatter(x, group, dim)
 
 
+def _collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """A device whose tensors the backend of ``group`` takes: CPU where gloo serves it, else the current GPU."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _grid_stages(groups) -> list:
+    """The groups to gather over so that every rank of the grid sees every other: the SP group where known, else
+    the ulysses group then the ring group (each only where its degree is > 1)."""
+    if groups.sp is not None:
+        return [(groups.sp_size, groups.sp)]
+    return [(d, g) for d, g in ((groups.ulysses_degree, groups.ulysses), (groups.ring_degree, groups.ring)) if d > 1]
+
+
+def grid_all_gather_ints(values: list[int], groups) -> list[list[int]]:
+    """Every rank's ``values`` (same length everywhere) over the ``u x r`` grid of ``groups`` (in no promised
+    order): one small all-gather over ``groups.sp`` where set, else one over the ulysses group and one over the
+    ring group. Not counted by :func:`count_traffic` (a check, not the algorithm's traffic). Collective over the
+    grid; on NCCL the result comes back to the host (a device sync)."""
+    stages = _grid_stages(groups)
+    device = _collective_device(stages[0][1]) if stages else torch.device("cpu")
+    x = torch.tensor(values, dtype=torch.int64, device=device).unsqueeze(0)
+    for degree, group in stages:
+        out = torch.empty((degree * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
+        _all_gather_single(out, x, group=group)
+        x = out
+    return x.cpu().tolist()
+
+
+def grid_all_gather_objects(obj, groups) -> list:
+    """``grid_all_gather_ints`` for picklable objects (slow: for error paths)."""
+    gathered = [obj]
+    for degree, group in _grid_stages(groups):
+        out: list = [None] * degree
+        dist.all_gather_object(out, gathered, group=group)
+        gathered = [item for part in out for item in part]
+    return gathered
+
+
 class RingExchanger:
     """Sends a tensor to the next ring rank while receiving one from the previous rank.
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import zlib
 from numbers import Real
 from typing import Optional
 
@@ -11,7 +13,7 @@ import torch
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
 from .layout import CuSeqlens, check_cu_seqlens, check_ring_impl, check_seq_len, gathered_order, ring_positions
-from .comm import RingComm
+from .comm import RingComm, grid_all_gather_ints, grid_all_gather_objects
 from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
 from .mqsp import MQSPPlan, check_micro_q, mqsp_attention
 from .ring import build_schedule, ring_attention
@@ -95,6 +97,7 @@ def usp_attn(
     mask_mod: Optional[MaskMod] = None,
     micro_q: Optional[int] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
+    check_agreement: Optional[bool] = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
@@ -109,12 +112,28 @@ def usp_attn(
     Packed documents: ``cu_seqlens`` (offsets ``[0, ..., seq_len]`` of the documents of every row, the same on
     every rank) keeps attention inside each document AND means the tokens are in the document layout
     (:func:`megatron_usp.shard` with the same ``cu_seqlens``), which balances the work of every ring step.
+
+    ``check_agreement`` (default: :func:`set_agreement_check`, on unless ``MEGATRON_USP_CHECK_AGREEMENT=0``): before
+    the first collective, the ranks of the grid compare what they were called with (one small all-gather per
+    group, see :func:`agree`) and all raise the same ``ValueError`` naming the fields and ranks that disagree, or
+    the rank whose own inputs were rejected, instead of hanging or computing garbage. Turn it off once a setup
+    is known to be right if its cost (a few collectives of ~30 ints; a host sync on GPUs) matters.
     """
     mask = AttentionMask(window, document_ids, mask_mod)
-    cu_seqlens = validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
-                                 backend=backend, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens)
-    head_dim = q.shape[3]
-    kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
+    check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
+    try:
+        cu_seqlens = validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl,
+                                     softmax_scale=softmax_scale, backend=backend, mask=mask, micro_q=micro_q,
+                                     cu_seqlens=cu_seqlens)
+        head_dim = q.shape[3]
+        kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
+    except (ValueError, TypeError) as error:
+        if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
+            agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)
+        raise
+    if check and groups.sp_size > 1:
+        agree(groups, describe_call(q, k, v, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
+                                    kernel=kernel, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens))
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     seq_len = q.shape[1] * groups.sp_size
     grid = (seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl)
@@ -163,3 +182,86 @@ def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, m
 @_layout_cache
 def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal, cu_seqlens):
     return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens)
+
+
+# ------------------------------------------------------------------------------------------------ agreement check
+
+_CHECK_AGREEMENT = os.environ.get("MEGATRON_USP_CHECK_AGREEMENT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_agreement_check(enabled: bool) -> bool:
+    """Module default of ``usp_attn(check_agreement=None)`` (Megatron's USPAttention uses it); returns the previous
+    value. The environment variable ``MEGATRON_USP_CHECK_AGREEMENT=0`` sets it off at import."""
+    global _CHECK_AGREEMENT
+    previous, _CHECK_AGREEMENT = _CHECK_AGREEMENT, bool(enabled)
+    return previous
+
+
+AGREEMENT_FIELDS = ("dtype", "device", "q shape", "k shape", "v shape", "causal", "ring_impl", "softmax_scale",
+                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens")
+
+
+def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, micro_q, cu_seqlens) -> dict:
+    """What every rank of the grid must agree on, field -> value (validated inputs)."""
+    mask = mask if mask is not None else AttentionMask()
+    mod = mask.mask_mod
+    return {
+        "dtype": str(q.dtype),
+        "device": q.device.type,
+        "q shape": tuple(q.shape),
+        "k shape": tuple(k.shape),
+        "v shape": tuple(v.shape),
+        "causal": causal,
+        "ring_impl": ring_impl,
+        "softmax_scale": softmax_scale if softmax_scale is None else float(softmax_scale),
+        "kernel": getattr(kernel, "name", type(kernel).__name__),
+        "window": None if mask.window is None else tuple(mask.window),
+        "document_ids": None if mask.document_ids is None else tuple(mask.document_ids.shape),
+        "mask_mod": None if mod is None else f"{getattr(mod, '__module__', '?')}.{getattr(mod, '__qualname__', '?')}",
+        "micro_q": micro_q,
+        "cu_seqlens": cu_seqlens,
+    }
+
+
+def _encode(value) -> int:
+    """A field value as one int64, the same on every rank for equal values (no per-process hash seeds)."""
+    if isinstance(value, int) and -(2**62) < value < 2**62:
+        return int(value) * 2 + 1  # bools and ints: odd; everything else: even
+    return zlib.crc32(repr(value).encode()) * 2
+
+
+def agree(groups: USPGroups, descriptor: Optional[dict], error: Optional[BaseException] = None) -> None:
+    """Collective over the grid of ``groups``: compare every rank's ``descriptor`` (``describe_call``). Raises the
+    same ``ValueError`` on every rank that is fine when some fields differ or some rank passes its local
+    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of ~30 ints over the
+    ulysses group and one over the ring group; the readable values travel only when something is wrong."""
+    if error is None:
+        row = [0] + [_encode(descriptor[name]) for name in AGREEMENT_FIELDS]
+    else:
+        row = [1] + [0] * len(AGREEMENT_FIELDS)
+    table = grid_all_gather_ints(row, groups)
+    if all(r == table[0] for r in table) and table[0][0] == 0:
+        return
+    import torch.distributed as dist
+
+    mine = (dist.get_rank(), descriptor if error is None else f"{type(error).__name__}: {error}")
+    everyone = sorted(grid_all_gather_objects(mine, groups), key=lambda item: item[0])
+    if error is not None:
+        return
+    failed = [(rank, what) for rank, what in everyone if isinstance(what, str)]
+    if failed:
+        raise ValueError("usp_attn: rank(s) " + str([rank for rank, _ in failed]) + " of this rank's sequence-parallel "
+                         "group rejected their inputs, so no rank runs the call: "
+                         + "; ".join(f"rank {rank}: {what}" for rank, what in failed))
+    differences = []
+    for name in AGREEMENT_FIELDS:
+        by_value: dict = {}
+        for rank, what in everyone:
+            by_value.setdefault(repr(what[name]), []).append(rank)
+        if len(by_value) > 1:
+            differences.append(f"{name}: " + ", ".join(f"{value} on ranks {ranks}" for value, ranks in
+                                                       sorted(by_value.items(), key=lambda item: len(item[1]))))
+    raise ValueError("usp_attn: the ranks of this sequence-parallel group disagree on their inputs — "
+                     + "; ".join(differences) + ". Every rank of the ulysses x ring grid must call usp_attn with the "
+                     "same dtype, shapes, causal, ring_impl, softmax_scale, backend, masks, micro_q and cu_seqlens "
+                     "(usp_attn(check_agreement=False) or MEGATRON_USP_CHECK_AGREEMENT=0 skips this check)")
