@@ -140,15 +140,17 @@ def empty_rows_stay_zero(rank, world_size, ulysses_degree, ring_degree, impls) -
 # ---- accuracy with large logits (item 5) ----
 
 
-def large_logit_accuracy(rank, world_size, ulysses_degree, ring_degree, impls, scales, seeds, causal=True) -> dict:
+def large_logit_accuracy(rank, world_size, ulysses_degree, ring_degree, impls, scales, seeds, causal=True,
+                         heads=2, head_dim=16, rows_per_rank=16, input_scale=1.0) -> dict:
     """fp32 inputs with softmax_scale 100 / 1000 (near one-hot softmax): relative errors of out/dq/dk/dv against
     the float64 reference, ours (this rank's rows, normalised by the whole tensor) and single-device SDPA's
     (whole tensor). Returns ``{(impl, scale): {"ours": {...}, "sdpa": {...}}}`` maxed over ``seeds``."""
     groups = get_groups(ulysses_degree, ring_degree)
-    seq_len, heads, kv_heads, head_dim = 16 * groups.sp_size, 2, 2, 16
+    seq_len, kv_heads = rows_per_rank * groups.sp_size, heads
     table = {}
     for seed in seeds:
         q, k, v, grad = make_inputs(seed, 1, seq_len, heads, kv_heads, head_dim, torch.float32)
+        q, k = (t.mul(input_scale).float().double() for t in (q, k))
         for scale in scales:
             ref = [t.clone().requires_grad_() for t in (q, k, v)]
             ref_out = reference_attention(*ref, causal=causal, softmax_scale=scale)
@@ -161,6 +163,8 @@ def large_logit_accuracy(rank, world_size, ulysses_degree, ring_degree, impls, s
             sdpa = [single_out.detach()] + [t.grad for t in single]
             sdpa_errors = {name: relative_error(got, want)
                            for name, got, want in zip(("out", "dq", "dk", "dv"), sdpa, expected)}
+            sdpa_errors.update({f"{name} mean": _mean_error(got, want)
+                                for name, got, want in zip(("out", "dq", "dk", "dv"), sdpa, expected)})
             for impl in impls:
                 local = [usp.shard(t, groups, ring_impl=impl).float().requires_grad_() for t in (q, k, v)]
                 out = usp.usp_attn(*local, groups, causal=causal, ring_impl=impl, softmax_scale=scale)
@@ -168,11 +172,20 @@ def large_logit_accuracy(rank, world_size, ulysses_degree, ring_degree, impls, s
                 ours = [out.detach()] + [t.grad for t in local]
                 our_errors = {name: relative_error(got, usp.shard(want, groups, ring_impl=impl), want)
                               for name, got, want in zip(("out", "dq", "dk", "dv"), ours, expected)}
+                our_errors.update({f"{name} mean": _mean_error(got, usp.shard(want, groups, ring_impl=impl), want)
+                                   for name, got, want in zip(("out", "dq", "dk", "dv"), ours, expected)})
                 entry = table.setdefault(f"{impl} {scale:g}", {"ours": {}, "sdpa": {}})
                 for side, errors in (("ours", our_errors), ("sdpa", sdpa_errors)):
                     for name, err in errors.items():
                         entry[side][name] = max(entry[side].get(name, 0.0), err)
     return table
+
+
+def _mean_error(actual: torch.Tensor, expected: torch.Tensor, full: torch.Tensor = None) -> float:
+    """mean |actual - expected| / mean |full| (``full``: the whole tensor ``expected`` is a shard of)."""
+    expected = expected.to(torch.float64)
+    norm = (expected if full is None else full.to(torch.float64)).abs().mean().clamp_min(1e-30)
+    return ((actual.to(torch.float64) - expected).abs().mean() / norm).item()
 
 
 # ---- double backward (item 8, first half) ----
