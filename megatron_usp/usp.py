@@ -114,10 +114,13 @@ def usp_attn(
     (:func:`megatron_usp.shard` with the same ``cu_seqlens``), which balances the work of every ring step.
 
     ``check_agreement`` (default: :func:`set_agreement_check`, on unless ``MEGATRON_USP_CHECK_AGREEMENT=0``): before
-    the first collective, the ranks of the grid compare what they were called with (one small all-gather per
-    group, see :func:`agree`) and all raise the same ``ValueError`` naming the fields and ranks that disagree, or
-    the rank whose own inputs were rejected, instead of hanging or computing garbage. Turn it off once a setup
-    is known to be right if its cost (a few collectives of ~30 ints; a host sync on GPUs) matters.
+    the first collective, the ranks of the grid compare what they were called with (dtype, device, q/k/v shapes,
+    causal, ring_impl, softmax_scale, resolved kernel, window, document_ids shape, mask_mod name, micro_q,
+    cu_seqlens: see :func:`agree`; one all-gather of 15 ints over ``groups.sp``, or over the ulysses then the ring
+    group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the fields and ranks that
+    disagree, or the rank whose own inputs were rejected, instead of hanging or computing garbage. Its cost is one
+    small collective per call (on GPUs also a host sync; a graph break under torch.compile): turn it off once a
+    setup is known to be right if that matters.
     """
     mask = AttentionMask(window, document_ids, mask_mod)
     check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
@@ -233,8 +236,9 @@ def _encode(value) -> int:
 def agree(groups: USPGroups, descriptor: Optional[dict], error: Optional[BaseException] = None) -> None:
     """Collective over the grid of ``groups``: compare every rank's ``descriptor`` (``describe_call``). Raises the
     same ``ValueError`` on every rank that is fine when some fields differ or some rank passes its local
-    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of ~30 ints over the
-    ulysses group and one over the ring group; the readable values travel only when something is wrong."""
+    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 15 ints over the
+    SP group (``groups.sp``; else one over the ulysses and one over the ring group); the readable values travel
+    (``all_gather_object``) only when something is wrong."""
     if error is None:
         row = [0] + [_encode(descriptor[name]) for name in AGREEMENT_FIELDS]
     else:

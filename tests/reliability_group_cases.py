@@ -233,13 +233,14 @@ def agreement_cost(rank, world_size, calls=50) -> dict:
     return timings
 
 
-def raw_gather_cost(rank, world_size, calls=200) -> dict:
-    """Microseconds of one bare 15-int all-gather on the ulysses group, and on the ring group (2 x 2)."""
+def raw_gather_cost(rank, world_size, calls=100) -> dict:
+    """Microseconds of one bare 15-int all-gather on the ulysses, ring and SP groups (2 x 2), of the check, and
+    of building + encoding the descriptor (the check's Python side)."""
     groups = usp.init_groups(2, world_size // 2)
     x = torch.zeros(1, 15, dtype=torch.int64)
     out = {}
-    for label, group in (("ulysses", groups.ulysses), ("ring", groups.ring)):
-        buf = torch.empty(2, 15, dtype=torch.int64)
+    for label, group, size in (("ulysses", groups.ulysses, 2), ("ring", groups.ring, 2), ("sp", groups.sp, 4)):
+        buf = torch.empty(size, 15, dtype=torch.int64)
         dist.barrier()
         start = time.perf_counter()
         for _ in range(calls):
@@ -247,10 +248,16 @@ def raw_gather_cost(rank, world_size, calls=200) -> dict:
         out[label] = (time.perf_counter() - start) / calls * 1e6
     q, k, v = _qkv()
     kernel = usp_module.resolve_kernel("auto", q.device, q.dtype, q.shape[3])
+    describe = lambda: usp_module.describe_call(q, k, v, causal=True, ring_impl="zigzag", softmax_scale=None,  # noqa
+                                                kernel=kernel, mask=None, micro_q=None, cu_seqlens=None)
+    dist.barrier()
     start = time.perf_counter()
     for _ in range(calls):
-        d = usp_module.describe_call(q, k, v, causal=True, ring_impl="zigzag", softmax_scale=None, kernel=kernel,
-                                     mask=None, micro_q=None, cu_seqlens=None)
+        usp_module.agree(groups, describe())
+    out["check"] = (time.perf_counter() - start) / calls * 1e6
+    start = time.perf_counter()
+    for _ in range(calls):
+        d = describe()
         [usp_module._encode(d[n]) for n in usp_module.AGREEMENT_FIELDS]
     out["describe_encode"] = (time.perf_counter() - start) / calls * 1e6
     return out
