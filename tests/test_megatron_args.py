@@ -124,3 +124,33 @@ def test_specs_replace_core_attention(monkeypatch):
                         lambda *a, **k: gpt_layer_specs.get_gpt_layer_local_spec())
     spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     assert spec.submodules.self_attention.submodules.core_attention is USPAttention
+
+
+def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch):
+    """Every rank makes a layer's first call, so checking there is the same choice on every rank (no hang); later
+    calls skip the check (a host sync per layer per step)."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_usp import USPGroups
+    from megatron_usp.megatron import attention
+
+    monkeypatch.setattr(attention, "get_usp_groups", USPGroups.single)
+    monkeypatch.setattr(attention, "get_usp_ring_impl", lambda: "zigzag")
+    monkeypatch.setattr(attention, "get_usp_attn_backend", lambda: "auto")
+    monkeypatch.setattr(attention, "get_usp_micro_q", lambda: None)
+    seen = []
+    real_usp_attn = attention.usp_attn
+
+    def recording_usp_attn(*args, check_agreement=None, **kwargs):
+        seen.append(check_agreement)
+        return real_usp_attn(*args, check_agreement=check_agreement, **kwargs)
+
+    monkeypatch.setattr(attention, "usp_attn", recording_usp_attn)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True)
+    module = attention.USPAttention(config, 1, AttnMaskType.causal)
+    q = torch.randn(8, 1, 2, 16)
+    for _ in range(3):
+        module(q, q, q, None)
+    assert seen == [None, False, False]  # None: usp_attn's default (on unless turned off)

@@ -175,6 +175,10 @@ class USPAttention(MegatronModule):
         self.ring_impl = get_usp_ring_impl()
         self.backend = get_usp_attn_backend()
         self.micro_q = get_usp_micro_q()
+        # The agreement check (usp_attn's cross-rank comparison of inputs, one small all-gather) runs on this
+        # layer's first call only: every rank of the SP group makes that call, so the choice is the same on every
+        # rank, and a host sync per layer per step would cost GPU time. Later calls differ only in their batch.
+        self._agreement_checked = False
 
     def forward(
         self,
@@ -204,7 +208,9 @@ class USPAttention(MegatronModule):
             document_ids=document_ids,
             cu_seqlens=cu_seqlens,
             micro_q=self.micro_q,
+            check_agreement=None if not self._agreement_checked else False,
         )
+        self._agreement_checked = True
         if thd:
             return out[0].reshape(query.shape[0], -1)
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
