@@ -148,7 +148,8 @@ def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch)
         return real_usp_attn(*args, check_agreement=check_agreement, **kwargs)
 
     monkeypatch.setattr(attention, "usp_attn", recording_usp_attn)
-    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, attention_dropout=0.0,
+                               use_cpu_initialization=True)
     module = attention.USPAttention(config, 1, AttnMaskType.causal)
     q = torch.randn(8, 1, 2, 16)
     for _ in range(3):
