@@ -155,3 +155,23 @@ def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch)
     for _ in range(3):
         module(q, q, q, None)
     assert seen == [None, False, False]  # None: usp_attn's default (on unless turned off)
+
+
+@pytest.mark.parametrize("flags, extra, conflict", [
+    (("--usp-ring-impl", "stripe"), {}, "--usp-ring-impl stripe"),
+    (("--usp-ring-impl", "basic"), {}, "--usp-ring-impl basic"),
+    (("--usp-ring-inner",), {}, "--usp-ring-inner"),
+    ((), {"reset_attention_mask": True}, "--reset-attention-mask"),
+    ((), {"sft": True}, "--sft"),
+])
+def test_multi_token_prediction_needs_megatrons_layout(flags, extra, conflict):
+    """MTP's roll across CP ranks assumes Megatron's zigzag layout: other USP layouts are refused, never silent."""
+    with pytest.raises(ValueError, match=f"--mtp-num-layers with {conflict}"):
+        validate_usp_args(parse("--ulysses-degree", "2", "--ring-degree", "2", *flags, mtp_num_layers=1, **extra))
+
+
+@pytest.mark.parametrize("impl", ["zigzag", "allgather", "mqsp"])
+def test_multi_token_prediction_with_the_zigzag_layout_is_accepted(impl):
+    args = parse("--ulysses-degree", "2", "--ring-degree", "2", "--usp-ring-impl", impl, mtp_num_layers=1)
+    assert validate_usp_args(args).context_parallel_size == 4
+    assert validate_usp_args(parse("--usp-ring-impl", "stripe", mtp_num_layers=1)).context_parallel_size == 1
