@@ -1,0 +1,32 @@
+"""verify_usp_attn (--usp-check): passes on correct output, stops every rank on a wrong one or when CP is off."""
+from __future__ import annotations
+
+import pytest
+
+GRIDS = [(2, 2), (1, 4)]
+IMPLS = ["zigzag", "stripe", "mqsp"]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"u{g[0]}-r{g[1]}")
+def test_check_passes_on_correct_output(rank_pool, grid):
+    reports = rank_pool(4).run("usp_check_cases:passes", ulysses_degree=grid[0], ring_degree=grid[1],
+                               ring_impls=IMPLS)
+    assert len(reports) == 4
+
+
+@pytest.mark.parametrize("impl,grid,bad_rank", [("zigzag", (2, 2), 3), ("stripe", (1, 4), 0), ("mqsp", (2, 2), 1)])
+def test_corrupted_output_raises_on_every_rank(rank_pool, impl, grid, bad_rank):
+    messages = rank_pool(4).run("usp_check_cases:corrupted", ulysses_degree=grid[0], ring_degree=grid[1],
+                                ring_impl=impl, bad_rank=bad_rank)
+    assert len(set(messages)) == 1, messages  # every rank raised the same error
+    message = messages[0]
+    assert "layer 7" in message and f"u={grid[0]} r={grid[1]} ring_impl={impl}" in message
+    assert "differs" in message and "up to 1.000e-03" in message  # the error is named
+
+
+def test_cp_off_raises(rank_pool):
+    for messages in rank_pool(4).run("usp_check_cases:cp_off", ulysses_degree=2, ring_degree=2):
+        assert len(messages) == 3, messages
+        assert "4 ranks but 8 were expected" in messages[0] and "layer 1" in messages[0]
+        assert "same sequence positions" in messages[1]
+        assert "1 ranks but 4 were expected" in messages[2]

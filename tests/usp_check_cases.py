@@ -1,0 +1,93 @@
+"""Rank-side bodies of test_usp_check.py: verify_usp_attn on correct, corrupted and "CP off" runs."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+import megatron_usp as usp
+from engine_cases import get_groups, make_inputs, sp_block
+from megatron_usp.check import verify_usp_attn
+
+
+def _run(groups, ring_impl, *, seq_len, heads=4, kv_heads=2, head_dim=8, batch=2, cu_seqlens=None, window=None,
+         seed=0):
+    q, k, v, _ = make_inputs(seed + 1000 * sp_block(groups), batch, seq_len, heads, kv_heads, head_dim, torch.float32)
+    layout = dict(ring_impl=ring_impl, cu_seqlens=cu_seqlens)
+    local = [usp.shard(t, groups, **layout).float() for t in (q, k, v)]
+    out = usp.usp_attn(*local, groups, causal=True, window=window, **layout)
+    return local, out
+
+
+def _verify(groups, local, out, ring_impl, **kwargs):
+    return verify_usp_attn(*local, out, groups, ring_impl=ring_impl, causal=True, expected_sp_size=groups.sp_size,
+                           **kwargs)
+
+
+def passes(rank, world_size, ulysses_degree, ring_degree, ring_impls) -> list[float]:
+    """Correct output passes for every ring_impl, with and without documents, with a window; errors are tiny."""
+    groups = get_groups(ulysses_degree, ring_degree)
+    seq_len = 8 * groups.sp_size
+    errors = []
+    for impl in ring_impls:
+        for cu in (None, [0, 3, seq_len // 2 + 1, seq_len - 2, seq_len]):
+            for window in (None, (5, 0)):
+                local, out = _run(groups, impl, seq_len=seq_len, cu_seqlens=cu, window=window)
+                errors.append(_verify(groups, local, out, impl, cu_seqlens=cu, window=window, heads=2, rows=4,
+                                      seed=len(errors), name=f"{impl}-{cu}-{window}"))
+    assert max(errors) < 1e-5, errors
+    return errors
+
+
+def corrupted(rank, world_size, ulysses_degree, ring_degree, ring_impl, bad_rank) -> str:
+    """+1e-3 on every row of one rank's output (all heads): every rank raises, naming the layer."""
+    groups = get_groups(ulysses_degree, ring_degree)
+    local, out = _run(groups, ring_impl, seq_len=8 * groups.sp_size)
+    if rank == bad_rank:
+        out = out + 1e-3
+    try:
+        _verify(groups, local, out, ring_impl, name="layer 7")
+    except RuntimeError as error:
+        return str(error)
+    raise AssertionError(f"rank {rank}: the corrupted output was not caught")
+
+
+def cp_off(rank, world_size, ulysses_degree, ring_degree) -> list[str]:
+    """The grid is not what the caller expects, or every rank holds the same positions (a 1x1 grid per rank)."""
+    groups = get_groups(ulysses_degree, ring_degree)
+    local, out = _run(groups, "zigzag", seq_len=8 * groups.sp_size)
+    messages = []
+    try:
+        verify_usp_attn(*local, out, groups, ring_impl="zigzag", causal=True, expected_sp_size=2 * groups.sp_size,
+                        name="layer 1")
+    except RuntimeError as error:
+        messages.append(str(error))
+    faked = replace(groups, ulysses_rank=0)  # two ranks claim the same place on the grid: same positions
+    try:
+        verify_usp_attn(*local, out, faked, ring_impl="zigzag", causal=True, name="layer 1")
+    except RuntimeError as error:
+        messages.append(str(error))
+    single = usp.USPGroups.single()  # "CP off": every rank runs the whole sequence alone
+    local, out = _run(single, "zigzag", seq_len=16)
+    try:
+        verify_usp_attn(*local, out, single, ring_impl="zigzag", causal=True, expected_sp_size=groups.sp_size,
+                        name="layer 1")
+    except RuntimeError as error:
+        messages.append(str(error))
+    return messages
+
+
+def cost(rank, world_size, ulysses_degree, ring_degree, seq_len, heads, head_dim, repeats) -> dict:
+    """ms per verify_usp_attn call (1 head, 4 rows) vs one usp_attn forward, at [1, seq_len, heads, head_dim]."""
+    groups = get_groups(ulysses_degree, ring_degree)
+    local, out = _run(groups, "zigzag", seq_len=seq_len, heads=heads, kv_heads=heads, head_dim=head_dim, batch=1)
+    _verify(groups, local, out, "zigzag")
+    start = time.perf_counter()
+    for i in range(repeats):
+        _verify(groups, local, out, "zigzag", seed=i)
+    check_ms = (time.perf_counter() - start) / repeats * 1e3
+    start = time.perf_counter()
+    usp.usp_attn(*local, groups, causal=True, ring_impl="zigzag")
+    attn_ms = (time.perf_counter() - start) * 1e3
+    return dict(check_ms=check_ms, attn_ms=attn_ms)
