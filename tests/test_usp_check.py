@@ -30,3 +30,29 @@ def test_cp_off_raises(rank_pool):
         assert "4 ranks but 8 were expected" in messages[0] and "layer 1" in messages[0]
         assert "same sequence positions" in messages[1]
         assert "1 ranks but 4 were expected" in messages[2]
+
+
+def test_megatron_usp_check_flag(fresh_rank_pool):
+    """initialize_model_parallel(usp_check=3) (--usp-check 3): each layer checked on call 1 of 3, then call 4 (checked)
+    with a corrupted output on one rank raises on every rank, naming layer 1 and the grid."""
+    pytest.importorskip("megatron.core")
+    reports = fresh_rank_pool(4).run("usp_check_cases:megatron_gpt", timeout=300, ulysses_degree=2, ring_degree=2,
+                                     ring_impl="stripe", every=3)
+    for report in reports:
+        assert report["checked"] == ["layer 1", "layer 2"], report["checked"]
+        assert report["message"] is not None and "layer 1 (u=2 r=2 ring_impl=stripe)" in report["message"]
+    assert len({report["message"] for report in reports}) == 1
+
+
+def test_usp_check_flag_parses_and_validates():
+    pytest.importorskip("megatron.core")
+    import argparse
+
+    from megatron_usp.megatron.args import add_usp_args, validate_usp_args
+
+    parser = add_usp_args(argparse.ArgumentParser())
+    assert parser.parse_args([]).usp_check is None
+    assert parser.parse_args(["--usp-check"]).usp_check == 0
+    assert parser.parse_args(["--usp-check", "100"]).usp_check == 100
+    with pytest.raises(ValueError, match="--usp-check -1"):
+        validate_usp_args(parser.parse_args(["--usp-check", "-1"]))

@@ -91,3 +91,48 @@ def cost(rank, world_size, ulysses_degree, ring_degree, seq_len, heads, head_dim
     usp.usp_attn(*local, groups, causal=True, ring_impl="zigzag")
     attn_ms = (time.perf_counter() - start) * 1e3
     return dict(check_ms=check_ms, attn_ms=attn_ms)
+
+
+def megatron_gpt(rank, world_size, ulysses_degree, ring_degree, ring_impl, every) -> dict:
+    """--usp-check in a megatron-core GPTModel (USPAttention): checks on calls 1, 1 + every, ...; ``every`` clean
+    calls, then call ``every + 1`` (checked) with a corrupted attention output on one rank: every rank raises."""
+    import megatron_usp.megatron.attention as attention
+    from megatron_cases import build_gpt, make_batch
+    from megatron_usp.megatron import (
+        destroy_model_parallel, enable_cpu_mode, get_batch_on_this_usp_rank, get_gpt_layer_local_spec,
+        initialize_model_parallel,
+    )
+
+    enable_cpu_mode()
+    initialize_model_parallel(1, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
+                              usp_check=every, create_gloo_process_groups=False)
+    model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=ulysses_degree * ring_degree)
+    batch = get_batch_on_this_usp_rank(make_batch())
+    checked = []
+    real_verify, real_attn = attention.verify_usp_attn, attention.usp_attn
+
+    def counting_verify(*args, **kwargs):
+        checked.append(kwargs["name"])
+        return real_verify(*args, **kwargs)
+
+    def corrupt_attn(*args, **kwargs):
+        out = real_attn(*args, **kwargs)
+        return out + 1e-3 if rank == 2 else out
+
+    attention.verify_usp_attn = counting_verify
+    try:
+        with torch.no_grad():
+            for _ in range(every):
+                model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        checked_before = list(checked)
+        attention.usp_attn = corrupt_attn
+        try:
+            with torch.no_grad():
+                model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+            message = None
+        except RuntimeError as error:
+            message = str(error)
+    finally:
+        attention.verify_usp_attn, attention.usp_attn = real_verify, real_attn
+        destroy_model_parallel()
+    return dict(checked=checked_before, message=message)

@@ -21,6 +21,10 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="local attention kernel")
     group.add_argument("--usp-micro-q", type=int, default=None,
                        help="mqsp: query rows per rank per micro-chunk (bounds its extra memory; default: all)")
+    group.add_argument("--usp-check", type=int, nargs="?", const=0, default=None, metavar="N",
+                       help="check each USP layer's output (one sampled head, a few query rows) against attention on "
+                            "all-gathered K/V, and that CP is really on; stop on a mismatch. On each layer's first "
+                            "call, and every N-th call if N is given")
     group.add_argument("--usp-ring-inner", action="store_true",
                        help="put the ring group on adjacent ranks instead of the ulysses group")
     return parser
@@ -44,6 +48,10 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     if micro_q is not None and (micro_q < 1 or args.usp_ring_impl != "mqsp"):
         raise ValueError(f"--usp-micro-q {micro_q}: needs a positive value and --usp-ring-impl mqsp (it sets the "
                          "query rows MQSP processes at a time)")
+    usp_check = getattr(args, "usp_check", None)
+    if usp_check is not None and usp_check < 0:
+        raise ValueError(f"--usp-check {usp_check}: N must be >= 1 (check every N-th call of each layer); "
+                         "--usp-check alone checks each layer's first call")
     sp_size = ulysses_degree * ring_degree
     explicit_cp = getattr(args, "context_parallel_size", 1) or 1
     if explicit_cp not in (1, sp_size):

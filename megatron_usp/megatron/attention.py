@@ -28,11 +28,12 @@ except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_s
             return layer_number % window_attn_skip_freq != 0
         return bool(window_attn_skip_freq[layer_number - 1])
 
+from ..check import verify_usp_attn
 from ..usp import usp_attn
 from . import documents
 from .batch import check_cu_seqlens, document_ids_from_cu_seqlens
 from .documents import layout_cu_seqlens
-from .grid import get_usp_attn_backend, get_usp_groups, get_usp_micro_q, get_usp_ring_impl
+from .grid import get_usp_attn_backend, get_usp_check, get_usp_groups, get_usp_micro_q, get_usp_ring_impl
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 # TE turns causal / no_mask into these for packed (thd) input; the padding lives in cu_seqlens then
@@ -179,6 +180,10 @@ class USPAttention(MegatronModule):
         # layer's first call only: every rank of the SP group makes that call, so the choice is the same on every
         # rank, and a host sync per layer per step would cost GPU time. Later calls differ only in their batch.
         self._agreement_checked = False
+        # --usp-check: verify_usp_attn on this layer's first call and every N-th; decided by a call counter, the same
+        # on every rank of the SP group (never by data), since the check is a collective
+        self.check_every = get_usp_check()
+        self._calls = 0
 
     def forward(
         self,
@@ -211,9 +216,23 @@ class USPAttention(MegatronModule):
             check_agreement=None if not self._agreement_checked else False,
         )
         self._agreement_checked = True
+        if self._check_due():
+            from megatron.core import parallel_state
+
+            verify_usp_attn(q, k, v, out, self.groups, ring_impl=self.ring_impl, causal=causal,
+                            softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, document_ids=document_ids,
+                            window=_effective_window(self.window, causal), seed=self._calls - 1,
+                            expected_sp_size=parallel_state.get_context_parallel_world_size(),
+                            name=f"layer {self.layer_number}")
         if thd:
             return out[0].reshape(query.shape[0], -1)
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
+
+    def _check_due(self) -> bool:
+        self._calls += 1
+        if self.check_every is None:
+            return False
+        return self._calls == 1 or (self.check_every > 0 and (self._calls - 1) % self.check_every == 0)
 
 
 def _mask_documents(attention_mask: torch.Tensor, query: torch.Tensor, sp_size: int):

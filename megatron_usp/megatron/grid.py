@@ -24,6 +24,7 @@ class USPState:
     ring_impl: str
     backend: str
     micro_q: Optional[int] = None
+    check_every: Optional[int] = None
 
 
 _STATE: Optional[USPState] = None
@@ -39,11 +40,14 @@ def initialize_model_parallel(
     ulysses_inner: bool = True,
     attn_backend: str = "auto",
     micro_q: Optional[int] = None,
+    usp_check: Optional[int] = None,
     **kwargs,
 ) -> USPGroups:
     """``parallel_state.initialize_model_parallel`` with ``context_parallel_size = u*r``, plus this rank's
     :class:`USPGroups`. The CP group stays the whole SP group (data slicing, RoPE, dp x cp reductions use it).
-    ``micro_q``: query rows per MQSP micro-chunk (``ring_impl="mqsp"``). Extra ``kwargs`` go to megatron-core
+    ``micro_q``: query rows per MQSP micro-chunk (``ring_impl="mqsp"``). ``usp_check`` (``--usp-check``): None =
+    off, 0 = USPAttention checks each layer's first call (:func:`megatron_usp.check.verify_usp_attn`), N = that and
+    every N-th call. Extra ``kwargs`` go to megatron-core
     unchanged."""
     global _STATE
     check_ring_impl(ring_impl)
@@ -51,6 +55,8 @@ def initialize_model_parallel(
     check_degree("ulysses_degree", ulysses_degree)
     check_degree("ring_degree", ring_degree)
     check_micro_q(micro_q)
+    if usp_check is not None and (isinstance(usp_check, bool) or not isinstance(usp_check, int) or usp_check < 0):
+        raise ValueError(f"usp_check must be None (off), 0 (first call of each layer) or N >= 1, got {usp_check!r}")
     if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
         raise ValueError(
             f"context_parallel_size={kwargs['context_parallel_size']} conflicts with ulysses_degree x ring_degree = "
@@ -73,7 +79,7 @@ def initialize_model_parallel(
         groups = USPGroups.from_groups(ulysses, ring, sp=parallel_state.get_context_parallel_group())
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
-    _STATE = USPState(groups, ring_impl, attn_backend, micro_q)
+    _STATE = USPState(groups, ring_impl, attn_backend, micro_q, usp_check)
     from .batch import install_rope_hook  # RoPE must follow the USP layout for every ring_impl
 
     install_rope_hook()
@@ -137,3 +143,9 @@ def get_usp_attn_backend() -> str:
 
 def get_usp_micro_q() -> Optional[int]:
     return _state().micro_q
+
+
+def get_usp_check() -> Optional[int]:
+    """``--usp-check``: None (off, also before :func:`initialize_model_parallel`: an opt-in check), 0 (each layer's
+    first call) or N (and every N-th call)."""
+    return None if _STATE is None else _STATE.check_every
