@@ -320,7 +320,7 @@ def main(argv=None) -> None:
     initialize_model_parallel(
         args.tensor_model_parallel_size, 1, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
         ring_impl=args.usp_ring_impl, ulysses_inner=not args.usp_ring_inner, attn_backend=args.usp_attn_backend,
-        micro_q=args.usp_micro_q, create_gloo_process_groups=False,
+        micro_q=args.usp_micro_q, usp_check=getattr(args, "usp_check", None), create_gloo_process_groups=False,
     )
     from megatron.core import parallel_state
 

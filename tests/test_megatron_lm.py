@@ -201,7 +201,7 @@ def test_megatron_lm_init_builds_the_usp_grid(fake_megatron_lm, monkeypatch):
     megatron_lm_style_init()
     assert grid_calls == [(2, 1, dict(
         ulysses_degree=2, ring_degree=2, ring_impl="stripe", ulysses_inner=False, attn_backend="auto", micro_q=None,
-        virtual_pipeline_model_parallel_size=None, order="tp-cp-ep-dp-pp", create_gloo_process_groups=True,
+        usp_check=None, virtual_pipeline_model_parallel_size=None, order="tp-cp-ep-dp-pp", create_gloo_process_groups=True,
     ))]
     # the grid's own megatron-core call reaches megatron-core, not the wrapper again
     assert fake_megatron_lm.recorded["megatron_core"] == [((2, 1), {"context_parallel_size": 4})]

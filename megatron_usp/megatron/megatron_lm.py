@@ -176,6 +176,7 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
                 ulysses_inner=not margs.usp_ring_inner,
                 attn_backend=margs.usp_attn_backend,
                 micro_q=getattr(margs, "usp_micro_q", None),
+                usp_check=getattr(margs, "usp_check", None),
                 **arguments,
             )
         finally:
