@@ -465,3 +465,58 @@ def gpt_reset_mask_cases(rank, world_size) -> list[dict]:
     start = time.perf_counter()
     report.append({"refusals": gpt_mask_refusal(rank, world_size), "seconds": time.perf_counter() - start})
     return report
+
+
+# ---- activation recompute: full (uniform, block) and selective (core attention) --------------------------------
+
+RECOMPUTE = {  # megatron-core TransformerConfig overrides; selective recomputes recompute_modules ["core_attn"]
+    "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+}
+# USPAttention calls in one forward + backward of the 2-layer model: recomputation runs it again in the backward
+# (block with recompute_num_layers=1 recomputes the first layer only), so a mode that silently did not recompute
+# fails here rather than passing as plain parity.
+RECOMPUTE_ATTENTION_CALLS = {"full-uniform": 4, "full-block": 3, "selective": 4}
+
+
+def gpt_recompute_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl, modes, packed_modes=()) -> list:
+    """Activation recompute under USP: losses and gradients of the USP GPTModel with each recompute mode vs the
+    1 x 1 model without recompute (plain causal batch; packed THD documents for ``packed_modes``)."""
+    import megatron.core.tensor_parallel.random as tp_random
+
+    from megatron_usp.megatron import megatron_lm_cpu
+    from megatron_usp.megatron.attention import USPAttention
+
+    calls = []
+    original = USPAttention.forward
+    # megatron-core's CheckpointFunction saves and restores the CUDA RNG state: on CPU that is the CPU generator
+    # (the stand-in the Megatron-LM CPU rehearsal uses; enable_cpu_mode leaves it out)
+    rng_fns = tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state
+    if not torch.cuda.is_available():
+        tp_random._get_cuda_rng_state = megatron_lm_cpu._cpu_get_rng_state
+        tp_random._set_cuda_rng_state = megatron_lm_cpu._cpu_set_rng_state
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.layer_number)
+        return original(self, *args, **kwargs)
+
+    report = []
+    USPAttention.forward = counted
+    try:
+        for packed, names in ((False, modes), (True, packed_modes)):
+            if not names:
+                continue
+            ref_losses, ref_grads = masked_reference(packed=packed)
+            real = make_packed_batch()["loss_mask"] if packed else 1.0
+            for name in names:
+                calls.clear()
+                losses, grads = _usp_run(ulysses_degree, ring_degree, ring_impl, packed, **RECOMPUTE[name])
+                label = f"{name}{' packed' if packed else ''} {ring_impl}"
+                assert len(calls) == RECOMPUTE_ATTENTION_CALLS[name], (label, calls)
+                report.append({"ring_impl": label,
+                               **_compare(label, losses * real, grads, ref_losses * real, ref_grads)})
+    finally:
+        USPAttention.forward = original
+        tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state = rng_fns
+    return report
