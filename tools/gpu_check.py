@@ -45,6 +45,9 @@ from megatron_usp.kernels.varlen import Segments  # noqa: E402
 from megatron_usp.layout import check_seq_len  # noqa: E402
 from megatron_usp.simulate import RankProblem, monolithic_step, rank_step  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import LOGNORMAL_SIGMA, packed_row, peak_memory, time_rounds  # noqa: E402  (one timing method)
+
 CUDA_KERNELS = ["torch_flash", "torch_efficient", "torch_cudnn", "flash_attn2", "flash_attn3", "te"]
 RING_IMPLS = ["zigzag", "allgather", "mqsp"]
 MATH = MathKernel()
@@ -76,7 +79,6 @@ TINY = Sizes(batch=2, seq=64, segments=9, max_segment=12, heads=4, kv_heads=2, h
 # parity tolerances (max |error| / max |reference|) per input dtype: bf16 kernels vs float64 math
 TOLERANCE = {torch.bfloat16: {"out": 2e-2, "lse": 1e-3, "grad": 3e-2},
              torch.float32: {"out": 1e-4, "lse": 1e-5, "grad": 1e-4}}
-LOGNORMAL_SIGMA = 1.5  # document lengths of (c): lognormal, median Sizes.document_median (as bench_attention's)
 
 
 class Skip(Exception):
@@ -219,50 +221,10 @@ def kernel_parity(name: str, mode: str, causal: bool, sizes: Sizes, dtype, devic
 
 # ---- (b), (c), (d): one rank vs monolithic ----
 
-def time_rounds(steps: dict, repeats: int, warmup: int, device: torch.device) -> list[dict]:
-    """Seconds of each step per round; each round times every step once, round-robin, monolithic first and last
-    (averaged), so drift hits a round's steps alike (bench_attention.py's method)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def seconds(step) -> float:
-        sync()
-        begin = time.perf_counter()
-        step()
-        sync()
-        return time.perf_counter() - begin
-
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    rounds = []
-    for _ in range(repeats):
-        first = seconds(steps["monolithic"])
-        times = {name: seconds(step) for name, step in steps.items() if name != "monolithic"}
-        times["monolithic"] = (first + seconds(steps["monolithic"])) / 2
-        rounds.append(times)
-    return rounds
-
-
-def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[int]:
-    """Peak bytes of one step: the inputs it holds plus what it allocates while running; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before + step.input_bytes
-
-
 def lognormal_row(seq_len: int, seed: int, median: int = 1000) -> tuple[int, ...]:
     """cu_seqlens of one row of ``seq_len`` tokens packed from lognormal documents (the last one truncated)."""
-    rng = random.Random(seed)
     mu = math.log(median)
-    offsets = [0]
-    while offsets[-1] < seq_len:
-        offsets.append(min(seq_len, offsets[-1] + max(1, round(rng.lognormvariate(mu, LOGNORMAL_SIGMA)))))
-    return tuple(offsets)
+    return packed_row(lambda rng: max(1, round(rng.lognormvariate(mu, LOGNORMAL_SIGMA))), seq_len, str(seed))
 
 
 def with_documents(problem: RankProblem, cu: tuple[int, ...]) -> RankProblem:
