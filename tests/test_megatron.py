@@ -61,20 +61,20 @@ def test_rope_hook_covers_every_rotary_module(monkeypatch):
     must follow the USP layout once USP is initialized, and Megatron's own slicing otherwise."""
     import importlib
 
-    from megatron_usp.megatron import batch
+    from megatron_usp.megatron import rope
 
     calls = []
-    monkeypatch.setattr(batch, "usp_pos_emb_on_this_rank", lambda emb, dim, group=None: calls.append(dim) or "usp")
-    batch.install_rope_hook()
-    batch.install_rope_hook()  # idempotent: the original stays the one megatron-core shipped
-    for module_name in batch._ROPE_MODULES:
+    monkeypatch.setattr(rope, "usp_pos_emb_on_this_rank", lambda emb, dim, group=None: calls.append(dim) or "usp")
+    rope.install_rope_hook()
+    rope.install_rope_hook()  # idempotent: the original stays the one megatron-core shipped
+    for module_name in rope._ROPE_MODULES:
         module = importlib.import_module(module_name)
-        monkeypatch.setattr(batch, "usp_is_initialized", lambda: True)
+        monkeypatch.setattr(rope, "usp_is_initialized", lambda: True)
         assert module.get_pos_emb_on_this_cp_rank("emb", 0) == "usp", module_name
-        monkeypatch.setattr(batch, "usp_is_initialized", lambda: False)
-        original = batch._original_pos_emb_fns[module_name]
+        monkeypatch.setattr(rope, "usp_is_initialized", lambda: False)
+        original = rope._original_pos_emb_fns[module_name]
         assert getattr(original, "__module__", "").startswith("megatron.core"), original
-    assert calls == [0] * len(batch._ROPE_MODULES)
+    assert calls == [0] * len(rope._ROPE_MODULES)
 
 
 @pytest.mark.parametrize(

@@ -79,12 +79,9 @@ def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_usp import USPGroups
-    from megatron_usp.megatron import attention
+    from megatron_usp.megatron import attention, state
 
-    monkeypatch.setattr(attention, "get_usp_groups", USPGroups.single)
-    monkeypatch.setattr(attention, "get_usp_ring_impl", lambda: "zigzag")
-    monkeypatch.setattr(attention, "get_usp_attn_backend", lambda: "auto")
-    monkeypatch.setattr(attention, "get_usp_micro_q", lambda: None)
+    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), "zigzag", "auto"))
     from megatron.core.transformer import TransformerConfig
 
     def make_config(dropout):
@@ -134,12 +131,9 @@ def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch)
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_usp import USPGroups
-    from megatron_usp.megatron import attention
+    from megatron_usp.megatron import attention, state
 
-    monkeypatch.setattr(attention, "get_usp_groups", USPGroups.single)
-    monkeypatch.setattr(attention, "get_usp_ring_impl", lambda: "zigzag")
-    monkeypatch.setattr(attention, "get_usp_attn_backend", lambda: "auto")
-    monkeypatch.setattr(attention, "get_usp_micro_q", lambda: None)
+    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), "zigzag", "auto"))
     seen = []
     real_usp_attn = attention.usp_attn
 

@@ -14,7 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_usp.groups import USPGroups  # noqa: E402
 from megatron_usp.megatron import attention, batch as batch_mod, document_ids_from_cu_seqlens, packed_document_ids  # noqa: E402
-from megatron_usp.megatron import documents  # noqa: E402
+from megatron_usp.megatron import documents, rope as rope_mod, state  # noqa: E402
 from megatron_usp.sharding import positions  # noqa: E402
 
 
@@ -292,17 +292,15 @@ def test_sbhd_rope_follows_the_document_layout_of_the_batch(monkeypatch):
     forward hands on the rows of the positions held there (row positions, as megatron-core's sbhd RoPE)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_usp.megatron import grid
-
     seq, u, r = 16, 2, 2
-    batch_mod.install_rope_hook()
+    rope_mod.install_rope_hook()
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
     cu = (0, 5, 16)
     for ring_rank in range(r):
         for ulysses_rank in range(u):
             groups = fake_groups(u, r, ulysses_rank, ring_rank)
-            monkeypatch.setattr(grid, "_STATE", grid.USPState(groups, "zigzag", "torch"))
+            monkeypatch.setattr(state, "_STATE", state.USPState(groups, "zigzag", "torch"))
             full = rope.get_emb(seq)
             cp_group = _FakeGroup(u * r)  # hashable: megatron-core's rotary forward is lru_cached
             row_layout = rope(seq, cp_group=cp_group)
@@ -311,7 +309,7 @@ def test_sbhd_rope_follows_the_document_layout_of_the_batch(monkeypatch):
             try:
                 held = positions(seq, groups, ring_impl="zigzag", cu_seqlens=cu)
                 assert torch.equal(rope(seq, cp_group=cp_group), full[held])
-                assert torch.equal(batch_mod.document_layout_rows(row_layout.clone()), row_layout)  # not ours: as is
+                assert torch.equal(rope_mod.document_layout_rows(row_layout.clone()), row_layout)  # not ours: as is
             finally:
                 documents.set_current(None)
             assert rope(seq, cp_group=cp_group) is row_layout  # megatron-core's cached table again
@@ -331,13 +329,13 @@ def test_thd_rope_hook_matches_megatron_single_rank(monkeypatch, ring_impl, exac
     t = torch.randn(seq, 3, 8)
     one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
     expected = _apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=one_rank)
-    monkeypatch.setattr(batch_mod, "get_usp_ring_impl", lambda: ring_impl)
+    monkeypatch.setattr(rope_mod, "get_usp_ring_impl", lambda: ring_impl)
     for ring_rank in range(r):
         for ulysses_rank in range(u):
             groups = fake_groups(u, r, ulysses_rank, ring_rank)
-            monkeypatch.setattr(batch_mod, "get_usp_groups", lambda g=groups: g)
+            monkeypatch.setattr(rope_mod, "get_usp_groups", lambda g=groups: g)
             held = positions(seq, groups, ring_impl=ring_impl, cu_seqlens=cu)  # THD rows: the document layout
-            out = batch_mod.usp_apply_rotary_pos_emb_thd(t[held], freqs, config, cu)
+            out = rope_mod.usp_apply_rotary_pos_emb_thd(t[held], freqs, config, cu)
             torch.testing.assert_close(out, expected[held], rtol=0, atol=1e-6)
 
 
@@ -346,22 +344,22 @@ def test_apply_rope_hook_falls_back_without_usp(monkeypatch):
     RoPE only with cu_seqlens while USP is initialized, else megatron-core's function."""
     import importlib
 
-    batch_mod.install_rope_hook()
-    for module_name in batch_mod._APPLY_ROPE_MODULES:  # imported after the hook: they take the hooked name
+    rope_mod.install_rope_hook()
+    for module_name in rope_mod._APPLY_ROPE_MODULES:  # imported after the hook: they take the hooked name
         importlib.import_module(module_name)
-    batch_mod.install_rope_hook()  # idempotent
+    rope_mod.install_rope_hook()  # idempotent
     calls = []
-    monkeypatch.setattr(batch_mod, "usp_apply_rotary_pos_emb_thd", lambda *args: calls.append("usp") or "usp")
-    for module_name in batch_mod._APPLY_ROPE_MODULES:
+    monkeypatch.setattr(rope_mod, "usp_apply_rotary_pos_emb_thd", lambda *args: calls.append("usp") or "usp")
+    for module_name in rope_mod._APPLY_ROPE_MODULES:
         module = importlib.import_module(module_name)
         original = module.apply_rotary_pos_emb.usp_original
         assert original.__module__ == "megatron.core.models.common.embeddings.rope_utils", module_name
-        monkeypatch.setattr(batch_mod, "usp_is_initialized", lambda: True)
+        monkeypatch.setattr(rope_mod, "usp_is_initialized", lambda: True)
         assert module.apply_rotary_pos_emb("t", "freqs", "config", cu_seqlens="cu") == "usp"
-        monkeypatch.setattr(batch_mod, "usp_is_initialized", lambda: False)
+        monkeypatch.setattr(rope_mod, "usp_is_initialized", lambda: False)
         t, freqs = torch.randn(4, 1, 2, 8), torch.randn(4, 1, 1, 8)
         config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
         one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
         torch.testing.assert_close(module.apply_rotary_pos_emb(t, freqs, config, cp_group=one_rank),
                                    original(t, freqs, config, cp_group=one_rank))
-    assert calls == ["usp"] * len(batch_mod._APPLY_ROPE_MODULES)
+    assert calls == ["usp"] * len(rope_mod._APPLY_ROPE_MODULES)

@@ -1,8 +1,9 @@
-"""megatron-core integration: grid, USP core attention, layer specs, batch + RoPE hook, flags."""
+"""megatron-core integration: grid, USP core attention, layer specs, batch hook, documents, RoPE hooks, flags."""
 from .args import add_usp_args, validate_usp_args
 from .attention import USPAttention, packed_document_ids
-from .batch import document_ids_from_cu_seqlens, get_batch_on_this_usp_rank, install_rope_hook
+from .batch import get_batch_on_this_usp_rank
 from .cpu_shim import enable_cpu_mode
+from .documents import document_ids_from_cu_seqlens
 from .grid import (
     destroy_model_parallel,
     get_usp_attn_backend,
@@ -13,6 +14,7 @@ from .grid import (
     usp_is_initialized,
 )
 from . import megatron_lm  # glue for patched Megatron-LM checkouts (patches/)
+from .rope import install_rope_hook
 from .specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec, use_usp_core_attention
 
 __all__ = [

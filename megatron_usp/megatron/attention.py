@@ -7,12 +7,18 @@ right side is 0, as Transformer Engine does; ``window_attn_skip_freq`` picks the
 ``cu_seqlens`` for sbhd), and documents of sbhd batches as ``attention_mask`` = document ids ``[b, s]`` (what
 :func:`.batch.get_batch_on_this_usp_rank` makes of ``--reset-attention-mask`` batches). Any other
 ``attention_mask`` is a ValueError, raised before any collective: it is never ignored.
+
+Groups: the CP group megatron-core hands the layer (``pg_collection`` / ``model_comm_pgs``) split by the USP grid,
+see :func:`.grid.usp_groups_for`; the grid's own groups when none is handed. Settings (``ring_impl``, backend,
+``micro_q``, ``--usp-check``) come from the grid, which validated them once.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 try:
@@ -31,9 +37,9 @@ except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_s
 from ..check import verify_usp_attn
 from ..usp import usp_attn
 from . import documents
-from .batch import check_cu_seqlens, document_ids_from_cu_seqlens
-from .documents import layout_cu_seqlens
-from .grid import get_usp_attn_backend, get_usp_check, get_usp_groups, get_usp_micro_q, get_usp_ring_impl
+from .documents import check_cu_seqlens, document_ids_from_cu_seqlens, layout_cu_seqlens
+from .grid import usp_groups_for
+from .state import usp_state
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 # TE turns causal / no_mask into these for packed (thd) input; the padding lives in cu_seqlens then
@@ -172,17 +178,19 @@ class USPAttention(MegatronModule):
         self.window = _layer_window(config, layer_number)
         head_dim = k_channels if k_channels is not None else config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
-        self.groups = get_usp_groups()
-        self.ring_impl = get_usp_ring_impl()
-        self.backend = get_usp_attn_backend()
-        self.micro_q = get_usp_micro_q()
+        settings = usp_state()
+        handed = pg_collection if pg_collection is not None else model_comm_pgs
+        self.groups = usp_groups_for(handed)  # ValueError unless the handed CP group is the grid's
+        # the CP group megatron-core handed this layer (None: parallel_state's), for --usp-check's size check
+        self.cp_group = getattr(handed, "cp", None)
+        self.ring_impl, self.backend, self.micro_q = settings.ring_impl, settings.backend, settings.micro_q
         # The agreement check (usp_attn's cross-rank comparison of inputs, one small all-gather) runs on this
         # layer's first call only: every rank of the SP group makes that call, so the choice is the same on every
         # rank, and a host sync per layer per step would cost GPU time. Later calls differ only in their batch.
         self._agreement_checked = False
         # --usp-check: verify_usp_attn on this layer's first call and every N-th; decided by a call counter, the same
         # on every rank of the SP group (never by data), since the check is a collective
-        self.check_every = get_usp_check()
+        self.check_every = settings.check_every
         self._calls = 0
 
     def forward(
@@ -217,12 +225,12 @@ class USPAttention(MegatronModule):
         )
         self._agreement_checked = True
         if self._check_due():
-            from megatron.core import parallel_state
-
+            cp_size = (parallel_state.get_context_parallel_world_size() if self.cp_group is None
+                       else dist.get_world_size(self.cp_group))
             verify_usp_attn(q, k, v, out, self.groups, ring_impl=self.ring_impl, causal=causal,
                             softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, document_ids=document_ids,
                             window=_effective_window(self.window, causal), seed=self._calls - 1,
-                            expected_sp_size=parallel_state.get_context_parallel_world_size(),
+                            expected_sp_size=cp_size,
                             name=f"layer {self.layer_number}")
         if thd:
             return out[0].reshape(query.shape[0], -1)

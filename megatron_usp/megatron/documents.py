@@ -18,6 +18,9 @@ State (the only module state of the batch path): megatron-core computes sbhd RoP
 builds its rotary table, and that table travels with the batch (activation recomputation reuses it).
 ``USPAttention`` checks the record against the documents it is handed (``attention_mask``) and raises if they
 disagree (a batch that bypassed the batch hook), so a stale record cannot go unnoticed.
+
+Helpers of the batch hook and the attention: :func:`document_ids_from_cu_seqlens` (offsets -> ids),
+:func:`in_document_positions` (THD RoPE positions) and :func:`batch_documents` (the ids of an sbhd batch).
 """
 from __future__ import annotations
 
@@ -215,3 +218,52 @@ def check_attention_documents(document_ids: Optional[torch.Tensor], cu_seqlens: 
             "token sharding followed: pass every batch through get_batch_on_this_usp_rank (megatron-core) or the "
             "patched pretrain_gpt.py, and hand the model the attention_mask it returns"
         )
+
+
+def document_ids_from_cu_seqlens(
+    cu_seqlens, seq_len: int, batch: int = 1, cu_seqlens_padded=None, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Document ids ``[batch, seq_len]`` of packed documents (for ``usp_attn(document_ids=...)``).
+
+    ``cu_seqlens [n+1]`` are global cumulative lengths over the ``batch * seq_len`` tokens in row-major order
+    (THD: ``batch = 1``). Document ``i`` starts at ``cu_seqlens_padded[i]`` (default ``cu_seqlens[i]``) and has
+    ``cu_seqlens[i+1] - cu_seqlens[i]`` real tokens (id ``2i``); its padded slots and the tokens after the last
+    offset are padding (id ``2i+1``), so padding never attends to a real document. With ``batch > 1`` no
+    document may cross a row boundary.
+    """
+    total = batch * seq_len
+    cu, padded = check_cu_seqlens(cu_seqlens, total, cu_seqlens_padded)
+    for row in range(1, batch):
+        edge = row * seq_len
+        for i in range(len(cu) - 1):
+            if padded[i] < edge < padded[i] + cu[i + 1] - cu[i]:
+                raise ValueError(f"document {i} (tokens {padded[i]}..{padded[i] + cu[i + 1] - cu[i] - 1}) crosses "
+                                 f"the boundary of rows {row - 1} and {row} (seq_len {seq_len}): split it")
+    starts = torch.tensor(padded, device=device)
+    lengths = torch.tensor(cu, device=device).diff()
+    pos = torch.arange(total, device=device)
+    doc = (torch.searchsorted(starts, pos, right=True) - 1).clamp(max=len(cu) - 2)
+    real = pos < starts[doc] + lengths[doc]
+    return (2 * doc + (~real).long()).view(batch, seq_len)
+
+
+def in_document_positions(cu_seqlens, total: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``[total]``: each token's position inside its (padded) document, ``pos - cu_seqlens[i]``; tokens after the
+    last offset count from it. Megatron's THD RoPE uses these positions (given ``cu_seqlens_padded`` if any)."""
+    cu, _ = check_cu_seqlens(cu_seqlens, total)
+    starts = torch.tensor(cu, device=device)
+    pos = torch.arange(total, device=device)
+    return pos - starts[torch.searchsorted(starts, pos, right=True) - 1]
+
+
+def batch_documents(batch: dict, eod_token: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Document ids ``[b, s]`` of an sbhd batch: from its dense ``attention_mask`` (checked: causal document masks
+    only) or, without one, from EOD tokens when ``eod_token`` is given; None when attention is plain causal."""
+    mask, tokens = batch.get("attention_mask"), batch.get("tokens")
+    batch_size = next((v.shape[0] for k, v in batch.items() if k != "attention_mask" and isinstance(v, torch.Tensor)),
+                      None)
+    if mask is not None:
+        return documents_from_dense_mask(mask, batch_size)
+    if eod_token is not None:
+        return documents_from_eod(tokens, eod_token)
+    return None

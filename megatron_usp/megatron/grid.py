@@ -1,12 +1,13 @@
 """The USP grid beside TP/PP/DP: megatron-core's context-parallel group split into ulysses x ring.
 
-Megatron keeps one global registry of process groups (``parallel_state``); this module is its USP twin, set by
-:func:`initialize_model_parallel` and reset by :func:`destroy_model_parallel`. The engine itself never reads it:
-``USPAttention`` and the batch hook fetch the groups here and pass them explicitly.
+Megatron keeps one global registry of process groups (``parallel_state``); :mod:`.state` is its USP twin, set by
+:func:`initialize_model_parallel` (the one place that validates the USP settings of the megatron-core path) and
+reset by :func:`destroy_model_parallel`. The engine itself never reads it: ``USPAttention`` and the batch hook
+fetch the groups there and pass them explicitly; ``USPAttention`` takes them through :func:`usp_groups_for`, which
+checks them against the CP group megatron-core hands the layer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
@@ -16,18 +17,18 @@ from ..groups import USPGroups, check_degree, grid_rank_lists, group_timeout
 from ..kernels import check_backend_name
 from ..layout import check_ring_impl
 from ..mqsp import check_micro_q
-
-
-@dataclass(frozen=True)
-class USPState:
-    groups: USPGroups
-    ring_impl: str
-    backend: str
-    micro_q: Optional[int] = None
-    check_every: Optional[int] = None
-
-
-_STATE: Optional[USPState] = None
+from .documents import set_current
+from .rope import install_rope_hook
+from .state import (  # noqa: F401  (the grid's getters: megatron_usp.megatron and megatron_lm read them here)
+    USPState,
+    get_usp_attn_backend,
+    get_usp_check,
+    get_usp_groups,
+    get_usp_micro_q,
+    get_usp_ring_impl,
+    set_state,
+    usp_is_initialized,
+)
 
 
 def initialize_model_parallel(
@@ -49,7 +50,6 @@ def initialize_model_parallel(
     off, 0 = USPAttention checks each layer's first call (:func:`megatron_usp.check.verify_usp_attn`), N = that and
     every N-th call. Extra ``kwargs`` go to megatron-core
     unchanged."""
-    global _STATE
     check_ring_impl(ring_impl)
     check_backend_name(attn_backend)
     check_degree("ulysses_degree", ulysses_degree)
@@ -79,10 +79,8 @@ def initialize_model_parallel(
         groups = USPGroups.from_groups(ulysses, ring, sp=parallel_state.get_context_parallel_group())
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
-    _STATE = USPState(groups, ring_impl, attn_backend, micro_q, usp_check)
-    from .batch import install_rope_hook  # RoPE must follow the USP layout for every ring_impl
-
-    install_rope_hook()
+    set_state(USPState(groups, ring_impl, attn_backend, micro_q, usp_check))
+    install_rope_hook()  # RoPE must follow the USP layout for every ring_impl
     return groups
 
 
@@ -108,44 +106,40 @@ def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
 
 def destroy_model_parallel() -> None:
     """Reset megatron-core's groups and ours (and the documents of the last batch)."""
-    global _STATE
-    from .documents import set_current
-
-    _STATE = None
+    set_state(None)
     set_current(None)
     parallel_state.destroy_model_parallel()
 
 
-def usp_is_initialized() -> bool:
-    return _STATE is not None
+def usp_groups_for(pg_collection=None) -> USPGroups:
+    """The grid's :class:`USPGroups` for a core attention that megatron-core built with ``pg_collection``
+    (``model_comm_pgs`` before 0.15): its ``cp`` group must hold exactly the ranks of the grid's SP group, which the
+    grid splits into ulysses x ring. Without a collection (or one without ``cp``), the grid's groups. Local (no
+    collective): a ValueError names the mismatch and the fix before the layer ever communicates.
 
-
-def _state() -> USPState:
-    if _STATE is None:
-        raise RuntimeError(
-            "USP is not initialized: call megatron_usp.megatron.initialize_model_parallel(..., ulysses_degree=..., "
-            "ring_degree=...) instead of parallel_state.initialize_model_parallel"
+    The collection's hierarchical CP groups (``hcp``) are not read: megatron-core uses them only for
+    ``cp_comm_type="a2a+p2p"``, which USP refuses, and ``parallel_state.destroy_model_parallel`` leaves them set, so
+    after a re-initialization they can be those of an earlier grid."""
+    groups = get_usp_groups()
+    cp = None if pg_collection is None else getattr(pg_collection, "cp", None)
+    if cp is None:
+        return groups
+    if groups.sp is not None:
+        sp_ranks = _ranks(groups.sp)
+    else:  # a 1 x 1 grid: this rank alone
+        sp_ranks = (dist.get_rank(),) if groups.sp_size == 1 else None
+    cp_ranks = _ranks(cp)
+    if len(cp_ranks) != groups.sp_size or (sp_ranks is not None and cp_ranks != sp_ranks):
+        grid = f"ulysses {groups.ulysses_degree} x ring {groups.ring_degree} = {groups.sp_size} ranks"
+        raise ValueError(
+            f"pg_collection.cp (ranks {list(cp_ranks)}) is not the USP grid's sequence-parallel group ({grid}"
+            f"{'' if sp_ranks is None else f': {list(sp_ranks)}'}): USPAttention splits the CP group megatron-core "
+            "hands it by the grid of megatron_usp.megatron.initialize_model_parallel; build the model after it "
+            "with that CP group (parallel_state.get_context_parallel_group(), as "
+            "ProcessGroupCollection.use_mpu_process_groups() does)"
         )
-    return _STATE
+    return groups
 
 
-def get_usp_groups() -> USPGroups:
-    return _state().groups
-
-
-def get_usp_ring_impl() -> str:
-    return _state().ring_impl
-
-
-def get_usp_attn_backend() -> str:
-    return _state().backend
-
-
-def get_usp_micro_q() -> Optional[int]:
-    return _state().micro_q
-
-
-def get_usp_check() -> Optional[int]:
-    """``--usp-check``: None (off, also before :func:`initialize_model_parallel`: an opt-in check), 0 (each layer's
-    first call) or N (and every N-th call)."""
-    return None if _STATE is None else _STATE.check_every
+def _ranks(group) -> tuple[int, ...]:
+    return tuple(sorted(dist.get_process_group_ranks(group)))
