@@ -23,7 +23,7 @@ from . import comm
 from .groups import USPGroups
 from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
-from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
+from .layout import RING_SCHEDULE_IMPLS, ring_positions
 from .masks import BlockMasker
 from .merge import nan_query_rows
 
@@ -106,9 +106,9 @@ def build_schedule(
 ) -> RingSchedule:
     """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid. With
     ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout."""
-    check_ring_impl(ring_impl)
-    if ring_impl not in RING_SCHEDULE_IMPLS:
-        raise ValueError(f"ring_impl {ring_impl!r} has no pass-K/V schedule (mqsp passes Q: megatron_usp.mqsp)")
+    if ring_impl not in RING_SCHEDULE_IMPLS:  # usp_attn checked the name; this catches mqsp (and stray names)
+        raise ValueError(f"ring_impl {ring_impl!r} has no ring schedule: choose one of {', '.join(RING_SCHEDULE_IMPLS)} "
+                         "(mqsp passes Q: megatron_usp.mqsp)")
     n = seq_len // ring_degree
     allgather = ring_impl == "allgather" and ring_degree > 1
     if cu_seqlens is not None:
@@ -153,6 +153,12 @@ def _scatter_halves(dkv_halves: list[torch.Tensor], ring_comm: comm.RingComm) ->
     return torch.cat([ring_comm.reduce_scatter(dkv, dim=2) for dkv in dkv_halves], dim=2)
 
 
+def _step_work(schedule: RingSchedule, step: Step, masker: Optional[BlockMasker], kernel: AttentionKernel):
+    """The kernel calls of ``step``: its grouped blocks, or the pieces ``masker``'s mask leaves of them."""
+    kv_positions = schedule.kv_positions(step) if masker is not None else None
+    return plan_work(step.blocks, step.grouped, kv_positions, masker, kernel)
+
+
 def ring_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -169,22 +175,35 @@ def ring_forward(
     batch, n, heads, head_dim = q.shape
     out = torch.zeros(batch, n, heads, head_dim, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, n), float("-inf"), dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
-    gathered = _gather_halves(kv, ring_comm) if schedule.transport == "allgather" else None
-    passing = gathered is None and len(schedule.steps) > 1
-    exchanger = ring_comm.exchanger() if passing else None
-    for index, step in enumerate(schedule.steps):
-        step_kv = kv if gathered is None else gathered[step.gathered_half]
-        more = passing and index + 1 < len(schedule.steps)
-        if more:
-            exchanger.post(kv)  # the next step's K/V travel while this step computes
-        kv_positions = schedule.kv_positions(step) if masker is not None else None
-        work = plan_work(step.blocks, step.grouped, kv_positions, masker, kernel)
-        forward_blocks(q, step_kv[0], step_kv[1], work, kernel, softmax_scale, out, lse)
-        if more:
-            kv = exchanger.wait()
+
+    def compute(step: Step, kv: torch.Tensor) -> None:
+        work = _step_work(schedule, step, masker, kernel)
+        forward_blocks(q, kv[0], kv[1], work, kernel, softmax_scale, out, lse)
+
+    transport = _forward_allgather if schedule.transport == "allgather" else _forward_pass_kv
+    transport(torch.stack([k, v]), schedule, ring_comm, compute)
     nan_query_rows(q, out, lse)
     return out, lse
+
+
+def _forward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute) -> None:
+    """Pass K/V: each step computes on the K/V at hand while they travel on to the next ring rank."""
+    steps = schedule.steps
+    exchanger = ring_comm.exchanger() if len(steps) > 1 else None
+    for index, step in enumerate(steps):
+        more = index + 1 < len(steps)
+        if more:
+            exchanger.post(kv)  # the next step's K/V travel while this step computes
+        compute(step, kv)
+        if more:
+            kv = exchanger.wait()
+
+
+def _forward_allgather(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute) -> None:
+    """All-gather: both halves of every ring rank's K/V gathered once; each step reads one buffer."""
+    gathered = _gather_halves(kv, ring_comm)
+    for step in schedule.steps:
+        compute(step, gathered[step.gathered_half])
 
 
 def ring_backward(
@@ -200,43 +219,57 @@ def ring_backward(
     softmax_scale: float,
     masker: Optional[BlockMasker] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`ring_forward`. dq accumulates here in fp32; dK/dV accumulate in fp32 while they
-    travel the ring back to their owner; each is cast to its input dtype once."""
+    """Gradients of :func:`ring_forward`. dq accumulates here in fp32; dK/dV accumulate in fp32 (while they
+    travel the ring back to their owner, or in the gathered buffers); each is cast to its input dtype once."""
     acc = accumulation_dtype(q.dtype)
     # Rows that saw no key: lse = +inf makes their probabilities exp(s - inf) = 0 (and gradients 0) in every kernel.
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
-    gathered = _gather_halves(kv, ring_comm) if schedule.transport == "allgather" else None
-    gathered_grads = None if gathered is None else [torch.zeros(g.shape, dtype=acc, device=g.device) for g in gathered]
-    passing = gathered is None and len(schedule.steps) > 1
-    kv_exchanger = ring_comm.exchanger() if passing else None
-    dkv_exchanger = ring_comm.exchanger() if passing else None
-    for index, step in enumerate(schedule.steps):
-        step_kv = kv if gathered is None else gathered[step.gathered_half]
-        more = passing and index + 1 < len(schedule.steps)
+
+    def compute(step: Step, kv: torch.Tensor, dkv: torch.Tensor) -> None:
+        work = _step_work(schedule, step, masker, kernel)
+        backward_blocks(dout, q, kv[0], kv[1], out, lse, work, kernel, softmax_scale, dq, dkv[0], dkv[1])
+
+    transport = _backward_allgather if schedule.transport == "allgather" else _backward_pass_kv
+    dkv = transport(torch.stack([k, v]), schedule, ring_comm, compute, acc)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+def _backward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute,
+                      acc: torch.dtype) -> torch.Tensor:
+    """Pass K/V as in the forward; each step's dK/dV share follows the K/V it belongs to around the ring, summing
+    the shares of the ranks it passes, and is home after r sends. Returns this rank's dK/dV ``[2, ...]``."""
+    steps = schedule.steps
+    if len(steps) == 1:  # ring degree 1: the own K/V only, nothing travels
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        compute(steps[0], kv, dkv)
+        return dkv
+    kv_exchanger, dkv_exchanger = ring_comm.exchanger(), ring_comm.exchanger()
+    for index, step in enumerate(steps):
+        more = index + 1 < len(steps)
         if more:
             kv_exchanger.post(kv)
-        if gathered is None:
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-        else:
-            dkv = gathered_grads[step.gathered_half]
-        kv_positions = schedule.kv_positions(step) if masker is not None else None
-        work = plan_work(step.blocks, step.grouped, kv_positions, masker, kernel)
-        backward_blocks(dout, q, step_kv[0], step_kv[1], out, lse, work, kernel, softmax_scale, dq, dkv[0], dkv[1])
-        if passing:
-            # dkv now holds this step's share for the K/V of rank step.kv_rank; the buffer arriving from the
-            # previous rank carries the shares of the ranks before us for the same K/V.
-            if index > 0:
-                dkv += dkv_exchanger.wait()
-            dkv_exchanger.post(dkv)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        compute(step, kv, dkv)
+        # dkv now holds this step's share for the K/V of rank step.kv_rank; the buffer arriving from the
+        # previous rank carries the shares of the ranks before us for the same K/V.
+        if index > 0:
+            dkv += dkv_exchanger.wait()
+        dkv_exchanger.post(dkv)
         if more:
             kv = kv_exchanger.wait()
-    if passing:
-        dkv = dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
-    if gathered is not None:
-        dkv = _scatter_halves(gathered_grads, ring_comm)
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    return dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
+
+
+def _backward_allgather(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute,
+                        acc: torch.dtype) -> torch.Tensor:
+    """All-gather as in the forward; the gradients of each gathered buffer accumulate in place and are
+    reduce-scattered (summed) back to their owners once. Returns this rank's dK/dV ``[2, ...]``."""
+    gathered = _gather_halves(kv, ring_comm)
+    grads = [torch.zeros(g.shape, dtype=acc, device=g.device) for g in gathered]
+    for step in schedule.steps:
+        compute(step, gathered[step.gathered_half], grads[step.gathered_half])
+    return _scatter_halves(grads, ring_comm)
 
 
 def refuse_double_backward() -> None:
