@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.3"],
     extras_require={
-        "megatron": ["megatron-core>=0.13", "einops"],
+        "megatron": ["megatron-core>=0.13", "einops", "psutil"],
         "test": ["pytest>=7", "pytest-timeout>=2"],
         "demo": ["matplotlib>=3.5"],
     },

@@ -4,16 +4,19 @@
         --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 256 --train-iters 20
 
 gloo on CPU, NCCL on GPU (chosen automatically). Flags are named as in Megatron-LM's pretrain_gpt.py, plus
-``--ulysses-degree --ring-degree --usp-ring-impl --usp-attn-backend``. The world is TP x DP x (u x r): every
-rank of a USP group holds ``seq_length / (u*r)`` tokens of the same samples. Checkpoints (``--save/--load``)
-hold whole (per-TP-rank) models, so a run can resume under other ulysses/ring degrees or without SP.
+``--ulysses-degree --ring-degree --usp-ring-impl --usp-attn-backend``. The world is TP x PP x DP x (u x r): every
+rank of a USP group holds ``seq_length / (u*r)`` tokens of the same samples. The training machinery is
+megatron-core's: DistributedDataParallel, the (distributed, by default) optimizer and its parameter scheduler,
+the pipeline schedules, and dist_checkpointing, whose checkpoints (``--save/--load``) resume under another TP,
+PP, ulysses/ring degree or ring_impl. On CPU, ``megatron_lm_cpu``'s megatron-core stand-ins route its CUDA calls.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import math
+import functools
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,11 +30,11 @@ from gpt_data import ByteCorpus, GPTSamples, IndexedTokens  # noqa: E402
 from megatron_usp.megatron import (  # noqa: E402
     add_usp_args,
     destroy_model_parallel,
-    enable_cpu_mode,
     get_batch_on_this_usp_rank,
     get_gpt_layer_local_spec,
     get_usp_groups,
     initialize_model_parallel,
+    megatron_lm_cpu,
     validate_usp_args,
 )
 
@@ -68,7 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 master weights")
-    train.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    train.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                       help="ZeRO-1: optimizer state sharded over DP x CP (default on)")
+    train.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    train.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    train.add_argument("--recompute-num-layers", type=int, default=1)
+    parallel = parser.add_argument_group("model parallelism (USP flags below)")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     data = parser.add_argument_group("data and logging")
     data.add_argument("--data-path", default=None,
                       help="Megatron indexed dataset prefix (PREFIX.bin/.idx); default: stdlib byte corpus")
@@ -93,7 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_batch_args(args: argparse.Namespace) -> None:
     """Derive DP size and micro-batches per step; raise ValueError for a batch size that does not split."""
     sp_size = args.ulysses_degree * args.ring_degree
-    args.data_parallel_size = args.world_size // (args.tensor_model_parallel_size * sp_size)
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * sp_size
+    if args.world_size % model_parallel:
+        raise ValueError(f"world size {args.world_size} is not divisible by TP x PP x ulysses x ring = {model_parallel}")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size}")
+    args.data_parallel_size = args.world_size // model_parallel
     per_step = args.micro_batch_size * args.data_parallel_size
     args.global_batch_size = args.global_batch_size or per_step
     if args.global_batch_size % per_step:
@@ -105,138 +121,166 @@ def check_batch_args(args: argparse.Namespace) -> None:
                          f"{args.max_position_embeddings}")
 
 
-def build_model(args, device: torch.device):
+def build_model(args):
+    """This pipeline stage's GPTModel (fp32 or bf16) wrapped in megatron-core's DistributedDataParallel, which
+    reduces gradients over DP x CP in fp32 buckets (reduce-scatter with the distributed optimizer)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    recompute = {} if args.recompute_granularity is None else dict(
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
+        recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
+    )
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        tensor_model_parallel_size=args.tensor_model_parallel_size, context_parallel_size=args.context_parallel_size,
-        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype,
-        # weights drawn on CPU from the seeded default generator: identical for every grid and device
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size, context_parallel_size=args.context_parallel_size,
+        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, calculate_per_token_loss=True,
+        # weights drawn on CPU from the seeded default generator: the same for every TP, u, r and device
         use_cpu_initialization=True, perform_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False, **recompute,
     )
-    torch.manual_seed(args.seed)
+    # as Megatron-LM: each pipeline stage draws its layers from its own seed
+    torch.manual_seed(args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     model = GPTModel(
         config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab_size,
         max_sequence_length=args.max_position_embeddings, position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )
-    return model.to(device)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config, ddp_config, model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    return model
 
 
-class MixedPrecisionAdamW:
-    """AdamW on fp32 master copies of the (fp32 or bf16) model parameters, as Megatron's optimizer does.
+def megatron_optimizer(args, model):
+    """megatron-core's optimizer over the DDP-wrapped model: AdamW on fp32 main parameters (ZeRO-1 sharded over
+    DP x CP with ``--use-distributed-optimizer``, the default), global-norm clipping, and its parameter scheduler
+    (warmup, then constant / linear / cosine decay to ``--min-lr``)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    Gradients are summed over the data x context parallel group in one flat fp32 buffer (what Megatron's DDP
-    does: every rank's loss is already scaled by the global token count) and clipped by the global norm.
+    config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=1e-8, clip_grad=args.clip_grad,
+        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=False)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _torch_adams(optimizer) -> list:
+    """(megatron-core optimizer, its torch.optim Adam/AdamW) pairs: megatron-core's fallback without TE / apex."""
+    pairs = [(o, getattr(o, "optimizer", None)) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [(outer, inner) for outer, inner in pairs if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def prepare_torch_adam_for_load(optimizer) -> None:
+    """Two gaps of megatron-core's distributed optimizer over torch's Adam (its fallback without TE / apex, as on
+    CPU), closed before a load; TE's and apex's FusedAdam need neither:
+
+    * it reads every parameter's ``step`` / ``exp_avg`` / ``exp_avg_sq`` while mapping a checkpoint onto the
+      optimizer, which torch's Adam allocates only at its first step: allocated here (zeros; the load overwrites
+      them, ``step`` comes from the checkpoint's param groups);
+    * ``_set_main_param_and_optimizer_states`` copies every state key from the checkpoint's per-parameter tensors,
+      which leave out ``step`` on purpose: the copy skips ``step`` here.
     """
+    for outer, inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+        setter = getattr(outer, "_set_main_param_and_optimizer_states", None)
+        if setter is None or getattr(setter, "_skips_step", False):
+            continue
 
-    def __init__(self, model, args, dp_cp_group, tp_group):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.params]
-        self.dp_cp_group, self.tp_group, self.clip_grad = dp_cp_group, tp_group, args.clip_grad
-        decay = [m for p, m in zip(self.params, self.masters) if p.dim() > 1]
-        no_decay = [m for p, m in zip(self.params, self.masters) if p.dim() <= 1]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
-        )
+        def set_states(model_param, tensors, outer=outer, inner=inner, original=setter):
+            group_index, group_order = outer.model_param_group_index_map[model_param]
+            state = inner.state[inner.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None)
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
 
-    def zero_grad(self) -> None:
-        for param, master in zip(self.params, self.masters):
-            param.grad = None
-            master.grad = None
-
-    def _reduce_gradients(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, group=self.dp_cp_group)
-        offset = 0
-        for master in self.masters:
-            master.grad = flat[offset:offset + master.numel()].view_as(master)
-            offset += master.numel()
-
-    def _grad_norm(self) -> float:
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        # TP-duplicated parameters (layer norms) count once; TP-sharded ones are summed over the TP group
-        square = sum(m.grad.double().square().sum() for p, m in zip(self.params, self.masters)
-                     if param_is_not_tensor_parallel_duplicate(p))
-        square = torch.as_tensor(square, dtype=torch.float64, device=self.masters[0].device)
-        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
-            dist.all_reduce(square, group=self.tp_group)
-        return math.sqrt(square.item())
-
-    def step(self, lr: float) -> float:
-        self._reduce_gradients()
-        grad_norm = self._grad_norm()
-        if self.clip_grad > 0 and grad_norm > self.clip_grad:
-            for master in self.masters:
-                master.grad.mul_(self.clip_grad / (grad_norm + 1e-6))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        with torch.no_grad():
-            for param, master in zip(self.params, self.masters):
-                if param is not master:
-                    param.copy_(master)
-        return grad_norm
-
-    def state_dict(self) -> dict:
-        return {"adam": self.optimizer.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["adam"])
-        with torch.no_grad():
-            for param, master, saved in zip(self.params, self.masters, state["masters"]):
-                master.copy_(saved)
-                if param is not master:
-                    param.copy_(master)
+        set_states._skips_step = True
+        outer._set_main_param_and_optimizer_states = set_states
 
 
-def learning_rate(args, iteration: int) -> float:
-    """Megatron's schedule: linear warmup, then constant / linear / cosine decay to --min-lr."""
-    if args.lr_warmup_iters and iteration < args.lr_warmup_iters:
-        return args.lr * (iteration + 1) / args.lr_warmup_iters
-    if args.lr_decay_style == "constant":
-        return args.lr
-    decay_iters = max(1, args.train_iters - args.lr_warmup_iters)
-    progress = min(1.0, (iteration - args.lr_warmup_iters) / decay_iters)
-    factor = 1.0 - progress if args.lr_decay_style == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return args.min_lr + (args.lr - args.min_lr) * factor
+def checkpoint_dir(directory: str, iteration: int) -> Path:
+    return Path(directory) / f"iter_{iteration:07d}"
 
 
-def checkpoint_file(directory: str, iteration: int, tp_rank: int) -> Path:
-    return Path(directory) / f"iter_{iteration:07d}" / f"mp_rank_{tp_rank:02d}" / "model_optim.pt"
+# The distributed optimizer's state in the checkpoint: one tensor per parameter in model space, so it reloads under
+# another DP (u, r, TP and PP change DP too) and TP / PP.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def save_checkpoint(args, iteration: int, model, optimizer) -> None:
-    from megatron.core import parallel_state
+def _sharded_state(args, model, optimizer, is_loading: bool) -> dict:
+    model_state = model.module.sharded_state_dict()  # GPTModel's keys, as Megatron-LM's checkpoints
+    return {"model": model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
 
-    if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:  # one writer per TP rank
-        path = checkpoint_file(args.save, iteration, parallel_state.get_tensor_model_parallel_rank())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shape = {name: getattr(args, name) for name in MODEL_SHAPE_ARGS}
-        torch.save({"iteration": iteration, "model_shape": shape, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "grid": {"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree,
-                             "usp_ring_impl": args.usp_ring_impl}}, path)
+
+def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> None:
+    """A megatron-core ``dist_checkpointing`` checkpoint (torch_dist: every rank writes its shards) in
+    ``SAVE/iter_N``. Crash-safe: written under ``iter_N.partial``, renamed to ``iter_N`` once every rank is done,
+    and only then named in the tracker file (replaced atomically): a run killed mid-write leaves the tracker on
+    the last complete checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    final = checkpoint_dir(args.save, iteration)
+    partial = final.with_name(final.name + ".partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
+        partial.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state(args, model, optimizer, is_loading=False)
+    state.update(iteration=iteration, scheduler=scheduler.state_dict(),
+                 model_shape={name: getattr(args, name) for name in MODEL_SHAPE_ARGS},
+                 grid={"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree,
+                       "usp_ring_impl": args.usp_ring_impl, "tensor_model_parallel_size": args.tensor_model_parallel_size,
+                       "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                       "use_distributed_optimizer": args.use_distributed_optimizer})
+    dist_checkpointing.save(state, str(partial), content_metadata=OPTIMIZER_METADATA)
     dist.barrier()
     if dist.get_rank() == 0:
-        (Path(args.save) / CHECKPOINT_TRACKER).write_text(f"{iteration}\n")
+        if final.exists():  # the same iteration saved again: the new copy replaces it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tracker = Path(args.save) / CHECKPOINT_TRACKER
+        tracker.with_suffix(".tmp").write_text(f"{iteration}\n")
+        os.replace(tracker.with_suffix(".tmp"), tracker)
         print(f" saved checkpoint at iteration {iteration} to {args.save}", flush=True)
     dist.barrier()
 
 
-def load_checkpoint(args, model, optimizer) -> int:
+def load_checkpoint(args, model, optimizer, scheduler) -> int:
     """Load the latest checkpoint under ``--load`` (or ``--ckpt-step``); returns its iteration, 0 when there is
-    none yet. ulysses/ring degrees may differ from the saving run's; TP and the model shape may not."""
-    from megatron.core import parallel_state
+    none yet. TP, PP, ulysses/ring degrees and ring_impl may differ from the saving run's; the model may not."""
+    from megatron.core import dist_checkpointing
 
     tracker = Path(args.load) / CHECKPOINT_TRACKER
     if args.ckpt_step is not None:
@@ -248,21 +292,26 @@ def load_checkpoint(args, model, optimizer) -> int:
             print(f" WARNING: --load {args.load} has no {CHECKPOINT_TRACKER}; starting from random weights",
                   flush=True)
         return 0
-    path = checkpoint_file(args.load, iteration, parallel_state.get_tensor_model_parallel_rank())
-    if not path.is_file():
-        raise ValueError(f"--load {args.load}: {path} is missing; no checkpoint for iteration {iteration}, or it "
-                         "was written with another --tensor-model-parallel-size (ulysses/ring degrees may change, "
-                         "TP may not)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for name, saved in state["model_shape"].items():
-        if getattr(args, name) != saved:
+    directory = checkpoint_dir(args.load, iteration)
+    if not (directory / "common.pt").is_file():
+        raise ValueError(f"--load {args.load}: no complete checkpoint for iteration {iteration} ({directory})")
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    for name, saved in common["model_shape"].items():
+        if name != "tensor_model_parallel_size" and getattr(args, name) != saved:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"--load {args.load}: the checkpoint has {flag} {saved}, this run {getattr(args, name)}")
-    model.load_state_dict(state["model"])
+    grid = common["grid"]
+    if grid["use_distributed_optimizer"] != args.use_distributed_optimizer:
+        flag = "--use-distributed-optimizer" if grid["use_distributed_optimizer"] else "--no-use-distributed-optimizer"
+        raise ValueError(f"--load {args.load}: the checkpoint's optimizer state was saved with {flag}; resume with it")
+    prepare_torch_adam_for_load(optimizer)
+    state = dist_checkpointing.load(_sharded_state(args, model, optimizer, is_loading=True), str(directory))
+    model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
     if dist.get_rank() == 0:
-        grid = state["grid"]
-        print(f" loaded checkpoint at iteration {iteration} from {args.load} (saved with ulysses "
+        print(f" loaded checkpoint at iteration {iteration} from {args.load} (saved with TP "
+              f"{grid['tensor_model_parallel_size']} PP {grid['pipeline_model_parallel_size']} ulysses "
               f"{grid['ulysses_degree']} x ring {grid['ring_degree']} {grid['usp_ring_impl']})", flush=True)
     return iteration
 
@@ -282,27 +331,73 @@ def open_loss_csv(path: str, start_iteration: int):
     return loss_file
 
 
-def train_step(args, model, optimizer, samples, iteration: int, device) -> tuple[float, float]:
-    """One optimizer step over the global batch; returns (mean loss per token, grad norm)."""
-    from megatron.core import parallel_state
+class MicroBatches:
+    """The data iterator Megatron's schedules pull micro-batches from: this DP rank's share of each global batch,
+    every tensor sharded along the sequence for this USP rank (every pipeline stage reads the same ones)."""
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    global_tokens = args.global_batch_size * args.seq_length
-    first_sample = iteration * args.global_batch_size
+    def __init__(self, args, samples, device):
+        from megatron.core import parallel_state
+
+        self.args, self.samples, self.device = args, samples, device
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.iteration, self.micro = 0, 0
+
+    def start(self, iteration: int) -> "MicroBatches":
+        self.iteration, self.micro = iteration, 0
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        args = self.args
+        first = (self.iteration * args.global_batch_size
+                 + (self.micro * args.data_parallel_size + self.dp_rank) * args.micro_batch_size)
+        self.micro += 1
+        batch = get_batch_on_this_usp_rank(self.samples.batch(first, args.micro_batch_size))
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token losses ``[b, s_local]`` -> (sum over this rank's tokens, their count, for logging): with
+    ``calculate_per_token_loss`` megatron-core divides the gradients by the global token count (DP x CP)."""
+    loss_sum = (output_tensor.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().double(), num_tokens.double()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def train_step(args, model, optimizer, scheduler, micro_batches, iteration: int) -> tuple[float, float]:
+    """One optimizer step over the global batch through megatron-core's schedule (1F1B with PP > 1); returns
+    (mean loss per token over the global batch, grad norm)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for micro in range(args.num_micro_batches):
-        start = first_sample + (micro * args.data_parallel_size + dp_rank) * args.micro_batch_size
-        batch = get_batch_on_this_usp_rank(samples.batch(start, args.micro_batch_size))
-        batch = {key: value.to(device) for key, value in batch.items()}
-        losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s_local]
-        local = (losses.float() * batch["loss_mask"]).sum()
-        (local / global_tokens).backward()
-        loss_sum += local.detach().double().cpu()
-    grad_norm = optimizer.step(learning_rate(args, iteration))
-    loss_sum = loss_sum.to(device)
-    dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return loss_sum.item() / global_tokens, grad_norm
+    forward_backward = get_forward_backward_func()
+    outputs = forward_backward(
+        forward_step_func=forward_step, data_iterator=micro_batches.start(iteration), model=[model],
+        num_microbatches=args.num_micro_batches, seq_length=args.seq_length,  # the schedule divides by CP
+        micro_batch_size=args.micro_batch_size, forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    if not update_successful:
+        raise RuntimeError(f"iteration {iteration + 1}: the optimizer skipped its step (non-finite gradients)")
+    scheduler.step(increment=1)
+    device = next(model.parameters()).device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for output in outputs:  # the last pipeline stage's micro-batches; empty elsewhere
+        totals += output["lm loss"].to(device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    if args.pipeline_model_parallel_size > 1:  # the loss lives on the last stage; rank 0 logs it
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return (totals[0] / totals[1]).item(), float(grad_norm or 0.0)
 
 
 def main(argv=None) -> None:
@@ -316,31 +411,39 @@ def main(argv=None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    enable_cpu_mode()  # no-op with CUDA
+    standins = megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA calls -> CPU; nothing with CUDA
     initialize_model_parallel(
-        args.tensor_model_parallel_size, 1, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-        ring_impl=args.usp_ring_impl, ulysses_inner=not args.usp_ring_inner, attn_backend=args.usp_attn_backend,
-        micro_q=args.usp_micro_q, usp_check=getattr(args, "usp_check", None), create_gloo_process_groups=False,
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, ulysses_degree=args.ulysses_degree,
+        ring_degree=args.ring_degree, ring_impl=args.usp_ring_impl, ulysses_inner=not args.usp_ring_inner,
+        attn_backend=args.usp_attn_backend, micro_q=args.usp_micro_q, usp_check=getattr(args, "usp_check", None),
+        create_gloo_process_groups=False,
     )
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    model_parallel_cuda_manual_seed(args.seed)  # the RNG tracker activation recompute restores
     stream = IndexedTokens(args.data_path) if args.data_path else ByteCorpus(args.corpus_bytes)
     args.vocab_size = args.vocab_size or stream.vocab_size
     samples = GPTSamples(stream, args.seq_length, args.seed)
-    model = build_model(args, device)
-    optimizer = MixedPrecisionAdamW(model, args, parallel_state.get_data_parallel_group(with_context_parallel=True),
-                                    parallel_state.get_tensor_model_parallel_group())
-    start_iteration = load_checkpoint(args, model, optimizer) if args.load else 0
+    model = build_model(args)
+    optimizer, scheduler = megatron_optimizer(args, model)
+    start_iteration = load_checkpoint(args, model, optimizer, scheduler) if args.load else 0
+    micro_batches = MicroBatches(args, samples, device)
     rank0 = dist.get_rank() == 0
     groups = get_usp_groups()
     if rank0:
         params = sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size
         print(f"> {stream.description}\n> GPT: {args.num_layers} layers, hidden {args.hidden_size}, "
               f"{args.num_attention_heads} heads / {args.num_query_groups} query groups, vocab {args.vocab_size}, "
-              f"~{params / 1e6:.2f}M parameters, {'bf16' if args.bf16 else 'fp32'}\n"
-              f"> grid: world {args.world_size} = TP {args.tensor_model_parallel_size} x DP {args.data_parallel_size}"
-              f" x USP (ulysses {groups.ulysses_degree} x ring {groups.ring_degree}, {args.usp_ring_impl}, "
+              f"{'bf16' if args.bf16 else 'fp32'}; ~{params / 1e6:.2f}M parameters on pipeline stage 0\n"
+              f"> grid: world {args.world_size} = TP {args.tensor_model_parallel_size} x PP "
+              f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size} x USP (ulysses "
+              f"{groups.ulysses_degree} x ring {groups.ring_degree}, {args.usp_ring_impl}, "
               f"{'ring' if args.usp_ring_inner else 'ulysses'}-inner), {dist.get_backend()} on {device.type}\n"
+              f"> megatron-core: DistributedDataParallel, {type(optimizer).__name__}"
+              f"{' (ZeRO-1 over DP x CP)' if args.use_distributed_optimizer else ''}, OptimizerParamScheduler, "
+              f"{get_forward_backward_func_name()}, dist_checkpointing"
+              f"{'; CPU stand-ins: ' + ', '.join(standins) if standins else ''}\n"
               f"> batch: global {args.global_batch_size} x {args.seq_length} tokens, micro {args.micro_batch_size},"
               f" {args.num_micro_batches} micro-batches per step; {args.seq_length // groups.sp_size} tokens per "
               "rank per sample", flush=True)
@@ -349,7 +452,8 @@ def main(argv=None) -> None:
     run_start = window_start = time.perf_counter()
     window_losses = []
     for iteration in range(start_iteration, args.train_iters):
-        loss, grad_norm = train_step(args, model, optimizer, samples, iteration, device)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        loss, grad_norm = train_step(args, model, optimizer, scheduler, micro_batches, iteration)
         window_losses.append(loss)
         if loss_file:
             writer.writerow([iteration + 1, repr(loss)])
@@ -363,19 +467,25 @@ def main(argv=None) -> None:
             if rank0:
                 print(f" iteration {done:8d}/{args.train_iters:8d} | consumed samples: {done * args.global_batch_size:10d}"
                       f" | elapsed time per iteration (ms): {1000 * per_iteration:.1f} | learning rate: "
-                      f"{learning_rate(args, iteration):.3E} | lm loss: {sum(window_losses) / len(window_losses):.6E}"
+                      f"{learning_rate:.3E} | lm loss: {sum(window_losses) / len(window_losses):.6E}"
                       f" | grad norm: {grad_norm:.3f} | tokens per second: "
                       f"{args.global_batch_size * args.seq_length / per_iteration:.0f} | elapsed: {total:.1f} s"
                       f" | [{100 * done / args.train_iters:3.0f}% eta {remaining:.0f} s]", flush=True)
             window_start, window_losses = time.perf_counter(), []
         if args.save and args.save_interval and done % args.save_interval == 0 and done != args.train_iters:
-            save_checkpoint(args, done, model, optimizer)
+            save_checkpoint(args, done, model, optimizer, scheduler)
     if args.save and args.train_iters > start_iteration:
-        save_checkpoint(args, args.train_iters, model, optimizer)
+        save_checkpoint(args, args.train_iters, model, optimizer, scheduler)
     if loss_file:
         loss_file.close()
     destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def get_forward_backward_func_name() -> str:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func().__name__
 
 
 if __name__ == "__main__":

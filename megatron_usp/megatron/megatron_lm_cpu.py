@@ -97,6 +97,7 @@ STANDINS: Dict[str, str] = {
 _PATCHED: List[tuple] = []
 _SCRIPTS: List[str] = []  # the script main() runs as __main__
 _MODE: List[TorchFunctionMode] = []
+_LM_INSTALLED: List[bool] = []
 
 
 # ---------------------------------------------------------------------------------------------- cuda-to-cpu
@@ -309,30 +310,33 @@ def _children_skip_the_script(original: Callable) -> Callable:
     return get_preparation_data
 
 
-def install() -> List[str]:
-    """Install every stand-in (idempotent). Returns their names, or ``[]`` when CUDA is available."""
+CORE_STANDINS = ("cuda-to-cpu", "tensor-type-names", "torch.cuda-runtime", "cuda-rng-is-cpu-rng",
+                 "no-kernel-compilation")
+"""The stand-ins megatron-core alone needs (its DDP, optimizers, pipeline schedules, RNG tracker, checkpointing):
+what ``examples/pretrain_gpt_usp.py`` installs. The others concern Megatron-LM's ``megatron.training``."""
+
+
+def install(megatron_lm: bool = True) -> List[str]:
+    """Install the stand-ins (idempotent): all of them, or with ``megatron_lm=False`` only :data:`CORE_STANDINS`
+    (a megatron-core install has no ``megatron.training`` / ``megatron.legacy``). Returns their names, or ``[]``
+    when CUDA is available."""
     if torch.cuda.is_available():
         return []
-    if _MODE:
-        return list(STANDINS)
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    # triton-absent (before megatron.training imports it)
-    if importlib.util.find_spec("triton") is None:
-        name = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
-        stub = types.ModuleType(name)
-        for fn in ("set_batch_invariant_mode", "is_batch_invariant_mode_enabled", "disable_batch_invariant_mode",
-                   "enable_batch_invariant_mode"):
-            setattr(stub, fn, _noop)
-        sys.modules.setdefault(name, stub)
+    if not _MODE:
+        _install_core()
+    if megatron_lm and not _LM_INSTALLED:
+        _install_megatron_lm()
+        _LM_INSTALLED.append(True)
+    return list(STANDINS) if _LM_INSTALLED else list(CORE_STANDINS)
+
+
+def _install_core() -> None:
     # no-kernel-compilation: the dynamo switch covers functions torch.compile already wrapped (this package imports
     # megatron.core first), disable_jit_fuser the ones Megatron decorates from now on
     torch._dynamo.config.disable = True
     import megatron.core.jit as jit
 
     jit.disable_jit_fuser()
-    import megatron.legacy.fused_kernels as fused_kernels
-
-    _patch(fused_kernels, "load", _noop)
     # torch.cuda-runtime and cuda-rng-is-cpu-rng
     for name, make in _CUDA_RUNTIME.items():
         _patch(torch.cuda, name, make())
@@ -344,6 +348,25 @@ def install() -> List[str]:
     _patch(tp_random, "_get_cuda_rng_state", _cpu_get_rng_state)
     _patch(tp_random, "_set_cuda_rng_state", _cpu_set_rng_state)
     logging.getLogger(tp_random.__name__).addFilter(_SameGeneratorWarning())
+    # cuda-to-cpu, tensor-type-names
+    mode = CudaToCpu()
+    mode.__enter__()
+    _MODE.append(mode)
+
+
+def _install_megatron_lm() -> None:
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    # triton-absent (before megatron.training imports it)
+    if importlib.util.find_spec("triton") is None:
+        name = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
+        stub = types.ModuleType(name)
+        for fn in ("set_batch_invariant_mode", "is_batch_invariant_mode_enabled", "disable_batch_invariant_mode",
+                   "enable_batch_invariant_mode"):
+            setattr(stub, fn, _noop)
+        sys.modules.setdefault(name, stub)
+    import megatron.legacy.fused_kernels as fused_kernels
+
+    _patch(fused_kernels, "load", _noop)
     # initialize-without-cuda, warmup-jit-rng
     import megatron.training.initialize as initialize
     import megatron.training.training as training
@@ -368,17 +391,13 @@ def install() -> List[str]:
     import megatron.core.datasets.utils as dataset_utils
 
     _patch(dataset_utils, "compile_helpers", _compile_helpers)
-    # cuda-to-cpu, tensor-type-names
-    mode = CudaToCpu()
-    mode.__enter__()
-    _MODE.append(mode)
-    return list(STANDINS)
 
 
 def uninstall() -> None:
     """Undo :func:`install` (for tests); torch.compile stays off and the triton stand-in module stays."""
     while _MODE:
         _MODE.pop().__exit__(None, None, None)
+    _LM_INSTALLED.clear()
     while _PATCHED:
         holder, name, original = _PATCHED.pop()
         setattr(holder, name, original)
