@@ -35,6 +35,7 @@ from megatron_usp.megatron import (  # noqa: E402
     get_usp_groups,
     initialize_model_parallel,
     megatron_lm_cpu,
+    torch_adam,
     validate_usp_args,
 )
 
@@ -179,54 +180,13 @@ def megatron_optimizer(args, model):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=False)
+    torch_adam.fix_distributed_optimizer_load()  # megatron-core cannot reload its torch-Adam fallback otherwise
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
     )
     return optimizer, scheduler
-
-
-def _torch_adams(optimizer) -> list:
-    """(megatron-core optimizer, its torch.optim Adam/AdamW) pairs: megatron-core's fallback without TE / apex."""
-    pairs = [(o, getattr(o, "optimizer", None)) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [(outer, inner) for outer, inner in pairs if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
-
-
-def prepare_torch_adam_for_load(optimizer) -> None:
-    """Two gaps of megatron-core's distributed optimizer over torch's Adam (its fallback without TE / apex, as on
-    CPU), closed before a load; TE's and apex's FusedAdam need neither:
-
-    * it reads every parameter's ``step`` / ``exp_avg`` / ``exp_avg_sq`` while mapping a checkpoint onto the
-      optimizer, which torch's Adam allocates only at its first step: allocated here (zeros; the load overwrites
-      them, ``step`` comes from the checkpoint's param groups);
-    * ``_set_main_param_and_optimizer_states`` copies every state key from the checkpoint's per-parameter tensors,
-      which leave out ``step`` on purpose: the copy skips ``step`` here.
-    """
-    for outer, inner in _torch_adams(optimizer):
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-        setter = getattr(outer, "_set_main_param_and_optimizer_states", None)
-        if setter is None or getattr(setter, "_skips_step", False):
-            continue
-
-        def set_states(model_param, tensors, outer=outer, inner=inner, original=setter):
-            group_index, group_order = outer.model_param_group_index_map[model_param]
-            state = inner.state[inner.param_groups[group_index]["params"][group_order]]
-            step = state.pop("step", None)
-            try:
-                original(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        set_states._skips_step = True
-        outer._set_main_param_and_optimizer_states = set_states
 
 
 def checkpoint_dir(directory: str, iteration: int) -> Path:
@@ -304,7 +264,6 @@ def load_checkpoint(args, model, optimizer, scheduler) -> int:
     if grid["use_distributed_optimizer"] != args.use_distributed_optimizer:
         flag = "--use-distributed-optimizer" if grid["use_distributed_optimizer"] else "--no-use-distributed-optimizer"
         raise ValueError(f"--load {args.load}: the checkpoint's optimizer state was saved with {flag}; resume with it")
-    prepare_torch_adam_for_load(optimizer)
     state = dist_checkpointing.load(_sharded_state(args, model, optimizer, is_loading=True), str(directory))
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
