@@ -104,9 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_batch_args(args: argparse.Namespace) -> None:
     """Derive DP size and micro-batches per step; raise ValueError for a batch size that does not split."""
     sp_size = args.ulysses_degree * args.ring_degree
+    # validate_usp_args checked that TP x PP x u x r divides the world
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * sp_size
-    if args.world_size % model_parallel:
-        raise ValueError(f"world size {args.world_size} is not divisible by TP x PP x ulysses x ring = {model_parallel}")
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
                          f"{args.pipeline_model_parallel_size}")
@@ -117,6 +116,9 @@ def check_batch_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_micro_batches = args.global_batch_size // per_step
+    if args.lr_warmup_iters >= args.train_iters:
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters} "
+                         "(megatron-core's scheduler decays after the warmup)")
     if args.seq_length > args.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
