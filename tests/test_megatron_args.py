@@ -161,11 +161,34 @@ def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch)
 def test_multi_token_prediction_needs_megatrons_layout(flags, extra, conflict):
     """MTP's roll across CP ranks assumes Megatron's zigzag layout: other USP layouts are refused, never silent."""
     with pytest.raises(ValueError, match=f"--mtp-num-layers with {conflict}"):
-        validate_usp_args(parse("--ulysses-degree", "2", "--ring-degree", "2", *flags, mtp_num_layers=1, **extra))
+        validate_usp_args(parse("--ulysses-degree", "2", "--ring-degree", "2", *flags, mtp_num_layers=1,
+                                calculate_per_token_loss=True, **extra))
 
 
 @pytest.mark.parametrize("impl", ["zigzag", "allgather", "mqsp"])
 def test_multi_token_prediction_with_the_zigzag_layout_is_accepted(impl):
-    args = parse("--ulysses-degree", "2", "--ring-degree", "2", "--usp-ring-impl", impl, mtp_num_layers=1)
+    args = parse("--ulysses-degree", "2", "--ring-degree", "2", "--usp-ring-impl", impl, mtp_num_layers=1,
+                 calculate_per_token_loss=True)
     assert validate_usp_args(args).context_parallel_size == 4
     assert validate_usp_args(parse("--usp-ring-impl", "stripe", mtp_num_layers=1)).context_parallel_size == 1
+
+
+def test_multi_token_prediction_needs_per_token_loss():
+    """Each rank divides its MTP loss by its own token count, which the roll makes uneven (rehearsal: 2.2e-6)."""
+    with pytest.raises(ValueError, match="--mtp-num-layers without --calculate-per-token-loss"):
+        validate_usp_args(parse("--ulysses-degree", "2", "--ring-degree", "2", mtp_num_layers=1))
+    assert validate_usp_args(parse(mtp_num_layers=1)).context_parallel_size == 1  # no USP: Megatron's business
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"softmax_type": "learnable"}, "--softmax-type learnable"),
+    ({"softmax_type": "off-by-one"}, "--softmax-type off-by-one"),
+    ({"experimental_attention_variant": "dsa"}, "--experimental-attention-variant dsa"),
+    ({"experimental_attention_variant": "gated_delta_net"}, "--experimental-attention-variant gated_delta_net"),
+])
+def test_attention_variants_usp_does_not_compute_are_refused(extra, match):
+    with pytest.raises(ValueError, match=match):
+        validate_usp_args(parse("--ulysses-degree", "2", **extra))
+    assert validate_usp_args(parse(**extra)).context_parallel_size == 1
+    assert validate_usp_args(parse("--ulysses-degree", "2", softmax_type="vanilla",
+                                   experimental_attention_variant=None)).context_parallel_size == 2

@@ -101,6 +101,8 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--seq-length: {error}") from None
     if sp_size > 1 and getattr(args, "mtp_num_layers", None):
         _check_mtp_layout(args)
+    if sp_size > 1:
+        _check_attention_variants(args)
     args.context_parallel_size = sp_size
     return args
 
@@ -125,4 +127,33 @@ def _check_mtp_layout(args: argparse.Namespace) -> None:
             f"--mtp-num-layers with {', '.join(conflicts)}: multi-token prediction shifts tokens across ranks assuming "
             f"Megatron's zigzag layout, which this USP layout is not; use --usp-ring-impl "
             f"{'/'.join(ZIGZAG_LAYOUT_IMPLS)} with Ulysses inner and no packed documents, or drop --mtp-num-layers"
+        )
+    # The rolled loss mask loses the row's last token on the rank holding it, and without per-token loss each rank
+    # divides its MTP loss by its own token count (megatron-core's GPTModel, stock CP alike): measured in Megatron-LM's
+    # loop at u=2 r=2 zigzag, 2.2e-6 from 1 rank by iteration 6 (2.0e-7 with --calculate-per-token-loss).
+    if not getattr(args, "calculate_per_token_loss", False):
+        raise ValueError(
+            "--mtp-num-layers without --calculate-per-token-loss: each of the --ulysses-degree x --ring-degree ranks "
+            "divides its MTP loss by its own count of loss tokens, which differ (the shifted row loses its last "
+            "token on one rank), so the gradients differ from training without sequence parallelism: add "
+            "--calculate-per-token-loss"
+        )
+
+
+def _check_attention_variants(args: argparse.Namespace) -> None:
+    """Attention features that USP's core attention does not compute, or whose sequence handling under CP is not
+    USP's (megatron-core 0.16's TransformerConfig flags, exposed by Megatron-LM's argument parser)."""
+    softmax_type = getattr(args, "softmax_type", None)
+    if softmax_type not in (None, "vanilla"):
+        raise ValueError(
+            f"--softmax-type {softmax_type} (attention sinks) conflicts with USP: its core attention computes the "
+            "vanilla softmax, without the extra sink logit; drop --softmax-type or set both degrees to 1"
+        )
+    variant = getattr(args, "experimental_attention_variant", None)
+    if variant is not None:
+        raise ValueError(
+            f"--experimental-attention-variant {variant} conflicts with USP: its layers ({variant}: "
+            f"{'DSA indexer over the local queries and keys' if variant == 'dsa' else 'linear-attention scan, no CP'}) "
+            "do not use USP's core attention and see only this rank's part of the sequence; drop it or set both "
+            "degrees to 1"
         )
