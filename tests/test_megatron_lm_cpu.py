@@ -92,6 +92,8 @@ def test_cases_compare_like_with_like(tool):
                  "reset-attention-mask u2 r2 zigzag", "THD --sft u2 r2 zigzag"):
         assert name in names
     for case in cases:
+        if case.refused is not None:
+            continue  # test_refused_cases
         assert case.skip is None and case.baseline.data == case.usp.data, case.name
         assert case.usp.launcher == () and case.baseline.launcher in ((), ("--thd-reference-attention",))
         if case.pre is not None:
@@ -100,14 +102,24 @@ def test_cases_compare_like_with_like(tool):
         assert "--ulysses-degree" not in base and "--ring-degree" not in base
         i = usp.index("--ulysses-degree")
         u, r = int(usp[i + 1]), int(usp[usp.index("--ring-degree") + 1])
-        assert usp[:i] + usp[i + 6:] == base, case.name  # same Megatron flags apart from the USP ones
+        rest = usp[:i] + usp[i + 6:]
+        if case.name == "TP=2 u2 vs 1 rank, cpu initialization":  # TP-independent initial weights: TP=1 baseline
+            assert rest[:2] == ["--tensor-model-parallel-size", "2"] and "--use-cpu-initialization" in base
+            rest = rest[2:]
+        assert rest == base, case.name  # same Megatron flags apart from the USP ones
         assert f"u={u} r={r} ring_impl={usp[usp.index('--usp-ring-impl') + 1]}" == case.grid
-        pp = int(base[base.index("--pipeline-model-parallel-size") + 1]) if "--pipeline-model-parallel-size" in base else 1
-        assert case.baseline.nproc == pp and case.usp.nproc == pp * u * r, case.name
+
+        def size(flag, args):
+            return int(args[args.index(flag) + 1]) if flag in args else 1
+
+        model_parallel = size("--pipeline-model-parallel-size", usp) * size("--tensor-model-parallel-size", usp)
+        base_parallel = size("--pipeline-model-parallel-size", base) * size("--tensor-model-parallel-size", base)
+        assert case.baseline.nproc == base_parallel and case.usp.nproc == model_parallel * u * r, case.name
 
 
 def test_resume_cases_save_half_way_at_u2_r2_and_load_elsewhere(tool):
-    resume = [case for case in tool.train_cases(checkpoint=Path("/ck"), train_iters=6) if case.pre is not None]
+    resume = [case for case in tool.train_cases(checkpoint=Path("/ck"), train_iters=6)
+              if case.pre is not None and "--use-distributed-optimizer" not in case.pre.args]
     assert len(resume) == 2
     for case in resume:
         pre, usp = list(case.pre.args), list(case.usp.args)
@@ -117,6 +129,85 @@ def test_resume_cases_save_half_way_at_u2_r2_and_load_elsewhere(tool):
         assert usp[:2] == ["--load", "/ck"] and "--save" not in usp
     assert [case.grid for case in resume] == ["u=1 r=4 ring_impl=stripe", "none"]
     assert resume[1].usp == tool.TrainRun(1, ("--load", "/ck"))
+
+
+def test_distributed_optimizer_resume_cases_save_and_load_with_it_in_their_own_folder(tool):
+    cases = [case for case in tool.train_cases(checkpoint=Path("/ck"), train_iters=6)
+             if case.pre is not None and "--use-distributed-optimizer" in case.pre.args]
+    assert [case.name for case in cases] == ["distributed optimizer save u2 r2 -> load u1 r4 stripe",
+                                             "distributed optimizer save u2 r2 -> load without SP"]
+    assert tool.distributed_optimizer_checkpoint(Path("/ck")) == Path("/ck-distributed-optimizer")
+    for case in cases:
+        pre, usp = list(case.pre.args), list(case.usp.args)
+        assert pre[:6] == list(tool.usp_flags(2, 2)) and case.pre.nproc == 4 and case.first_iteration == 4
+        assert pre[pre.index("--save") + 1] == "/ck-distributed-optimizer" and "--exit-interval" in pre
+        assert usp[:3] == ["--load", "/ck-distributed-optimizer", "--use-distributed-optimizer"]
+        assert case.baseline == tool.TrainRun(1, ("--use-distributed-optimizer",))
+    assert [case.grid for case in cases] == ["u=1 r=4 ring_impl=stripe", "none"]
+    assert cases[1].usp.nproc == 1 and "--ulysses-degree" not in cases[1].usp.args
+
+
+def test_tensor_parallel_and_mtp_cases(tool):
+    cases = {case.name: case for case in tool.train_cases()}
+    tp = cases["TP=2 u2"]
+    assert tp.baseline == tool.TrainRun(2, ("--tensor-model-parallel-size", "2"))
+    assert tp.usp.nproc == 4 and tp.grid == "u=2 r=1 ring_impl=zigzag"
+    assert cases["TP=2 u2 vs 1 rank, cpu initialization"].baseline.nproc == 1
+    mtp = cases["MTP u2 r2 zigzag"]
+    assert mtp.refused is None and mtp.grid == "u=2 r=2 ring_impl=zigzag"
+    for run in (mtp.baseline, mtp.usp):
+        assert run.args[:3] == ("--mtp-num-layers", "1", "--calculate-per-token-loss")
+
+
+def test_refused_cases_run_no_baseline_and_name_the_refusal(tool):
+    refused = {case.name: case for case in tool.train_cases() if case.refused is not None}
+    assert set(refused) == {"MTP u2 r2 stripe refused", "MTP u2 r2 basic refused",
+                            "MTP u2 r2 zigzag without per-token loss refused"}
+    for case in refused.values():
+        assert case.baseline is None and case.pre is None and case.usp.nproc == 4
+        assert "--mtp-num-layers" in case.usp.args
+    stripe = refused["MTP u2 r2 stripe refused"]
+    assert stripe.usp.args[stripe.usp.args.index("--usp-ring-impl") + 1] == "stripe"
+    assert stripe.refused == "--mtp-num-layers with --usp-ring-impl stripe"
+    assert "--calculate-per-token-loss" in stripe.usp.args  # refused for the layout, not the loss
+    assert "--calculate-per-token-loss" not in refused["MTP u2 r2 zigzag without per-token loss refused"].usp.args
+
+
+def test_refusal_is_judged_on_exit_code_message_and_no_training(tool):
+    fragment = "--mtp-num-layers with --usp-ring-impl stripe"
+    output = f"[rank0]: ValueError: {fragment}: multi-token prediction shifts tokens across ranks"
+    ok = tool.judge_refusal("c", 1, output, fragment)
+    assert ok.status == "ok" and "refused as expected" in ok.note
+    assert tool.judge_refusal("c", 0, output, fragment).status == "FAILED"  # it ran through
+    other = tool.judge_refusal("c", 1, "ValueError: something else", fragment)
+    assert other.status == "FAILED" and "no '--mtp-num-layers with" in other.note
+    trained = tool.judge_refusal("c", 1, output + "\n" + LOG, fragment)
+    assert trained.status == "FAILED" and "it trained" in trained.note
+    table = tool.format_table([ok], 2e-6)
+    assert table.splitlines()[2].endswith("ok")
+
+
+def test_launcher_applies_the_megatron_core_fixes_which_are_not_stand_ins():
+    assert megatron_lm_cpu.apply_core_fixes() == list(megatron_lm_cpu.CORE_FIXES)
+    assert megatron_lm_cpu.apply_core_fixes() == list(megatron_lm_cpu.CORE_FIXES)  # idempotent
+    assert not set(megatron_lm_cpu.CORE_FIXES) & set(megatron_lm_cpu.STANDINS)
+    for name in megatron_lm_cpu.CORE_FIXES:
+        assert f"``{name}``" in megatron_lm_cpu.__doc__
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    assert DistributedOptimizer._usp_torch_adam_fix
+    assert DistributedOptimizer.load_parameter_state_from_dp_reshardable._usp_fixed
+
+
+def test_dp_reshardable_load_drops_the_loading_runs_own_steps():
+    from megatron_usp.megatron.megatron_lm import drop_local_steps
+
+    first, second = {"param": 1, "exp_avg": 2, "step": 0}, {"param": 3, "padding": True}
+    state = {"per_bucket_numel": {0: {torch.float32: [[5]]}}, "per_bucket_numel_unpadded": [4],
+             0: {torch.float32: [[first, second]]}}
+    assert drop_local_steps(state) == 1
+    assert first == {"param": 1, "exp_avg": 2} and second == {"param": 3, "padding": True}
+    assert state["per_bucket_numel"] == {0: {torch.float32: [[5]]}} and drop_local_steps(None) == 0
 
 
 def test_compare_from_a_later_iteration_and_probe_without_usp(tool):

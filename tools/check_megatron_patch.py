@@ -19,7 +19,10 @@
    loss must agree (relative difference <= ``--rtol``, default 2e-6: Megatron prints 7 digits), the baseline must
    not have USP and the USP run must report its grid and attention calls. Prints the commands, a table, and exits
    non-zero on any mismatch. ``--cases`` picks cases by name; ``--logs DIR`` keeps every run's output.
-   The resume cases save at u=2 r=2 half-way (``--exit-interval``) and ``--load`` at u=1 r=4 and without SP.
+   The resume cases save at u=2 r=2 half-way (``--exit-interval``) and ``--load`` at u=1 r=4 and without SP, with
+   Megatron's own optimizer and with ``--use-distributed-optimizer``. TP=2 cases run USP beside tensor parallelism;
+   MTP cases run multi-token prediction. A *refused* case (``TrainCase.refused``) runs only the USP run, which must
+   stop before training with the given message (validate_usp_args refusing a combination), and has no baseline.
    The packed THD cases (``--sft``) make a tiny chat dataset and character tokenizer locally (no download) and need
    transformers<5, datasets and jinja2 (``pip install --target /tmp/mlm-sft-deps "transformers<5" datasets
    jinja2``, ``--sft-deps /tmp/mlm-sft-deps``); without them they are skipped, with the reason in the table.
@@ -153,13 +156,14 @@ class TrainRun:
 @dataclasses.dataclass(frozen=True)
 class TrainCase:
     name: str
-    baseline: TrainRun
+    baseline: Optional[TrainRun]  # None for a refused case
     usp: TrainRun
     grid: str  # what the USP run's probe line must report, e.g. "u=2 r=2 ring_impl=zigzag"; "none": no USP
     skip: Optional[str] = None  # a reason not to run it
     pre: Optional[TrainRun] = None  # runs before ``usp`` (e.g. saves the checkpoint it loads); compared too
     first_iteration: int = 1  # the first iteration ``usp`` logs (after --load: the one after the checkpoint)
     rtol: Optional[float] = None  # this case's tolerance instead of --rtol (bf16)
+    refused: Optional[str] = None  # the USP run must stop before training with this in its output; no baseline
 
 
 def usp_flags(ulysses: int, ring: int, ring_impl: str = "zigzag") -> Tuple[str, ...]:
@@ -225,7 +229,80 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
                            "u=1 r=4 ring_impl=stripe", pre=save, first_iteration=half + 1))
     cases.append(TrainCase("save u2 r2 -> load without SP", TrainRun(1), TrainRun(1, load), "none", pre=save,
                            first_iteration=half + 1))
+    cases += distributed_optimizer_resume_cases(distributed_optimizer_checkpoint(checkpoint), train_iters)
+    cases += tensor_parallel_cases() + mtp_cases()
     return cases
+
+
+def distributed_optimizer_checkpoint(checkpoint: Path) -> Path:
+    """Where the distributed-optimizer resume cases save (beside the plain resume cases' ``checkpoint``)."""
+    return checkpoint.with_name(checkpoint.name + "-distributed-optimizer")
+
+
+def distributed_optimizer_resume_cases(checkpoint: Path, train_iters: int = 6) -> List[TrainCase]:
+    """The resume cases with megatron-core's distributed optimizer: saved at u=2 r=2 (its state sharded over the 4
+    ranks of DP x CP) in Megatron-LM's default format (``--ckpt-format torch_dist``, ``dp_reshardable``), loaded at
+    u=1 r=4 (sharded over 4 again, another CP layout) and on 1 rank (not sharded). Needs megatron_usp's
+    ``fix_distributed_optimizer_load`` (the launcher applies it): megatron-core 0.16 cannot load its distributed
+    optimizer over torch's Adam (no TE / apex here) otherwise."""
+    half = train_iters // 2
+    distopt = ("--use-distributed-optimizer",)
+    save = TrainRun(4, usp_flags(2, 2) + distopt + ("--save", str(checkpoint), "--save-interval", str(half),
+                                                    "--exit-interval", str(half)))
+    load = ("--load", str(checkpoint)) + distopt
+    return [
+        TrainCase("distributed optimizer save u2 r2 -> load u1 r4 stripe", TrainRun(1, distopt),
+                  TrainRun(4, load + usp_flags(1, 4, "stripe")), "u=1 r=4 ring_impl=stripe", pre=save,
+                  first_iteration=half + 1),
+        TrainCase("distributed optimizer save u2 r2 -> load without SP", TrainRun(1, distopt), TrainRun(1, load),
+                  "none", pre=save, first_iteration=half + 1),
+    ]
+
+
+CPU_INIT = ("--use-cpu-initialization",)
+
+
+def tensor_parallel_cases() -> List[TrainCase]:
+    """USP beside Megatron's tensor parallelism (4 heads in 2 query groups: 2 heads and 1 kv head per TP rank, which
+    u=2 replicates), on 4 ranks (TP=2 x u=2).
+
+    * Against TP=2 without SP on 2 ranks, with Megatron's default (GPU-style) initialisation: TP=2 draws each
+      partition from its TP rank's model-parallel RNG (seed + 2718 + TP rank), so TP=2 and TP=1 start from different
+      weights (stock Megatron: ~3e-2 apart within 6 iterations). Megatron's --sequence-parallel cannot run here: the
+      local spec's torch LayerNorm refuses it ("sequence parallel not supported by torch LayerNorm"; TE or apex).
+    * Against 1 rank with --use-cpu-initialization: every rank draws each full weight from the CPU generator and
+      keeps its TP partition (``_initialize_affine_weight_cpu``), so the weights do not depend on TP; the row-parallel
+      sums over 2 partitions happen to round alike here (measured 0.0 over 6 iterations)."""
+    tp2 = ("--tensor-model-parallel-size", "2")
+    return [
+        TrainCase("TP=2 u2", TrainRun(2, tp2), TrainRun(4, tp2 + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"),
+        TrainCase("TP=2 u2 vs 1 rank, cpu initialization", TrainRun(1, CPU_INIT),
+                  TrainRun(4, tp2 + CPU_INIT + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"),
+    ]
+
+
+MTP = ("--mtp-num-layers", "1", "--calculate-per-token-loss")
+
+
+def mtp_cases() -> List[TrainCase]:
+    """Multi-token prediction (one MTP layer): megatron-core's ``roll_tensor`` shifts labels and tokens across CP
+    ranks assuming Megatron's zigzag layout. u=2 r=2 zigzag has it and must match the 1-rank run; stripe and basic do
+    not, and validate_usp_args refuses them before training (measured before the refusal: stripe differed by 1.4e-4,
+    basic by 4.0e-6). The rolled loss mask drops the row's last token on one rank, and without
+    --calculate-per-token-loss every rank divides its MTP loss by its own token count (stock CP alike): 2.2e-6 by
+    iteration 6, so validate_usp_args asks for per-token loss with MTP (then 2.0e-7). Megatron's logged "mtp_1 loss"
+    is a mean of per-rank means either way (2e-5 from 1 rank at iteration 1): logging only, not compared."""
+    refusal = "--mtp-num-layers with --usp-ring-impl {}"
+    without_per_token = MTP[:2] + usp_flags(2, 2)
+    return [
+        TrainCase("MTP u2 r2 zigzag", TrainRun(1, MTP), TrainRun(4, MTP + usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag"),
+        TrainCase("MTP u2 r2 stripe refused", None, TrainRun(4, MTP + usp_flags(2, 2, "stripe")), "none",
+                  refused=refusal.format("stripe")),
+        TrainCase("MTP u2 r2 basic refused", None, TrainRun(4, MTP + usp_flags(2, 2, "basic")), "none",
+                  refused=refusal.format("basic")),
+        TrainCase("MTP u2 r2 zigzag without per-token loss refused", None, TrainRun(4, without_per_token), "none",
+                  refused="--mtp-num-layers without --calculate-per-token-loss"),
+    ]
 
 
 def select_cases(cases: Sequence[TrainCase], names: Optional[str]) -> List[TrainCase]:
@@ -387,6 +464,22 @@ def check_probe(result: CaseResult, case: TrainCase, baseline_probe, usp_probe) 
     return result
 
 
+def judge_refusal(name: str, returncode: int, output: str, fragment: str) -> CaseResult:
+    """A refused case passes when the run failed, its output has ``fragment`` (the refusal's message) and it logged
+    no lm loss (it stopped before training)."""
+    problems = []
+    if returncode == 0:
+        problems.append("the run succeeded")
+    if fragment not in output:
+        problems.append(f"no {fragment!r} in its output")
+    if parse_losses(output):
+        problems.append("it trained (logged lm loss)")
+    if problems:
+        return CaseResult(name, "FAILED", note=f"expected a refusal before training with {fragment!r}: "
+                          + "; ".join(problems))
+    return CaseResult(name, "ok", note=f"refused as expected ({fragment!r}, exit {returncode})")
+
+
 def format_table(results: Sequence[CaseResult], rtol: float) -> str:
     """One row per case: the first and last losses of both runs, the largest relative difference, the verdict."""
     header = ("case", "iters", "baseline first", "baseline last", "USP first", "USP last", "max rel diff", "result")
@@ -435,7 +528,8 @@ def train(options, env: Dict[str, str]) -> int:
     model_args = train_model_args(options.train_iters, options.seq_length)
     env = dict(env, OMP_NUM_THREADS="1")  # same threads in every run; ranks share few cores
     checkpoint = logs / "checkpoint"
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the resume cases load what this run saves
+    for folder in (checkpoint, distributed_optimizer_checkpoint(checkpoint)):
+        shutil.rmtree(folder, ignore_errors=True)  # the resume cases load what this run saves
 
     def all_cases(fixture: Optional[Path] = None, why: str = "no SFT fixture") -> List[TrainCase]:
         return train_cases(fixture, why, checkpoint, options.train_iters)
@@ -464,6 +558,12 @@ def train(options, env: Dict[str, str]) -> int:
             results.append(CaseResult(case.name, "SKIP", note=case.skip))
             continue
         run_env = sft_env if case.name.startswith("THD") else env
+        if case.refused is not None:
+            usp_rc, usp_out = output_of(case.usp, run_env)
+            result = judge_refusal(case.name, usp_rc, usp_out, case.refused)
+            print(f"  {result.status}: {result.note}", flush=True)
+            results.append(result)
+            continue
         base_rc, base_out = output_of(case.baseline, run_env)
         pre_note = ""
         if case.pre is not None:
