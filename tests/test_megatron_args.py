@@ -192,3 +192,13 @@ def test_attention_variants_usp_does_not_compute_are_refused(extra, match):
     assert validate_usp_args(parse(**extra)).context_parallel_size == 1
     assert validate_usp_args(parse("--ulysses-degree", "2", softmax_type="vanilla",
                                    experimental_attention_variant=None)).context_parallel_size == 2
+
+
+def test_fused_mla_yarn_rope_is_refused_but_not_unfused_or_plain_rope():
+    mla = dict(multi_latent_attention=True, position_embedding_type="rope", rope_type=None)
+    with pytest.raises(ValueError, match="--multi-latent-attention with YaRN and RoPE fusion.*--no-rope-fusion"):
+        validate_usp_args(parse("--ulysses-degree", "2", apply_rope_fusion=True, **mla))
+    for extra in ({"apply_rope_fusion": False}, {"apply_rope_fusion": True, "rope_type": "rope"}):
+        assert validate_usp_args(parse("--ulysses-degree", "2", **dict(mla, **extra))).context_parallel_size == 2
+    assert validate_usp_args(parse("--ulysses-degree", "2", apply_rope_fusion=True,
+                                   position_embedding_type="rope")).context_parallel_size == 2  # no MLA

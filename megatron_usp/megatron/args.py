@@ -149,6 +149,15 @@ def _check_attention_variants(args: argparse.Namespace) -> None:
             f"--softmax-type {softmax_type} (attention sinks) conflicts with USP: its core attention computes the "
             "vanilla softmax, without the extra sink logit; drop --softmax-type or set both degrees to 1"
         )
+    if (getattr(args, "multi_latent_attention", False) and getattr(args, "apply_rope_fusion", False)
+            and getattr(args, "position_embedding_type", None) == "rope"
+            and getattr(args, "rope_type", None) in (None, "yarn")):
+        # fused_apply_mla_rope_for_q/kv index the rotary table by the local row (sbhd) or by Megatron's zigzag
+        # split of each document (thd, from cp_rank / cp_size), not by the rows this rank holds in USP's layout
+        raise ValueError(
+            "--multi-latent-attention with YaRN and RoPE fusion conflicts with USP: the fused MLA RoPE kernels place "
+            "tokens by Megatron's own CP layout; add --no-rope-fusion (USP's hooks then give every ring_impl its rows)"
+        )
     variant = getattr(args, "experimental_attention_variant", None)
     if variant is not None:
         raise ValueError(
