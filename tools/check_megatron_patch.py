@@ -276,7 +276,7 @@ def tensor_parallel_cases() -> List[TrainCase]:
     tp2 = ("--tensor-model-parallel-size", "2")
     return [
         TrainCase("TP=2 u2", TrainRun(2, tp2), TrainRun(4, tp2 + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"),
-        TrainCase("TP=2 u2 vs 1 rank, cpu initialization", TrainRun(1, CPU_INIT),
+        TrainCase("TP=2 u2 vs 1 rank cpu initialization", TrainRun(1, CPU_INIT),
                   TrainRun(4, tp2 + CPU_INIT + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"),
     ]
 
@@ -542,7 +542,8 @@ def train(options, env: Dict[str, str]) -> int:
             sft_env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"].split(os.pathsep)[0],
                                                      str(Path(options.sft_deps).resolve()), env["PYTHONPATH"]])
         fixture, why = make_sft_fixture(options.python, logs / "sft", sft_env)
-        cases = select_cases(all_cases(fixture, why), ",".join(case.name for case in cases))
+        chosen = [case.name for case in cases]
+        cases = [case for case in all_cases(fixture, why) if case.name in chosen]
     outputs: Dict[TrainRun, Tuple[int, str]] = {}
 
     def output_of(run: TrainRun, env: Dict[str, str]) -> Tuple[int, str]:
