@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import zlib
+from dataclasses import dataclass
 from numbers import Real
 from typing import Optional
 
@@ -20,6 +21,22 @@ from .ring import build_schedule, ring_attention
 from .ulysses import check_head_counts, heads_to_seq, replicate_kv_heads, seq_to_heads
 
 
+@dataclass(frozen=True)
+class USPSettings:
+    """What stays the same across the calls of one attention layer, validated once where it is built (ValueError):
+    ``ring_impl``, the kernel ``backend`` name, ``micro_q`` (MQSP query rows per micro-chunk). :func:`usp_attn`
+    builds one per call; a layer builds one and calls :func:`attend`."""
+
+    ring_impl: str = "zigzag"
+    backend: str = "auto"
+    micro_q: Optional[int] = None
+
+    def __post_init__(self):
+        check_ring_impl(self.ring_impl)
+        check_backend_name(self.backend)
+        check_micro_q(self.micro_q)
+
+
 def validate_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -29,13 +46,12 @@ def validate_inputs(
     causal: bool,
     ring_impl: str,
     softmax_scale: Optional[float],
-    backend: str,
     mask: AttentionMask = AttentionMask(),
-    micro_q: Optional[int] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
 ) -> Optional[tuple[int, ...]]:
-    """Every check that can fail, done locally before any collective so all ranks raise, none hangs. Returns the
-    validated ``cu_seqlens`` as a tuple (None without documents)."""
+    """Every check of one call's data that can fail (``ring_impl`` is already valid: :class:`USPSettings`), done
+    locally before any collective so all ranks raise, none hangs. Returns the validated ``cu_seqlens`` as a tuple
+    (None without documents)."""
     if not isinstance(groups, USPGroups):
         raise TypeError(f"groups must be a USPGroups (from megatron_usp.init_groups), got {type(groups).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -69,8 +85,6 @@ def validate_inputs(
         or softmax_scale <= 0
     ):
         raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
-    check_ring_impl(ring_impl)
-    check_backend_name(backend)
     check_head_counts(q.shape[2], k.shape[2], groups.ulysses_degree)
     try:
         check_seq_len(q.shape[1] * groups.sp_size, groups.ulysses_degree, groups.ring_degree, ring_impl)
@@ -78,7 +92,6 @@ def validate_inputs(
         raise ValueError(f"local sequence length {q.shape[1]} on a {groups.ulysses_degree} x {groups.ring_degree} "
                          f"grid: {error}") from None
     check_mask(mask, q.shape[0], q.shape[1] * groups.sp_size)
-    check_micro_q(micro_q)
     return None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1] * groups.sp_size)
 
 
@@ -122,14 +135,41 @@ def usp_attn(
     small collective per call (on GPUs also a host sync; a graph break under torch.compile): turn it off once a
     setup is known to be right if that matters.
     """
+    check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
+    try:
+        settings = USPSettings(ring_impl, backend, micro_q)
+    except (ValueError, TypeError) as error:
+        if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
+            agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)
+        raise
+    return attend(q, k, v, groups, settings, causal=causal, softmax_scale=softmax_scale, window=window,
+                  document_ids=document_ids, mask_mod=mask_mod, cu_seqlens=cu_seqlens, check_agreement=check)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: USPGroups,
+    settings: USPSettings,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Optional[tuple[int, int]] = None,
+    document_ids: Optional[torch.Tensor] = None,
+    mask_mod: Optional[MaskMod] = None,
+    cu_seqlens: Optional[CuSeqlens] = None,
+    check_agreement: Optional[bool] = None,
+) -> torch.Tensor:
+    """:func:`usp_attn` with its per-layer settings already validated (``USPAttention`` builds them once)."""
+    ring_impl, micro_q = settings.ring_impl, settings.micro_q
     mask = AttentionMask(window, document_ids, mask_mod)
     check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
     try:
         cu_seqlens = validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl,
-                                     softmax_scale=softmax_scale, backend=backend, mask=mask, micro_q=micro_q,
-                                     cu_seqlens=cu_seqlens)
+                                     softmax_scale=softmax_scale, mask=mask, cu_seqlens=cu_seqlens)
         head_dim = q.shape[3]
-        kernel = resolve_kernel(backend, q.device, q.dtype, head_dim)
+        kernel = resolve_kernel(settings.backend, q.device, q.dtype, head_dim)
     except (ValueError, TypeError) as error:
         if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
             agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)

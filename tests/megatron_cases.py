@@ -187,7 +187,7 @@ PACKED_MAX_SEQLEN = 22
 def make_packed_batch(seed: int = 7) -> dict:
     """A Megatron THD batch: ``tokens [1, PACKED_LEN]`` plus global ``cu_seqlens`` / ``cu_seqlens_padded``."""
     from megatron_usp.megatron import document_ids_from_cu_seqlens
-    from megatron_usp.megatron.batch import in_document_positions
+    from megatron_usp.megatron.documents import in_document_positions
 
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (1, PACKED_LEN + 1), generator=gen)
@@ -435,8 +435,8 @@ def gpt_mask_refusal(rank, world_size) -> list[str]:
     full = make_reset_batch(1)
     batch = get_batch_on_this_usp_rank({**full, "attention_mask": None})
     calls = []
-    original = attention.usp_attn
-    attention.usp_attn = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    original = attention.attend
+    attention.attend = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
     messages = []
     try:
         for mask in (full["attention_mask"], full["attention_mask"][:, :, :SEQ // 4], torch.zeros(1, SEQ).float()):
@@ -445,7 +445,7 @@ def gpt_mask_refusal(rank, world_size) -> list[str]:
             except ValueError as error:
                 messages.append(str(error))
     finally:
-        attention.usp_attn = original
+        attention.attend = original
     assert calls == [] and len(messages) == 3, (calls, messages)
     dist.barrier()
     destroy_model_parallel()

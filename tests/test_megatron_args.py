@@ -80,8 +80,9 @@ def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
 
     from megatron_usp import USPGroups
     from megatron_usp.megatron import attention, state
+    from megatron_usp.usp import USPSettings
 
-    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), "zigzag", "auto"))
+    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), USPSettings("zigzag", "auto")))
     from megatron.core.transformer import TransformerConfig
 
     def make_config(dropout):
@@ -132,23 +133,24 @@ def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch)
 
     from megatron_usp import USPGroups
     from megatron_usp.megatron import attention, state
+    from megatron_usp.usp import USPSettings
 
-    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), "zigzag", "auto"))
+    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), USPSettings("zigzag", "auto")))
     seen = []
-    real_usp_attn = attention.usp_attn
+    real_attend = attention.attend
 
-    def recording_usp_attn(*args, check_agreement=None, **kwargs):
+    def recording_attend(*args, check_agreement=None, **kwargs):
         seen.append(check_agreement)
-        return real_usp_attn(*args, check_agreement=check_agreement, **kwargs)
+        return real_attend(*args, check_agreement=check_agreement, **kwargs)
 
-    monkeypatch.setattr(attention, "usp_attn", recording_usp_attn)
+    monkeypatch.setattr(attention, "attend", recording_attend)
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, attention_dropout=0.0,
                                use_cpu_initialization=True)
     module = attention.USPAttention(config, 1, AttnMaskType.causal)
     q = torch.randn(8, 1, 2, 16)
     for _ in range(3):
         module(q, q, q, None)
-    assert seen == [None, False, False]  # None: usp_attn's default (on unless turned off)
+    assert seen == [None, False, False]  # None: attend's default (on unless turned off)
 
 
 @pytest.mark.parametrize("flags, extra, conflict", [

@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_usp.groups import USPGroups
+from megatron_usp.usp import USPSettings
 from megatron_usp.megatron import USPAttention, grid, megatron_lm, state
 
 MEGATRON_ARGV = ["--num-attention-heads", "4", "--seq-length", "64", "--world-size", "8"]
@@ -80,7 +81,7 @@ def fake_megatron_lm(monkeypatch):
 def usp_grid_up(monkeypatch):
     """USP state of CP rank 1 of u=2 x r=2 (ulysses rank 1, ring rank 0), without process groups."""
     groups = USPGroups(None, None, 2, 2, 1, 0, (0, 2))
-    monkeypatch.setattr(state, "_STATE", state.USPState(groups, "zigzag", "torch"))
+    monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPSettings("zigzag", "torch")))
     monkeypatch.setattr(megatron_lm, "_get_megatron_args", lambda: types.SimpleNamespace())  # Megatron-LM's defaults
     return groups
 

@@ -109,7 +109,7 @@ def megatron_gpt(rank, world_size, ulysses_degree, ring_degree, ring_impl, every
     model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=ulysses_degree * ring_degree)
     batch = get_batch_on_this_usp_rank(make_batch())
     checked = []
-    real_verify, real_attn = attention.verify_usp_attn, attention.usp_attn
+    real_verify, real_attn = attention.verify_usp_attn, attention.attend
 
     def counting_verify(*args, **kwargs):
         checked.append(kwargs["name"])
@@ -125,7 +125,7 @@ def megatron_gpt(rank, world_size, ulysses_degree, ring_degree, ring_impl, every
             for _ in range(every):
                 model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         checked_before = list(checked)
-        attention.usp_attn = corrupt_attn
+        attention.attend = corrupt_attn
         try:
             with torch.no_grad():
                 model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
@@ -133,6 +133,6 @@ def megatron_gpt(rank, world_size, ulysses_degree, ring_degree, ring_impl, every
         except RuntimeError as error:
             message = str(error)
     finally:
-        attention.verify_usp_attn, attention.usp_attn = real_verify, real_attn
+        attention.verify_usp_attn, attention.attend = real_verify, real_attn
         destroy_model_parallel()
     return dict(checked=checked_before, message=message)

@@ -35,7 +35,7 @@ except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_s
         return bool(window_attn_skip_freq[layer_number - 1])
 
 from ..check import verify_usp_attn
-from ..usp import usp_attn
+from ..usp import attend
 from . import documents
 from .documents import check_cu_seqlens, document_ids_from_cu_seqlens, layout_cu_seqlens
 from .grid import usp_groups_for
@@ -178,19 +178,20 @@ class USPAttention(MegatronModule):
         self.window = _layer_window(config, layer_number)
         head_dim = k_channels if k_channels is not None else config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
-        settings = usp_state()
+        state = usp_state()
         handed = pg_collection if pg_collection is not None else model_comm_pgs
         self.groups = usp_groups_for(handed)  # ValueError unless the handed CP group is the grid's
         # the CP group megatron-core handed this layer (None: parallel_state's), for --usp-check's size check
         self.cp_group = getattr(handed, "cp", None)
-        self.ring_impl, self.backend, self.micro_q = settings.ring_impl, settings.backend, settings.micro_q
+        self.settings = state.settings  # ring_impl, backend, micro_q: validated once, by the grid
+        self.ring_impl = self.settings.ring_impl
         # The agreement check (usp_attn's cross-rank comparison of inputs, one small all-gather) runs on this
         # layer's first call only: every rank of the SP group makes that call, so the choice is the same on every
         # rank, and a host sync per layer per step would cost GPU time. Later calls differ only in their batch.
         self._agreement_checked = False
         # --usp-check: verify_usp_attn on this layer's first call and every N-th; decided by a call counter, the same
         # on every rank of the SP group (never by data), since the check is a collective
-        self.check_every = settings.check_every
+        self.check_every = state.check_every
         self._calls = 0
 
     def forward(
@@ -210,17 +211,15 @@ class USPAttention(MegatronModule):
         document_ids, cu_seqlens = _cached_documents(packed_seq_params, attention_mask, query, self.groups.sp_size)
         thd = packed and packed_seq_params.qkv_format == "thd"
         q, k, v = (x.unsqueeze(0) if thd else x.transpose(0, 1) for x in (query, key, value))
-        out = usp_attn(
+        out = attend(
             q, k, v,
             self.groups,
+            self.settings,
             causal=causal,
-            ring_impl=self.ring_impl,
             softmax_scale=self.softmax_scale,
-            backend=self.backend,
             window=_effective_window(self.window, causal),
             document_ids=document_ids,
             cu_seqlens=cu_seqlens,
-            micro_q=self.micro_q,
             check_agreement=None if not self._agreement_checked else False,
         )
         self._agreement_checked = True

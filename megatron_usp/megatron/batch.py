@@ -14,7 +14,6 @@ from ..groups import USPGroups
 from ..sharding import shard
 from . import documents
 from .documents import _as_int_list, batch_documents, layout_cu_seqlens
-from .documents import in_document_positions  # noqa: F401  (old path, still imported by tests/megatron_cases.py)
 from .state import get_usp_groups, get_usp_ring_impl
 
 _PASS_THROUGH_PREFIXES = ("cu_seqlens", "max_seqlen")  # global packing metadata: never sharded

@@ -5,7 +5,7 @@ megatron-core assumes CUDA in a few spots on the training path; each is handled 
 * RotaryEmbedding moves ``inv_freq`` to ``torch.cuda.current_device()`` on first use (in ``get_emb`` from 0.14,
   in ``forward`` before): during that call the current device reads as ``"cpu"``.
 * ``get_pos_emb_on_this_cp_rank`` pins memory and calls ``.cuda()``: replaced by the USP RoPE hook
-  (``batch.install_rope_hook``), which ``initialize_model_parallel`` installs on every device.
+  (``rope.install_rope_hook``), which ``initialize_model_parallel`` installs on every device.
 * Megatron's local ``DotProductAttention`` allocates CUDA buffers: USP specs replace it.
 """
 from __future__ import annotations

@@ -14,9 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..groups import USPGroups, check_degree, grid_rank_lists, group_timeout
-from ..kernels import check_backend_name
-from ..layout import check_ring_impl
-from ..mqsp import check_micro_q
+from ..usp import USPSettings
 from .documents import set_current
 from .rope import install_rope_hook
 from .state import (  # noqa: F401  (the grid's getters: megatron_usp.megatron and megatron_lm read them here)
@@ -50,11 +48,9 @@ def initialize_model_parallel(
     off, 0 = USPAttention checks each layer's first call (:func:`megatron_usp.check.verify_usp_attn`), N = that and
     every N-th call. Extra ``kwargs`` go to megatron-core
     unchanged."""
-    check_ring_impl(ring_impl)
-    check_backend_name(attn_backend)
+    settings = USPSettings(ring_impl, attn_backend, micro_q)  # validates them, once for every layer
     check_degree("ulysses_degree", ulysses_degree)
     check_degree("ring_degree", ring_degree)
-    check_micro_q(micro_q)
     if usp_check is not None and (isinstance(usp_check, bool) or not isinstance(usp_check, int) or usp_check < 0):
         raise ValueError(f"usp_check must be None (off), 0 (first call of each layer) or N >= 1, got {usp_check!r}")
     if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
@@ -79,7 +75,7 @@ def initialize_model_parallel(
         groups = USPGroups.from_groups(ulysses, ring, sp=parallel_state.get_context_parallel_group())
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
-    set_state(USPState(groups, ring_impl, attn_backend, micro_q, usp_check))
+    set_state(USPState(groups, settings, usp_check))
     install_rope_hook()  # RoPE must follow the USP layout for every ring_impl
     return groups
 

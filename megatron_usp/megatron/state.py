@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..groups import USPGroups
+from ..usp import USPSettings
 
 
 @dataclass(frozen=True)
 class USPState:
     groups: USPGroups
-    ring_impl: str
-    backend: str
-    micro_q: Optional[int] = None
+    settings: USPSettings
     check_every: Optional[int] = None
 
 
@@ -50,15 +49,15 @@ def get_usp_groups() -> USPGroups:
 
 
 def get_usp_ring_impl() -> str:
-    return usp_state().ring_impl
+    return usp_state().settings.ring_impl
 
 
 def get_usp_attn_backend() -> str:
-    return usp_state().backend
+    return usp_state().settings.backend
 
 
 def get_usp_micro_q() -> Optional[int]:
-    return usp_state().micro_q
+    return usp_state().settings.micro_q
 
 
 def get_usp_check() -> Optional[int]:
