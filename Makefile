@@ -23,7 +23,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ITERS ?= 200
 DEMO_ARGS := --num-layers 4 --hidden-size 128 --num-attention-heads 8 --group-query-attention \
 	--num-query-groups 4 --seq-length 256 --micro-batch-size 8 --global-batch-size 8 --train-iters $(DEMO_ITERS) \
-	--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --log-interval 20 --seed 1234
+	--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-warmup-init 1.5e-4 --log-interval 20 --seed 1234
 TORCHRUN := $(VENV)/bin/torchrun --standalone
 
 demo: install

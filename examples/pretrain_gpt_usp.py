@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--min-lr", type=float, default=0.0)
     train.add_argument("--lr-warmup-iters", type=int, default=0)
+    train.add_argument("--lr-warmup-init", type=float, default=0.0,
+                       help="learning rate of the first warmup iteration (Megatron-LM's flag and default)")
     train.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--adam-beta1", type=float, default=0.9)
@@ -184,7 +186,7 @@ def megatron_optimizer(args, model):
     optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=False)
     torch_adam.fix_distributed_optimizer_load()  # megatron-core cannot reload its torch-Adam fallback otherwise
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
     )
