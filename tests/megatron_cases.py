@@ -107,15 +107,18 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
 
 
 def gpt_pipeline_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl="zigzag") -> dict:
-    """PP=2 x USP: stage 0 holds the embedding and layer 1, stage 1 layer 2 and the head; activations and their
-    gradients cross the stage boundary by send/recv (Megatron's schedules need CUDA buffers on this path)."""
+    """PP=2 x USP: stage 0 holds the embedding and layer 1, stage 1 layer 2 and the head, run by megatron-core's
+    own 1F1B schedule (``get_forward_backward_func``: its p2p activations and gradients) through the CPU stand-ins
+    of ``megatron_lm_cpu`` (a fresh rank pool: they stay installed in these processes)."""
     from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_usp.megatron import (
         destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, get_usp_groups,
-        initialize_model_parallel,
+        initialize_model_parallel, megatron_lm_cpu,
     )
 
+    megatron_lm_cpu.install(megatron_lm=False)
     ref_losses, ref_grads, _, ref_weights = reference_run(rank, world_size)
     initialize_model_parallel(1, 2, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
                               create_gloo_process_groups=False)
@@ -143,24 +146,22 @@ def gpt_pipeline_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl
         for name, param in model.named_parameters():
             param.copy_(ref_weights[global_name(name)])
     batch = get_batch_on_this_usp_rank(make_batch())
-    peer = rank + sp_size if first else rank - sp_size  # same CP rank on the other stage
-    if first:
-        hidden = model(batch["tokens"], batch["position_ids"], None)
-        dist.send(hidden.detach().contiguous(), peer)
-        grad = torch.empty_like(hidden)
-        dist.recv(grad, peer)
-        hidden.backward(grad)
-    else:
-        hidden = torch.empty(SEQ // sp_size, BATCH, model.config.hidden_size)
-        dist.recv(hidden, peer)
-        hidden.requires_grad_()
-        model.set_input_tensor(hidden)
-        losses = model(None, batch["position_ids"], None, labels=batch["labels"])
-        losses.sum().backward()
-        dist.send(hidden.grad.contiguous(), peer)
+    model.config.calculate_per_token_loss = True  # the loss is the plain sum, as the reference's
+
+    def forward_step(data_iterator, model):
+        micro = next(data_iterator)
+        output = model(micro["tokens"], micro["position_ids"], None, labels=micro["labels"])
+        return output, lambda losses: (losses.sum(), torch.tensor(losses.numel()), {"losses": losses.detach()})
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+        seq_length=SEQ, micro_batch_size=BATCH, forward_only=False,
+    )
+    assert get_forward_backward_func().__name__ == "forward_backward_pipelining_without_interleaving"
     errors = {}
     if last:
-        errors["loss"] = relative_error(usp.unshard(losses.detach(), groups, dim=1, ring_impl=ring_impl), ref_losses)
+        losses = outputs[0]["losses"]
+        errors["loss"] = relative_error(usp.unshard(losses, groups, dim=1, ring_impl=ring_impl), ref_losses)
         assert errors["loss"] <= 1e-5, errors
     worst = 0.0
     for name, param in model.named_parameters():
