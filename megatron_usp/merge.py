@@ -77,3 +77,23 @@ def nan_query_rows(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> Non
     if bad.any():
         lse.masked_fill_(bad, float("nan"))
         out.masked_fill_(bad.transpose(1, 2).unsqueeze(-1), float("nan"))
+
+
+def merge_sink(out: torch.Tensor, lse: torch.Tensor, softmax_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add an attention sink to the rows' final result: one more key per head with logit ``softmax_offset[h]`` and
+    value 0 (megatron-core's ``softmax_type`` "off-by-one" = zeros, "learnable"). ``out [b, n, h, d]``, ``lse [b, h,
+    n]`` (accumulation dtype), ``softmax_offset [h]``. Returns the new ``(out, lse)``: ``out * exp(lse - lse')``,
+    ``lse' = logaddexp(lse, offset)``; a row that saw no key stays 0 (its lse becomes the offset)."""
+    sink = softmax_offset.detach().to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    total = torch.logaddexp(lse, sink)
+    weight = torch.exp(lse - total)  # lse -inf (no key): 0; +inf or NaN (an infinite / NaN logit): NaN
+    return out * weight.transpose(1, 2).unsqueeze(-1).to(out.dtype), total
+
+
+def sink_gradient(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, softmax_offset: torch.Tensor) -> torch.Tensor:
+    """d loss / d ``softmax_offset [h]`` over these rows, from the FINAL ``out [b, n, h, d]`` / ``lse [b, h, n]``
+    (sink included): ``-sum_rows p_sink * (dout . out)``, with ``p_sink = exp(offset - lse)``."""
+    acc = lse.dtype
+    p_sink = torch.exp(softmax_offset.detach().to(acc).view(1, -1, 1) - lse)
+    dot = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [b, h, n]
+    return -(p_sink * dot).sum(dim=(0, 2)).to(softmax_offset.dtype)

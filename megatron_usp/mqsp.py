@@ -15,6 +15,7 @@ fully visible blocks and aligned causal squares, so the kernels see only plain c
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from .kernels import AttentionKernel, accumulation_dtype
 from .layout import ring_positions
 from .masks import AttentionMask, BlockMasker
 from .merge import nan_query_rows
-from .ring import refuse_double_backward
+from .ring import ScheduledAttention
 
 
 def check_micro_q(micro_q: Optional[int]) -> None:
@@ -119,24 +120,12 @@ def mqsp_backward(dout, q, k, v, out, lse, plan: MQSPPlan, ring_comm, kernel: At
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _MQSPAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads):
-        out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (plan, ring_comm, kernel, softmax_scale, mask, heads)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        refuse_double_backward()
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = mqsp_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 def mqsp_attention(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
-                   mask: AttentionMask, heads: Optional[torch.Tensor]) -> torch.Tensor:
-    """Differentiable MQSP over ring-level tensors; returns ``[b, n, heads, head_dim]``."""
-    return _MQSPAttention.apply(q, k, v, plan, ring_comm, kernel, softmax_scale, mask, heads)
+                   mask: AttentionMask, heads: Optional[torch.Tensor],
+                   softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Differentiable MQSP over ring-level tensors; returns ``[b, n, heads, head_dim]``. ``softmax_offset
+    [heads]``: an attention sink per head held here (:class:`.ring.ScheduledAttention`)."""
+    settings = dict(plan=plan, ring_comm=ring_comm, kernel=kernel, softmax_scale=softmax_scale, mask=mask,
+                    heads=heads)
+    return ScheduledAttention.apply(q, k, v, softmax_offset, functools.partial(mqsp_forward, **settings),
+                                    functools.partial(mqsp_backward, **settings))

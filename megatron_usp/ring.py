@@ -13,6 +13,7 @@ bottom-right causal alignment coincide and every kernel agrees.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -25,7 +26,7 @@ from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_w
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, ring_positions
 from .masks import BlockMasker
-from .merge import nan_query_rows
+from .merge import merge_sink, nan_query_rows, sink_gradient
 
 
 @dataclass(frozen=True)
@@ -286,24 +287,30 @@ def refuse_double_backward() -> None:
         )
 
 
-class _RingAttention(torch.autograd.Function):
+class ScheduledAttention(torch.autograd.Function):
+    """The autograd node of every schedule (ring and MQSP): ``forward(q, k, v) -> (out, lse)`` in the accumulation
+    dtype and ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)`` from the rows' FINAL out and lse. A
+    ``softmax_offset [h]`` (attention sink) is one more term of that final lse (:func:`merge.merge_sink`): the
+    backward with the final out / lse is then exact for q, k, v, and the offset's gradient is this rank's rows'
+    share (:func:`merge.sink_gradient`)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, schedule, ring_comm, kernel, softmax_scale, masker):
-        out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, softmax_scale, masker)
+    def forward(ctx, q, k, v, softmax_offset, forward, backward):
+        out, lse = forward(q, k, v)
+        if softmax_offset is not None:
+            out, lse = merge_sink(out, lse, softmax_offset)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale = schedule, ring_comm, kernel, softmax_scale
-        ctx.masker = masker
+        ctx.save_for_backward(q, k, v, out, lse, softmax_offset)
+        ctx.backward_fn = backward
         return out
 
     @staticmethod
     def backward(ctx, dout):
         refuse_double_backward()
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(
-            dout, q, k, v, out, lse, ctx.schedule, ctx.ring_comm, ctx.kernel, ctx.softmax_scale, ctx.masker
-        )
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, softmax_offset = ctx.saved_tensors
+        dq, dk, dv = ctx.backward_fn(dout, q, k, v, out, lse)
+        d_offset = None if softmax_offset is None else sink_gradient(dout, out, lse, softmax_offset)
+        return dq, dk, dv, d_offset, None, None
 
 
 def ring_attention(
@@ -315,6 +322,11 @@ def ring_attention(
     kernel: AttentionKernel,
     softmax_scale: float,
     masker: Optional[BlockMasker] = None,
+    softmax_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Differentiable ring attention over ring-level-layout tensors; returns ``[b, n, heads, head_dim]``."""
-    return _RingAttention.apply(q, k, v, schedule, comm.RingComm(groups), kernel, softmax_scale, masker)
+    """Differentiable ring attention over ring-level-layout tensors; returns ``[b, n, heads, head_dim]``.
+    ``softmax_offset [heads]``: an attention sink per head held here (:class:`ScheduledAttention`)."""
+    settings = dict(schedule=schedule, ring_comm=comm.RingComm(groups), kernel=kernel, softmax_scale=softmax_scale,
+                    masker=masker)
+    return ScheduledAttention.apply(q, k, v, softmax_offset, functools.partial(ring_forward, **settings),
+                                    functools.partial(ring_backward, **settings))

@@ -48,6 +48,7 @@ def validate_inputs(
     softmax_scale: Optional[float],
     mask: AttentionMask = AttentionMask(),
     cu_seqlens: Optional[CuSeqlens] = None,
+    softmax_offset: Optional[torch.Tensor] = None,
 ) -> Optional[tuple[int, ...]]:
     """Every check of one call's data that can fail (``ring_impl`` is already valid: :class:`USPSettings`), done
     locally before any collective so all ranks raise, none hangs. Returns the validated ``cu_seqlens`` as a tuple
@@ -67,15 +68,23 @@ def validate_inputs(
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}: cast them to one")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree on batch, seq_local and kv heads, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)} (v's head_dim may differ from k's: MLA)")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, seq_local and head_dim "
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, seq_local and head_dim "
             "(layout bshd: [batch, seq_local, heads, head_dim])"
         )
-    if q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] == 0:
-        raise ValueError(f"empty q/k/v: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError(f"empty q/k/v: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if softmax_offset is not None:
+        if not isinstance(softmax_offset, torch.Tensor) or not softmax_offset.is_floating_point():
+            raise TypeError(f"softmax_offset must be a floating-point tensor [heads] or None, got "
+                            f"{type(softmax_offset).__name__}")
+        if tuple(softmax_offset.shape) != (q.shape[2],) or softmax_offset.device != q.device:
+            raise ValueError(f"softmax_offset must be [heads] = [{q.shape[2]}] on {q.device} (one sink logit per "
+                             f"query head of q), got {tuple(softmax_offset.shape)} on {softmax_offset.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and (
@@ -110,13 +119,19 @@ def usp_attn(
     mask_mod: Optional[MaskMod] = None,
     micro_q: Optional[int] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
+    softmax_offset: Optional[torch.Tensor] = None,
     check_agreement: Optional[bool] = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
-    ``q [batch, seq_local, heads, head_dim]``, ``k, v [batch, seq_local, kv_heads, head_dim]`` hold this rank's
-    tokens in the layout of ``ring_impl`` (see :func:`megatron_usp.shard`). Returns ``[batch, seq_local, heads,
-    head_dim]``, exactly what full-sequence attention gives for those tokens; differentiable w.r.t. q, k, v.
+    ``q [batch, seq_local, heads, head_dim]``, ``k [batch, seq_local, kv_heads, head_dim]``, ``v [batch, seq_local,
+    kv_heads, v_head_dim]`` (``v_head_dim`` may differ: MLA) hold this rank's tokens in the layout of ``ring_impl``
+    (see :func:`megatron_usp.shard`). Returns ``[batch, seq_local, heads, v_head_dim]``, exactly what
+    full-sequence attention gives for those tokens; differentiable w.r.t. q, k, v. Different widths run the
+    engine at the larger one with the other zero-padded (exact; costs the padding in traffic and compute).
+    ``softmax_offset [heads]`` (attention sinks, megatron-core's ``softmax_type`` "off-by-one" / "learnable"):
+    every row's softmax also sees one virtual key of logit ``softmax_offset[h]`` and value 0; when it requires
+    grad, this rank's ``softmax_offset.grad`` is its share (summed over the SP group: the full gradient).
     Optional masks on top of ``causal`` (see :mod:`megatron_usp.masks`): ``window=(left, right)``,
     ``document_ids [batch, seq_len]`` of the whole sequence, ``mask_mod(b, h, q_idx, kv_idx)``. Rows that see no
     key give 0 and 0 gradient. ``ring_impl="mqsp"`` passes Q instead of K/V, ``micro_q`` query rows per rank
@@ -129,7 +144,7 @@ def usp_attn(
     ``check_agreement`` (default: :func:`set_agreement_check`, on unless ``MEGATRON_USP_CHECK_AGREEMENT=0``): before
     the first collective, the ranks of the grid compare what they were called with (dtype, device, q/k/v shapes,
     causal, ring_impl, softmax_scale, resolved kernel, window, document_ids shape, mask_mod name, micro_q,
-    cu_seqlens: see :func:`agree`; one all-gather of 15 ints over ``groups.sp``, or over the ulysses then the ring
+    cu_seqlens: see :func:`agree`; one all-gather of 16 ints over ``groups.sp``, or over the ulysses then the ring
     group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the fields and ranks that
     disagree, or the rank whose own inputs were rejected, instead of hanging or computing garbage. Its cost is one
     small collective per call (on GPUs also a host sync; a graph break under torch.compile): turn it off once a
@@ -143,7 +158,8 @@ def usp_attn(
             agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)
         raise
     return attend(q, k, v, groups, settings, causal=causal, softmax_scale=softmax_scale, window=window,
-                  document_ids=document_ids, mask_mod=mask_mod, cu_seqlens=cu_seqlens, check_agreement=check)
+                  document_ids=document_ids, mask_mod=mask_mod, cu_seqlens=cu_seqlens,
+                  softmax_offset=softmax_offset, check_agreement=check)
 
 
 def attend(
@@ -159,6 +175,7 @@ def attend(
     document_ids: Optional[torch.Tensor] = None,
     mask_mod: Optional[MaskMod] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
+    softmax_offset: Optional[torch.Tensor] = None,
     check_agreement: Optional[bool] = None,
 ) -> torch.Tensor:
     """:func:`usp_attn` with its per-layer settings already validated (``USPAttention`` builds them once)."""
@@ -167,17 +184,21 @@ def attend(
     check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
     try:
         cu_seqlens = validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl,
-                                     softmax_scale=softmax_scale, mask=mask, cu_seqlens=cu_seqlens)
-        head_dim = q.shape[3]
-        kernel = resolve_kernel(settings.backend, q.device, q.dtype, head_dim)
+                                     softmax_scale=softmax_scale, mask=mask, cu_seqlens=cu_seqlens,
+                                     softmax_offset=softmax_offset)
+        head_dim, v_head_dim = q.shape[3], v.shape[3]
+        width = max(head_dim, v_head_dim)  # the engine moves K and V together: one width
+        kernel = resolve_kernel(settings.backend, q.device, q.dtype, width)
     except (ValueError, TypeError) as error:
         if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
             agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)
         raise
     if check and groups.sp_size > 1:
         agree(groups, describe_call(q, k, v, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
-                                    kernel=kernel, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens))
+                                    kernel=kernel, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens,
+                                    softmax_offset=softmax_offset))
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
+    q, k, v = (_pad_head_dim(x, width) for x in (q, k, v))  # zero columns: same logits, zero output columns
     seq_len = q.shape[1] * groups.sp_size
     grid = (seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl)
     order = _cached_order(*grid, q.device, cu_seqlens)
@@ -186,15 +207,25 @@ def attend(
     q, k, v = seq_to_heads((q, k, v), groups, order)
     # global indices of the heads held here, for mask_mod (only built when a mask is given)
     heads = groups.ulysses_rank * q.shape[2] + torch.arange(q.shape[2]) if mask.active else None
+    # the sinks of the heads held here (autograd: this rank's share of the gradient lands in those slots)
+    local_offset = None if softmax_offset is None else softmax_offset.narrow(
+        0, groups.ulysses_rank * q.shape[2], q.shape[2])
     if ring_impl == "mqsp":
         plan = _cached_mqsp_plan(*grid[:4], causal, micro_q, cu_seqlens)
-        out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads)
+        out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads, local_offset)
     else:
         masker = None
         if mask.active:
             masker = BlockMasker(mask, ring_positions(*grid, cu_seqlens=cu_seqlens), heads, q.shape[0], q.device)
-        out = ring_attention(q, k, v, _cached_schedule(*grid, causal, cu_seqlens), groups, kernel, scale, masker)
-    return heads_to_seq(out, groups, order)
+        out = ring_attention(q, k, v, _cached_schedule(*grid, causal, cu_seqlens), groups, kernel, scale, masker,
+                             local_offset)
+    out = heads_to_seq(out, groups, order)
+    return out if out.shape[3] == v_head_dim else out[..., :v_head_dim]
+
+
+def _pad_head_dim(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x [b, s, h, d]`` zero-padded to ``[b, s, h, width]`` (itself when ``d == width``); differentiable."""
+    return x if x.shape[3] == width else torch.nn.functional.pad(x, (0, width - x.shape[3]))
 
 
 def _layout_cache(function):
@@ -241,10 +272,11 @@ def set_agreement_check(enabled: bool) -> bool:
 
 
 AGREEMENT_FIELDS = ("dtype", "device", "q shape", "k shape", "v shape", "causal", "ring_impl", "softmax_scale",
-                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens")
+                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens", "softmax_offset")
 
 
-def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, micro_q, cu_seqlens) -> dict:
+def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, micro_q, cu_seqlens,
+                  softmax_offset=None) -> dict:
     """What every rank of the grid must agree on, field -> value (validated inputs)."""
     mask = mask if mask is not None else AttentionMask()
     mod = mask.mask_mod
@@ -263,6 +295,7 @@ def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, mi
         "mask_mod": None if mod is None else f"{getattr(mod, '__module__', '?')}.{getattr(mod, '__qualname__', '?')}",
         "micro_q": micro_q,
         "cu_seqlens": cu_seqlens,
+        "softmax_offset": None if softmax_offset is None else tuple(softmax_offset.shape),
     }
 
 
@@ -276,7 +309,7 @@ def _encode(value) -> int:
 def agree(groups: USPGroups, descriptor: Optional[dict], error: Optional[BaseException] = None) -> None:
     """Collective over the grid of ``groups``: compare every rank's ``descriptor`` (``describe_call``). Raises the
     same ``ValueError`` on every rank that is fine when some fields differ or some rank passes its local
-    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 15 ints over the
+    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 16 ints over the
     SP group (``groups.sp``; else one over the ulysses and one over the ring group); the readable values travel
     (``all_gather_object``) only when something is wrong."""
     if error is None:

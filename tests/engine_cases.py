@@ -41,12 +41,15 @@ def sp_block(groups: usp.USPGroups) -> int:
     return dist.get_rank() // groups.sp_size
 
 
-def make_inputs(seed: int, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype):
+def make_inputs(seed: int, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype,
+                v_head_dim: int = None):
     """Full-sequence q, k, v, and an output gradient, rounded to ``dtype`` (returned as float64)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim), (batch, seq_len, kv_heads, head_dim)]
+    v_head_dim = v_head_dim or head_dim
+    shapes = [(batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim),
+              (batch, seq_len, kv_heads, v_head_dim)]
     tensors = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
-    tensors.append(torch.randn(batch, seq_len, heads, head_dim, generator=gen, dtype=torch.float64))
+    tensors.append(torch.randn(batch, seq_len, heads, v_head_dim, generator=gen, dtype=torch.float64))
     return [t.to(dtype).to(torch.float64) for t in tensors]
 
 
@@ -82,7 +85,10 @@ def run_case(groups, config: dict, dtype) -> dict:
     """One attention case: forward and dq/dk/dv against the float64 reference; returns relative errors."""
     seed = config.get("seed", 0) + 1000 * sp_block(groups)  # each SP block of a DP x SP world gets its own data
     q, k, v, grad = make_inputs(seed, config["batch"], config["seq_len"], config["heads"], config["kv_heads"],
-                                config["head_dim"], dtype)
+                                config["head_dim"], dtype, config.get("v_head_dim"))
+    # attention sinks: "off-by-one" = zeros, "learnable" = given logits (gradient checked)
+    sink = {None: None, "off-by-one": torch.zeros(config["heads"], dtype=torch.float64),
+            "learnable": torch.linspace(-1.0, 2.0, config["heads"], dtype=torch.float64)}[config.get("sink")]
     causal, impl, scale = config["causal"], config["ring_impl"], config.get("softmax_scale")
     masks = mask_kwargs(config.get("mask"), config["batch"], config["seq_len"])
     cu_seqlens = config.get("cu_seqlens")
@@ -97,14 +103,17 @@ def run_case(groups, config: dict, dtype) -> dict:
     reference_mask = dense_mask(config["batch"], config["heads"], config["seq_len"], causal=causal,
                                 **reference_masks) if reference_masks else None
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale, mask=reference_mask)
+    ref_sink = None if sink is None else sink.clone().requires_grad_()
+    ref_out = reference_attention(*ref_inputs, causal=causal, softmax_scale=scale, mask=reference_mask,
+                                  softmax_offset=ref_sink)
     ref_out.backward(grad)
     local = [usp.shard(t, groups, **layout).to(dtype).requires_grad_() for t in (q, k, v)]
+    local_sink = None if sink is None else sink.to(dtype).requires_grad_()
     out = usp.usp_attn(*local, groups, causal=causal, softmax_scale=scale, micro_q=config.get("micro_q"),
-                       backend=config.get("backend", "auto"), **layout, **masks)
+                       backend=config.get("backend", "auto"), softmax_offset=local_sink, **layout, **masks)
     out.backward(usp.shard(grad, groups, **layout).to(dtype))
-    assert out.dtype == dtype and out.shape == local[0].shape, (out.dtype, out.shape)
-    if masks:  # no NaN anywhere; rows that see no key (mask_mod: positions 0..2) give exactly 0 and 0 gradient
+    assert out.dtype == dtype and out.shape == local[0].shape[:3] + local[2].shape[3:], (out.dtype, out.shape)
+    if masks and sink is None:  # no NaN anywhere; rows that see no key (mask_mod: 0..2) give exactly 0 and 0 grad
         assert all(torch.isfinite(t).all() for t in (out, *(x.grad for x in local)))
         empty = usp.positions(config["seq_len"], groups, **layout) < (3 if config.get("mask") == "mask_mod" else 0)
         assert not out[:, empty].any() and not local[0].grad[:, empty].any()
@@ -112,6 +121,12 @@ def run_case(groups, config: dict, dtype) -> dict:
     for name, x, ref in zip(("dq", "dk", "dv"), local, ref_inputs):
         assert x.grad.dtype == dtype
         errors[name] = relative_error(x.grad, usp.shard(ref.grad, groups, **layout), ref.grad)
+    if sink is not None and config.get("sink") == "learnable":  # each rank holds its share: the SP sum is the grad
+        total = local_sink.grad.to(torch.float64)
+        for degree, group in ((groups.ulysses_degree, groups.ulysses), (groups.ring_degree, groups.ring)):
+            if degree > 1:  # the u x r grid is the product of the two groups
+                dist.all_reduce(total, group=group)
+        errors["dsink"] = relative_error(total, ref_sink.grad)
     return errors
 
 
@@ -207,7 +222,9 @@ def bad_inputs(rank, world_size, ulysses_degree, ring_degree) -> int:
         (ValueError, "sequence length", lambda: usp.usp_attn(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 2, 8),
                                                              torch.randn(1, 3, 2, 8), groups, ring_impl="zigzag")),
         (TypeError, "dtype", lambda: usp.usp_attn(q, kv.double(), kv.double(), groups)),
-        (ValueError, "same shape", lambda: usp.usp_attn(q, kv, kv[:, :, :1], groups)),
+        (ValueError, "k and v must agree", lambda: usp.usp_attn(q, kv, kv[:, :, :1], groups)),
+        (ValueError, "softmax_offset must be", lambda: usp.usp_attn(q, kv, kv, groups, softmax_offset=torch.zeros(3))),
+        (TypeError, "softmax_offset must be", lambda: usp.usp_attn(q, kv, kv, groups, softmax_offset=[0.0] * 8)),
         (ValueError, "agree on batch", lambda: usp.usp_attn(q, kv[:, :2], kv[:, :2], groups)),
         (ValueError, "agree on batch", lambda: usp.usp_attn(q, kv[..., :4], kv[..., :4], groups)),
         (ValueError, "4-D", lambda: usp.usp_attn(q[0], kv, kv, groups)),

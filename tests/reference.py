@@ -25,9 +25,10 @@ def dense_mask(batch, heads, seq_len, *, causal, window=None, document_ids=None,
     return visible
 
 
-def reference_attention(q, k, v, *, causal: bool, softmax_scale=None, mask=None) -> torch.Tensor:
-    """``q [b, s, h, d]``, ``k, v [b, s, kv_heads, d]`` in float64 -> ``[b, s, h, d]``. Explicit masked softmax;
-    ``mask [b, h, s, s]`` (True = visible) on top of ``causal``; rows that see nothing give 0."""
+def reference_attention(q, k, v, *, causal: bool, softmax_scale=None, mask=None, softmax_offset=None) -> torch.Tensor:
+    """``q [b, s, h, d]``, ``k [b, s, kv_heads, d]``, ``v [b, s, kv_heads, d_v]`` in float64 -> ``[b, s, h, d_v]``.
+    Explicit masked softmax; ``mask [b, h, s, s]`` (True = visible) on top of ``causal``; ``softmax_offset [h]``:
+    one more key of that logit and value 0 in every row's softmax; rows that see nothing give 0."""
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     k = k.repeat_interleave(heads // kv_heads, dim=2)
@@ -38,7 +39,11 @@ def reference_attention(q, k, v, *, causal: bool, softmax_scale=None, mask=None)
         scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty row is all -inf: NaN -> 0
+    if softmax_offset is not None:
+        sink = softmax_offset.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty row is all -inf: NaN -> 0
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
