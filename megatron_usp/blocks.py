@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kernels import AttentionKernel
+from .kernels.base import expand_kv_heads
 from .kernels.varlen import Segments, varlen_backward, varlen_forward
 from .layout import concat_ranges
 from .masks import AS_SCHEDULED, BlockMasker, plan_block
@@ -225,10 +226,47 @@ def plan_work(blocks: Sequence[Block], grouped: Optional[tuple[Work, ...]], kv_p
     return per_block
 
 
+MAX_LOGIT_TILE_ROWS = 256  # query rows per score tile of block_max_logit: bounds its memory
+
+
+def block_max_logit(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, causal: bool,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Largest scaled logit per head ``[h]`` (fp32; -inf where nothing is visible) of one block: ``q [b, n, h, d]``
+    against ``k [b, m, kv_h, d]``, ``causal`` (square blocks) and ``mask [b|1, h|1, n, m]`` (True = visible) as the
+    kernels take them. Recomputes the block's scores in tiles of :data:`MAX_LOGIT_TILE_ROWS` rows: kernels do not
+    report their row maxima."""
+    k = expand_kv_heads(k, q.shape[2]).float()
+    best = torch.full((q.shape[2],), float("-inf"), dtype=torch.float32, device=q.device)
+    for start in range(0, q.shape[1], MAX_LOGIT_TILE_ROWS):
+        stop = min(start + MAX_LOGIT_TILE_ROWS, q.shape[1])
+        scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start:stop].float(), k) * softmax_scale
+        visible = torch.ones(scores.shape[2:], dtype=torch.bool, device=q.device)
+        if causal:
+            visible = torch.arange(start, stop, device=q.device)[:, None] >= torch.arange(k.shape[1], device=q.device)
+        if mask is not None:
+            visible = visible & mask[:, :, start:stop]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+    return best
+
+
+def _work_max_logit(q: torch.Tensor, k: torch.Tensor, item: Work, softmax_scale: float) -> torch.Tensor:
+    if item[0] == "dense":
+        _, block, _, causal, kwargs = item
+        return block_max_logit(q[:, block.q], k[:, block.kv], softmax_scale, causal, kwargs.get("mask"))
+    group = item[1]
+    return torch.stack([block_max_logit(q[:, block.q], k[:, block.kv], softmax_scale, group.causal)
+                        for block in group.blocks]).amax(0)
+
+
 def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Sequence[Work], kernel: AttentionKernel,
-                   softmax_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Compute ``work`` over ``q [b, n, h, d]`` and ``k, v [b, m, kv_h, d]``, merging into ``out``/``lse`` in place."""
+                   softmax_scale: float, out: torch.Tensor, lse: torch.Tensor,
+                   max_logit: Optional[torch.Tensor] = None) -> None:
+    """Compute ``work`` over ``q [b, n, h, d]`` and ``k, v [b, m, kv_h, d]``, merging into ``out``/``lse`` in place;
+    with ``max_logit [h]`` (fp32) also raise it to each head's largest visible scaled logit of these blocks."""
     for item in work:
+        if max_logit is not None:
+            torch.maximum(max_logit, _work_max_logit(q, k, item, softmax_scale), out=max_logit)
         if item[0] == "dense":
             _, block, block_kernel, causal, kwargs = item
             block_out, block_lse = (block_kernel or kernel).forward(

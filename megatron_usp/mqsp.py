@@ -77,8 +77,10 @@ def _distributed_softmax(lse_part: torch.Tensor, ring_comm) -> tuple[torch.Tenso
 
 
 def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
-                 mask: AttentionMask, heads: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns this rank's ``out [b, n, h, d]`` and ``lse [b, h, n]`` in the accumulation dtype."""
+                 mask: AttentionMask, heads: Optional[torch.Tensor],
+                 max_logit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns this rank's ``out [b, n, h, d]`` and ``lse [b, h, n]`` in the accumulation dtype; raises
+    ``max_logit [h]`` (when given) to the largest visible logit of the blocks computed here."""
     acc = accumulation_dtype(q.dtype)
     batch, n, num_heads, head_dim = q.shape
     out = torch.empty(batch, n, num_heads, head_dim, dtype=acc, device=q.device)
@@ -88,7 +90,7 @@ def mqsp_forward(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, so
         part = torch.zeros(batch, gathered_q.shape[1], num_heads, head_dim, dtype=acc, device=q.device)
         part_lse = torch.full((batch, num_heads, gathered_q.shape[1]), float("-inf"), dtype=acc, device=q.device)
         work = _chunk_work(plan, chunk, mask, heads, batch, kernel, q.device)
-        forward_blocks(gathered_q, k, v, work, kernel, softmax_scale, part, part_lse)
+        forward_blocks(gathered_q, k, v, work, kernel, softmax_scale, part, part_lse, max_logit)
         chunk_lse, weight = _distributed_softmax(part_lse, ring_comm)
         weighted = part * weight.transpose(1, 2).unsqueeze(-1)
         out[:, rows] = ring_comm.reduce_scatter(weighted, dim=1)
@@ -122,10 +124,13 @@ def mqsp_backward(dout, q, k, v, out, lse, plan: MQSPPlan, ring_comm, kernel: At
 
 def mqsp_attention(q, k, v, plan: MQSPPlan, ring_comm, kernel: AttentionKernel, softmax_scale: float,
                    mask: AttentionMask, heads: Optional[torch.Tensor],
-                   softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   softmax_offset: Optional[torch.Tensor] = None,
+                   max_logit: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Differentiable MQSP over ring-level tensors; returns ``[b, n, heads, head_dim]``. ``softmax_offset
-    [heads]``: an attention sink per head held here (:class:`.ring.ScheduledAttention`)."""
+    [heads]``: an attention sink per head held here (:class:`.ring.ScheduledAttention`); ``max_logit [heads]``:
+    raised to the largest visible logit of the blocks computed here."""
     settings = dict(plan=plan, ring_comm=ring_comm, kernel=kernel, softmax_scale=softmax_scale, mask=mask,
                     heads=heads)
-    return ScheduledAttention.apply(q, k, v, softmax_offset, functools.partial(mqsp_forward, **settings),
+    return ScheduledAttention.apply(q, k, v, softmax_offset,
+                                    functools.partial(mqsp_forward, **settings, max_logit=max_logit),
                                     functools.partial(mqsp_backward, **settings))

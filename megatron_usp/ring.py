@@ -169,9 +169,11 @@ def ring_forward(
     kernel: AttentionKernel,
     softmax_scale: float,
     masker: Optional[BlockMasker] = None,
+    max_logit: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``schedule`` (restricted by ``masker``'s mask when given). Returns ``out [b, n, h, d]`` and
-    ``lse [b, h, n]``, both in the accumulation dtype."""
+    ``lse [b, h, n]``, both in the accumulation dtype; raises ``max_logit [h]`` (when given) to the largest
+    visible logit of this rank's blocks."""
     acc = accumulation_dtype(q.dtype)
     batch, n, heads, head_dim = q.shape
     out = torch.zeros(batch, n, heads, head_dim, dtype=acc, device=q.device)
@@ -179,7 +181,7 @@ def ring_forward(
 
     def compute(step: Step, kv: torch.Tensor) -> None:
         work = _step_work(schedule, step, masker, kernel)
-        forward_blocks(q, kv[0], kv[1], work, kernel, softmax_scale, out, lse)
+        forward_blocks(q, kv[0], kv[1], work, kernel, softmax_scale, out, lse, max_logit)
 
     transport = _forward_allgather if schedule.transport == "allgather" else _forward_pass_kv
     transport(torch.stack([k, v]), schedule, ring_comm, compute)
@@ -323,10 +325,13 @@ def ring_attention(
     softmax_scale: float,
     masker: Optional[BlockMasker] = None,
     softmax_offset: Optional[torch.Tensor] = None,
+    max_logit: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Differentiable ring attention over ring-level-layout tensors; returns ``[b, n, heads, head_dim]``.
-    ``softmax_offset [heads]``: an attention sink per head held here (:class:`ScheduledAttention`)."""
+    ``softmax_offset [heads]``: an attention sink per head held here (:class:`ScheduledAttention`); ``max_logit
+    [heads]`` (fp32): raised to the largest visible logit of this rank's blocks."""
     settings = dict(schedule=schedule, ring_comm=comm.RingComm(groups), kernel=kernel, softmax_scale=softmax_scale,
                     masker=masker)
-    return ScheduledAttention.apply(q, k, v, softmax_offset, functools.partial(ring_forward, **settings),
+    return ScheduledAttention.apply(q, k, v, softmax_offset,
+                                    functools.partial(ring_forward, **settings, max_logit=max_logit),
                                     functools.partial(ring_backward, **settings))

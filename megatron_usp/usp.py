@@ -7,9 +7,10 @@ import os
 import zlib
 from dataclasses import dataclass
 from numbers import Real
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
@@ -49,6 +50,7 @@ def validate_inputs(
     mask: AttentionMask = AttentionMask(),
     cu_seqlens: Optional[CuSeqlens] = None,
     softmax_offset: Optional[torch.Tensor] = None,
+    return_max_logit: bool = False,
 ) -> Optional[tuple[int, ...]]:
     """Every check of one call's data that can fail (``ring_impl`` is already valid: :class:`USPSettings`), done
     locally before any collective so all ranks raise, none hangs. Returns the validated ``cu_seqlens`` as a tuple
@@ -87,6 +89,8 @@ def validate_inputs(
                              f"query head of q), got {tuple(softmax_offset.shape)} on {softmax_offset.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_max_logit, bool):
+        raise TypeError(f"return_max_logit must be a bool, got {type(return_max_logit).__name__}")
     if softmax_scale is not None and (
         isinstance(softmax_scale, bool)
         or not isinstance(softmax_scale, Real)
@@ -120,8 +124,9 @@ def usp_attn(
     micro_q: Optional[int] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
     softmax_offset: Optional[torch.Tensor] = None,
+    return_max_logit: bool = False,
     check_agreement: Optional[bool] = None,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
     ``q [batch, seq_local, heads, head_dim]``, ``k [batch, seq_local, kv_heads, head_dim]``, ``v [batch, seq_local,
@@ -132,6 +137,10 @@ def usp_attn(
     ``softmax_offset [heads]`` (attention sinks, megatron-core's ``softmax_type`` "off-by-one" / "learnable"):
     every row's softmax also sees one virtual key of logit ``softmax_offset[h]`` and value 0; when it requires
     grad, this rank's ``softmax_offset.grad`` is its share (summed over the SP group: the full gradient).
+    ``return_max_logit=True`` returns ``(out, max_logit)``: ``max_logit [heads]`` (fp32, the same on every rank)
+    is each head's largest scaled pre-softmax logit over the whole sequence and batch, masked entries excluded
+    (-inf for a head that sees nothing), for QK-clip / max-logit logging. It re-scores the blocks this rank
+    computes (kernels do not report row maxima): about one more Q·Kᵀ per forward, no extra K/V traffic.
     Optional masks on top of ``causal`` (see :mod:`megatron_usp.masks`): ``window=(left, right)``,
     ``document_ids [batch, seq_len]`` of the whole sequence, ``mask_mod(b, h, q_idx, kv_idx)``. Rows that see no
     key give 0 and 0 gradient. ``ring_impl="mqsp"`` passes Q instead of K/V, ``micro_q`` query rows per rank
@@ -144,7 +153,7 @@ def usp_attn(
     ``check_agreement`` (default: :func:`set_agreement_check`, on unless ``MEGATRON_USP_CHECK_AGREEMENT=0``): before
     the first collective, the ranks of the grid compare what they were called with (dtype, device, q/k/v shapes,
     causal, ring_impl, softmax_scale, resolved kernel, window, document_ids shape, mask_mod name, micro_q,
-    cu_seqlens: see :func:`agree`; one all-gather of 16 ints over ``groups.sp``, or over the ulysses then the ring
+    cu_seqlens: see :func:`agree`; one all-gather of 17 ints over ``groups.sp``, or over the ulysses then the ring
     group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the fields and ranks that
     disagree, or the rank whose own inputs were rejected, instead of hanging or computing garbage. Its cost is one
     small collective per call (on GPUs also a host sync; a graph break under torch.compile): turn it off once a
@@ -159,7 +168,7 @@ def usp_attn(
         raise
     return attend(q, k, v, groups, settings, causal=causal, softmax_scale=softmax_scale, window=window,
                   document_ids=document_ids, mask_mod=mask_mod, cu_seqlens=cu_seqlens,
-                  softmax_offset=softmax_offset, check_agreement=check)
+                  softmax_offset=softmax_offset, return_max_logit=return_max_logit, check_agreement=check)
 
 
 def attend(
@@ -176,8 +185,9 @@ def attend(
     mask_mod: Optional[MaskMod] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
     softmax_offset: Optional[torch.Tensor] = None,
+    return_max_logit: bool = False,
     check_agreement: Optional[bool] = None,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """:func:`usp_attn` with its per-layer settings already validated (``USPAttention`` builds them once)."""
     ring_impl, micro_q = settings.ring_impl, settings.micro_q
     mask = AttentionMask(window, document_ids, mask_mod)
@@ -185,7 +195,7 @@ def attend(
     try:
         cu_seqlens = validate_inputs(q, k, v, groups, causal=causal, ring_impl=ring_impl,
                                      softmax_scale=softmax_scale, mask=mask, cu_seqlens=cu_seqlens,
-                                     softmax_offset=softmax_offset)
+                                     softmax_offset=softmax_offset, return_max_logit=return_max_logit)
         head_dim, v_head_dim = q.shape[3], v.shape[3]
         width = max(head_dim, v_head_dim)  # the engine moves K and V together: one width
         kernel = resolve_kernel(settings.backend, q.device, q.dtype, width)
@@ -196,7 +206,7 @@ def attend(
     if check and groups.sp_size > 1:
         agree(groups, describe_call(q, k, v, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
                                     kernel=kernel, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens,
-                                    softmax_offset=softmax_offset))
+                                    softmax_offset=softmax_offset, return_max_logit=return_max_logit))
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     q, k, v = (_pad_head_dim(x, width) for x in (q, k, v))  # zero columns: same logits, zero output columns
     seq_len = q.shape[1] * groups.sp_size
@@ -210,17 +220,30 @@ def attend(
     # the sinks of the heads held here (autograd: this rank's share of the gradient lands in those slots)
     local_offset = None if softmax_offset is None else softmax_offset.narrow(
         0, groups.ulysses_rank * q.shape[2], q.shape[2])
+    max_logit = torch.full((q.shape[2],), float("-inf"), device=q.device) if return_max_logit else None
     if ring_impl == "mqsp":
         plan = _cached_mqsp_plan(*grid[:4], causal, micro_q, cu_seqlens)
-        out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads, local_offset)
+        out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads, local_offset, max_logit)
     else:
         masker = None
         if mask.active:
             masker = BlockMasker(mask, ring_positions(*grid, cu_seqlens=cu_seqlens), heads, q.shape[0], q.device)
         out = ring_attention(q, k, v, _cached_schedule(*grid, causal, cu_seqlens), groups, kernel, scale, masker,
-                             local_offset)
+                             local_offset, max_logit)
     out = heads_to_seq(out, groups, order)
-    return out if out.shape[3] == v_head_dim else out[..., :v_head_dim]
+    out = out if out.shape[3] == v_head_dim else out[..., :v_head_dim]
+    return (out, _grid_max_logit(max_logit, groups)) if return_max_logit else out
+
+
+def _grid_max_logit(local: torch.Tensor, groups: USPGroups) -> torch.Tensor:
+    """This rank's ``[h/u]`` maxima (its heads, its rows / keys) -> ``[h]`` over the whole grid, on every rank."""
+    if groups.ring_degree > 1:  # the ring ranks hold the other rows (pass-K/V) or keys (MQSP) of the same heads
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=groups.ring)
+    if groups.ulysses_degree == 1:
+        return local
+    gathered = torch.empty(groups.ulysses_degree * local.shape[0], dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(gathered, local, group=groups.ulysses)
+    return gathered
 
 
 def _pad_head_dim(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -272,11 +295,12 @@ def set_agreement_check(enabled: bool) -> bool:
 
 
 AGREEMENT_FIELDS = ("dtype", "device", "q shape", "k shape", "v shape", "causal", "ring_impl", "softmax_scale",
-                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens", "softmax_offset")
+                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens", "softmax_offset",
+                    "return_max_logit")
 
 
 def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, micro_q, cu_seqlens,
-                  softmax_offset=None) -> dict:
+                  softmax_offset=None, return_max_logit=False) -> dict:
     """What every rank of the grid must agree on, field -> value (validated inputs)."""
     mask = mask if mask is not None else AttentionMask()
     mod = mask.mask_mod
@@ -296,6 +320,7 @@ def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, mi
         "micro_q": micro_q,
         "cu_seqlens": cu_seqlens,
         "softmax_offset": None if softmax_offset is None else tuple(softmax_offset.shape),
+        "return_max_logit": return_max_logit,
     }
 
 
@@ -309,7 +334,7 @@ def _encode(value) -> int:
 def agree(groups: USPGroups, descriptor: Optional[dict], error: Optional[BaseException] = None) -> None:
     """Collective over the grid of ``groups``: compare every rank's ``descriptor`` (``describe_call``). Raises the
     same ``ValueError`` on every rank that is fine when some fields differ or some rank passes its local
-    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 16 ints over the
+    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 17 ints over the
     SP group (``groups.sp``; else one over the ulysses and one over the ring group); the readable values travel
     (``all_gather_object``) only when something is wrong."""
     if error is None:

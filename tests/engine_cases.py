@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 import megatron_usp as usp
 from megatron_usp.kernels import TorchCPUKernel, register_kernel, varlen
-from reference import dense_mask, reference_attention, relative_error
+from reference import dense_mask, reference_attention, reference_max_logit, relative_error
 
 class PackingKernel(TorchCPUKernel):
     """The CPU kernel with a "native" varlen entry point (the per-segment loop over packed rows), so CPU tests run
@@ -110,7 +110,11 @@ def run_case(groups, config: dict, dtype) -> dict:
     local = [usp.shard(t, groups, **layout).to(dtype).requires_grad_() for t in (q, k, v)]
     local_sink = None if sink is None else sink.to(dtype).requires_grad_()
     out = usp.usp_attn(*local, groups, causal=causal, softmax_scale=scale, micro_q=config.get("micro_q"),
-                       backend=config.get("backend", "auto"), softmax_offset=local_sink, **layout, **masks)
+                       backend=config.get("backend", "auto"), softmax_offset=local_sink,
+                       return_max_logit=config.get("max_logit", False), **layout, **masks)
+    max_logit = None
+    if config.get("max_logit"):
+        out, max_logit = out
     out.backward(usp.shard(grad, groups, **layout).to(dtype))
     assert out.dtype == dtype and out.shape == local[0].shape[:3] + local[2].shape[3:], (out.dtype, out.shape)
     if masks and sink is None:  # no NaN anywhere; rows that see no key (mask_mod: 0..2) give exactly 0 and 0 grad
@@ -121,6 +125,10 @@ def run_case(groups, config: dict, dtype) -> dict:
     for name, x, ref in zip(("dq", "dk", "dv"), local, ref_inputs):
         assert x.grad.dtype == dtype
         errors[name] = relative_error(x.grad, usp.shard(ref.grad, groups, **layout), ref.grad)
+    if max_logit is not None:  # every rank: the whole sequence's per-head maximum of the visible scaled logits
+        expected = reference_max_logit(q, k, causal=causal, softmax_scale=scale, mask=reference_mask)
+        assert max_logit.dtype == torch.float32 and max_logit.shape == expected.shape
+        errors["max_logit"] = relative_error(max_logit, expected)
     if sink is not None and config.get("sink") == "learnable":  # each rank holds its share: the SP sum is the grad
         total = local_sink.grad.to(torch.float64)
         for degree, group in ((groups.ulysses_degree, groups.ulysses), (groups.ring_degree, groups.ring)):

@@ -47,6 +47,16 @@ def reference_attention(q, k, v, *, causal: bool, softmax_scale=None, mask=None,
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def reference_max_logit(q, k, *, causal: bool, softmax_scale=None, mask=None) -> torch.Tensor:
+    """Per head ``[h]``: the largest scaled logit over batch, rows and visible keys (float64; -inf if none)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    scale = q.shape[3] ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(heads // kv_heads, dim=2)) * scale
+    visible = torch.ones(scores.shape[2:], dtype=torch.bool).tril() if causal else torch.ones(scores.shape[2:], dtype=torch.bool)
+    visible = visible if mask is None else visible & mask
+    return scores.masked_fill(~visible, float("-inf")).amax(dim=(0, 2, 3))
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, full: torch.Tensor = None) -> float:
     """max |actual - expected| / max |full| (``full``: the whole tensor ``expected`` is a shard of, default
     ``expected``; a rank may hold only rows whose exact gradient is 0, e.g. the first token of every document)."""

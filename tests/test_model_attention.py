@@ -1,6 +1,7 @@
 """The attention of today's long-context models under USP, against the float64 reference, forward and backward
 across gloo ranks: MLA's value head dim != query/key head dim, attention sinks (softmax_offset, its gradient
-summed over the SP group), and both together with documents, windows and packed rows."""
+summed over the SP group), the per-head max logit (return_max_logit), and all together with documents, windows
+and packed rows."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ GRIDS = [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 1, 4), (4, 4, 1)]  # (world, ulyss
 
 def configs_for(sp_size: int, impl: str) -> list[dict]:
     seq_len = 6 * sp_size
-    base = dict(batch=2, seq_len=seq_len, head_dim=12, ring_impl=impl)
+    base = dict(batch=2, seq_len=seq_len, head_dim=12, ring_impl=impl, max_logit=True)
     configs = []
     for heads, kv_heads in ((8, 8), (8, 2), (8, 1)):  # MHA, GQA, MQA
         for causal in (True, False):
@@ -38,7 +39,7 @@ def configs_for(sp_size: int, impl: str) -> list[dict]:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"u{g[1]}-r{g[2]}")
-def test_mla_widths_and_sinks_match_float64_reference(rank_pool, grid, impl):
+def test_mla_widths_sinks_and_max_logit_match_float64_reference(rank_pool, grid, impl):
     world_size, ulysses_degree, ring_degree = grid
     reports = rank_pool(world_size).run("engine_cases:attention_matrix", ulysses_degree=ulysses_degree,
                                         ring_degree=ring_degree, ulysses_inner=True,
@@ -51,4 +52,4 @@ def test_mla_widths_and_sinks_match_float64_reference(rank_pool, grid, impl):
             for name, err in entry["errors"].items():
                 record_error(f"{feature} {config.get('dtype', 'float32')} {name}", err)
                 names.add(name)
-    assert "dsink" in names  # the sink's gradient was compared
+    assert {"dsink", "max_logit"} <= names  # the sink's gradient and the max logit were compared
