@@ -35,7 +35,7 @@ from megatron_usp.megatron import (  # noqa: E402
     get_usp_groups,
     initialize_model_parallel,
     megatron_lm_cpu,
-    torch_adam,
+    optimizer_load,
     validate_usp_args,
 )
 
@@ -184,7 +184,7 @@ def megatron_optimizer(args, model):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=False)
-    torch_adam.fix_distributed_optimizer_load()  # megatron-core cannot reload its torch-Adam fallback otherwise
+    optimizer_load.fix_distributed_optimizer_load()  # megatron-core 0.16 cannot reload it otherwise
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,

@@ -187,21 +187,18 @@ def test_refusal_is_judged_on_exit_code_message_and_no_training(tool):
     assert table.splitlines()[2].endswith("ok")
 
 
-def test_launcher_applies_the_megatron_core_fixes_which_are_not_stand_ins():
-    assert megatron_lm_cpu.apply_core_fixes() == list(megatron_lm_cpu.CORE_FIXES)
-    assert megatron_lm_cpu.apply_core_fixes() == list(megatron_lm_cpu.CORE_FIXES)  # idempotent
-    assert not set(megatron_lm_cpu.CORE_FIXES) & set(megatron_lm_cpu.STANDINS)
-    for name in megatron_lm_cpu.CORE_FIXES:
-        assert f"``{name}``" in megatron_lm_cpu.__doc__
+def test_distributed_optimizer_load_fixes_are_class_level_and_idempotent():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    assert DistributedOptimizer._usp_torch_adam_fix
-    assert DistributedOptimizer.load_parameter_state_from_dp_reshardable._usp_fixed
+    from megatron_usp.megatron.optimizer_load import drop_local_steps, fix_distributed_optimizer_load
 
-
-def test_dp_reshardable_load_drops_the_loading_runs_own_steps():
-    from megatron_usp.megatron.megatron_lm import drop_local_steps
-
+    fix_distributed_optimizer_load()
+    methods = (DistributedOptimizer.sharded_state_dict, DistributedOptimizer.load_state_dict,
+               DistributedOptimizer.load_parameter_state_from_dp_reshardable)
+    fix_distributed_optimizer_load()  # idempotent: not wrapped twice
+    assert DistributedOptimizer._usp_load_fixed
+    assert methods == (DistributedOptimizer.sharded_state_dict, DistributedOptimizer.load_state_dict,
+                       DistributedOptimizer.load_parameter_state_from_dp_reshardable)
     first, second = {"param": 1, "exp_avg": 2, "step": 0}, {"param": 3, "padding": True}
     state = {"per_bucket_numel": {0: {torch.float32: [[5]]}}, "per_bucket_numel_unpadded": [4],
              0: {torch.float32: [[first, second]]}}

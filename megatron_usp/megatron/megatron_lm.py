@@ -30,6 +30,7 @@ from . import grid
 from .args import add_usp_args, validate_usp_args
 from .attention import USPAttention
 from .batch import get_batch_on_this_usp_rank
+from .optimizer_load import fix_distributed_optimizer_load
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -104,58 +105,6 @@ def check_megatron_lm_args(args: Any) -> None:
         raise ValueError(f"{uneven_loss[0]} masks loss tokens unevenly over the --ulysses-degree x --ring-degree ranks; "
                          "without --calculate-per-token-loss Megatron averages per-rank mean losses and the gradients "
                          "differ from training without sequence parallelism: add --calculate-per-token-loss")
-
-
-# ---------------------------------------------------------------------------------------------- megatron-core fixes
-
-
-def fix_dp_reshardable_load() -> bool:
-    """Two gaps of megatron-core 0.16's ``DistributedOptimizer.load_parameter_state_from_dp_reshardable``, the
-    ``--load`` path of Megatron-LM's default distributed-optimizer checkpoints (``--ckpt-format torch_dist`` without
-    ``--dist-ckpt-optim-fully-reshardable``); class-level, idempotent, feature-detected. Not CPU stand-ins: a GPU run
-    in fp32 over torch's Adam has both.
-
-    * It copies into the main params in grad mode, unlike its ``fs_model_space`` sibling (``@torch.no_grad()``).
-      Without --bf16/--fp16 the main params are views of the model's parameters, so the copy raises "a view of a
-      leaf Variable that requires grad is being used in an in-place operation": an fp32 run cannot resume. Runs
-      under ``torch.no_grad()``.
-    * Over torch's Adam every parameter's state has a ``step``, which the format keeps as a
-      ``LocalNonpersistentObject`` (the loading run's own value, not the checkpoint's: zero before the first step)
-      and then copies over the step ``load_state_dict`` just took from the checkpoint's param groups, so the first
-      step after a resume uses Adam's bias correction of step 1 (measured: 1.0e-2 in the loss two iterations after a
-      resume). The per-parameter ``step`` entries are dropped; the param groups' step stays.
-
-    Returns whether the method exists (and is now wrapped)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    load = getattr(DistributedOptimizer, "load_parameter_state_from_dp_reshardable", None)
-    if load is None:
-        return False
-    if not getattr(load, "_usp_fixed", False):
-        @functools.wraps(load)
-        def load_fixed(self, state_dict, *args, **kwargs):
-            drop_local_steps(state_dict)
-            with torch.no_grad():
-                return load(self, state_dict, *args, **kwargs)
-
-        load_fixed._usp_fixed = True
-        DistributedOptimizer.load_parameter_state_from_dp_reshardable = load_fixed
-    return True
-
-
-def drop_local_steps(state_dict: Any) -> int:
-    """Remove ``step`` from every per-parameter entry of a ``dp_reshardable`` parameter state
-    (``{gbuf_idx: {dtype: [[{"param": ..., "exp_avg": ..., "step": ...}, ...] per bucket]}}``); how many."""
-    dropped = 0
-    for gbuf_idx, per_dtype in (state_dict or {}).items():
-        if not isinstance(gbuf_idx, int) or not isinstance(per_dtype, dict):
-            continue  # per_bucket_numel, per_bucket_numel_unpadded
-        for buckets in per_dtype.values():
-            for bucket in buckets:
-                for tensors in bucket:
-                    if isinstance(tensors, dict) and tensors.pop("step", None) is not None:
-                        dropped += 1
-    return dropped
 
 
 # ---------------------------------------------------------------------------------------------- install
@@ -250,7 +199,8 @@ def install(get_args: Optional[Callable[[], Any]] = None) -> None:
     """Hook USP into Megatron-LM's initialization; call once before ``pretrain``/``parse_and_validate_args``.
 
     Wraps every ``validate_args`` of :data:`VALIDATE_ARGS_MODULES` that exists (USP validation first) and
-    ``megatron.core.parallel_state.initialize_model_parallel`` (builds the USP grid when ``u*r > 1``).
+    ``megatron.core.parallel_state.initialize_model_parallel`` (builds the USP grid when ``u*r > 1``), and closes
+    megatron-core's distributed-optimizer load gaps (:mod:`.optimizer_load`).
     ``get_args`` returns Megatron's parsed arguments (default ``megatron.training.get_args``). Idempotent.
     """
     global _get_megatron_args
@@ -272,6 +222,7 @@ def install(get_args: Optional[Callable[[], Any]] = None) -> None:
     for module in holders:
         _wrap_attribute(module, "validate_args", _wrap_validate_args)
     _wrap_attribute(parallel_state, "initialize_model_parallel", _wrap_initialize_model_parallel)
+    fix_distributed_optimizer_load()  # megatron-core's distributed-optimizer --load gaps (any device)
 
 
 def uninstall() -> None:

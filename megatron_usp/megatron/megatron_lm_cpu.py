@@ -3,19 +3,9 @@
     PYTHONPATH=MEGATRON_DIR:DEPS:REPO torchrun --nproc-per-node 4 -m megatron_usp.megatron.megatron_lm_cpu \\
         MEGATRON_DIR/pretrain_gpt.py --distributed-backend gloo <megatron args>
 
-Megatron-core fixes, not CUDA stand-ins (:data:`CORE_FIXES`, applied and printed by the launcher on a GPU too, since a
-GPU run without TE / apex has the same gaps):
-
-``distributed-optimizer-torch-adam-load``
-    :func:`megatron_usp.megatron.torch_adam.fix_distributed_optimizer_load`: megatron-core 0.16's distributed
-    optimizer over torch's Adam (its fallback without TE's or apex's FusedAdam) saves but cannot ``--load`` (state
-    not allocated before the load; ``step`` copied from per-parameter tensors that leave it out). Class-level,
-    idempotent, nothing changes for FusedAdam.
-``distributed-optimizer-dp-reshardable-load``
-    :func:`megatron_usp.megatron.megatron_lm.fix_dp_reshardable_load`: megatron-core 0.16 loads Megatron-LM's
-    default (``dp_reshardable``) distributed-optimizer checkpoint in grad mode, which fails in fp32 (main params are
-    the model's parameters), and over torch's Adam overwrites the checkpoint's step with the loading run's own
-    (zero); the load runs under ``torch.no_grad()`` and keeps the checkpoint's step.
+Not stand-ins and not here: megatron-core's distributed-optimizer load gaps (over torch's Adam, which CPU runs use, and
+in fp32) are closed by ``megatron_lm.install()``, which the patched script calls, on every device
+(:mod:`.optimizer_load`).
 
 ``--thd-reference-attention`` before the script path gives a run *without* USP a THD (packed, ``--sft``) attention
 on CPU (:func:`install_thd_reference_attention`: a reference for baselines, not a stand-in).
@@ -526,25 +516,6 @@ def usp_probe_line(calls: int) -> str:
             f"ring_impl={grid.get_usp_ring_impl()}; attention calls: {calls}")
 
 
-CORE_FIXES: Dict[str, str] = {
-    "distributed-optimizer-torch-adam-load": "megatron-core's DistributedOptimizer loads a checkpoint over torch's "
-                                             "Adam (torch_adam.fix_distributed_optimizer_load)",
-    "distributed-optimizer-dp-reshardable-load": "megatron-core's DistributedOptimizer loads a dp_reshardable "
-                                                 "checkpoint without grad mode and keeps its step "
-                                                 "(megatron_lm.fix_dp_reshardable_load)",
-}
-
-
-def apply_core_fixes() -> List[str]:
-    """Apply the megatron-core fixes of :data:`CORE_FIXES` (idempotent; with or without CUDA); their names."""
-    from .megatron_lm import fix_dp_reshardable_load
-    from .torch_adam import fix_distributed_optimizer_load
-
-    fix_distributed_optimizer_load()
-    fix_dp_reshardable_load()
-    return list(CORE_FIXES)
-
-
 def main(argv: List[str]) -> None:
     thd_reference = bool(argv) and argv[0] == THD_REFERENCE_FLAG
     argv = argv[1:] if thd_reference else argv
@@ -555,12 +526,10 @@ def main(argv: List[str]) -> None:
         sys.path.insert(0, str(script.parent.resolve()))
     names = install()
     _check_megatron_source(script)
-    fixes = apply_core_fixes()
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         print("megatron_lm_cpu stand-ins:" if names else "megatron_lm_cpu: CUDA available, no stand-ins",
               ", ".join(names), flush=True)
-        print("megatron_lm_cpu megatron-core fixes (not stand-ins):", ", ".join(fixes), flush=True)
     if thd_reference:
         install_thd_reference_attention()
         if rank0:

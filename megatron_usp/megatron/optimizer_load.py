@@ -1,17 +1,29 @@
-"""Checkpoint loading for megatron-core's distributed optimizer over torch's Adam (its fallback without TE / apex).
+"""Loading megatron-core's distributed-optimizer checkpoints: five gaps of megatron-core 0.16, closed at class level
+by :func:`fix_distributed_optimizer_load` (idempotent, feature-detected). Not CPU stand-ins: a GPU run without TE /
+apex (torch's Adam is megatron-core's fallback then) or in fp32 has them too; ``examples/pretrain_gpt_usp.py`` and
+``megatron_lm.install()`` (the patched Megatron-LM) apply it on every device. Over TE's or apex's FusedAdam the
+torch-Adam parts change nothing.
 
-megatron-core 0.16 saves such a run but cannot load it back: two gaps, closed here at class level by
-:func:`fix_distributed_optimizer_load` (idempotent; does nothing to an optimizer over TE's or apex's FusedAdam, which
-needs neither). Not a CPU stand-in: a GPU run without TE / apex has the same gaps.
+Over torch's Adam, any format:
 
 * ``sharded_state_dict(is_loading=True)`` reads every parameter's ``step`` / ``exp_avg`` / ``exp_avg_sq``, which
   torch's Adam allocates only at its first step: allocated first (zeros; the load overwrites them, ``step`` comes
   from the checkpoint's param groups).
 * ``_set_main_param_and_optimizer_states`` copies every state key from the checkpoint's per-parameter tensors,
-  which leave out ``step`` on purpose (``fully_reshardable`` format): the copy skips ``step``.
+  which leave out ``step`` on purpose (``fully_reshardable``, the trainer's format): the copy skips ``step``.
 * ``load_state_dict`` gives every parameter the *same* ``step`` tensor, which torch's Adam then increments in place
   once per parameter: every parameter gets its own copy (without it the second step after a resume is wrong:
   measured 8e-3 in the loss).
+
+``dp_reshardable`` (Megatron-LM's default ``--ckpt-format torch_dist``), ``load_parameter_state_from_dp_reshardable``:
+
+* it copies into the main params in grad mode (its ``fs_model_space`` sibling runs under ``@torch.no_grad()``);
+  without --bf16/--fp16 the main params are views of the model's parameters, so an fp32 run cannot resume ("a view
+  of a leaf Variable that requires grad is being used in an in-place operation"): runs under ``torch.no_grad()``;
+* over torch's Adam it keeps each parameter's ``step`` as a ``LocalNonpersistentObject`` (the loading run's own
+  value: zero) and copies it over the step ``load_state_dict`` just took from the checkpoint (measured: 1.0e-2 in
+  the loss two iterations after a resume): the per-parameter ``step`` entries are dropped
+  (:func:`drop_local_steps`), the param groups' step stays.
 """
 from __future__ import annotations
 
@@ -35,10 +47,12 @@ def allocate_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def fix_distributed_optimizer_load() -> None:
+    """Close the five gaps of this module's docstring in ``DistributedOptimizer`` (idempotent)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    if getattr(DistributedOptimizer, "_usp_torch_adam_fix", False):
+    if getattr(DistributedOptimizer, "_usp_load_fixed", False):
         return
+    _fix_dp_reshardable_load(DistributedOptimizer)
     sharded_state_dict = DistributedOptimizer.sharded_state_dict
     signature = inspect.signature(sharded_state_dict)
 
@@ -79,4 +93,33 @@ def fix_distributed_optimizer_load() -> None:
 
     DistributedOptimizer.sharded_state_dict = allocating_sharded_state_dict
     DistributedOptimizer.load_state_dict = load_state_dict_with_own_steps
-    DistributedOptimizer._usp_torch_adam_fix = True
+    DistributedOptimizer._usp_load_fixed = True
+
+
+def _fix_dp_reshardable_load(DistributedOptimizer) -> None:
+    load = getattr(DistributedOptimizer, "load_parameter_state_from_dp_reshardable", None)
+    if load is None:  # feature, not version
+        return
+
+    @functools.wraps(load)
+    def load_without_grad_or_local_steps(self, state_dict, *args, **kwargs):
+        drop_local_steps(state_dict)
+        with torch.no_grad():
+            return load(self, state_dict, *args, **kwargs)
+
+    DistributedOptimizer.load_parameter_state_from_dp_reshardable = load_without_grad_or_local_steps
+
+
+def drop_local_steps(state_dict) -> int:
+    """Remove ``step`` from every per-parameter entry of a ``dp_reshardable`` parameter state
+    (``{gbuf_idx: {dtype: [[{"param": ..., "exp_avg": ..., "step": ...}, ...] per bucket]}}``); how many."""
+    dropped = 0
+    for gbuf_idx, per_dtype in (state_dict or {}).items():
+        if not isinstance(gbuf_idx, int) or not isinstance(per_dtype, dict):
+            continue  # per_bucket_numel, per_bucket_numel_unpadded
+        for buckets in per_dtype.values():
+            for bucket in buckets:
+                for tensors in bucket:
+                    if isinstance(tensors, dict) and tensors.pop("step", None) is not None:
+                        dropped += 1
+    return dropped
