@@ -21,10 +21,11 @@ def build_gpt(spec_fn, tp_size: int, seed: int = 1234, **config_overrides):
         gradient_accumulation_fusion=False, persist_layer_norm=False, tensor_model_parallel_size=tp_size,
         context_parallel_size=config_overrides.pop("context_parallel_size", 1),
     )
+    config_class = config_overrides.pop("config_class", TransformerConfig)
     config.update(config_overrides)
     torch.manual_seed(seed)
     model = GPTModel(
-        config=TransformerConfig(**config), transformer_layer_spec=spec_fn(), vocab_size=VOCAB,
+        config=config_class(**config), transformer_layer_spec=spec_fn(), vocab_size=VOCAB,
         max_sequence_length=SEQ, position_embedding_type="rope", share_embeddings_and_output_weights=False,
     )
     return model
@@ -520,4 +521,117 @@ def gpt_recompute_parity(rank, world_size, ulysses_degree, ring_degree, ring_imp
     finally:
         USPAttention.forward = original
         tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state = rng_fns
+    return report
+
+
+# ---- today's attention features in the GPTModel: MLA, attention sinks, max-logit reporting -------------------------
+
+FEATURES = {
+    # MLA: q/k head dim 8 + 4 RoPE dims, v head dim 8 (!= 12), LoRA ranks; YaRN RoPE through the USP hook, unfused
+    "mla": dict(config=dict(multi_latent_attention=True, q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8,
+                            qk_pos_emb_head_dim=4, v_head_dim=8, rope_type="yarn", rotary_scaling_factor=2.0,
+                            original_max_position_embeddings=16, normalization="RMSNorm"),
+                spec=dict(multi_latent_attention=True)),
+    "sinks": dict(config=dict(softmax_type="learnable"), spec={}),
+    "qk_clip": dict(config=dict(qk_clip=True), spec={}),
+}
+
+
+def _feature_gpt(feature: str, tp_size: int, context_parallel_size: int = 1):
+    import megatron.core.transformer.multi_latent_attention as mla
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    if not isinstance(mla.TELinear, type):
+        # megatron-core 0.16 without Transformer Engine: its TE classes are MagicMock placeholders, yet MLA's
+        # HAVE_TE is True and `isinstance(linear_proj, TELinear)` raises; the local spec uses no TE layer at all
+        mla.HAVE_TE = False
+    from megatron_usp.megatron import get_gpt_layer_local_spec
+
+    spec = FEATURES[feature]
+    overrides = dict(spec["config"])
+    if overrides.get("multi_latent_attention"):
+        overrides["config_class"] = MLATransformerConfig
+    return build_gpt(lambda: get_gpt_layer_local_spec(**spec["spec"]), tp_size,
+                     context_parallel_size=context_parallel_size, **overrides)
+
+
+def _scaled_causal_max(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[s, b, h, d]`` / ``[s, b, kv_h, d]`` of the whole sequence -> per-head max causal scaled logit (float64)."""
+    q, k = query.double(), key.double().repeat_interleave(query.shape[2] // key.shape[2], dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) * scale
+    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+
+
+def gpt_feature_parity(rank, world_size, feature, tp, ulysses_degree, ring_degree, ring_impls) -> list[dict]:
+    """An MLA model, a model with learnable attention sinks, or QK-clip max-logit reporting: USP (TP x u x r) vs the
+    same model at the same TP without SP (the reference grid: TP x DP, every replica the same batch), same weights;
+    loss and every gradient (the sink's included) within 1e-5; with qk_clip, each layer's current_max_attn_logits
+    equals the max causal logit computed from the reference layer's q and k. (Against TP=1 instead, megatron-core's
+    local-spec MLA at TP=2 itself differs in the input layernorm's gradient, 5e-4, without any SP.)"""
+    from megatron.core import parallel_state
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_batch_on_this_usp_rank, get_usp_groups, initialize_model_parallel,
+        megatron_lm_cpu,
+    )
+
+    megatron_lm_cpu.install(megatron_lm=False)  # MLASelfAttention allocates on torch.cuda.current_device()
+    initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
+    reference = _feature_gpt(feature, tp)
+    seen = {}
+
+    def capture(module, args, kwargs):
+        query, key = args[:2]
+        seen[module.layer_number] = _scaled_causal_max(query, key, module.softmax_scale)
+
+    hooks = [layer.self_attention.core_attention.register_forward_pre_hook(capture, with_kwargs=True)
+             for layer in reference.decoder.layers]
+    batch = make_batch()
+    ref_losses = reference(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    ref_losses.sum().backward()
+    for hook in hooks:
+        hook.remove()
+    ref = {name: (p.detach().clone(), p.grad.detach().clone()) for name, p in reference.named_parameters()}
+    destroy_model_parallel()
+    report = []
+    for ring_impl in ring_impls:
+        initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
+                                  create_gloo_process_groups=False)
+        groups = get_usp_groups()
+        model = _feature_gpt(feature, tp, ulysses_degree * ring_degree)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(ref[name][0])
+        usp_batch = get_batch_on_this_usp_rank(make_batch())
+        losses = model(usp_batch["tokens"], usp_batch["position_ids"], usp_batch["attention_mask"],
+                       labels=usp_batch["labels"])
+        losses.sum().backward()
+        errors = {"loss": relative_error(usp.unshard(losses.detach(), groups, dim=1, ring_impl=ring_impl),
+                                         ref_losses.detach())}
+        dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dp_size = parallel_state.get_data_parallel_world_size()
+        worst = 0.0
+        for name, param in model.named_parameters():
+            grad = param.grad.detach().clone()
+            dist.all_reduce(grad, group=dp_cp)  # Megatron's DDP: every replicated parameter's shares summed
+            grad /= dp_size  # every DP replica saw the same batch
+            err = relative_error(grad, ref[name][1])
+            assert err <= 1e-5, f"{feature} {ring_impl} grad {name}: {err:.2e}"
+            worst = max(worst, err)
+            if name.endswith("softmax_offset"):
+                errors["sink grad"] = err
+        errors["grad"] = worst
+        if feature == "qk_clip":
+            worst = 0.0
+            for layer in model.decoder.layers:
+                reported = layer.self_attention.core_attention.current_max_attn_logits
+                expected = seen[layer.layer_number]
+                assert reported is not None and reported.shape == expected.shape, (reported, expected)
+                worst = max(worst, relative_error(reported, expected))
+            assert worst <= 1e-5, f"max logit {worst:.2e}"
+            errors["max logit"] = worst
+        assert errors["loss"] <= 1e-5, f"{feature} {ring_impl} loss {errors['loss']:.2e}"
+        report.append({"ring_impl": ring_impl, **errors})
+        destroy_model_parallel()
     return report

@@ -122,3 +122,20 @@ def test_gpt_activation_recompute_matches_reference(fresh_rank_pool):
         for entry in rank_report:
             record_error(f"gpt recompute u2 r2 {entry['ring_impl']} loss", entry["loss"])
             record_error(f"gpt recompute u2 r2 {entry['ring_impl']} grad", entry["grad"])
+
+
+@pytest.mark.parametrize("feature", ["mla", "sinks", "qk_clip"])
+@pytest.mark.parametrize("grid", [(1, 2, 2), (2, 1, 2)], ids=lambda g: f"tp{g[0]}-u{g[1]}-r{g[2]}")
+def test_gpt_mla_sinks_and_max_logit_match_reference(fresh_rank_pool, feature, grid):
+    """megatron-core's MLASelfAttention (v head dim != q/k head dim, YaRN RoPE), learnable attention sinks
+    (softmax_type="learnable": USPAttention owns softmax_offset) and qk_clip's current_max_attn_logits, under USP."""
+    tp, ulysses_degree, ring_degree = grid
+    reports = fresh_rank_pool(4).run("megatron_cases:gpt_feature_parity", timeout=300, feature=feature, tp=tp,
+                                     ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                     ring_impls=["zigzag", "stripe", "mqsp"])
+    for rank_report in reports:
+        for entry in rank_report:
+            for name, value in entry.items():
+                if name != "ring_impl":
+                    record_error(f"gpt {feature} tp{tp} u{ulysses_degree} r{ring_degree} {entry['ring_impl']} {name}",
+                                 value)

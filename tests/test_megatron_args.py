@@ -183,8 +183,6 @@ def test_multi_token_prediction_needs_per_token_loss():
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"softmax_type": "learnable"}, "--softmax-type learnable"),
-    ({"softmax_type": "off-by-one"}, "--softmax-type off-by-one"),
     ({"experimental_attention_variant": "dsa"}, "--experimental-attention-variant dsa"),
     ({"experimental_attention_variant": "gated_delta_net"}, "--experimental-attention-variant gated_delta_net"),
 ])
@@ -192,8 +190,9 @@ def test_attention_variants_usp_does_not_compute_are_refused(extra, match):
     with pytest.raises(ValueError, match=match):
         validate_usp_args(parse("--ulysses-degree", "2", **extra))
     assert validate_usp_args(parse(**extra)).context_parallel_size == 1
-    assert validate_usp_args(parse("--ulysses-degree", "2", softmax_type="vanilla",
-                                   experimental_attention_variant=None)).context_parallel_size == 2
+    for softmax_type in ("vanilla", "off-by-one", "learnable"):  # sinks: USPAttention computes them
+        assert validate_usp_args(parse("--ulysses-degree", "2", softmax_type=softmax_type, qk_clip=True,
+                                       experimental_attention_variant=None)).context_parallel_size == 2
 
 
 def test_fused_mla_yarn_rope_is_refused_but_not_unfused_or_plain_rope():

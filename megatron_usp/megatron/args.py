@@ -142,13 +142,8 @@ def _check_mtp_layout(args: argparse.Namespace) -> None:
 
 def _check_attention_variants(args: argparse.Namespace) -> None:
     """Attention features that USP's core attention does not compute, or whose sequence handling under CP is not
-    USP's (megatron-core 0.16's TransformerConfig flags, exposed by Megatron-LM's argument parser)."""
-    softmax_type = getattr(args, "softmax_type", None)
-    if softmax_type not in (None, "vanilla"):
-        raise ValueError(
-            f"--softmax-type {softmax_type} (attention sinks) conflicts with USP: its core attention computes the "
-            "vanilla softmax, without the extra sink logit; drop --softmax-type or set both degrees to 1"
-        )
+    USP's (megatron-core 0.16's TransformerConfig flags, exposed by Megatron-LM's argument parser). Attention sinks
+    (``--softmax-type off-by-one|learnable``) and QK-clip / max-logit logging are USPAttention's own: accepted."""
     if (getattr(args, "multi_latent_attention", False) and getattr(args, "apply_rope_fusion", False)
             and getattr(args, "position_embedding_type", None) == "rope"
             and getattr(args, "rope_type", None) in (None, "yarn")):

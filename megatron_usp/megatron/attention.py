@@ -193,6 +193,41 @@ class USPAttention(MegatronModule):
         # on every rank of the SP group (never by data), since the check is a collective
         self.check_every = state.check_every
         self._calls = 0
+        tp_group = getattr(handed, "tp", None)
+        self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group(
+            check_initialized=False)
+        self._init_softmax_offset(config)
+        # QK-clip / max-logit logging read each head's largest logit here, as from TE's core attention
+        self.report_max_logit = bool(getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit",
+                                                                                   False))
+        self.current_max_attn_logits = None
+
+    def _init_softmax_offset(self, config) -> None:
+        """Attention sinks as megatron-core's ``DotProductAttention`` holds them (same attribute and parameter name,
+        so checkpoints interchange): ``softmax_type`` "vanilla" none, "off-by-one" zeros, "learnable" a parameter
+        ``softmax_offset [heads per TP rank]`` drawn with ``config.init_method``."""
+        softmax_type = getattr(config, "softmax_type", "vanilla")
+        heads = config.num_attention_heads // (1 if self.tp_group is None else dist.get_world_size(self.tp_group))
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        if softmax_type == "vanilla":
+            self.softmax_offset = None
+        elif softmax_type == "off-by-one":
+            self.softmax_offset = torch.zeros(heads, device=device, dtype=config.params_dtype)
+        elif softmax_type == "learnable":
+            self.softmax_offset = torch.nn.Parameter(torch.empty(heads, device=device, dtype=config.params_dtype))
+            if config.perform_initialization:
+                with torch.no_grad():
+                    config.init_method(self.softmax_offset)
+        else:
+            raise ValueError(f"USPAttention: unknown softmax_type {softmax_type!r} (vanilla, off-by-one, learnable)")
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The learnable ``softmax_offset`` sharded over TP as megatron-core's core attention saves it."""
+        if getattr(self.config, "softmax_type", "vanilla") != "learnable":
+            return {}
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        return DotProductAttention.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def forward(
         self,
@@ -220,9 +255,15 @@ class USPAttention(MegatronModule):
             window=_effective_window(self.window, causal),
             document_ids=document_ids,
             cu_seqlens=cu_seqlens,
+            softmax_offset=self.softmax_offset,
+            return_max_logit=self.report_max_logit,
             check_agreement=None if not self._agreement_checked else False,
         )
         self._agreement_checked = True
+        if self.report_max_logit:
+            out, max_logit = out
+            self.current_max_attn_logits = (max_logit if self.current_max_attn_logits is None
+                                            else torch.maximum(self.current_max_attn_logits, max_logit))
         if self._check_due():
             cp_size = (parallel_state.get_context_parallel_world_size() if self.cp_group is None
                        else dist.get_world_size(self.cp_group))

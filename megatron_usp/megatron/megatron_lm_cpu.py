@@ -22,7 +22,8 @@ are not a GPU run's, but they are the same in every CPU run compared.)
 
 ``cuda-to-cpu``
     A ``torch.overrides.TorchFunctionMode`` (the whole run is inside it): ``device="cuda"`` / ``"cuda:N"`` / an int
-    index / ``torch.device("cuda")`` in any torch call and ``Tensor.to(...)`` become the CPU; ``Tensor.cuda()``
+    index / ``torch.device("cuda")`` in any torch call and ``Tensor.to(...)`` become the CPU, so does the device of
+    a ``with torch.device(torch.cuda.current_device()):`` block; ``Tensor.cuda()``
     and ``Tensor.pin_memory()`` return the tensor; ``pin_memory=True`` becomes ``False``. Megatron allocates on
     ``torch.cuda.current_device()`` everywhere.
 ``tensor-type-names``
@@ -128,6 +129,8 @@ class CudaToCpu(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return _cuda_type_name(func(*args))
+        if func is torch.device and args and _is_cuda_device(args[0]):  # ``with torch.device(0):`` (YaRN RoPE)
+            return torch.device("cpu")
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
