@@ -203,3 +203,28 @@ def test_fused_mla_yarn_rope_is_refused_but_not_unfused_or_plain_rope():
         assert validate_usp_args(parse("--ulysses-degree", "2", **dict(mla, **extra))).context_parallel_size == 2
     assert validate_usp_args(parse("--ulysses-degree", "2", apply_rope_fusion=True,
                                    position_embedding_type="rope")).context_parallel_size == 2  # no MLA
+
+
+def test_max_logit_flags_are_held_from_megatrons_te_check_under_usp():
+    from megatron_usp.megatron import megatron_lm
+
+    args = argparse.Namespace(qk_clip=True, log_max_attention_logit=True, qk_clip_alpha=0.5, qk_clip_threshold=100)
+    held = megatron_lm.hold_max_logit_flags(args, te_reports=False)
+    assert held == {"qk_clip": True, "log_max_attention_logit": True}
+    assert not args.qk_clip and not args.log_max_attention_logit  # Megatron's validate_args skips its TE assert
+    megatron_lm.restore_max_logit_flags(args, held)
+    assert args.qk_clip and args.log_max_attention_logit
+    assert megatron_lm.hold_max_logit_flags(args, te_reports=True) == {} and args.qk_clip  # TE >= 2.9: Megatron's
+    assert megatron_lm.hold_max_logit_flags(argparse.Namespace(qk_clip=False), te_reports=False) == {}
+    only_log = argparse.Namespace(qk_clip=False, log_max_attention_logit=True, qk_clip_alpha=2.0)
+    assert megatron_lm.hold_max_logit_flags(only_log, te_reports=False) == {"log_max_attention_logit": True}
+
+
+@pytest.mark.parametrize("alpha, threshold, message", [(1.0, 100, "--qk-clip-alpha"), (0.5, 0, "--qk-clip-threshold")])
+def test_held_qk_clip_still_checks_alpha_and_threshold(alpha, threshold, message):
+    from megatron_usp.megatron import megatron_lm
+
+    args = argparse.Namespace(qk_clip=True, qk_clip_alpha=alpha, qk_clip_threshold=threshold)
+    with pytest.raises(ValueError, match=message):
+        megatron_lm.hold_max_logit_flags(args, te_reports=False)
+    assert args.qk_clip  # nothing cleared

@@ -118,13 +118,58 @@ def _megatron_args() -> Any:
     return get_args()
 
 
+MAX_LOGIT_FLAGS = (("qk_clip", "--qk-clip"), ("log_max_attention_logit", "--log-max-attention-logit"))
+
+
+def _te_reports_max_logits() -> bool:
+    """Megatron-LM's own test for --qk-clip / --log-max-attention-logit: Transformer Engine >= 2.9 (raises
+    without TE: megatron-core compares ``None`` with a version)."""
+    try:
+        from megatron.core.utils import is_te_min_version
+
+        return bool(is_te_min_version("2.9.0"))
+    except Exception:
+        return False
+
+
+def hold_max_logit_flags(args: Any, te_reports: Optional[bool] = None) -> Dict[str, Any]:
+    """Under USP, --qk-clip and --log-max-attention-logit need no Transformer Engine: Megatron-LM asserts TE >= 2.9
+    only because TE's DotProductAttention is the core attention that fills ``current_max_attn_logits`` (the local one
+    does not), and with USP every layer's core attention is USPAttention, which reports them (each head's largest
+    scaled logit over the whole sequence, the same on every rank). Without such a TE this checks what Megatron checks
+    besides the version (--qk-clip-alpha, --qk-clip-threshold), clears the flags on ``args`` for Megatron's
+    validate_args and returns them to :func:`restore_max_logit_flags` afterwards; ``{}`` when no flag is set or TE
+    reports the logits itself."""
+    held = {name: True for name, _ in MAX_LOGIT_FLAGS if getattr(args, name, False)}
+    if not held or (_te_reports_max_logits() if te_reports is None else te_reports):
+        return {}
+    if held.get("qk_clip"):
+        if not 0.0 < getattr(args, "qk_clip_alpha", 0.5) < 1.0:
+            raise ValueError("--qk-clip-alpha must be between 0.0 and 1.0 when using --qk-clip.")
+        if not getattr(args, "qk_clip_threshold", 100) > 0:
+            raise ValueError("--qk-clip-threshold must be greater than 0 when using --qk-clip.")
+    for name in held:
+        setattr(args, name, False)
+    return held
+
+
+def restore_max_logit_flags(args: Any, held: Dict[str, Any]) -> None:
+    for name, value in held.items():
+        setattr(args, name, value)
+
+
 def _wrap_validate_args(original: Callable) -> Callable:
     @functools.wraps(original)
     def validate_args(args, *rest, **kwargs):
-        if usp_requested(args):
-            check_megatron_lm_args(args)
-            validate_usp_args(args)  # sets context_parallel_size = u*r before Megatron derives the DP size
-        return original(args, *rest, **kwargs)
+        if not usp_requested(args):
+            return original(args, *rest, **kwargs)
+        check_megatron_lm_args(args)
+        validate_usp_args(args)  # sets context_parallel_size = u*r before Megatron derives the DP size
+        held = hold_max_logit_flags(args)
+        try:
+            return original(args, *rest, **kwargs)
+        finally:
+            restore_max_logit_flags(args, held)
 
     setattr(validate_args, _WRAPPED_MARK, original)
     return validate_args
