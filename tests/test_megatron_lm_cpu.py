@@ -95,7 +95,8 @@ def test_cases_compare_like_with_like(tool):
         if case.refused is not None:
             continue  # test_refused_cases
         assert case.skip is None and case.baseline.data == case.usp.data, case.name
-        assert case.usp.launcher == () and case.baseline.launcher in ((), ("--thd-reference-attention",))
+        assert case.usp.launcher == () and case.baseline.launcher in ((), ("--thd-reference-attention",),
+                                                                       ("--mla-reference-attention",))
         if case.pre is not None:
             continue  # test_resume_cases
         base, usp = list(case.baseline.args), list(case.usp.args)
@@ -106,7 +107,11 @@ def test_cases_compare_like_with_like(tool):
         if case.name == "TP=2 u2 vs 1 rank cpu initialization":  # TP-independent initial weights: TP=1 baseline
             assert rest[:2] == ["--tensor-model-parallel-size", "2"] and "--use-cpu-initialization" in base
             rest = rest[2:]
+        if case.name == "qk-clip bf16 u2 r2 vs no clip":  # the baseline's local attention cannot report max logits
+            assert rest[1:3] == ["--qk-clip", "--log-max-attention-logit"] and case.expect == tool.MAX_LOGIT_LINE
+            rest = rest[:1] + rest[3:]
         assert rest == base, case.name  # same Megatron flags apart from the USP ones
+        assert case.baseline.without == case.usp.without, case.name
         assert f"u={u} r={r} ring_impl={usp[usp.index('--usp-ring-impl') + 1]}" == case.grid
 
         def size(flag, args):
@@ -157,6 +162,42 @@ def test_tensor_parallel_and_mtp_cases(tool):
     assert mtp.refused is None and mtp.grid == "u=2 r=2 ring_impl=zigzag"
     for run in (mtp.baseline, mtp.usp):
         assert run.args[:3] == ("--mtp-num-layers", "1", "--calculate-per-token-loss")
+
+
+def test_attention_feature_cases(tool):
+    cases = {case.name: case for case in tool.train_cases()}
+    for kind in ("learnable", "off-by-one"):
+        case = cases[f"softmax-type {kind} u2 r2"]
+        assert case.baseline == tool.TrainRun(1, ("--softmax-type", kind)) and case.grid == "u=2 r=2 ring_impl=zigzag"
+    mla = cases["MLA u2 r2"]
+    for run in (mla.baseline, mla.usp):
+        assert run.args[:2] == ("--multi-latent-attention", "--no-rope-fusion")
+        assert run.without == ("--group-query-attention",)  # Megatron asserts MLA excludes GQA
+    assert mla.baseline.launcher == ("--mla-reference-attention",)
+    clip = cases["qk-clip bf16 u2 r2 vs no clip"]
+    assert clip.baseline == tool.TrainRun(1, ("--bf16",)) and "--qk-clip" in clip.usp.args and clip.expect
+    assert clip.rtol == cases["bf16 u2 r2"].rtol
+
+
+def test_launcher_command_leaves_out_the_runs_without_flags(tool):
+    run = tool.TrainRun(1, ("--x",), without=("--group-query-attention",))
+    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), run, tool.train_model_args())
+    assert "--group-query-attention" not in command and "--num-query-groups" in command and command[-1] == "--x"
+
+
+def test_expected_report_lines_are_counted(tool):
+    line = "megatron_lm_cpu: max attention logit: {:.6E}\n"
+    output = "".join(line.format(value) for value in (1.5, 2.25))
+    ok = tool.check_expected(tool.CaseResult("c", "ok"), tool.MAX_LOGIT_LINE, output, 2)
+    assert ok.status == "ok" and "2 lines" in ok.note and "2.250000E+00" in ok.note
+    short = tool.check_expected(tool.CaseResult("c", "ok"), tool.MAX_LOGIT_LINE, output, 3)
+    assert short.status == "FAILED" and "expected 3" in short.note
+
+
+def test_max_logit_report_line_is_what_the_harness_parses(tool):
+    import re
+
+    assert re.fullmatch(tool.MAX_LOGIT_LINE, f"{megatron_lm_cpu.MAX_LOGIT_PREFIX}: 3.000000E+00")
 
 
 def test_refused_cases_run_no_baseline_and_name_the_refusal(tool):
@@ -219,9 +260,10 @@ def test_compare_from_a_later_iteration_and_probe_without_usp(tool):
 
 def test_only_bf16_has_its_own_looser_tolerance(tool):
     cases = tool.train_cases(Path("/fixture"))
-    assert {case.name: case.rtol for case in cases if case.rtol is not None} == {"bf16 u2 r2": 1e-4}
-    bf16 = [case for case in cases if case.rtol is not None][0]
-    assert "--bf16" in bf16.baseline.args and "--bf16" in bf16.usp.args
+    assert {case.name: case.rtol for case in cases if case.rtol is not None} == {
+        "bf16 u2 r2": 1e-4, "qk-clip bf16 u2 r2 vs no clip": 1e-4}
+    for bf16 in (case for case in cases if case.rtol is not None):
+        assert "--bf16" in bf16.baseline.args and "--bf16" in bf16.usp.args
 
 
 def test_undo_first_log_accumulation(tool):
@@ -342,3 +384,36 @@ def test_helpers_make_command_names_this_interpreter(monkeypatch):
     assert command == ["make", "-C", "/m/megatron/core/datasets", "CPPFLAGS=-I/inc/python -I/inc/pybind11",
                        "LIBEXT=.cpython-311-x86_64-linux-gnu.so"]
     assert all(call[0] == "/venv/bin/python" for call in calls)
+
+
+def test_mla_without_te_only_when_telinear_is_a_placeholder(monkeypatch):
+    from unittest import mock
+
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    monkeypatch.setattr(megatron_lm_cpu, "_PATCHED", [])
+    monkeypatch.setattr(mla, "HAVE_TE", True)
+    monkeypatch.setattr(mla, "TELinear", type("TELinear", (), {}))  # a real TE class: left alone
+    assert not megatron_lm_cpu._mla_without_te() and mla.HAVE_TE
+    monkeypatch.setattr(mla, "TELinear", mock.MagicMock())  # megatron-core's placeholder without TE
+    assert megatron_lm_cpu._mla_without_te() and mla.HAVE_TE is False
+    assert megatron_lm_cpu._PATCHED == [(mla, "HAVE_TE", True)]  # uninstall() puts it back
+
+
+def test_mla_reference_lets_local_attention_take_mlas_head_dims(monkeypatch):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    seen = {}
+
+    def fake_init(self, *args, **kwargs):
+        seen.update(kwargs)
+        self.num_attention_heads_per_partition, self.hidden_size_per_partition = 4, 4 * 24
+
+    monkeypatch.setattr(DotProductAttention, "__init__", fake_init)
+    megatron_lm_cpu.install_mla_reference_attention()
+    attention = DotProductAttention.__new__(DotProductAttention)
+    DotProductAttention.__init__(attention, softmax_scale=0.3, k_channels=24, v_channels=16)
+    assert seen == {"softmax_scale": 0.3} and attention.hidden_size_per_partition == 4 * 16
+    with pytest.raises(NotImplementedError, match="softmax_scale"):
+        DotProductAttention.__init__(attention, k_channels=24, v_channels=16)
+    assert megatron_lm_cpu.MLA_REFERENCE_FLAG in megatron_lm_cpu.REFERENCES

@@ -145,12 +145,14 @@ def train_model_args(train_iters: int = 6, seq_length: int = 64) -> List[str]:
 @dataclasses.dataclass(frozen=True)
 class TrainRun:
     """One torchrun of the launcher: ``nproc`` ranks; ``data`` then ``args`` after :func:`train_model_args`;
-    ``launcher``: options of the launcher itself (before the script path)."""
+    ``launcher``: options of the launcher itself (before the script path); ``without``: valueless flags of
+    :func:`train_model_args` this run leaves out (a store_true flag cannot be unset later)."""
 
     nproc: int
     args: Tuple[str, ...] = ()
     data: Tuple[str, ...] = MOCK_DATA
     launcher: Tuple[str, ...] = ()
+    without: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +166,7 @@ class TrainCase:
     first_iteration: int = 1  # the first iteration ``usp`` logs (after --load: the one after the checkpoint)
     rtol: Optional[float] = None  # this case's tolerance instead of --rtol (bf16)
     refused: Optional[str] = None  # the USP run must stop before training with this in its output; no baseline
+    expect: Optional[str] = None  # a regex the USP run's output must match once per compared iteration at least
 
 
 def usp_flags(ulysses: int, ring: int, ring_impl: str = "zigzag") -> Tuple[str, ...]:
@@ -230,7 +233,7 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
     cases.append(TrainCase("save u2 r2 -> load without SP", TrainRun(1), TrainRun(1, load), "none", pre=save,
                            first_iteration=half + 1))
     cases += distributed_optimizer_resume_cases(distributed_optimizer_checkpoint(checkpoint), train_iters)
-    cases += tensor_parallel_cases() + mtp_cases()
+    cases += tensor_parallel_cases() + mtp_cases() + attention_feature_cases()
     return cases
 
 
@@ -305,6 +308,44 @@ def mtp_cases() -> List[TrainCase]:
     ]
 
 
+# Multi-latent attention, small: q/k heads of 16 (no RoPE) + 8 (RoPE) dims, v heads of 16 (!= 24: MLA's own v dim),
+# both low-rank paths (the q one is optional in Megatron). MLA excludes --group-query-attention (Megatron asserts).
+MLA = ("--multi-latent-attention", "--no-rope-fusion", "--q-lora-rank", "32", "--kv-lora-rank", "16",
+       "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16")
+MAX_LOGIT_LINE = r"megatron_lm_cpu: max attention logit: (?P<value>[-+0-9.eE]+)"
+
+
+def attention_feature_cases() -> List[TrainCase]:
+    """Issue 13: attention features USPAttention computes itself, turned on by Megatron-LM's own flags.
+
+    * Attention sinks (``--softmax-type off-by-one|learnable``): the baseline's local DotProductAttention adds
+      ``softmax_offset`` in its torch softmax (``SoftmaxOne``); USPAttention owns the same parameter.
+    * Multi-latent attention (``--multi-latent-attention``, YaRN RoPE unfused): megatron-core's MLASelfAttention
+      with USPAttention as core attention (v head dim 16, q/k head dim 24). The baseline's local DotProductAttention
+      takes neither of the head-dim keywords MLA builds it with (TE's): the launcher's --mla-reference-attention
+      lets it (its forward already handles a v head dim of its own).
+    * ``--qk-clip --log-max-attention-logit``, in bf16: Megatron's ``clip_qk`` finds the layers at
+      ``model.module.module`` (DDP over Float16Module), which fp32 runs do not have (AttributeError). Megatron-LM asserts Transformer Engine >= 2.9 for them, because TE's
+      core attention is the one that reports the max logits (the baseline's local one cannot: no baseline with the
+      flags); under USP, USPAttention reports them and megatron_lm's validate_args wrapper lets them through. The
+      baseline runs without the flags, a valid comparison while no head's max logit reaches --qk-clip-threshold
+      (default 100): Megatron's ``clip_qk`` then leaves the weights alone and the max-logit reduction does not touch
+      the forward. ``expect``: the launcher prints the max logit ``clip_qk`` returns after every step (every step's
+      ``clip_qk`` also fails unless each layer's core attention reported per-head logits)."""
+    zigzag = usp_flags(2, 2)
+    cases = [TrainCase(f"softmax-type {kind} u2 r2", TrainRun(1, ("--softmax-type", kind)),
+                       TrainRun(4, ("--softmax-type", kind) + zigzag), "u=2 r=2 ring_impl=zigzag")
+             for kind in ("learnable", "off-by-one")]
+    no_gqa = ("--group-query-attention",)  # MLA excludes it (Megatron asserts)
+    cases.append(TrainCase("MLA u2 r2", TrainRun(1, MLA, launcher=("--mla-reference-attention",), without=no_gqa),
+                           TrainRun(4, MLA + zigzag, without=no_gqa), "u=2 r=2 ring_impl=zigzag"))
+    qk_clip = ("--qk-clip", "--log-max-attention-logit")
+    bf16 = ("--bf16",)  # Megatron's clip_qk reaches the layers through model.module.module (Float16Module)
+    cases.append(TrainCase("qk-clip bf16 u2 r2 vs no clip", TrainRun(1, bf16), TrainRun(4, bf16 + qk_clip + zigzag),
+                           "u=2 r=2 ring_impl=zigzag", rtol=1e-4, expect=MAX_LOGIT_LINE))
+    return cases
+
+
 def select_cases(cases: Sequence[TrainCase], names: Optional[str]) -> List[TrainCase]:
     """``names``: comma-separated case names (case-insensitive) or None for all; unknown names are an error."""
     if not names:
@@ -319,7 +360,8 @@ def select_cases(cases: Sequence[TrainCase], names: Optional[str]) -> List[Train
 
 def launcher_command(python: str, script: Path, run: TrainRun, model_args: Sequence[str]) -> List[str]:
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.nproc),
-            "-m", LAUNCHER, *run.launcher, str(script), *model_args, *run.data, *run.args]
+            "-m", LAUNCHER, *run.launcher, str(script), *[arg for arg in model_args if arg not in run.without],
+            *run.data, *run.args]
 
 
 # A tiny chat dataset for Megatron-LM's --sft loader, made locally (no download): a character-level HF tokenizer with
@@ -464,6 +506,20 @@ def check_probe(result: CaseResult, case: TrainCase, baseline_probe, usp_probe) 
     return result
 
 
+def check_expected(result: CaseResult, pattern: str, output: str, iterations: int) -> CaseResult:
+    """The USP run's output must match ``pattern`` at least ``iterations`` times; the note shows the last match
+    (its ``value`` group when it has one)."""
+    matches = list(re.finditer(pattern, output))
+    if len(matches) < iterations:
+        result.status = "FAILED"
+        result.note = "; ".join(filter(None, [result.note, f"{len(matches)} lines match {pattern!r}, expected "
+                                              f"{iterations}"]))
+        return result
+    last = matches[-1].groupdict().get("value") or matches[-1].group(0)
+    result.note = "; ".join(filter(None, [result.note, f"{len(matches)} lines match the expected report, last {last}"]))
+    return result
+
+
 def judge_refusal(name: str, returncode: int, output: str, fragment: str) -> CaseResult:
     """A refused case passes when the run failed, its output has ``fragment`` (the refusal's message) and it logged
     no lm loss (it stopped before training)."""
@@ -592,6 +648,8 @@ def train(options, env: Dict[str, str]) -> int:
                                            ([f"exit codes: baseline {base_rc}, USP {usp_rc}"] if base_rc or usp_rc
                                             else [])))
         result = check_probe(result, case, parse_usp_probe(base_out), parse_usp_probe(usp_out))
+        if case.expect is not None:
+            result = check_expected(result, case.expect, usp_out, options.train_iters - case.first_iteration + 1)
         print(per_iteration_table(result), flush=True)
         results.append(result)
     print(f"\nMegatron-LM pretrain_gpt.py on CPU/gloo, baseline (no SP) vs USP (logs in {logs}):")

@@ -8,7 +8,9 @@ in fp32) are closed by ``megatron_lm.install()``, which the patched script calls
 (:mod:`.optimizer_load`).
 
 ``--thd-reference-attention`` before the script path gives a run *without* USP a THD (packed, ``--sft``) attention
-on CPU (:func:`install_thd_reference_attention`: a reference for baselines, not a stand-in).
+on CPU (:func:`install_thd_reference_attention`: a reference for baselines, not a stand-in);
+``--mla-reference-attention`` lets Megatron's local attention take multi-latent attention's q/k and v head dims
+(:func:`install_mla_reference_attention`, likewise).
 
 The launcher installs the stand-ins (:func:`install`), then runs the script as ``__main__`` (``runpy``), so the
 training loop, DDP, optimizers, pipeline schedules, recompute and data pipeline are Megatron-LM's own. It is a
@@ -60,6 +62,11 @@ are not a GPU run's, but they are the same in every CPU run compared.)
     Processes started with ``spawn`` (``dist_checkpointing``'s async writer starts a ``Manager`` even for a
     synchronous ``--save``) do not re-run the script as ``__mp_main__``: it runs under ``runpy``, so the child would
     import Megatron-LM without the stand-ins (and fail on triton); the Manager only serves a queue.
+``mla-without-te``
+    megatron-core 0.16 without Transformer Engine puts ``MagicMock`` placeholders where TE's classes are, so
+    ``multi_latent_attention.py`` imports them and sets ``HAVE_TE = True``; MLASelfAttention's
+    ``isinstance(self.linear_proj, TELinear)`` then raises TypeError. When ``TELinear`` is not a type its
+    ``HAVE_TE`` becomes False (the local spec builds no TE layer; the branch only concerns TE fp8 / fp4).
 ``helpers-cpp-build``
     ``compile_helpers`` runs Megatron's ``make`` with this interpreter's pybind11 includes and extension suffix
     (the Makefile calls ``python3``, which pyenv may resolve to the checkout's ``.python-version``).
@@ -96,6 +103,8 @@ STANDINS: Dict[str, str] = {
     "warmup-jit-rng": "_warmup_jit_function under torch.random.fork_rng (its draws would make init depend on CP)",
     "triton-absent": "batch_invariant_kernels (imports triton; --batch-invariant-mode only) is an empty module",
     "spawn-children": "spawned children (dist_checkpointing's Manager) do not re-run the script without the stand-ins",
+    "mla-without-te": "multi_latent_attention.HAVE_TE = False when its TELinear is a MagicMock placeholder (no TE): "
+                      "isinstance(linear_proj, TELinear) would raise",
     "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
 }
 
@@ -394,10 +403,22 @@ def _install_megatron_lm() -> None:
     import multiprocessing.spawn as mp_spawn
 
     _patch(mp_spawn, "get_preparation_data", _children_skip_the_script(mp_spawn.get_preparation_data))
+    # mla-without-te
+    _mla_without_te()
     # helpers-cpp-build
     import megatron.core.datasets.utils as dataset_utils
 
     _patch(dataset_utils, "compile_helpers", _compile_helpers)
+
+
+def _mla_without_te() -> bool:
+    """The ``mla-without-te`` stand-in; True when it applied (``TELinear`` a placeholder, not a class)."""
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    if getattr(mla, "HAVE_TE", False) and not isinstance(getattr(mla, "TELinear", None), type):
+        _patch(mla, "HAVE_TE", False)
+        return True
+    return False
 
 
 def uninstall() -> None:
@@ -489,6 +510,42 @@ def install_thd_reference_attention() -> None:
     core_utils.get_thd_batch_on_this_cp_rank = get_thd_batch_on_this_cp_rank
 
 
+MLA_REFERENCE_FLAG = "--mla-reference-attention"
+
+
+def install_mla_reference_attention() -> None:
+    """NOT a stand-in: a reference for the baseline run of the multi-latent-attention case only.
+
+    MLASelfAttention builds its core attention with TE's keywords ``k_channels`` (q/k head dim) and ``v_channels``
+    (v head dim); megatron-core 0.16's local ``DotProductAttention`` takes neither (TypeError) and sizes its output
+    ``kv_channels x heads``. Its forward is already per-head-dim agnostic (``baddbmm`` over q/k's dim, ``bmm`` over
+    v's) apart from that output view, and MLA passes its own ``softmax_scale`` (YaRN mscale). Here ``__init__`` takes
+    the two keywords and sizes the output ``v_channels x heads``: what TE's attention computes. Refused while USP is
+    active, so it can never serve the run it is compared with."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from . import grid
+
+    original = DotProductAttention.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+        if grid.usp_is_initialized() and grid.get_usp_groups().sp_size > 1:
+            raise RuntimeError(f"{MLA_REFERENCE_FLAG} is for runs without USP (the baseline)")
+        original(self, *args, **kwargs)
+        if k_channels is not None and kwargs.get("softmax_scale") is None:
+            raise NotImplementedError(f"{MLA_REFERENCE_FLAG}: k_channels without softmax_scale")
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    DotProductAttention.__init__ = __init__
+
+
+REFERENCES = {THD_REFERENCE_FLAG: install_thd_reference_attention, MLA_REFERENCE_FLAG: install_mla_reference_attention}
+"""Launcher options (before the script path) that give a baseline run (no USP) a reference where Megatron's local
+attention has none on CPU."""
+
+
 USP_PROBE_PREFIX = "megatron_lm_cpu: USP"
 
 
@@ -508,6 +565,28 @@ def _count_usp_attention_calls() -> Dict[str, int]:
     return calls
 
 
+MAX_LOGIT_PREFIX = "megatron_lm_cpu: max attention logit"
+
+
+def _report_max_attention_logit() -> None:
+    """Probe (not a stand-in): Megatron-LM sends the max attention logit of --qk-clip / --log-max-attention-logit only
+    to TensorBoard / W&B; print what ``clip_qk`` returns after every step (rank 0), so a harness can see it."""
+    import megatron.training.training as training
+
+    original = getattr(training, "clip_qk", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def clip_qk(model, *args, **kwargs):
+        value = original(model, *args, **kwargs)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{MAX_LOGIT_PREFIX}: {value:.6E}", flush=True)
+        return value
+
+    _patch(training, "clip_qk", clip_qk)
+
+
 def usp_probe_line(calls: int) -> str:
     """One line saying whether USP ran on this rank and on which grid."""
     from . import grid
@@ -520,8 +599,9 @@ def usp_probe_line(calls: int) -> str:
 
 
 def main(argv: List[str]) -> None:
-    thd_reference = bool(argv) and argv[0] == THD_REFERENCE_FLAG
-    argv = argv[1:] if thd_reference else argv
+    argv, references = list(argv), []
+    while argv and argv[0] in REFERENCES:
+        references.append(argv.pop(0))
     if not argv or argv[0].startswith("-"):
         raise SystemExit(__doc__.split("\n\n")[1])
     script = Path(argv[0])
@@ -533,11 +613,12 @@ def main(argv: List[str]) -> None:
     if rank0:
         print("megatron_lm_cpu stand-ins:" if names else "megatron_lm_cpu: CUDA available, no stand-ins",
               ", ".join(names), flush=True)
-    if thd_reference:
-        install_thd_reference_attention()
+    for flag in references:
+        REFERENCES[flag]()
         if rank0:
-            print(f"megatron_lm_cpu: {THD_REFERENCE_FLAG} (baseline reference, not a stand-in)", flush=True)
+            print(f"megatron_lm_cpu: {flag} (baseline reference, not a stand-in)", flush=True)
     calls = _count_usp_attention_calls()
+    _report_max_attention_logit()
     sys.argv = [str(script)] + list(argv[1:])
     _SCRIPTS.append(os.path.abspath(script))
     try:
