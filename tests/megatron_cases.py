@@ -563,7 +563,13 @@ def _scaled_causal_max(query: torch.Tensor, key: torch.Tensor, scale: float) -> 
     return scores.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
 
 
-def gpt_feature_parity(rank, world_size, feature, tp, ulysses_degree, ring_degree, ring_impls) -> list[dict]:
+def gpt_feature_parity(rank, world_size, features, tp, ulysses_degree, ring_degree, ring_impls) -> list[dict]:
+    """:func:`feature_parity` for each of ``features`` in one pool run."""
+    return [dict(entry, feature=feature) for feature in features
+            for entry in feature_parity(feature, tp, ulysses_degree, ring_degree, ring_impls)]
+
+
+def feature_parity(feature, tp, ulysses_degree, ring_degree, ring_impls) -> list[dict]:
     """An MLA model, a model with learnable attention sinks, or QK-clip max-logit reporting: USP (TP x u x r) vs the
     same model at the same TP without SP (the reference grid: TP x DP, every replica the same batch), same weights;
     loss and every gradient (the sink's included) within 1e-5; with qk_clip, each layer's current_max_attn_logits

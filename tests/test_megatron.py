@@ -124,18 +124,19 @@ def test_gpt_activation_recompute_matches_reference(fresh_rank_pool):
             record_error(f"gpt recompute u2 r2 {entry['ring_impl']} grad", entry["grad"])
 
 
-@pytest.mark.parametrize("feature", ["mla", "sinks", "qk_clip"])
-@pytest.mark.parametrize("grid", [(1, 2, 2), (2, 1, 2)], ids=lambda g: f"tp{g[0]}-u{g[1]}-r{g[2]}")
-def test_gpt_mla_sinks_and_max_logit_match_reference(fresh_rank_pool, feature, grid):
+@pytest.mark.parametrize("grid, ring_impls", [((1, 2, 2), ["zigzag", "stripe", "mqsp"]), ((2, 1, 2), ["zigzag", "mqsp"])],
+                         ids=["tp1-u2-r2", "tp2-u1-r2"])
+def test_gpt_mla_sinks_and_max_logit_match_reference(fresh_rank_pool, grid, ring_impls):
     """megatron-core's MLASelfAttention (v head dim != q/k head dim, YaRN RoPE), learnable attention sinks
     (softmax_type="learnable": USPAttention owns softmax_offset) and qk_clip's current_max_attn_logits, under USP."""
     tp, ulysses_degree, ring_degree = grid
-    reports = fresh_rank_pool(4).run("megatron_cases:gpt_feature_parity", timeout=300, feature=feature, tp=tp,
-                                     ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                                     ring_impls=["zigzag", "stripe", "mqsp"])
+    reports = fresh_rank_pool(4).run("megatron_cases:gpt_feature_parity", timeout=400,
+                                     features=["mla", "sinks", "qk_clip"], tp=tp, ulysses_degree=ulysses_degree,
+                                     ring_degree=ring_degree, ring_impls=ring_impls)
     for rank_report in reports:
+        assert {entry["feature"] for entry in rank_report} == {"mla", "sinks", "qk_clip"}
         for entry in rank_report:
             for name, value in entry.items():
-                if name != "ring_impl":
-                    record_error(f"gpt {feature} tp{tp} u{ulysses_degree} r{ring_degree} {entry['ring_impl']} {name}",
-                                 value)
+                if name not in ("ring_impl", "feature"):
+                    record_error(f"gpt {entry['feature']} tp{tp} u{ulysses_degree} r{ring_degree} "
+                                 f"{entry['ring_impl']} {name}", value)
