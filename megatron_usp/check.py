@@ -48,6 +48,7 @@ def verify_usp_attn(
     cu_seqlens: Optional[CuSeqlens] = None,
     document_ids: Optional[torch.Tensor] = None,
     window: Optional[Sequence[int]] = None,
+    softmax_offset: Optional[torch.Tensor] = None,
     heads: int = 1,
     rows: int = 4,
     seed: int = 0,
@@ -56,8 +57,9 @@ def verify_usp_attn(
     expected_sp_size: Optional[int] = None,
     name: str = "usp_attn",
 ) -> float:
-    """Check ``out = usp_attn(q, k, v, groups, ...)`` (all ``[b, s_local, heads|kv_heads, d]``, this rank's tokens in
-    the layout of ``ring_impl`` / ``cu_seqlens``) on ``heads`` sampled query heads and ``rows`` sampled local query
+    """Check ``out = usp_attn(q, k, v, groups, ...)`` (all ``[b, s_local, heads|kv_heads, d]``, ``v`` and ``out`` may
+    have another head dim (MLA); this rank's tokens in the layout of ``ring_impl`` / ``cu_seqlens``; the same
+    ``softmax_offset`` (attention sinks) when the call had one) on ``heads`` sampled query heads and ``rows`` sampled local query
     rows per rank. A collective over the SP grid: every rank calls it with the same arguments except the tensors.
 
     Raises ``RuntimeError`` on every rank naming ``name``, the grid and the error when some rank's rows differ by
@@ -118,7 +120,12 @@ def verify_usp_attn(
                 ids = document_ids[b].cpu()
                 mask = mask & (ids[q_pos] == ids[kv_idx])
             scores = q[b, local_rows.to(q.device), head].detach().cpu().double() @ k_full[b].T * scale
-            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            if softmax_offset is not None:  # the sink: one more key of that logit and value 0
+                sink = softmax_offset[head].detach().cpu().double().expand(scores.shape[0], 1)
+                probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[:, :-1]
+            else:
+                probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
             expected = probs @ v_full[b]
             actual = out[b, local_rows.to(out.device), head].detach().cpu().double()
             error = (actual - expected).abs()

@@ -24,6 +24,12 @@ def test_corrupted_output_raises_on_every_rank(rank_pool, impl, grid, bad_rank):
     assert "differs" in message and "up to 1.000e-03" in message  # the error is named
 
 
+@pytest.mark.parametrize("impl", ["zigzag", "mqsp"])
+def test_check_covers_sinks_and_mla_widths(rank_pool, impl):
+    messages = rank_pool(4).run("usp_check_cases:sinks_and_mla", ulysses_degree=2, ring_degree=2, ring_impl=impl)
+    assert len(set(messages)) == 1 and "without the sink" in messages[0] and "differs" in messages[0], messages
+
+
 def test_cp_off_raises(rank_pool):
     for messages in rank_pool(4).run("usp_check_cases:cp_off", ulysses_degree=2, ring_degree=2):
         assert len(messages) == 3, messages

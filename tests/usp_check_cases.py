@@ -40,6 +40,24 @@ def passes(rank, world_size, ulysses_degree, ring_degree, ring_impls) -> list[fl
     return errors
 
 
+def sinks_and_mla(rank, world_size, ulysses_degree, ring_degree, ring_impl) -> str:
+    """Attention sinks and a narrower v (MLA): the check passes when handed the same softmax_offset, and catches
+    the output as wrong when not (the sink really is part of what it recomputes)."""
+    groups = get_groups(ulysses_degree, ring_degree)
+    seq_len = 8 * groups.sp_size
+    q, k, v, _ = make_inputs(sp_block(groups), 2, seq_len, 4, 2, 8, torch.float32, v_head_dim=6)
+    local = [usp.shard(t, groups, ring_impl=ring_impl).float() for t in (q, k, v)]
+    offset = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    out = usp.usp_attn(*local, groups, causal=True, ring_impl=ring_impl, softmax_offset=offset)
+    assert out.shape[-1] == 6
+    assert _verify(groups, local, out, ring_impl, softmax_offset=offset, heads=4) < 1e-5
+    try:
+        _verify(groups, local, out, ring_impl, heads=4, name="without the sink")
+    except RuntimeError as error:
+        return str(error)
+    raise AssertionError(f"rank {rank}: output with sinks passed a check without them")
+
+
 def corrupted(rank, world_size, ulysses_degree, ring_degree, ring_impl, bad_rank) -> str:
     """+1e-3 on every row of one rank's output (all heads): every rank raises, naming the layer."""
     groups = get_groups(ulysses_degree, ring_degree)

@@ -269,8 +269,8 @@ class USPAttention(MegatronModule):
                        else dist.get_world_size(self.cp_group))
             verify_usp_attn(q, k, v, out, self.groups, ring_impl=self.ring_impl, causal=causal,
                             softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, document_ids=document_ids,
-                            window=_effective_window(self.window, causal), seed=self._calls - 1,
-                            expected_sp_size=cp_size,
+                            window=_effective_window(self.window, causal), softmax_offset=self.softmax_offset,
+                            seed=self._calls - 1, expected_sp_size=cp_size,
                             name=f"layer {self.layer_number}")
         if thd:
             return out[0].reshape(query.shape[0], -1)
