@@ -1,0 +1,237 @@
+"""Memory of a whole Megatron job, per GPU: parameters, gradients, optimizer states and the activations a
+megatron-core ``GPTModel`` (local layer spec, USP core attention, no dropout) holds for backward.
+
+The one place these formulas live: ``tools/plan_usp.py`` imports them, ``tests/test_job_memory.py`` checks them
+against the bytes megatron-core really saves (``torch.autograd.graph.saved_tensors_hooks``) and against the state
+sizes of its own optimizer.
+
+Activations of one layer for one micro-batch on one rank, ``T = s·b / (u·r)`` tokens, TP ``t``, element bytes ``e``
+(``h`` hidden, ``n``/``g`` query/kv heads, ``d`` head dim, ``F`` ffn hidden; ``/t`` where megatron-core shards):
+
+* norms: input and output of both (4·T·h·e; /t with sequence parallelism) + fp32 statistics (2 per LayerNorm
+  token, 1 per RMSNorm token);
+* RoPE: cos and sin for q and for k (4·T·d·e);
+* attention, u = 1: the QKV projection's output (v stays a view of it) T·(n+2g)·d·e/t, q and k after RoPE,
+  the output (the projection's input, same storage), fp32 lse T·n/t·4. u > 1: q, k, v, out in the ring-level
+  layout after the all-to-all (s/r tokens x heads/u, kv heads replicated up to u), lse, and the output after the
+  inverse all-to-all (the projection's input). Selective recompute keeps only the checkpoint's inputs (q and k
+  after RoPE, the QKV output v is a view of) and its output;
+* MLP: fc1's output (2F with a gated unit) and the activation's output F, both /t (unfused GLU: 2F more;
+  unfused torch RMSNorm: its normalized input, h, more).
+
+Full recompute keeps, per checkpointed chunk, its input T·h·e (and the rotary table once); ``block`` recomputes the
+first ``recompute_num_layers`` layers of a stage, ``uniform`` checkpoints chunks of that many layers. The last stage
+also holds the final norm's input and output and the loss's fp32 softmax T·V/t·4. With PP and 1F1B the first
+stage keeps ``min(PP, micro-batches)`` micro-batches in flight (stage ``i`` keeps ``min(PP - i, m)``).
+
+Parameters per rank in ``e`` bytes, fp32 main gradients (DDP ``grad_reduce_in_fp32``), Adam: fp32 master weights
+(only when the parameters are not fp32) and two fp32 moments; with the distributed optimizer master weights and
+moments are sharded over DP x CP (megatron-core's data-parallel-with-context-parallel group), as in
+``megatron.core.optimizer.distrib_optimizer``; the gradient buffer stays whole.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .ulysses import kv_replication
+
+FP32 = 4
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """A megatron-core GPTModel with the local layer spec."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    vocab: int
+    seq_len: int
+    micro_batch: int = 1
+    dtype_bytes: int = 2
+    gated_mlp: bool = True  # SwiGLU: fc1 is 2 x ffn wide
+    rmsnorm: bool = True
+    bias: bool = False  # add_bias_linear
+    untied_embeddings: bool = True
+    # fused kernels (GPU: Transformer Engine / apex norms, megatron's bias_swiglu fusion) save less than the torch
+    # fallbacks megatron-core uses on CPU: torch RMSNorm also keeps its normalized input (h), and the unfused GLU
+    # keeps silu's output and ``x_linear + offset`` (2 x ffn more)
+    fused_kernels: bool = True
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    tp: int = 1
+    pp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    dp: int = 1
+    recompute: str = "none"  # none | selective (core attention) | full
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    distributed_optimizer: bool = True
+    micro_batches: int = 1  # per iteration, per DP replica
+    sequence_parallel: bool = False
+
+    @property
+    def cp(self) -> int:
+        return self.ulysses * self.ring
+
+
+@dataclass
+class JobMemory:
+    """Bytes per GPU on the stage that needs the most."""
+
+    stage: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: float  # all micro-batches in flight
+    in_flight: int
+    per_micro_batch: dict = field(default_factory=dict)  # activation parts of one micro-batch
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+
+def _kv_heads_after_a2a(shape: GPTShape, cfg: JobConfig) -> float:
+    per_tp = shape.kv_heads // cfg.tp
+    return per_tp * kv_replication(per_tp, cfg.ulysses) / cfg.ulysses
+
+
+def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "none") -> dict[str, float]:
+    """Bytes one transformer layer saves for backward, one micro-batch, one rank, without full recompute."""
+    e, t, u, r, d = shape.dtype_bytes, cfg.tp, cfg.ulysses, cfg.ring, shape.head_dim
+    tokens = shape.micro_batch * shape.seq_len / (u * r)
+    sp = t if cfg.sequence_parallel else 1
+    stats = 1 if shape.rmsnorm else 2
+    n, g = shape.heads / t, shape.kv_heads / t
+    unfused = not shape.fused_kernels
+    norm_copies = 4 + (2 if unfused and shape.rmsnorm else 0)
+    mlp_widths = (5 if unfused else 3) if shape.gated_mlp else 2
+    parts = {
+        "norms": norm_copies * tokens * shape.hidden * e / sp + 2 * stats * tokens / sp * FP32,
+        "rope": 4 * tokens * d * e,
+        "mlp": tokens * shape.ffn_hidden / t * e * mlp_widths,
+    }
+    out = tokens * n * d * e  # the projection's input, before the output all-to-all
+    qk_rope = tokens * (n + g) * d * e
+    qkv_storage = tokens * (n + 2 * g) * d * e
+    if recompute == "selective":  # checkpoint inputs q, k (after RoPE), v (a view of the QKV output) + its output
+        parts["attention"] = qk_rope + qkv_storage + out
+    elif u == 1:
+        parts["attention"] = qkv_storage + qk_rope + out + tokens * n * FP32
+    else:
+        rows = shape.micro_batch * shape.seq_len / r  # ring-level: s/r tokens, heads / u
+        q_heads, kv_heads = n / u, _kv_heads_after_a2a(shape, cfg)
+        parts["attention"] = (rows * (2 * q_heads + 2 * kv_heads) * d * e  # q, k, v, out after the a2a
+                              + rows * q_heads * FP32 + out)  # lse; out after the inverse a2a
+    return parts
+
+
+def head_activation_bytes(shape: GPTShape, cfg: JobConfig) -> float:
+    """Final norm + output layer + vocab-parallel cross entropy (fp32 softmax), last stage, one micro-batch."""
+    tokens = shape.micro_batch * shape.seq_len / cfg.cp
+    sp = cfg.tp if cfg.sequence_parallel else 1
+    stats = 1 if shape.rmsnorm else 2
+    copies = 3 if shape.rmsnorm and not shape.fused_kernels else 2
+    return (copies * tokens * shape.hidden * shape.dtype_bytes / sp + stats * tokens / sp * FP32
+            + tokens * shape.vocab / cfg.tp * FP32 + 2 * tokens * 8 + tokens)  # + token ids, labels, mask
+
+
+def stage_layers(shape: GPTShape, cfg: JobConfig) -> int:
+    return shape.num_layers // cfg.pp
+
+
+def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
+    """Activation parts of ``stage`` for ONE micro-batch."""
+    layers = stage_layers(shape, cfg)
+    tokens = shape.micro_batch * shape.seq_len / cfg.cp
+    layer_input = tokens * shape.hidden * shape.dtype_bytes / (cfg.tp if cfg.sequence_parallel else 1)
+    if cfg.recompute == "full":
+        k = max(1, min(cfg.recompute_num_layers, layers))
+        if cfg.recompute_method == "uniform":
+            kept, inputs = 0, math.ceil(layers / k)
+        else:
+            kept, inputs = layers - k, k
+        full = layer_activation_bytes(shape, cfg)
+        parts = {name: kept * value for name, value in full.items()}
+        parts["layer inputs"] = inputs * layer_input + tokens * shape.head_dim * FP32  # + rotary table once
+    else:
+        one = layer_activation_bytes(shape, cfg, cfg.recompute)
+        parts = {name: layers * value for name, value in one.items()}
+    if stage == cfg.pp - 1:
+        parts["head"] = head_activation_bytes(shape, cfg)
+    return parts
+
+
+def in_flight(cfg: JobConfig, stage: int) -> int:
+    """1F1B: micro-batches whose activations stage ``stage`` holds at its peak."""
+    return max(1, min(cfg.pp - stage, cfg.micro_batches))
+
+
+def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
+    """Parameters one rank of ``stage`` holds (TP-sharded where megatron-core shards; norms replicated)."""
+    t, h, d = cfg.tp, shape.hidden, shape.head_dim
+    qkv = h * (shape.heads + 2 * shape.kv_heads) * d / t
+    proj = shape.heads * d * h / t
+    fc1 = h * shape.ffn_hidden * (2 if shape.gated_mlp else 1) / t
+    fc2 = shape.ffn_hidden * h / t
+    norms = (1 if shape.rmsnorm else 2) * h
+    layer = qkv + proj + fc1 + fc2 + 2 * norms
+    if shape.bias:
+        layer += (shape.heads + 2 * shape.kv_heads) * d / t + h + shape.ffn_hidden * (2 if shape.gated_mlp else 1) / t + h
+    count = stage_layers(shape, cfg) * layer
+    if stage == 0:
+        count += shape.vocab * h / t
+    if stage == cfg.pp - 1:
+        count += norms + (shape.vocab * h / t if shape.untied_embeddings or cfg.pp > 1 else 0)
+    return count
+
+
+def state_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
+    """Parameters (model dtype), fp32 main gradients, Adam state (fp32 master unless fp32 params, 2 moments)."""
+    count = parameter_count(shape, cfg, stage)
+    per_param = 2 * FP32 + (FP32 if shape.dtype_bytes != FP32 else 0)
+    shards = cfg.dp * cfg.cp if cfg.distributed_optimizer else 1
+    return {"params": count * shape.dtype_bytes, "grads": count * FP32, "optimizer": count * per_param / shards}
+
+
+def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
+    """Memory per GPU of the stage that needs the most (states + in-flight activations)."""
+    worst = None
+    for stage in range(cfg.pp):
+        parts = stage_activation_bytes(shape, cfg, stage)
+        states = state_bytes(shape, cfg, stage)
+        flight = in_flight(cfg, stage)
+        memory = JobMemory(stage, states["params"], states["grads"], states["optimizer"],
+                           flight * sum(parts.values()), flight, parts)
+        if worst is None or memory.total > worst.total:
+            worst = memory
+    return worst
+
+
+def check_job(shape: GPTShape, cfg: JobConfig) -> str:
+    """Why megatron-core would refuse ``cfg`` (empty string when it accepts it)."""
+    if cfg.recompute not in RECOMPUTE_MODES:
+        return f"recompute {cfg.recompute!r} not one of {RECOMPUTE_MODES}"
+    if cfg.recompute_method not in RECOMPUTE_METHODS:
+        return f"recompute method {cfg.recompute_method!r} not one of {RECOMPUTE_METHODS}"
+    if shape.num_layers % cfg.pp != 0:
+        return f"{shape.num_layers} layers not divisible by PP {cfg.pp}"
+    if cfg.pp > 1 and cfg.micro_batches < cfg.pp:
+        return f"{cfg.micro_batches} micro-batches < PP {cfg.pp}: the pipeline never fills"
+    if shape.ffn_hidden % cfg.tp:
+        return f"ffn hidden {shape.ffn_hidden} not divisible by TP {cfg.tp}"
+    return ""

@@ -1,0 +1,73 @@
+"""Bodies for tests/test_job_memory.py, run on every rank of a fresh RankPool: the bytes a megatron-core GPTModel
+(local spec, USP core attention) saves for backward, counted with ``torch.autograd.graph.saved_tensors_hooks``."""
+from __future__ import annotations
+
+import torch
+
+# small but activation-dominated: the memory model's terms are all visible at this size
+SHAPE = dict(num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn_hidden=192, vocab=128, seq_len=256,
+             micro_batch=1)
+
+
+def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict):
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    extra = dict(gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False) \
+        if gated else {}
+    return TransformerConfig(
+        num_layers=shape["num_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        num_query_groups=shape["kv_heads"], kv_channels=shape["head_dim"], ffn_hidden_size=shape["ffn_hidden"],
+        use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, tensor_model_parallel_size=tp,
+        context_parallel_size=cp, **extra, **recompute)
+
+
+def saved_bytes(rank, world_size, grids) -> list[list[int]]:
+    """For each grid ``(tp, ulysses, ring, ring_impl, cases)`` and each case ``(gated, recompute kwargs)``: bytes of
+    distinct storages saved for backward on this rank during one forward (parameters and tensors sharing a
+    parameter's storage excluded). Grids smaller than the pool leave the other ranks as data-parallel replicas."""
+    return [_saved_bytes(tp, u, r, impl, cases) for tp, u, r, impl, cases in grids]
+
+
+def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
+    )
+
+    megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA RNG calls (recompute) -> CPU
+    initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
+                              create_gloo_process_groups=False)
+    model_parallel_cuda_manual_seed(1234)
+    cp = ulysses_degree * ring_degree
+    shape = SHAPE
+    local = shape["seq_len"] // cp
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, shape["vocab"], (shape["micro_batch"], local), generator=gen)
+    positions = torch.arange(local).expand(shape["micro_batch"], local).contiguous()  # sizes only matter here
+    measured = []
+    for gated, recompute in cases:
+        torch.manual_seed(1)
+        model = GPTModel(config=_model_config(shape, tp, cp, gated, recompute),
+                         transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab"],
+                         max_sequence_length=shape["seq_len"], position_embedding_type="rope",
+                         share_embeddings_and_output_weights=False)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if not isinstance(t, torch.nn.Parameter) and ptr not in params:
+                seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(tokens, positions, None, labels=tokens)
+        loss.sum().backward()  # the saved tensors really serve a backward
+        measured.append(sum(seen.values()))
+    destroy_model_parallel()
+    return measured

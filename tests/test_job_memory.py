@@ -1,0 +1,79 @@
+"""megatron_usp.job_cost against reality: the activation bytes a megatron-core GPTModel (local spec, USP core
+attention, CPU, gloo) saves for backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` per distinct
+storage (parameters excluded), vs the memory model, under each recompute mode, TP, Ulysses and ring; +-10 %."""
+from __future__ import annotations
+
+import pytest
+
+from job_memory_cases import SHAPE
+from megatron_usp.job_cost import GPTShape, JobConfig, job_memory, stage_activation_bytes, state_bytes
+
+NONE, SELECTIVE = {}, dict(recompute_granularity="selective")
+FULL_UNIFORM = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+FULL_BLOCK = dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1)
+# (tp, u, r, ring_impl, [(gated SwiGLU + RMSNorm, megatron recompute kwargs)]); one 2-rank pool runs them all
+GRIDS = [
+    (1, 1, 1, "zigzag", [(False, NONE), (False, SELECTIVE), (False, FULL_UNIFORM), (True, NONE)]),
+    (2, 1, 1, "zigzag", [(False, NONE), (True, SELECTIVE)]),
+    (1, 2, 1, "zigzag", [(False, NONE), (False, FULL_BLOCK)]),
+    (1, 1, 2, "zigzag", [(True, NONE)]),
+]
+
+
+def predicted_bytes(tp: int, u: int, r: int, gated: bool, recompute: dict) -> float:
+    shape = GPTShape(**SHAPE, dtype_bytes=4, gated_mlp=gated, rmsnorm=gated, bias=not gated,
+                     fused_kernels=False)  # megatron-core's torch fallbacks on CPU
+    config = JobConfig(tp=tp, ulysses=u, ring=r, recompute=recompute.get("recompute_granularity", "none"),
+                       recompute_method=recompute.get("recompute_method") or "uniform",
+                       recompute_num_layers=recompute.get("recompute_num_layers") or 1)
+    return sum(stage_activation_bytes(shape, config, 0).values())
+
+
+def test_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
+    measured = fresh_rank_pool(2).run("job_memory_cases:saved_bytes", timeout=300, grids=GRIDS)
+    assert measured[0] == measured[1]  # every rank of these grids holds the same shapes
+    rows = []
+    for (tp, u, r, impl, cases), sizes in zip(GRIDS, measured[0]):
+        for (gated, recompute), size in zip(cases, sizes):
+            mode = recompute.get("recompute_granularity", "none")
+            if mode == "full":
+                mode += f" {recompute['recompute_method']}"
+            label = f"TP={tp} u={u} r={r} {impl} {'swiglu+rmsnorm' if gated else 'gelu+layernorm'} recompute {mode}"
+            predicted = predicted_bytes(tp, u, r, gated, recompute)
+            rows.append((label, predicted, size, (predicted - size) / size))
+    with capsys.disabled():
+        print("\nactivation bytes per rank, one micro-batch (predicted by megatron_usp.job_cost, measured):")
+        print(f"  {'configuration':<58} {'predicted':>10} {'measured':>10} {'error':>7}")
+        for label, predicted, size, error in rows:
+            print(f"  {label:<58} {predicted:>10.0f} {size:>10d} {error:>+7.2%}")
+    for label, predicted, size, error in rows:
+        assert abs(error) <= 0.10, f"{label}: predicted {predicted:.0f} B, measured {size} B ({error:+.1%})"
+
+
+LLAMA70B = GPTShape(num_layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128, ffn_hidden=28672, vocab=128256,
+                    seq_len=262144)
+
+
+def test_states_hand_computed():
+    # 70B-class on one stage, TP 8: bf16 params 2 B + fp32 grads 4 B + (master 4 + 2 moments 8) B sharded over DP x CP
+    config = JobConfig(tp=8, ulysses=1, ring=4, distributed_optimizer=True)
+    states = state_bytes(LLAMA70B, config, 0)
+    params = states["params"] / 2
+    layer = (8192 * (64 + 16) * 128 + 64 * 128 * 8192 + 8192 * 28672 * 3) / 8 + 2 * 8192
+    assert params == pytest.approx(80 * layer + 2 * 128256 * 8192 / 8 + 8192)
+    assert states["grads"] == 2 * states["params"]
+    assert states["optimizer"] == pytest.approx(params * 12 / 4)
+    off = state_bytes(LLAMA70B, JobConfig(tp=8, ring=4, distributed_optimizer=False), 0)
+    assert off["optimizer"] == pytest.approx(params * 12)
+
+
+def test_recompute_and_pipeline_shrink_activations():
+    base = JobConfig(tp=8, pp=1, ulysses=1, ring=4, micro_batches=8)
+    none = job_memory(LLAMA70B, base)
+    full = job_memory(LLAMA70B, JobConfig(**{**base.__dict__, "recompute": "full"}))
+    # full recompute, chunks of 1 layer: 80 layer inputs of 65536 tokens x 8192 bf16 (+ the head, rotary table)
+    assert full.activations < none.activations / 5  # TP without sequence parallelism: norms replicated
+    assert full.activations == pytest.approx(80 * 65536 * 8192 * 2, rel=0.25)
+    pp4 = job_memory(LLAMA70B, JobConfig(**{**base.__dict__, "pp": 4, "recompute": "full"}))
+    assert pp4.stage == 0 and pp4.in_flight == 4  # 1F1B: the first stage holds PP micro-batches
+    assert pp4.params < none.params / 3
