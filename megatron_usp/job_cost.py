@@ -176,27 +176,42 @@ def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[
     return parts
 
 
+def recompute_working_bytes(shape: GPTShape, cfg: JobConfig) -> float:
+    """Under full recompute the backward rebuilds one checkpointed chunk's activations at a time: that chunk's
+    saved tensors are live on top of the kept ones (selective: one layer's core attention)."""
+    if cfg.recompute == "full":
+        chunk = cfg.recompute_num_layers if cfg.recompute_method == "uniform" else 1
+        return min(chunk, stage_layers(shape, cfg)) * sum(layer_activation_bytes(shape, cfg).values())
+    if cfg.recompute == "selective":
+        full, kept = layer_activation_bytes(shape, cfg), layer_activation_bytes(shape, cfg, "selective")
+        return max(0.0, full["attention"] - kept["attention"])
+    return 0.0
+
+
 def in_flight(cfg: JobConfig, stage: int) -> int:
     """1F1B: micro-batches whose activations stage ``stage`` holds at its peak."""
     return max(1, min(cfg.pp - stage, cfg.micro_batches))
 
 
+def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True) -> float:
+    """Parameters of one transformer layer on one TP rank (the norms replicated)."""
+    t, h, d = cfg.tp, shape.hidden, shape.head_dim
+    widths = (shape.heads + 2 * shape.kv_heads) * d
+    fc1 = shape.ffn_hidden * (2 if shape.gated_mlp else 1)
+    count = (h * widths + shape.heads * d * h + h * fc1 + shape.ffn_hidden * h) / t
+    if shape.bias:
+        count += (widths + fc1) / t + 2 * h
+    return count + (2 * (1 if shape.rmsnorm else 2) * h if norms else 0)
+
+
 def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
     """Parameters one rank of ``stage`` holds (TP-sharded where megatron-core shards; norms replicated)."""
-    t, h, d = cfg.tp, shape.hidden, shape.head_dim
-    qkv = h * (shape.heads + 2 * shape.kv_heads) * d / t
-    proj = shape.heads * d * h / t
-    fc1 = h * shape.ffn_hidden * (2 if shape.gated_mlp else 1) / t
-    fc2 = shape.ffn_hidden * h / t
-    norms = (1 if shape.rmsnorm else 2) * h
-    layer = qkv + proj + fc1 + fc2 + 2 * norms
-    if shape.bias:
-        layer += (shape.heads + 2 * shape.kv_heads) * d / t + h + shape.ffn_hidden * (2 if shape.gated_mlp else 1) / t + h
-    count = stage_layers(shape, cfg) * layer
+    count = stage_layers(shape, cfg) * layer_parameter_count(shape, cfg)
     if stage == 0:
-        count += shape.vocab * h / t
+        count += shape.vocab * shape.hidden / cfg.tp
     if stage == cfg.pp - 1:
-        count += norms + (shape.vocab * h / t if shape.untied_embeddings or cfg.pp > 1 else 0)
+        count += (1 if shape.rmsnorm else 2) * shape.hidden
+        count += shape.vocab * shape.hidden / cfg.tp if shape.untied_embeddings or cfg.pp > 1 else 0
     return count
 
 

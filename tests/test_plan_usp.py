@@ -224,3 +224,48 @@ def test_planner_ranking_matches_a_stored_cpu_measurement():
     result = plan.compare(records, plan.PRESETS["cpu"], gpus_per_node=2)
     assert len(result["rows"]) == 16
     assert result["spearman"] >= 0.8, result["spearman"]
+
+
+# ---------------------------------------------------------------------------------------------------- whole job
+
+JOB_70B = ["--heads", "64", "--kv-heads", "8", "--head-dim", "128", "--hidden", "8192", "--num-layers", "80",
+           "--ffn-hidden", "28672", "--vocab", "128256", "--gpu", "h100"]
+
+
+def test_whole_job_70b_256k_on_32_h100_gets_a_plan(capsys):
+    """The issue's example: without recompute and PP every grid needs > 150 GiB of activations; the job plan
+    finds recompute + PP + the distributed optimizer and prints both command lines."""
+    assert plan.main(JOB_70B + ["--seq-len", "262144", "--nodes", "4", "--tp", "auto"]) == 0
+    text = capsys.readouterr().out
+    megatron = next(line for line in text.splitlines() if line.startswith("Megatron-LM: "))
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--ulysses-degree", "--ring-degree",
+                 "--usp-ring-impl", "--recompute-granularity full", "--use-distributed-optimizer",
+                 "--micro-batch-size 1", "--global-batch-size 32", "--seq-length 262144"):
+        assert flag in megatron, flag
+    assert "trainer:     torchrun" in text and "examples/pretrain_gpt_usp.py" in text
+    assert "memory per GPU" in text and "recompute full: no job without recompute fits" in text
+
+
+def test_whole_job_memory_orders_and_budget():
+    shape = plan.ModelShape(heads=64, kv_heads=8, head_dim=128, hidden=8192, num_layers=80, seq_len=262144,
+                            ffn_hidden=28672, vocab=128256)
+    cluster, config = plan.Cluster(8, 4), plan.ParallelConfig(8, 1, 2, "zigzag")
+    memory = {rc: plan.predict_job(shape, cluster, H100, config, plan.JobChoice(pp=2, recompute=rc, global_batch=32))
+              for rc in ("none", "selective", "full")}
+    assert memory["none"].memory_gib > memory["selective"].memory_gib > memory["full"].memory_gib
+    assert memory["full"].feasible and not memory["none"].feasible and memory["none"].reason.startswith("memory:")
+    assert memory["full"].iteration_s > memory["selective"].iteration_s  # recompute costs a forward
+    off = plan.predict_job(shape, cluster, H100, config, plan.JobChoice(pp=2, recompute="full",
+                                                                        distributed_optimizer=False, global_batch=32))
+    assert off.memory.optimizer == 2 * memory["full"].memory.optimizer  # sharded over DP x CP = 2
+    bad = plan.predict_job(shape, cluster, H100, config, plan.JobChoice(pp=3, global_batch=32))
+    assert not bad.feasible and "not divisible by PP 3" in bad.reason
+
+
+def test_whole_job_infeasible_says_the_smallest_change(capsys):
+    assert plan.main(JOB_70B + ["--seq-len", "262144", "--nodes", "2", "--tp", "8"]) == 1
+    text = capsys.readouterr().out
+    assert "no feasible configuration:" in text and "least memory:" in text and "fits with 4 nodes" in text
+    assert plan.main(JOB_70B + ["--seq-len", "8192", "--gpus-per-node", "1", "--nodes", "1"]) == 1
+    text = capsys.readouterr().out
+    assert "params" in text and "> 75.6 GiB" in text and "cannot fit" in text

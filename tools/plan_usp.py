@@ -12,8 +12,17 @@ The model, per transformer layer, forward + backward, on the slowest rank of one
   the backward moves K/V and the fp32 dK/dV together, and the last dK/dV hop home is exposed.
   ring (allgather): all-gather K/V forward and again backward, reduce-scatter fp32 dK/dV; nothing overlapped.
 * Megatron TP with sequence parallelism: 4 all-gathers / reduce-scatters forward and 4 backward per layer.
-* memory: per-layer saved activations (attention's q, k, v, out, lse exactly; the rest of the layer roughly,
-  Korthikanti et al. 2022) x layers + the largest transient buffers of one attention call.
+* memory: per-layer saved activations (``megatron_usp.job_cost``, checked against the bytes megatron-core saves)
+  x layers + the largest transient buffers of one attention call.
+
+Whole-job planning (``--ffn-hidden``, ``--vocab``, ``--num-layers``): the grid also searches PP, DP, activation
+recompute (none / selective / full), the distributed optimizer and the micro-batch size. Memory per GPU =
+parameters + fp32 gradients + Adam states (sharded over DP x CP with the distributed optimizer) + activations of
+the 1F1B micro-batches in flight on the first stage + transients (attention buffers, one recomputed chunk), from
+``megatron_usp.job_cost``; seconds per iteration = (micro-batches + PP - 1) x the slowest stage's micro-batch
+(layers x (attention as above + GEMMs at the preset's GEMM TFLOPS + the recompute's extra forward) + the output
+layer) + the DP x CP gradient reduction. It prints the winner's Megatron-LM and trainer command lines, and when
+nothing fits, the least-memory job's arithmetic and the smallest change (more nodes, shorter sequence) that fits.
 
 The feasibility rules are the library's own (``check_head_counts``, ``check_seq_len``), imported, not copied.
 """
@@ -31,6 +40,10 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_usp.cost import attention_flops, block_pairs  # noqa: E402
+from megatron_usp.job_cost import (  # noqa: E402
+    GPTShape, JobConfig, JobMemory, check_job, job_memory, layer_activation_bytes, layer_parameter_count,
+    recompute_working_bytes, stage_layers,
+)
 from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.ring import build_schedule  # noqa: E402
 from megatron_usp.ulysses import check_head_counts, kv_replication  # noqa: E402
@@ -40,9 +53,6 @@ ACCUMULATION_BYTES = 4  # lse, dq and the travelling dK/dV are fp32
 BACKWARD_FLOPS_FACTOR = 2.5  # flash-attention backward (with its recomputation) vs forward
 A2A_CALLS = (("q,k,v", "qkv"), ("out", "q"))  # per direction: what each all-to-all carries (heads of q or q+2kv)
 TP_COLLECTIVES_PER_LAYER = 8  # sequence-parallel TP: all-gather + reduce-scatter x (attention, MLP) x (fwd, bwd)
-# Korthikanti et al. 2022: a layer saves ~34·s·b·h bytes (bf16, selective recompute); q, k, v, out are ~8 of them
-# (counted exactly here), so the rest of the layer is ~26 bytes per token per hidden unit.
-OTHER_ACTIVATION_BYTES_PER_HIDDEN = 26
 IMPL_PREFERENCE = ("zigzag", "stripe", "allgather", "basic")  # tie-break between equal predictions
 GIB = 1024**3
 
@@ -61,14 +71,17 @@ class Hardware:
     gpu_memory_gib: float
     kernel_overhead_us: float = 10.0  # per attention kernel call (launch, merge of partial results)
     half_efficiency_tokens: float = 512.0  # keys per block at which the kernel reaches half its TFLOPS
+    gemm_tflops: float = 0.0  # achieved dense GEMM TFLOPS (the layer's projections and MLP); 0: 2 x fwd_tflops
 
 
 # Achieved (not peak) numbers: FA2-class kernels (torch SDPA flash), bf16, head_dim 128, long sequences;
 # NCCL bus bandwidth per GPU per direction. Override any of them with the flags.
+# GEMM TFLOPS: ~2/3 of the dense bf16 peak (A100 312, H100 SXM 989, NVIDIA data sheets), what large
+# Megatron GEMMs reach (Megatron-LM's published MFU of 40-50 % for whole 70B+ models includes everything else).
 PRESETS: dict[str, Hardware] = {
-    "a100": Hardware("a100", 190.0, 150.0, 230.0, 22.0, 8.0, 15.0, 79.2),
-    "h100": Hardware("h100", 380.0, 300.0, 360.0, 45.0, 6.0, 12.0, 79.6),
-    "h200": Hardware("h200", 400.0, 320.0, 360.0, 45.0, 6.0, 12.0, 139.8),
+    "a100": Hardware("a100", 190.0, 150.0, 230.0, 22.0, 8.0, 15.0, 79.2, gemm_tflops=210.0),
+    "h100": Hardware("h100", 380.0, 300.0, 360.0, 45.0, 6.0, 12.0, 79.6, gemm_tflops=650.0),
+    "h200": Hardware("h200", 400.0, 320.0, 360.0, 45.0, 6.0, 12.0, 139.8, gemm_tflops=650.0),
     # gloo ranks on one CPU host: memcpy-through-sockets bandwidth, a few GFLOPS per rank for the torch kernel
     "cpu": Hardware("cpu", 0.02, 0.01, 2.0, 2.0, 100.0, 100.0, 64.0, kernel_overhead_us=200.0,
                    half_efficiency_tokens=64.0),
@@ -88,6 +101,11 @@ class ModelShape:
     micro_batch: int = 1
     dtype: str = "bf16"
     causal: bool = True
+    # the rest of the GPT, for whole-job planning (0: attention-only planning, as before)
+    ffn_hidden: int = 0
+    vocab: int = 0
+    gated_mlp: bool = True  # SwiGLU
+    rmsnorm: bool = True
 
     @property
     def hidden_size(self) -> int:
@@ -286,26 +304,34 @@ def feasibility_reason(shape: ModelShape, cluster: Cluster, config: ParallelConf
     return ""
 
 
-def memory_gib(shape: ModelShape, config: ParallelConfig) -> float:
-    """Activations one GPU holds: saved per layer x layers, plus one attention call's transient buffers."""
-    b, dt, d = shape.micro_batch, shape.dtype_bytes, shape.head_dim
-    tokens_after_a2a = b * shape.seq_len / config.ring
-    q_heads = shape.heads / (config.tp * config.ulysses)
-    kv_heads = kv_heads_per_tp_rank_after_replication(shape, config.tp, config.ulysses) / config.ulysses
-    q_bytes = tokens_after_a2a * q_heads * d * dt
+def gpt_shape(shape: ModelShape, micro_batch: Optional[int] = None) -> GPTShape:
+    """The job_cost view of ``shape``; without --ffn-hidden: a GPT MLP of 4 x hidden (GELU), no vocabulary."""
+    return GPTShape(num_layers=shape.num_layers or 1, hidden=shape.hidden_size, heads=shape.heads,
+                    kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                    ffn_hidden=shape.ffn_hidden or 4 * shape.hidden_size, vocab=shape.vocab, seq_len=shape.seq_len,
+                    micro_batch=micro_batch or shape.micro_batch, dtype_bytes=shape.dtype_bytes,
+                    gated_mlp=bool(shape.ffn_hidden) and shape.gated_mlp, rmsnorm=shape.rmsnorm)
+
+
+def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> float:
+    """The largest buffers one attention call holds while it runs (not saved for backward)."""
+    dt = shape.dtype_bytes
+    q_bytes = shape.micro_batch * shape.seq_len / config.ring * shape.heads / (config.tp * config.ulysses) \
+        * shape.head_dim * dt
     kv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, dt)
     dkv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, ACCUMULATION_BYTES)
-    lse = tokens_after_a2a * q_heads * ACCUMULATION_BYTES
-    attention_saved = 2 * q_bytes + kv_block + lse  # q, out, k+v, lse
-    tokens_per_rank = b * shape.seq_len / config.sp
-    other_saved = OTHER_ACTIVATION_BYTES_PER_HIDDEN * tokens_per_rank * shape.hidden_size / config.tp * dt / 2
     dq_accumulator = q_bytes / dt * ACCUMULATION_BYTES
     if config.ring_impl == "allgather" and config.ring > 1:
-        transient = config.ring * (kv_block + dkv_block) + dq_accumulator  # gathered K/V and its fp32 gradient
-    else:
-        transient = 2 * kv_block + 3 * dkv_block + dq_accumulator  # current + incoming K/V; dK/dV in flight
-    layers = shape.num_layers or 1
-    return (layers * (attention_saved + other_saved) + transient) / GIB
+        return config.ring * (kv_block + dkv_block) + dq_accumulator  # gathered K/V and its fp32 gradient
+    return 2 * kv_block + 3 * dkv_block + dq_accumulator  # current + incoming K/V; dK/dV in flight
+
+
+def memory_gib(shape: ModelShape, config: ParallelConfig) -> float:
+    """Activations one GPU holds without recompute or PP (megatron_usp.job_cost, sequence parallel with TP):
+    saved per layer x layers, plus one attention call's transient buffers."""
+    job = JobConfig(tp=config.tp, ulysses=config.ulysses, ring=config.ring, sequence_parallel=config.tp > 1)
+    per_layer = sum(layer_activation_bytes(gpt_shape(shape), job).values())
+    return ((shape.num_layers or 1) * per_layer + attention_transient_bytes(shape, config)) / GIB
 
 
 def predict(
@@ -452,6 +478,310 @@ def plan(
         seen[key] = p
         ranked.append(p)
     return ranked, infeasible
+
+
+# ---------------------------------------------------------------------------------------------------- whole job
+
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+DEFAULT_RESERVE_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
+
+
+@dataclass(frozen=True)
+class JobChoice:
+    """What a whole Megatron job adds to the attention grid: PP, DP, recompute, optimizer, batch."""
+
+    pp: int = 1
+    dp: int = 1
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    distributed_optimizer: bool = True
+    micro_batch: int = 1
+    global_batch: int = 1
+
+    @property
+    def micro_batches(self) -> int:
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    def label(self) -> str:
+        rc = self.recompute if self.recompute != "full" else \
+            f"full {self.recompute_method}/{self.recompute_num_layers}"
+        return (f"PP={self.pp} DP={self.dp} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
+                f"distopt={'on' if self.distributed_optimizer else 'off'}")
+
+
+@dataclass
+class JobPrediction:
+    attention: Prediction  # per layer, one micro-batch
+    job: JobChoice
+    feasible: bool = True
+    reason: str = ""
+    memory: Optional[JobMemory] = None
+    transient_gib: float = 0.0  # attention buffers + the recompute working set
+    memory_gib: float = 0.0
+    budget_gib: float = 0.0
+    layer_ms: float = 0.0  # one layer, one micro-batch, fwd + bwd (+ recompute)
+    gemm_ms: float = 0.0
+    recompute_ms: float = 0.0
+    stage_ms: float = 0.0  # the slowest stage, one micro-batch
+    bubble_ms: float = 0.0
+    grad_sync_ms: float = 0.0
+    iteration_s: float = 0.0
+
+    @property
+    def config(self) -> ParallelConfig:
+        return self.attention.config
+
+    def label(self) -> str:
+        return f"{self.attention.config.label()} {self.job.label()}"
+
+
+def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
+    return JobConfig(tp=config.tp, pp=choice.pp, ulysses=config.ulysses, ring=config.ring, dp=choice.dp,
+                     recompute=choice.recompute, recompute_method=choice.recompute_method,
+                     recompute_num_layers=choice.recompute_num_layers,
+                     distributed_optimizer=choice.distributed_optimizer, micro_batches=choice.micro_batches,
+                     sequence_parallel=config.tp > 1)
+
+
+def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
+                reserve_gib: float = DEFAULT_RESERVE_GIB) -> JobPrediction:
+    """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
+    (micro-batches + PP - 1) x the slowest stage's micro-batch (1F1B bubble) + the DP x CP gradient reduction."""
+    mb_shape = replace(shape, micro_batch=choice.micro_batch)
+    gpt, job = gpt_shape(mb_shape), job_config(config, choice)
+    # the attention grid sees PP as more replicas: TP and the SP group are placed the same way
+    grid = replace(config, dp=choice.dp * choice.pp)
+    reason = check_job(gpt, job) or feasibility_reason(mb_shape, cluster, grid)
+    if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
+        reason = f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}"
+    attention = predict(mb_shape, cluster, hardware, grid, check=False)
+    result = JobPrediction(attention, choice, budget_gib=hardware.gpu_memory_gib - reserve_gib)
+    if reason:
+        result.feasible, result.reason = False, reason
+        return result
+    memory = job_memory(gpt, job)
+    result.memory = memory
+    result.transient_gib = (attention_transient_bytes(mb_shape, config) + recompute_working_bytes(gpt, job)) / GIB
+    result.memory_gib = memory.total / GIB + result.transient_gib
+
+    # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
+    tokens = choice.micro_batch * shape.seq_len / config.sp
+    layer_params = layer_parameter_count(gpt, job, norms=False)
+    gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
+    gemm_fwd = 2.0 * tokens * layer_params / (gemm_tflops * 1e12) * 1e3
+    result.gemm_ms = 3 * gemm_fwd
+    attn_fwd = attention.compute_ms / (1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
+    attn_fwd_all = attn_fwd + attention.a2a_ms / 2 + attention.ring_exposed_ms / 3
+    layers = stage_layers(gpt, job)
+    if choice.recompute == "full":
+        recomputed = layers if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, layers)
+        result.recompute_ms = recomputed / layers * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2)
+    elif choice.recompute == "selective":
+        result.recompute_ms = attn_fwd_all
+    result.layer_ms = attention.total_ms + result.gemm_ms + result.recompute_ms
+    head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
+    result.stage_ms = layers * result.layer_ms + head_ms
+    m = choice.micro_batches
+    result.bubble_ms = (choice.pp - 1) * result.stage_ms
+    # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
+    # optimizer, all-reduce without), not overlapped with the backward here
+    group = choice.dp * config.sp
+    if group > 1:
+        stage_params = memory.params / gpt.dtype_bytes
+        crosses = config.tp * group > cluster.gpus_per_node
+        gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
+        fraction = (group - 1) / group
+        moved = stage_params * fraction * (FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer
+                                           else 2 * FP32_BYTES)
+        result.grad_sync_ms = moved / (gbps * 1e9) * 1e3
+    result.iteration_s = ((m + choice.pp - 1) * result.stage_ms + result.grad_sync_ms) / 1e3
+    if result.memory_gib > result.budget_gib:
+        result.feasible = False
+        result.reason = f"memory: {memory_breakdown(result)}"
+    return result
+
+
+FP32_BYTES = 4
+
+
+def memory_breakdown(p: JobPrediction) -> str:
+    m = p.memory
+    return (f"params {m.params / GIB:.1f} + grads {m.grads / GIB:.1f} + optimizer {m.optimizer / GIB:.1f} + "
+            f"activations {m.activations / GIB:.1f} ({m.in_flight} micro-batch(es) in flight on stage {m.stage}) + "
+            f"transient {p.transient_gib:.1f} = {p.memory_gib:.1f} GiB "
+            f"{'<=' if p.memory_gib <= p.budget_gib else '>'} {p.budget_gib:.1f} GiB")
+
+
+def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Sequence[int], recomputes: Sequence[str],
+                distributed_optimizers: Sequence[bool], micro_batches: Sequence[int],
+                global_batch: int) -> list[JobChoice]:
+    choices = []
+    layers = shape.num_layers or 1
+    for pp in pp_choices:
+        if world_over_tp_sp % pp or layers % pp:
+            continue
+        dp = world_over_tp_sp // pp
+        for mbs in micro_batches:
+            if global_batch % (dp * mbs):
+                continue
+            for recompute in recomputes:
+                # full: uniform chunks of 1 layer (least memory); block over half the stage (less recompute)
+                variants = [("uniform", 1)] if recompute != "full" else [("uniform", 1), ("block", layers // pp // 2)]
+                for method, count in variants:
+                    if count < 1:
+                        continue
+                    for distopt in distributed_optimizers:
+                        choices.append(JobChoice(pp, dp, recompute, method, count, distopt, mbs, global_batch))
+    return choices
+
+
+def plan_job(
+    shape: ModelShape,
+    cluster: Cluster,
+    hardware: Hardware,
+    *,
+    tp_choices: Sequence[int],
+    ring_impls: Sequence[str] = RING_SCHEDULE_IMPLS,
+    orders: Sequence[bool] = (True,),
+    pp_choices: Optional[Sequence[int]] = None,
+    recomputes: Sequence[str] = RECOMPUTE_CHOICES,
+    distributed_optimizers: Sequence[bool] = (True, False),
+    micro_batches: Sequence[int] = (1,),
+    global_batch: int = 0,
+    reserve_gib: float = DEFAULT_RESERVE_GIB,
+) -> tuple[list[JobPrediction], list[JobPrediction]]:
+    """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world."""
+    global_batch = global_batch or cluster.world
+    pp_choices = pp_choices or _divisors(shape.num_layers or 1)
+    feasible, infeasible = [], []
+    for tp in tp_choices:
+        if cluster.world % tp or cluster.gpus_per_node % tp:
+            continue
+        for sp in _divisors(cluster.world // tp):
+            rest = cluster.world // (tp * sp)
+            choices = job_choices(shape, rest, pp_choices=pp_choices, recomputes=recomputes,
+                                  distributed_optimizers=distributed_optimizers, micro_batches=micro_batches,
+                                  global_batch=global_batch)
+            for u in _divisors(sp):
+                # r == 1: every impl runs the same local attention; keep the preferred one
+                one = sorted(ring_impls, key=lambda i: IMPL_PREFERENCE.index(i) if i in IMPL_PREFERENCE else 99)[:1]
+                for impl in (ring_impls if sp // u > 1 else one):
+                    for inner in orders:
+                        if not inner and (u == 1 or sp // u == 1):
+                            continue
+                        config = ParallelConfig(tp, u, sp // u, impl, 1, inner)
+                        for choice in choices:
+                            p = predict_job(shape, cluster, hardware, config, choice, reserve_gib)
+                            (feasible if p.feasible else infeasible).append(p)
+    feasible.sort(key=lambda p: (round(p.iteration_s, 9), p.memory_gib, IMPL_PREFERENCE.index(p.config.ring_impl)
+                                 if p.config.ring_impl in IMPL_PREFERENCE else len(IMPL_PREFERENCE)))
+    return feasible, infeasible
+
+
+def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, infeasible: Sequence[JobPrediction],
+                    **search) -> list[str]:
+    """When nothing fits: the least-memory job and its arithmetic, then the smallest change that makes one fit:
+    more nodes (x2, x4, x8) or a shorter sequence (halved, down to 1/8)."""
+    lines = []
+    sized = [p for p in infeasible if p.memory is not None]
+    if sized:
+        least = min(sized, key=lambda p: p.memory_gib)
+        lines.append(f"least memory: {least.label()}: {memory_breakdown(least)}")
+    else:
+        lines.append("no grid passes the divisibility rules; first reason: " + (infeasible[0].reason if infeasible else "-"))
+    for factor in (2, 4, 8):
+        bigger = Cluster(cluster.gpus_per_node, cluster.nodes * factor)
+        ranked, _ = plan_job(shape, bigger, hardware, **search)
+        if ranked:
+            lines.append(f"fits with {bigger.nodes} nodes ({bigger.world} GPUs): {ranked[0].label()}, "
+                         f"{ranked[0].memory_gib:.1f} GiB, {ranked[0].iteration_s:.2f} s/iteration")
+            break
+    for factor in (2, 4, 8):
+        shorter = replace(shape, seq_len=shape.seq_len // factor)
+        ranked, _ = plan_job(shorter, cluster, hardware, **search)
+        if ranked:
+            lines.append(f"fits at seq {shorter.seq_len} on {cluster.nodes} nodes: {ranked[0].label()}, "
+                         f"{ranked[0].memory_gib:.1f} GiB")
+            break
+    if len(lines) == 1:
+        lines.append("cannot fit: no grid, recompute, PP or optimizer setting, up to 8x the nodes or 1/8 of the "
+                     "sequence, brings memory under the budget")
+    return lines
+
+
+def _model_flags(shape: ModelShape) -> list[str]:
+    return [f"--num-layers {shape.num_layers} --hidden-size {shape.hidden_size} --ffn-hidden-size {shape.ffn_hidden}",
+            f"--num-attention-heads {shape.heads}",
+            f"--group-query-attention --num-query-groups {shape.kv_heads}" if shape.kv_heads != shape.heads else ""]
+
+
+def _job_flags(p: JobPrediction, trainer: bool) -> list[str]:
+    c, j = p.config, p.job
+    if j.recompute == "none":
+        recompute = ""
+    elif j.recompute == "selective":
+        recompute = "--recompute-granularity selective"
+    else:
+        recompute = (f"--recompute-granularity full --recompute-method {j.recompute_method} "
+                     f"--recompute-num-layers {j.recompute_num_layers}")
+    return [f"--tensor-model-parallel-size {c.tp}" + (" --sequence-parallel" if c.tp > 1 and not trainer else ""),
+            f"--pipeline-model-parallel-size {j.pp}",
+            f"--ulysses-degree {c.ulysses} --ring-degree {c.ring} --usp-ring-impl {c.ring_impl}"
+            + ("" if c.ulysses_inner else " --usp-ring-inner"),
+            recompute,
+            "--use-distributed-optimizer" if j.distributed_optimizer else
+            ("--no-use-distributed-optimizer" if trainer else ""),
+            f"--micro-batch-size {j.micro_batch} --global-batch-size {j.global_batch}"]
+
+
+def megatron_lm_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> str:
+    parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} pretrain_gpt.py",
+             *_model_flags(shape),
+             f"--kv-channels {shape.head_dim} --seq-length {shape.seq_len} --max-position-embeddings {shape.seq_len}",
+             "--position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear",
+             ("--swiglu" if shape.gated_mlp else "") + (" --normalization RMSNorm" if shape.rmsnorm else ""),
+             "--bf16" if shape.dtype == "bf16" else ("--fp16" if shape.dtype == "fp16" else ""),
+             *_job_flags(p, trainer=False)]
+    return " ".join(part.strip() for part in parts if part.strip())
+
+
+def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> str:
+    """examples/pretrain_gpt_usp.py on the same grid (its GPT has no sequence parallelism, SwiGLU or RMSNorm)."""
+    parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} examples/pretrain_gpt_usp.py",
+             *_model_flags(shape), f"--seq-length {shape.seq_len} --vocab-size {shape.vocab}",
+             "--bf16" if shape.dtype == "bf16" else "", *_job_flags(p, trainer=True)]
+    return " ".join(part for part in parts if part)
+
+
+def format_job_table(ranked: Sequence[JobPrediction], top: Optional[int] = None) -> str:
+    header = f"{'#':>3}  {'grid':<62} {'s/iter':>8} {'layer ms':>9} {'bubble':>7} {'grad':>6} {'GiB':>6}"
+    lines = [header, "-" * len(header)]
+    for i, p in enumerate(ranked[:top] if top else ranked, 1):
+        lines.append(f"{i:>3}  {p.label():<62} {p.iteration_s:>8.2f} {p.layer_ms:>9.1f} "
+                     f"{p.bubble_ms / 1e3:>6.1f}s {p.grad_sync_ms / 1e3:>5.1f}s {p.memory_gib:>6.1f}")
+    return "\n".join(lines)
+
+
+def explain_job(ranked: Sequence[JobPrediction], shape: ModelShape) -> list[str]:
+    if not ranked:
+        return []
+    best = ranked[0]
+    a = best.attention
+    lines = [f"winner: {best.label()}",
+             f"memory per GPU (stage {best.memory.stage}): {memory_breakdown(best)}",
+             f"one layer, one micro-batch: attention {a.total_ms:.1f} ms (compute {a.compute_ms:.1f}, exposed comm "
+             f"{a.exposed_comm_ms:.1f}) + GEMMs {best.gemm_ms:.1f} ms + recompute {best.recompute_ms:.1f} ms",
+             f"iteration: ({best.job.micro_batches} micro-batches + PP {best.job.pp} - 1) x stage "
+             f"{best.stage_ms / 1e3:.2f} s + gradient reduction {best.grad_sync_ms / 1e3:.2f} s "
+             f"= {best.iteration_s:.2f} s"]
+    cheaper = [p for p in ranked if p.job.recompute != best.job.recompute]
+    if best.job.recompute != "none" and not any(p.job.recompute == "none" for p in ranked):
+        lines.append(f"recompute {best.job.recompute}: no job without recompute fits")
+    elif cheaper:
+        lines.append(f"best with recompute {cheaper[0].job.recompute}: {cheaper[0].iteration_s:.2f} s/iteration, "
+                     f"{cheaper[0].memory_gib:.1f} GiB")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -676,6 +1006,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--micro-batch", type=int, default=1)
     model.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     model.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    job = parser.add_argument_group("whole job (given --ffn-hidden and --vocab: plan PP, recompute, optimizer, batch)")
+    job.add_argument("--ffn-hidden", type=int, default=0, help="MLP hidden size; turns on whole-job planning")
+    job.add_argument("--vocab", type=int, default=0, help="vocabulary size (untied input and output embeddings)")
+    job.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True, help="gated MLP (SwiGLU)")
+    job.add_argument("--rmsnorm", action=argparse.BooleanOptionalAction, default=True, help="RMSNorm (else LayerNorm)")
+    job.add_argument("--pp", default="auto", help="pipeline stages: 'auto' (every divisor of the layers) or a number")
+    job.add_argument("--recompute", choices=("auto",) + RECOMPUTE_CHOICES, default="auto")
+    job.add_argument("--distributed-optimizer", choices=("auto", "on", "off"), default="auto")
+    job.add_argument("--micro-batch-sizes", default="1", help="comma-separated micro-batch sizes to consider")
+    job.add_argument("--global-batch-size", type=int, default=0, help="sequences per iteration (default: GPUs)")
+    job.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
+                     help="memory per GPU kept for the CUDA context, NCCL, fragmentation")
     grid = parser.add_argument_group("cluster and grid")
     grid.add_argument("--gpus-per-node", type=int, default=None,
                       help="default 8 (planning) or each record's world size (--compare)")
@@ -700,7 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keys per kernel call at which attention reaches half its TFLOPS (small blocks are slow)")
     hw.add_argument("--gpu-memory-gib", type=float)
     hw.add_argument("--other-memory-gib", type=float, default=None,
-                    help="memory taken by weights, gradients, optimizer, workspace (default: half of the GPU)")
+                    help="attention-only planning (no --ffn-hidden): memory taken by weights, gradients, optimizer, "
+                         "workspace (default: half of the GPU); whole-job planning computes them (--reserve-gib)")
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, default=10)
     out.add_argument("--json", metavar="PATH", help="write every prediction (and infeasible reasons) as JSON")
@@ -753,7 +1096,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--heads and --seq-len are required (or --compare BENCH_JSON)")
     shape = ModelShape(heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                        seq_len=args.seq_len, hidden=args.hidden, num_layers=args.num_layers,
-                       micro_batch=args.micro_batch, dtype=args.dtype, causal=args.causal)
+                       micro_batch=args.micro_batch, dtype=args.dtype, causal=args.causal,
+                       ffn_hidden=args.ffn_hidden, vocab=args.vocab, gated_mlp=args.swiglu, rmsnorm=args.rmsnorm)
     cluster = Cluster(args.gpus_per_node or 8, args.nodes)
     tp_choices = _divisors(cluster.gpus_per_node) if args.tp == "auto" else [int(args.tp)]
     impls = [impl.strip() for impl in args.ring_impls.split(",") if impl.strip()]
@@ -761,6 +1105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown ring impl(s) {unknown}: choose among {', '.join(RING_SCHEDULE_IMPLS)}")
     orders = {"ulysses-inner": (True,), "ring-inner": (False,), "both": (True, False)}[args.order]
+    if args.ffn_hidden:
+        return main_job(args, shape, cluster, hardware, tp_choices, impls, orders)
     ranked, infeasible = plan(shape, cluster, hardware, tp_choices=tp_choices, ring_impls=impls, dp=args.dp,
                               orders=orders, other_memory_gib=args.other_memory_gib)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
@@ -788,6 +1134,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump({"ranked": [_jsonable(p) for p in ranked],
                        "infeasible": [{"config": asdict(p.config), "reason": p.reason} for p in infeasible]},
                       handle, indent=2)
+    return 0 if ranked else 1
+
+
+def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hardware: Hardware,
+             tp_choices: Sequence[int], impls: Sequence[str], orders: Sequence[bool]) -> int:
+    if not shape.num_layers or not shape.vocab:
+        raise SystemExit("whole-job planning needs --num-layers and --vocab with --ffn-hidden")
+    search = dict(tp_choices=tp_choices, ring_impls=impls, orders=orders,
+                  pp_choices=None if args.pp == "auto" else [int(args.pp)],
+                  recomputes=RECOMPUTE_CHOICES if args.recompute == "auto" else (args.recompute,),
+                  distributed_optimizers={"auto": (True, False), "on": (True,), "off": (False,)}[args.distributed_optimizer],
+                  micro_batches=[int(x) for x in args.micro_batch_sizes.split(",") if x.strip()],
+                  global_batch=args.global_batch_size, reserve_gib=args.reserve_gib)
+    ranked, infeasible = plan_job(shape, cluster, hardware, **search)
+    kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
+    print(f"GPT {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.heads} heads ({kv}) x {shape.head_dim}, "
+          f"ffn {shape.ffn_hidden}{' SwiGLU' if shape.gated_mlp else ''}, vocab {shape.vocab}, seq {shape.seq_len}, "
+          f"{shape.dtype}; {cluster.nodes} node(s) x {cluster.gpus_per_node} {hardware.name} "
+          f"({hardware.gpu_memory_gib:g} GiB, {args.reserve_gib:g} reserved)")
+    print("s/iter = (micro-batches + PP - 1) x slowest stage + DP x CP gradient reduction; memory = params + fp32 "
+          "grads + Adam states + in-flight activations + transients (megatron_usp.job_cost)")
+    print()
+    print(format_job_table(ranked, args.top))
+    print()
+    if ranked:
+        for line in explain_job(ranked, shape):
+            print("  " + line)
+        print()
+        print("Megatron-LM: " + megatron_lm_command(shape, cluster, ranked[0]))
+        print("trainer:     " + trainer_command(shape, cluster, ranked[0]))
+    else:
+        print("no feasible configuration:")
+        for line in smallest_change(shape, cluster, hardware, infeasible, **search):
+            print("  " + line)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"ranked": [{"label": p.label(), "iteration_s": p.iteration_s, "memory_gib": p.memory_gib,
+                                   "megatron_lm": megatron_lm_command(shape, cluster, p)} for p in ranked],
+                       "infeasible": len(infeasible)}, handle, indent=2)
     return 0 if ranked else 1
 
 
