@@ -71,3 +71,48 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]
         measured.append(sum(seen.values()))
     destroy_model_parallel()
     return measured
+
+
+def state_bytes_measured(rank, world_size, grids) -> list[dict]:
+    """For each grid ``(tp, ulysses, ring, distributed_optimizer)``: bytes of a bf16 GPTModel's parameters, of
+    megatron-core DDP's fp32 gradient buffers, and of its optimizer's fp32 master weights + Adam moments after one
+    step (``get_megatron_optimizer``, on this rank)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
+    )
+
+    megatron_lm_cpu.install(megatron_lm=False)
+    results = []
+    for tp, u, r, distributed in grids:
+        initialize_model_parallel(tp, 1, ulysses_degree=u, ring_degree=r, create_gloo_process_groups=False)
+        model_parallel_cuda_manual_seed(1234)
+        config = _model_config(SHAPE, tp, u * r, True, {})
+        config.bf16, config.params_dtype = True, torch.bfloat16
+        torch.manual_seed(1)
+        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=SHAPE["vocab"],
+                         max_sequence_length=SHAPE["seq_len"], position_embedding_type="rope",
+                         share_embeddings_and_output_weights=False)
+        model = DistributedDataParallel(config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed), model)
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=distributed),
+            [model], use_gloo_process_groups=False)
+        for param in model.parameters():
+            param.main_grad.fill_(1e-3)
+        optimizer.step()
+        inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+        masters = [p for opt in inner for group in opt.param_groups for p in group["params"]]
+        moments = [t for opt in inner for p in masters if p in opt.state for t in opt.state[p].values()
+                   if torch.is_tensor(t) and t.numel() > 1]
+        results.append({
+            "params": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "grads": sum(buffer.grad_data.numel() * buffer.grad_data.element_size() for buffer in model.buffers),
+            "optimizer": sum(t.numel() * t.element_size() for t in masters + moments),
+        })
+        destroy_model_parallel()
+    return results

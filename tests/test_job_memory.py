@@ -77,3 +77,26 @@ def test_recompute_and_pipeline_shrink_activations():
     pp4 = job_memory(LLAMA70B, JobConfig(**{**base.__dict__, "pp": 4, "recompute": "full"}))
     assert pp4.stage == 0 and pp4.in_flight == 4  # 1F1B: the first stage holds PP micro-batches
     assert pp4.params < none.params / 3
+
+
+STATE_GRIDS = [(1, 1, 1, True), (1, 1, 1, False), (1, 2, 1, True), (2, 1, 1, True)]  # (tp, u, r, distributed opt)
+
+
+def test_state_memory_matches_megatron_optimizer(fresh_rank_pool, capsys):
+    """bf16 parameters, DDP's fp32 gradient buffers, get_megatron_optimizer's fp32 masters + Adam moments (sharded
+    over DP x CP with the distributed optimizer) vs job_cost.state_bytes, on 2 ranks (the rest of the grid is DP)."""
+    measured = fresh_rank_pool(2).run("job_memory_cases:state_bytes_measured", timeout=300, grids=STATE_GRIDS)
+    shape = GPTShape(**SHAPE, dtype_bytes=2, gated_mlp=True, rmsnorm=True, bias=False, fused_kernels=False)
+    rows = []
+    for (tp, u, r, distributed), sizes in zip(STATE_GRIDS, measured[0]):
+        config = JobConfig(tp=tp, ulysses=u, ring=r, dp=2 // (tp * u * r), distributed_optimizer=distributed)
+        predicted = state_bytes(shape, config, 0)
+        for part in ("params", "grads", "optimizer"):
+            label = f"TP={tp} u={u} r={r} DP={config.dp} distopt={'on' if distributed else 'off'} {part}"
+            rows.append((label, predicted[part], sizes[part], (predicted[part] - sizes[part]) / sizes[part]))
+    with capsys.disabled():
+        print("\nstate bytes per rank (predicted by megatron_usp.job_cost, measured on megatron-core):")
+        for label, predicted, size, error in rows:
+            print(f"  {label:<58} {predicted:>10.0f} {size:>10d} {error:>+7.2%}")
+    for label, predicted, size, error in rows:
+        assert abs(error) <= 0.10, f"{label}: predicted {predicted:.0f} B, measured {size} B ({error:+.1%})"
