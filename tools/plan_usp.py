@@ -755,10 +755,10 @@ def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> st
 
 
 def format_job_table(ranked: Sequence[JobPrediction], top: Optional[int] = None) -> str:
-    header = f"{'#':>3}  {'grid':<62} {'s/iter':>8} {'layer ms':>9} {'bubble':>7} {'grad':>6} {'GiB':>6}"
+    header = f"{'#':>3}  {'grid':<72} {'s/iter':>8} {'layer ms':>9} {'bubble':>7} {'grad':>6} {'GiB':>6}"
     lines = [header, "-" * len(header)]
     for i, p in enumerate(ranked[:top] if top else ranked, 1):
-        lines.append(f"{i:>3}  {p.label():<62} {p.iteration_s:>8.2f} {p.layer_ms:>9.1f} "
+        lines.append(f"{i:>3}  {p.label():<72} {p.iteration_s:>8.2f} {p.layer_ms:>9.1f} "
                      f"{p.bubble_ms / 1e3:>6.1f}s {p.grad_sync_ms / 1e3:>5.1f}s {p.memory_gib:>6.1f}")
     return "\n".join(lines)
 
@@ -1022,7 +1022,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--gpus-per-node", type=int, default=None,
                       help="default 8 (planning) or each record's world size (--compare)")
     grid.add_argument("--nodes", type=int, default=1)
-    grid.add_argument("--tp", default="1", help="tensor-parallel size, or 'auto' (every divisor of GPUs per node)")
+    grid.add_argument("--tp", default=None,
+                      help="tensor-parallel size, or 'auto' (every divisor of GPUs per node); default 1, or auto "
+                           "when planning a whole job")
     grid.add_argument("--dp", type=int, default=1, help="data-parallel replicas beside each TP x SP block")
     grid.add_argument("--order", choices=("ulysses-inner", "ring-inner", "both"), default="ulysses-inner",
                       help="which group gets adjacent ranks")
@@ -1099,7 +1101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        micro_batch=args.micro_batch, dtype=args.dtype, causal=args.causal,
                        ffn_hidden=args.ffn_hidden, vocab=args.vocab, gated_mlp=args.swiglu, rmsnorm=args.rmsnorm)
     cluster = Cluster(args.gpus_per_node or 8, args.nodes)
-    tp_choices = _divisors(cluster.gpus_per_node) if args.tp == "auto" else [int(args.tp)]
+    tp = args.tp or ("auto" if args.ffn_hidden else "1")
+    tp_choices = _divisors(cluster.gpus_per_node) if tp == "auto" else [int(tp)]
     impls = [impl.strip() for impl in args.ring_impls.split(",") if impl.strip()]
     unknown = [impl for impl in impls if impl not in RING_SCHEDULE_IMPLS]
     if unknown:
@@ -1129,6 +1132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("infeasible:")
         for line in format_infeasible(infeasible):
             print("  " + line)
+        if not ranked and any(p.reason.startswith("memory:") for p in infeasible):
+            print("  (attention-only planning: no recompute, no PP, half the GPU for the rest; pass --ffn-hidden, "
+                  "--vocab and --num-layers to plan the whole job)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"ranked": [_jsonable(p) for p in ranked],
