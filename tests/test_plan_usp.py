@@ -266,6 +266,10 @@ def test_whole_job_infeasible_says_the_smallest_change(capsys):
     assert plan.main(JOB_70B + ["--seq-len", "262144", "--nodes", "2", "--tp", "8"]) == 1
     text = capsys.readouterr().out
     assert "no feasible configuration:" in text and "least memory:" in text and "fits with 4 nodes" in text
+    # restricted to no recompute and no PP: lifting both is the smallest change on 4 nodes
+    assert plan.main(JOB_70B + ["--seq-len", "262144", "--nodes", "4", "--tp", "8", "--recompute", "none",
+                                "--pp", "1"]) == 1
+    assert "fits with --recompute auto --pp auto: TP=8" in capsys.readouterr().out
     assert plan.main(JOB_70B + ["--seq-len", "8192", "--gpus-per-node", "1", "--nodes", "1"]) == 1
     text = capsys.readouterr().out
     assert "params" in text and "> 75.6 GiB" in text and "cannot fit" in text

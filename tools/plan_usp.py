@@ -682,7 +682,8 @@ def plan_job(
 def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, infeasible: Sequence[JobPrediction],
                     **search) -> list[str]:
     """When nothing fits: the least-memory job and its arithmetic, then the smallest change that makes one fit:
-    more nodes (x2, x4, x8) or a shorter sequence (halved, down to 1/8)."""
+    lifting the user's restrictions (recompute, then PP, the distributed optimizer, TP), more nodes (x2, x4, x8)
+    or a shorter sequence (halved, down to 1/8); else 'cannot fit'."""
     lines = []
     sized = [p for p in infeasible if p.memory is not None]
     if sized:
@@ -690,6 +691,19 @@ def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, inf
         lines.append(f"least memory: {least.label()}: {memory_breakdown(least)}")
     else:
         lines.append("no grid passes the divisibility rules; first reason: " + (infeasible[0].reason if infeasible else "-"))
+    # lift the user's restrictions one after another: recompute, then PP, the distributed optimizer, TP
+    relaxed, lifted = dict(search), []
+    for name, key, value in (("--recompute auto", "recomputes", RECOMPUTE_CHOICES), ("--pp auto", "pp_choices", None),
+                             ("--distributed-optimizer auto", "distributed_optimizers", (True, False)),
+                             ("--tp auto", "tp_choices", _divisors(cluster.gpus_per_node))):
+        if key in relaxed and relaxed[key] != value and tuple(relaxed[key] or ()) != tuple(value or ()):
+            relaxed[key] = value
+            lifted.append(name)
+            ranked, _ = plan_job(shape, cluster, hardware, **relaxed)
+            if ranked:
+                return lines + [f"fits with {' '.join(lifted)}: {ranked[0].label()}, {ranked[0].memory_gib:.1f} GiB, "
+                                f"{ranked[0].iteration_s:.2f} s/iteration"]
+    search = relaxed
     for factor in (2, 4, 8):
         bigger = Cluster(cluster.gpus_per_node, cluster.nodes * factor)
         ranked, _ = plan_job(shape, bigger, hardware, **search)
@@ -707,6 +721,8 @@ def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, inf
     if len(lines) == 1:
         lines.append("cannot fit: no grid, recompute, PP or optimizer setting, up to 8x the nodes or 1/8 of the "
                      "sequence, brings memory under the budget")
+    elif lifted:
+        lines.insert(1, f"with {' '.join(lifted)}:")
     return lines
 
 
