@@ -948,11 +948,71 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     return (concordant - discordant) / denominator if denominator else float("nan")
 
 
-def load_bench_records(path: str) -> list[dict]:
+def load_bench_records(path: str, mode: Optional[str] = None) -> list[dict]:
+    """The records of one mode: "multi-rank" (tools/bench_attention.py) or "job" (tools/bench_job.py); by
+    default the file's own mode, "job" if every record is a whole-job record."""
     with open(path) as handle:
         data = json.load(handle)
     records = data.get("records", data) if isinstance(data, dict) else data
-    return [rec for rec in records if rec.get("mode", "multi-rank") == "multi-rank"]
+    if mode is None:
+        mode = "job" if records and all(rec.get("mode") == "job" for rec in records) else "multi-rank"
+    return [rec for rec in records if rec.get("mode", "multi-rank") == mode]
+
+
+def _dtype_name(name: str) -> str:
+    return str(name).replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32") \
+        .replace("float64", "fp64")
+
+
+def _ranked(rows: list[dict]) -> dict:
+    """Rank correlation of the rows' measured_ms vs predicted_ms (rows gain their ranks)."""
+    measured = [row["measured_ms"] for row in rows]
+    predicted = [row["predicted_ms"] for row in rows]
+    for row, m_rank, p_rank in zip(rows, _average_ranks(measured), _average_ranks(predicted)):
+        row["measured_rank"], row["predicted_rank"] = m_rank, p_rank
+    ratios = sorted(m / p for m, p in zip(measured, predicted) if p > 0)
+    return {
+        "rows": rows,
+        "spearman": spearman(measured, predicted),
+        "kendall": kendall_tau(measured, predicted),
+        "median_measured_over_predicted": ratios[len(ratios) // 2] if ratios else float("nan"),
+    }
+
+
+def job_from_record(rec: dict, gpus_per_node: Optional[int] = None) -> tuple[ModelShape, Cluster, ParallelConfig,
+                                                                           JobChoice]:
+    """The whole job a tools/bench_job.py record ran: model shape, cluster, grid and job choice."""
+    world = int(rec["world_size"])
+    tp, pp = int(rec["tp"]), int(rec["pp"])
+    u, r = int(rec["ulysses_degree"]), int(rec["ring_degree"])
+    heads = int(rec["heads"])
+    shape = ModelShape(heads=heads, kv_heads=int(rec.get("kv_heads", heads)),
+                       head_dim=int(rec.get("head_dim", int(rec["hidden"]) // heads)), seq_len=int(rec["seq_len"]),
+                       hidden=int(rec["hidden"]), num_layers=int(rec["num_layers"]), dtype=_dtype_name(rec["dtype"]),
+                       causal=bool(rec.get("causal", True)), ffn_hidden=int(rec["ffn_hidden"]), vocab=int(rec["vocab"]),
+                       gated_mlp=bool(rec.get("swiglu", False)), rmsnorm=bool(rec.get("rmsnorm", False)))
+    per_node = gpus_per_node or world
+    cluster = Cluster(per_node, max(1, math.ceil(world / per_node)))
+    config = ParallelConfig(tp, u, r, str(rec["ring_impl"]), 1, bool(rec.get("ulysses_inner", True)))
+    choice = JobChoice(pp=pp, dp=world // (tp * pp * u * r), recompute=str(rec.get("recompute", "none")),
+                       recompute_method=str(rec.get("recompute_method", "uniform")),
+                       recompute_num_layers=int(rec.get("recompute_num_layers", 1)),
+                       distributed_optimizer=bool(rec.get("distributed_optimizer", True)),
+                       micro_batch=int(rec.get("micro_batch", 1)), global_batch=int(rec["global_batch"]))
+    return shape, cluster, config, choice
+
+
+def compare_job(records: Sequence[dict], hardware: Hardware, *, gpus_per_node: Optional[int] = None) -> dict:
+    """Whole-job ranking check: predict_job's time per iteration of each tools/bench_job.py record (the given
+    configuration evaluated, not searched) vs its measured ``time_ms`` per iteration."""
+    rows = []
+    for rec in records:
+        shape, cluster, config, choice = job_from_record(rec, gpus_per_node)
+        p = predict_job(shape, cluster, hardware, config, choice, reserve_gib=0.0)
+        rows.append({"record": rec, "config": config, "label": p.label(), "measured_ms": float(rec["time_ms"]),
+                     "predicted_ms": p.iteration_s * 1e3, "memory_gib": p.memory_gib,
+                     "feasible": p.feasible, "reason": p.reason})
+    return _ranked(rows)
 
 
 def compare(
@@ -977,23 +1037,17 @@ def compare(
         prediction = predict(shape, cluster, hardware, config, check=False)
         rows.append({"record": rec, "config": config, "measured_ms": float(rec["time_ms"]),
                      "predicted_ms": prediction.total_ms})
-    measured = [row["measured_ms"] for row in rows]
-    predicted = [row["predicted_ms"] for row in rows]
-    for row, m_rank, p_rank in zip(rows, _average_ranks(measured), _average_ranks(predicted)):
-        row["measured_rank"], row["predicted_rank"] = m_rank, p_rank
-    ratios = sorted(m / p for m, p in zip(measured, predicted) if p > 0)
-    return {
-        "rows": rows,
-        "spearman": spearman(measured, predicted),
-        "kendall": kendall_tau(measured, predicted),
-        "median_measured_over_predicted": ratios[len(ratios) // 2] if ratios else float("nan"),
-    }
+    return _ranked(rows)
 
 
 def format_compare(result: dict) -> str:
     lines = [f"{'meas.#':>6} {'pred.#':>6} {'measured ms':>12} {'predicted ms':>13}  config / problem"]
     for row in sorted(result["rows"], key=lambda row: row["measured_ms"]):
         rec = row["record"]
+        if "label" in row:  # a whole-job record
+            lines.append(f"{row['measured_rank']:>6g} {row['predicted_rank']:>6g} {row['measured_ms']:>12.1f} "
+                         f"{row['predicted_ms']:>13.1f}  {row['label']}")
+            continue
         lines.append(
             f"{row['measured_rank']:>6g} {row['predicted_rank']:>6g} {row['measured_ms']:>12.3f} "
             f"{row['predicted_ms']:>13.3f}  u={rec['ulysses_degree']} r={rec['ring_degree']} {rec['ring_impl']} "
@@ -1066,7 +1120,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--top", type=int, default=10)
     out.add_argument("--json", metavar="PATH", help="write every prediction (and infeasible reasons) as JSON")
     out.add_argument("--compare", metavar="BENCH_JSON",
-                     help="rank-correlate predictions with tools/bench_attention.py records instead of planning")
+                     help="rank-correlate predictions with tools/bench_attention.py records (per layer) or "
+                          "tools/bench_job.py records (whole job, per iteration) instead of planning")
     return parser
 
 
@@ -1100,9 +1155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     hardware = hardware_from_args(args)
     if args.compare:
-        result = compare(load_bench_records(args.compare), hardware,
-                         gpus_per_node=args.gpus_per_node,
-                         micro_batch=args.micro_batch)
+        records = load_bench_records(args.compare)
+        if records and records[0].get("mode") == "job":
+            result = compare_job(records, hardware, gpus_per_node=args.gpus_per_node)
+        else:
+            result = compare(records, hardware, gpus_per_node=args.gpus_per_node, micro_batch=args.micro_batch)
         print(format_compare(result))
         if args.json:
             with open(args.json, "w") as handle:
