@@ -202,7 +202,7 @@ def checkpoint_dir(directory: str, iteration: int) -> Path:
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _sharded_state(args, model, optimizer, is_loading: bool) -> dict:
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     model_state = model.module.sharded_state_dict()  # GPTModel's keys, as Megatron-LM's checkpoints
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
@@ -221,7 +221,7 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> None:
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
         partial.mkdir(parents=True)
     dist.barrier()
-    state = _sharded_state(args, model, optimizer, is_loading=False)
+    state = _sharded_state(model, optimizer, is_loading=False)
     state.update(iteration=iteration, scheduler=scheduler.state_dict(),
                  model_shape={name: getattr(args, name) for name in MODEL_SHAPE_ARGS},
                  grid={"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree,
@@ -268,7 +268,7 @@ def load_checkpoint(args, model, optimizer, scheduler) -> int:
     if grid["use_distributed_optimizer"] != args.use_distributed_optimizer:
         flag = "--use-distributed-optimizer" if grid["use_distributed_optimizer"] else "--no-use-distributed-optimizer"
         raise ValueError(f"--load {args.load}: the checkpoint's optimizer state was saved with {flag}; resume with it")
-    state = dist_checkpointing.load(_sharded_state(args, model, optimizer, is_loading=True), str(directory))
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(directory))
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])

@@ -538,13 +538,8 @@ FEATURES = {
 
 
 def _feature_gpt(feature: str, tp_size: int, context_parallel_size: int = 1):
-    import megatron.core.transformer.multi_latent_attention as mla
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    if not isinstance(mla.TELinear, type):
-        # megatron-core 0.16 without Transformer Engine: its TE classes are MagicMock placeholders, yet MLA's
-        # HAVE_TE is True and `isinstance(linear_proj, TELinear)` raises; the local spec uses no TE layer at all
-        mla.HAVE_TE = False
     from megatron_usp.megatron import get_gpt_layer_local_spec
 
     spec = FEATURES[feature]
@@ -582,7 +577,8 @@ def feature_parity(feature, tp, ulysses_degree, ring_degree, ring_impls) -> list
         megatron_lm_cpu,
     )
 
-    megatron_lm_cpu.install(megatron_lm=False)  # MLASelfAttention allocates on torch.cuda.current_device()
+    # MLASelfAttention allocates on torch.cuda.current_device() and, without TE, needs the mla-without-te stand-in
+    megatron_lm_cpu.install(megatron_lm=False)
     initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
     reference = _feature_gpt(feature, tp)
     seen = {}

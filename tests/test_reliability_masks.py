@@ -21,20 +21,25 @@ def _budget() -> int:
     return getattr(masks_module, "MASK_TILE_ELEMENTS", DEFAULT_BUDGET)
 
 
-@pytest.fixture
-def mask_sizes(monkeypatch):
-    """Records the element count of every mask tensor a call builds: what ``BlockMasker.visibility`` returns, what
-    ``mask_mod`` returns, and the ``mask`` every kernel is handed (the additive bias has that mask's shape)."""
-    sizes: list[int] = []
-    visibility = masks_module.BlockMasker.visibility
+def recording_visibility(visibility, sizes: list):
+    """``BlockMasker.visibility`` that also appends the element count of every mask tensor it returns to ``sizes``."""
 
-    def recording_visibility(self, *args, **kwargs):
+    def recording(self, *args, **kwargs):
         result = visibility(self, *args, **kwargs)
         if isinstance(result, torch.Tensor):
             sizes.append(result.numel())
         return result
 
-    monkeypatch.setattr(masks_module.BlockMasker, "visibility", recording_visibility)
+    return recording
+
+
+@pytest.fixture
+def mask_sizes(monkeypatch):
+    """Records the element count of every mask tensor a call builds: what ``BlockMasker.visibility`` returns, what
+    ``mask_mod`` returns, and the ``mask`` every kernel is handed (the additive bias has that mask's shape)."""
+    sizes: list[int] = []
+    monkeypatch.setattr(masks_module.BlockMasker, "visibility",
+                        recording_visibility(masks_module.BlockMasker.visibility, sizes))
     for cls in (TorchCPUKernel, MathKernel):
         for name in ("forward", "backward"):
             original = getattr(cls, name)
@@ -134,16 +139,9 @@ def tiled_masks_on_ranks(rank, world_size, ulysses_degree, ring_degree, budget, 
 
     sizes = [0]
     visibility = masks_module.BlockMasker.visibility
-
-    def recording_visibility(self, *args, **kwargs):
-        result = visibility(self, *args, **kwargs)
-        if isinstance(result, torch.Tensor):
-            sizes.append(result.numel())
-        return result
-
     previous = getattr(masks_module, "MASK_TILE_ELEMENTS", None)
     masks_module.MASK_TILE_ELEMENTS = budget
-    masks_module.BlockMasker.visibility = recording_visibility
+    masks_module.BlockMasker.visibility = recording_visibility(visibility, sizes)
     try:
         engine_cases.attention_matrix(rank, world_size, ulysses_degree, ring_degree, True, configs)
     finally:

@@ -327,7 +327,7 @@ def _children_skip_the_script(original: Callable) -> Callable:
 
 
 CORE_STANDINS = ("cuda-to-cpu", "tensor-type-names", "torch.cuda-runtime", "cuda-rng-is-cpu-rng",
-                 "no-kernel-compilation")
+                 "no-kernel-compilation", "mla-without-te")
 """The stand-ins megatron-core alone needs (its DDP, optimizers, pipeline schedules, RNG tracker, checkpointing):
 what ``examples/pretrain_gpt_usp.py`` installs. The others concern Megatron-LM's ``megatron.training``."""
 
@@ -364,6 +364,8 @@ def _install_core() -> None:
     _patch(tp_random, "_get_cuda_rng_state", _cpu_get_rng_state)
     _patch(tp_random, "_set_cuda_rng_state", _cpu_set_rng_state)
     logging.getLogger(tp_random.__name__).addFilter(_SameGeneratorWarning())
+    # mla-without-te (megatron-core's MLA: the trainer and the tests build it too)
+    _mla_without_te()
     # cuda-to-cpu, tensor-type-names
     mode = CudaToCpu()
     mode.__enter__()
@@ -403,8 +405,6 @@ def _install_megatron_lm() -> None:
     import multiprocessing.spawn as mp_spawn
 
     _patch(mp_spawn, "get_preparation_data", _children_skip_the_script(mp_spawn.get_preparation_data))
-    # mla-without-te
-    _mla_without_te()
     # helpers-cpp-build
     import megatron.core.datasets.utils as dataset_utils
 
