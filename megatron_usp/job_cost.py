@@ -22,7 +22,10 @@ Activations of one layer for one micro-batch on one rank, ``T = s·b / (u·r)`` 
 Full recompute keeps, per checkpointed chunk, its input T·h·e (and the rotary table once); ``block`` recomputes the
 first ``recompute_num_layers`` layers of a stage, ``uniform`` checkpoints chunks of that many layers. The last stage
 also holds the final norm's input and output and the loss's fp32 softmax T·V/t·4. With PP and 1F1B the first
-stage keeps ``min(PP, micro-batches)`` micro-batches in flight (stage ``i`` keeps ``min(PP - i, m)``).
+stage keeps ``min(PP, micro-batches)`` micro-batches in flight (stage ``i`` keeps ``min(PP - i, m)``). With ``V``
+virtual stages (interleaved 1F1B) a rank holds ``V`` model chunks of ``layers / (PP·V)`` layers each and keeps
+megatron-core's warm-up count + 1 chunk-micro-batches in flight: ``2(PP - i - 1) + (V - 1)·PP + 1`` on stage ``i``
+(``get_pp_rank_microbatches``, micro-batch groups of PP), at most ``m·V``.
 
 Parameters per rank in ``e`` bytes, fp32 main gradients (DDP ``grad_reduce_in_fp32``), Adam: fp32 master weights
 (only when the parameters are not fp32) and two fp32 moments; with the distributed optimizer master weights and
@@ -78,6 +81,7 @@ class JobConfig:
     distributed_optimizer: bool = True
     micro_batches: int = 1  # per iteration, per DP replica
     sequence_parallel: bool = False
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
 
     @property
     def cp(self) -> int:
@@ -93,7 +97,7 @@ class JobMemory:
     grads: float
     optimizer: float
     activations: float  # all micro-batches in flight
-    in_flight: int
+    in_flight: int  # (chunk-)micro-batches whose activations the stage holds at its peak
     per_micro_batch: dict = field(default_factory=dict)  # activation parts of one micro-batch
 
     @property
@@ -154,9 +158,15 @@ def stage_layers(shape: GPTShape, cfg: JobConfig) -> int:
     return shape.num_layers // cfg.pp
 
 
+def chunk_layers(shape: GPTShape, cfg: JobConfig) -> int:
+    """Layers of one model chunk (a virtual stage; the whole stage without interleaving)."""
+    return shape.num_layers // (cfg.pp * cfg.virtual_stages)
+
+
 def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
-    """Activation parts of ``stage`` for ONE micro-batch."""
-    layers = stage_layers(shape, cfg)
+    """Activation parts of ``stage`` for ONE micro-batch through ONE model chunk (the whole stage without virtual
+    stages); the last stage's output layer and loss are counted once."""
+    layers = chunk_layers(shape, cfg)
     tokens = shape.micro_batch * shape.seq_len / cfg.cp
     layer_input = tokens * shape.hidden * shape.dtype_bytes / (cfg.tp if cfg.sequence_parallel else 1)
     if cfg.recompute == "full":
@@ -181,7 +191,7 @@ def recompute_working_bytes(shape: GPTShape, cfg: JobConfig) -> float:
     saved tensors are live on top of the kept ones (selective: one layer's core attention)."""
     if cfg.recompute == "full":
         chunk = cfg.recompute_num_layers if cfg.recompute_method == "uniform" else 1
-        return min(chunk, stage_layers(shape, cfg)) * sum(layer_activation_bytes(shape, cfg).values())
+        return min(chunk, chunk_layers(shape, cfg)) * sum(layer_activation_bytes(shape, cfg).values())
     if cfg.recompute == "selective":
         full, kept = layer_activation_bytes(shape, cfg), layer_activation_bytes(shape, cfg, "selective")
         return max(0.0, full["attention"] - kept["attention"])
@@ -189,8 +199,12 @@ def recompute_working_bytes(shape: GPTShape, cfg: JobConfig) -> float:
 
 
 def in_flight(cfg: JobConfig, stage: int) -> int:
-    """1F1B: micro-batches whose activations stage ``stage`` holds at its peak."""
-    return max(1, min(cfg.pp - stage, cfg.micro_batches))
+    """1F1B: micro-batches whose activations stage ``stage`` holds at its peak; interleaved (virtual stages):
+    chunk-micro-batches, megatron-core's warm-up count + 1."""
+    if cfg.virtual_stages == 1:
+        return max(1, min(cfg.pp - stage, cfg.micro_batches))
+    warmup = 2 * (cfg.pp - stage - 1) + (cfg.virtual_stages - 1) * cfg.pp
+    return max(1, min(warmup + 1, cfg.micro_batches * cfg.virtual_stages))
 
 
 def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True) -> float:
@@ -230,8 +244,9 @@ def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
         parts = stage_activation_bytes(shape, cfg, stage)
         states = state_bytes(shape, cfg, stage)
         flight = in_flight(cfg, stage)
+        head = parts.get("head", 0.0)
         memory = JobMemory(stage, states["params"], states["grads"], states["optimizer"],
-                           flight * sum(parts.values()), flight, parts)
+                           flight * (sum(parts.values()) - head) + head, flight, parts)
         if worst is None or memory.total > worst.total:
             worst = memory
     return worst
@@ -247,6 +262,14 @@ def check_job(shape: GPTShape, cfg: JobConfig) -> str:
         return f"{shape.num_layers} layers not divisible by PP {cfg.pp}"
     if cfg.pp > 1 and cfg.micro_batches < cfg.pp:
         return f"{cfg.micro_batches} micro-batches < PP {cfg.pp}: the pipeline never fills"
+    if cfg.virtual_stages > 1:
+        if cfg.pp == 1:
+            return "virtual pipeline stages need PP > 1"
+        if shape.num_layers % (cfg.pp * cfg.virtual_stages):
+            return f"{shape.num_layers} layers not divisible by PP {cfg.pp} x {cfg.virtual_stages} virtual stages"
+        if cfg.micro_batches % cfg.pp:  # megatron-core: micro-batch groups of PP, no partial group
+            return (f"{cfg.micro_batches} micro-batches not a multiple of PP {cfg.pp} "
+                    "(megatron-core's interleaved schedule)")
     if shape.ffn_hidden % cfg.tp:
         return f"ffn hidden {shape.ffn_hidden} not divisible by TP {cfg.tp}"
     return ""

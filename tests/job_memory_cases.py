@@ -116,3 +116,99 @@ def state_bytes_measured(rank, world_size, grids) -> list[dict]:
         })
         destroy_model_parallel()
     return results
+
+
+class _Saved:
+    """What the pack hook returns: freed (and counted out) when autograd frees the graph that saved it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def pipeline_peak_bytes(rank, world_size, cases) -> list[int]:
+    """For each case ``(pp, virtual_stages, micro_batches)`` (PP = the pool's world size): the peak bytes of distinct
+    storages saved for backward and not yet freed on this rank while megatron-core's pipeline schedule (1F1B, or
+    interleaved with virtual stages) runs one iteration of a GPTModel (fp32, local spec, layers = SHAPE's x 2)."""
+    import weakref
+
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
+    )
+
+    megatron_lm_cpu.install(megatron_lm=False)
+    shape = dict(SHAPE, num_layers=2 * SHAPE["num_layers"])
+    peaks = []
+    for pp, virtual_stages, micro_batches in cases:
+        initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1
+                                  else None, create_gloo_process_groups=False)
+        model_parallel_cuda_manual_seed(1234)
+        config = _model_config(shape, 1, 1, False, {})
+        config.pipeline_model_parallel_size = pp
+        config.pipeline_dtype = torch.float32
+        if virtual_stages > 1:
+            config.virtual_pipeline_model_parallel_size = virtual_stages
+            config.microbatch_group_size_per_vp_stage = pp
+        chunks = []
+        for vp_stage in range(virtual_stages):
+            vp = vp_stage if virtual_stages > 1 else None
+            torch.manual_seed(1)
+            chunks.append(GPTModel(
+                config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab"],
+                max_sequence_length=shape["seq_len"], position_embedding_type="rope",
+                share_embeddings_and_output_weights=False, vp_stage=vp,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
+        params = {p.untyped_storage().data_ptr() for chunk in chunks for p in chunk.parameters()}
+        live: dict[int, list[int]] = {}  # storage -> [references, bytes]
+        state = {"now": 0, "peak": 0}
+
+        def release(ptr):
+            entry = live[ptr]
+            entry[0] -= 1
+            if entry[0] == 0:
+                state["now"] -= entry[1]
+                del live[ptr]
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if isinstance(t, torch.nn.Parameter) or ptr in params:
+                return t
+            if ptr in live:
+                live[ptr][0] += 1
+            else:
+                live[ptr] = [1, t.untyped_storage().nbytes()]
+                state["now"] += live[ptr][1]
+                state["peak"] = max(state["peak"], state["now"])
+            saved = _Saved(t)
+            weakref.finalize(saved, release, ptr)
+            return saved
+
+        def unpack(saved):
+            return saved.tensor if isinstance(saved, _Saved) else saved
+
+        gen = torch.Generator().manual_seed(7)
+        tokens = torch.randint(0, shape["vocab"], (shape["micro_batch"], shape["seq_len"]), generator=gen)
+        positions = torch.arange(shape["seq_len"]).expand(shape["micro_batch"], -1).contiguous()
+
+        def forward_step(data_iterator, model):
+            next(data_iterator)
+            output = model(tokens, positions, None, labels=tokens)
+            return output, lambda out: (out.float().mean(), {})
+
+        iterators = [iter(range(micro_batches)) for _ in chunks]
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterators if virtual_stages > 1 else iterators[0],
+                model=chunks if virtual_stages > 1 else chunks[0], num_microbatches=micro_batches,
+                seq_length=shape["seq_len"], micro_batch_size=shape["micro_batch"], forward_only=False)
+        assert state["now"] == 0, f"{state['now']} saved bytes outlive the iteration"
+        peaks.append(state["peak"])
+        destroy_model_parallel()
+    return peaks
