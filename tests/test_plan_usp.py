@@ -304,3 +304,60 @@ def test_compare_job_evaluates_the_stored_whole_job_runs(capsys):
     assert plan.main(["--compare", str(path), "--gpu", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "Spearman rho" in text and "TP=1 u=2 r=2 zigzag PP=1 DP=1 mbs=1x4 rc=full uniform/1" in text
+
+
+JOB_8B = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, hidden=4096, num_layers=32, seq_len=65536,
+                         ffn_hidden=14336, vocab=128256)
+
+
+def test_virtual_stages_shrink_the_bubble_and_hold_more_micro_batches(capsys):
+    cluster, config = plan.Cluster(8, 1), plan.ParallelConfig(1, 2, 1, "zigzag")
+    one, four = (plan.predict_job(JOB_8B, cluster, H100, config, plan.JobChoice(
+        pp=4, recompute="full", global_batch=16, virtual_stages=v)) for v in (1, 4))
+    assert one.feasible and four.feasible
+    # (m + (PP - 1) / V) x stage: the bubble is a quarter; each of the 4 chunks sends its output and gradient
+    assert four.bubble_ms / four.stage_ms == pytest.approx(3 / 4) and one.bubble_ms / one.stage_ms == pytest.approx(3)
+    assert four.p2p_ms == pytest.approx(4 * one.p2p_ms, rel=1e-3) and four.iteration_s < one.iteration_s
+    # the last stage (fp32 logits of a 128K vocabulary) needs the most: it holds 2 (PP - 1 - 3) + (V - 1) PP + 1 = 13
+    # chunk-micro-batches of 2 layers under interleaving, 1 micro-batch of 8 layers under 1F1B
+    assert (four.memory.stage, four.memory.in_flight) == (3, 13) and (one.memory.stage, one.memory.in_flight) == (3, 1)
+    assert four.memory.activations > one.memory.activations
+    bad = [plan.predict_job(JOB_8B, cluster, H100, config, plan.JobChoice(pp=4, global_batch=g, virtual_stages=v))
+           for g, v in ((16, 3), (6, 2))]
+    assert "not divisible by PP 4 x 3 virtual stages" in bad[0].reason
+    assert "micro-batches" in bad[1].reason and not any(p.feasible for p in bad)
+    args = ["--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--hidden", "4096", "--num-layers", "32",
+            "--ffn-hidden", "14336", "--vocab", "128256", "--seq-len", "65536", "--pp", "4", "--tp", "1",
+            "--global-batch-size", "16", "--virtual-stages", "auto", "--ring-impls", "zigzag"]
+    assert plan.main(args) == 0
+    text = capsys.readouterr().out
+    megatron = next(line for line in text.splitlines() if line.startswith("Megatron-LM: "))
+    winner = next(line for line in text.splitlines() if line.strip().startswith("winner:"))
+    chunks = int(winner.split("PP=4x")[1].split("v")[0])
+    assert f"--num-layers-per-virtual-pipeline-stage {32 // (4 * chunks)}" in megatron
+    assert f"/ {chunks} virtual stages) x stage" in text
+
+
+def test_mqsp_micro_q_time_and_memory_from_its_plan():
+    shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=65536)
+    cluster = plan.Cluster(8, 1)
+    whole, micro = (plan.predict(shape, cluster, H100, plan.ParallelConfig(1, 1, 8, "mqsp", micro_q=q))
+                    for q in (None, 1024))
+    zigzag = plan.predict(shape, cluster, H100, plan.ParallelConfig(1, 1, 8, "zigzag"))
+    # the same causal work as zigzag (same positions), balanced; micro-chunks add kernel calls and collectives
+    assert whole.compute_ms == pytest.approx(zigzag.compute_ms, rel=0.02) and whole.imbalance < 1.01
+    assert micro.ring_exposed_ms > whole.ring_exposed_ms and micro.total_ms > whole.total_ms
+    # one chunk's collectives by hand: P = rows x 32 heads x 128 x 2 B, 7 peers at 360 GB/s and 6 us each
+    rows = 65536 // 8
+    q = rows * 32 * 128 * 2
+    piece = lambda nbytes: 7 * (6e-3 + nbytes / 360e9 * 1e3)  # noqa: E731
+    lse, fp32_q = rows * 32 * 4, q * 2
+    expected = piece(q) + 4 * piece(lse) + piece(fp32_q) + piece(3 * q) + piece(lse) + piece(fp32_q)
+    assert whole.ring_exposed_ms == pytest.approx(expected)
+    assert plan.attention_transient_bytes(shape, plan.ParallelConfig(1, 1, 8, "mqsp", micro_q=1024)) < \
+        plan.attention_transient_bytes(shape, plan.ParallelConfig(1, 1, 8, "mqsp")) / 4
+    assert "--usp-ring-impl mqsp --usp-micro-q 1024" in micro.config.flags() and "mqsp/1024" in micro.config.label()
+    assert "needs ring_impl mqsp" in plan.feasibility_reason(shape, cluster, plan.ParallelConfig(1, 1, 8, "zigzag",
+                                                                                                 micro_q=64))
+    ranked, _ = plan.plan(shape, cluster, H100, tp_choices=[1], ring_impls=("zigzag", "mqsp"), micro_qs=(None, 1024))
+    assert {p.config.label() for p in ranked if p.config.ring == 8} >= {"TP=1 u=1 r=8 mqsp", "TP=1 u=1 r=8 mqsp/1024"}

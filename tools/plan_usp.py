@@ -44,7 +44,8 @@ from megatron_usp.job_cost import (  # noqa: E402
     GPTShape, JobConfig, JobMemory, check_job, job_memory, layer_activation_bytes, layer_parameter_count,
     recompute_working_bytes, stage_layers,
 )
-from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.layout import RING_IMPLS, RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.mqsp import MQSPPlan  # noqa: E402
 from megatron_usp.ring import build_schedule  # noqa: E402
 from megatron_usp.ulysses import check_head_counts, kv_replication  # noqa: E402
 
@@ -53,7 +54,7 @@ ACCUMULATION_BYTES = 4  # lse, dq and the travelling dK/dV are fp32
 BACKWARD_FLOPS_FACTOR = 2.5  # flash-attention backward (with its recomputation) vs forward
 A2A_CALLS = (("q,k,v", "qkv"), ("out", "q"))  # per direction: what each all-to-all carries (heads of q or q+2kv)
 TP_COLLECTIVES_PER_LAYER = 8  # sequence-parallel TP: all-gather + reduce-scatter x (attention, MLP) x (fwd, bwd)
-IMPL_PREFERENCE = ("zigzag", "stripe", "allgather", "basic")  # tie-break between equal predictions
+IMPL_PREFERENCE = ("zigzag", "stripe", "allgather", "mqsp", "basic")  # tie-break between equal predictions
 GIB = 1024**3
 
 
@@ -134,19 +135,24 @@ class ParallelConfig:
     ring_impl: str
     dp: int = 1
     ulysses_inner: bool = True
+    micro_q: Optional[int] = None  # mqsp: query rows per micro-chunk (None: all of a rank's rows at once)
 
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring
 
-    def flags(self) -> str:
-        text = (f"--tensor-model-parallel-size {self.tp} --ulysses-degree {self.ulysses} "
-                f"--ring-degree {self.ring} --usp-ring-impl {self.ring_impl}")
+    def usp_flags(self) -> str:
+        text = f"--ulysses-degree {self.ulysses} --ring-degree {self.ring} --usp-ring-impl {self.ring_impl}"
+        text += "" if self.micro_q is None else f" --usp-micro-q {self.micro_q}"
         return text + ("" if self.ulysses_inner else " --usp-ring-inner")
+
+    def flags(self) -> str:
+        return f"--tensor-model-parallel-size {self.tp} {self.usp_flags()}"
 
     def label(self) -> str:
         order = "" if self.ulysses_inner else " ring-inner"
-        return f"TP={self.tp} u={self.ulysses} r={self.ring} {self.ring_impl}{order}"
+        micro = "" if self.micro_q is None else f"/{self.micro_q}"
+        return f"TP={self.tp} u={self.ulysses} r={self.ring} {self.ring_impl}{micro}{order}"
 
 
 @dataclass
@@ -207,9 +213,30 @@ def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causa
     )
 
 
-def load_imbalance(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> float:
+@functools.lru_cache(maxsize=1024)
+def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool,
+                      micro_q: Optional[int]) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
+    """``blocks[chunk][ring_rank]``: MQSP's kernel calls per micro-chunk (gathered queries x own K/V), from the
+    library's plan; the chunk's collectives make the ranks wait for each other, like ring steps."""
+    plans = [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q) for rank in range(ring)]
+    return tuple(
+        tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in plan.blocks[chunk])
+              for plan in plans)
+        for chunk in range(len(plans[0].chunks))
+    )
+
+
+def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool):
+    """Kernel calls per synchronised step and ring rank: ring steps (pass K/V) or MQSP micro-chunks (pass Q)."""
+    if config.ring_impl == "mqsp":
+        return mqsp_chunk_blocks(seq_len, config.ulysses, config.ring, causal, config.micro_q)
+    return schedule_blocks(config.ring_impl, seq_len, config.ulysses, config.ring, causal)
+
+
+def load_imbalance(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool,
+                   micro_q: Optional[int] = None) -> float:
     """Critical-path work / mean work per ring rank, ranks stepping together (the slowest rank sets each step)."""
-    steps = schedule_blocks(ring_impl, seq_len, ulysses, ring, causal)
+    steps = attention_blocks(ParallelConfig(1, ulysses, ring, ring_impl, micro_q=micro_q), seq_len, causal)
     work = [[sum(block_pairs(*b) for b in rank_blocks) for rank_blocks in step] for step in steps]
     critical = sum(max(step) for step in work)
     mean = sum(sum(step) for step in work) / ring
@@ -250,6 +277,35 @@ def ring_kv_block_bytes(shape: ModelShape, tp: int, ulysses: int, ring: int, ele
     """One ring rank's K/V (or dK/dV) after the all-to-all: s/r tokens x (kv heads / u) x d, K and V."""
     kv_heads = kv_heads_per_tp_rank_after_replication(shape, tp, ulysses) / ulysses
     return 2.0 * shape.micro_batch * (shape.seq_len / ring) * kv_heads * shape.head_dim * element_bytes
+
+
+def mqsp_query_bytes(shape: ModelShape, config: ParallelConfig) -> float:
+    """One rank's query rows of one MQSP micro-chunk (heads / (TP u) after the all-to-all)."""
+    rows = mqsp_rows(shape.seq_len, config)
+    return shape.micro_batch * rows * shape.heads / (config.tp * config.ulysses) * shape.head_dim * shape.dtype_bytes
+
+
+def mqsp_rows(seq_len: int, config: ParallelConfig) -> int:
+    local = seq_len // config.ring
+    return min(config.micro_q or local, local)
+
+
+def mqsp_chunk_comm_ms(shape: ModelShape, config: ParallelConfig, gbps: float, latency_us: float) -> float:
+    """Collectives of one MQSP micro-chunk, forward + backward, ring of r ranks, per-rank piece P: all-gather and
+    reduce-scatter (r-1)(latency + P/bw), all-reduce twice that. Forward: gather q, all-reduce the row max and
+    the sum of exp (fp32 lse rows), reduce-scatter the fp32 weighted output; backward: gather q, dout, out, gather
+    lse, reduce-scatter the fp32 dq (mqsp.py)."""
+    r = config.ring
+    q = mqsp_query_bytes(shape, config)
+    fp32_rows = q / (shape.dtype_bytes * shape.head_dim) * ACCUMULATION_BYTES  # lse: one fp32 per row and head
+    fp32_q = q / shape.dtype_bytes * ACCUMULATION_BYTES
+
+    def piece(nbytes: float) -> float:  # all-gather / reduce-scatter of a per-rank piece
+        return (r - 1) * (latency_us / 1e3 + nbytes / (gbps * 1e9) * 1e3)
+
+    forward = piece(q) + 2 * 2 * piece(fp32_rows) + piece(fp32_q)
+    backward = piece(3 * q) + piece(fp32_rows) + piece(fp32_q)
+    return forward + backward
 
 
 def _rank_of(cluster: Cluster, config: ParallelConfig, ulysses_rank: int, ring_rank: int, tp_rank: int = 0) -> int:
@@ -301,6 +357,8 @@ def feasibility_reason(shape: ModelShape, cluster: Cluster, config: ParallelConf
         check_seq_len(shape.seq_len, config.ulysses, config.ring, config.ring_impl)
     except ValueError as error:
         return str(error)
+    if config.micro_q is not None and config.ring_impl != "mqsp":
+        return f"micro_q {config.micro_q} needs ring_impl mqsp"
     return ""
 
 
@@ -323,6 +381,11 @@ def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> floa
     dq_accumulator = q_bytes / dt * ACCUMULATION_BYTES
     if config.ring_impl == "allgather" and config.ring > 1:
         return config.ring * (kv_block + dkv_block) + dq_accumulator  # gathered K/V and its fp32 gradient
+    if config.ring_impl == "mqsp" and config.ring > 1:
+        # backward of one chunk: gathered q, dout, out (r x the rank's rows) + their fp32 dq part, lse; local
+        # fp32 dK/dV accumulators; the fp32 dq of the rank's rows
+        gathered = config.ring * mqsp_query_bytes(shape, config)
+        return 3 * gathered + gathered / dt * ACCUMULATION_BYTES * (1 + 1 / shape.head_dim) + dkv_block + dq_accumulator
     return 2 * kv_block + 3 * dkv_block + dq_accumulator  # current + incoming K/V; dK/dV in flight
 
 
@@ -353,13 +416,13 @@ def predict(
     intra_peers, inter_peers, ring_crosses = placement(cluster, config)
 
     # attention compute, from the schedules
-    steps = schedule_blocks(config.ring_impl, shape.seq_len, u, r, shape.causal)
+    steps = attention_blocks(config, shape.seq_len, shape.causal)
     heads_per_rank = shape.heads / (tp * u)
     flops_per_pair = 4.0 * shape.micro_batch * heads_per_rank * shape.head_dim
     fwd_steps = step_compute_ms(steps, flops_per_pair, hardware.fwd_tflops, hardware)
     bwd_steps = step_compute_ms(steps, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, hardware)
     prediction.compute_ms = sum(fwd_steps) + sum(bwd_steps)
-    prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal)
+    prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal, config.micro_q)
 
     # Ulysses all-to-all
     prediction.kv_replication = kv_replication(shape.kv_heads // tp, u)
@@ -383,7 +446,13 @@ def predict(
         kv_block = ring_kv_block_bytes(shape, tp, u, r, shape.dtype_bytes)
         dkv_block = ring_kv_block_bytes(shape, tp, u, r, ACCUMULATION_BYTES)
         prediction.ring_step_bytes = kv_block
-        if config.ring_impl == "allgather":
+        if config.ring_impl == "mqsp":  # pass Q: per chunk, collectives the chunk's kernels wait for
+            comm = mqsp_chunk_comm_ms(shape, config, gbps, latency)
+            prediction.ring_comm_ms = prediction.ring_exposed_ms = len(steps) * comm
+            prediction.ring_step_bytes = mqsp_query_bytes(shape, config)
+            prediction.ring_step_comm_ms = comm
+            prediction.ring_step_compute_ms = sum(fwd_steps) / len(steps)
+        elif config.ring_impl == "allgather":
             gather = (r - 1) * _transfer_ms(kv_block, gbps, latency)
             scatter = (r - 1) * _transfer_ms(dkv_block, gbps, latency)
             prediction.ring_comm_ms = prediction.ring_exposed_ms = 2 * gather + scatter  # gathered again in bwd
@@ -435,8 +504,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def impl_variants(ring_impls: Sequence[str], ring: int, micro_qs: Sequence[Optional[int]]) -> list[tuple[str, Optional[int]]]:
+    """(ring_impl, micro_q) pairs to try; with r == 1 every impl runs the same local attention: the preferred one."""
+    if ring == 1:
+        return [(sorted(ring_impls, key=lambda i: IMPL_PREFERENCE.index(i) if i in IMPL_PREFERENCE else 99)[0], None)]
+    return [(impl, micro_q) for impl in ring_impls for micro_q in (micro_qs if impl == "mqsp" else (None,))]
+
+
 def enumerate_configs(
-    cluster: Cluster, tp_choices: Sequence[int], ring_impls: Sequence[str], dp: int, orders: Sequence[bool]
+    cluster: Cluster, tp_choices: Sequence[int], ring_impls: Sequence[str], dp: int, orders: Sequence[bool],
+    micro_qs: Sequence[Optional[int]] = (None,),
 ) -> list[ParallelConfig]:
     configs = []
     for tp in tp_choices:
@@ -444,11 +521,11 @@ def enumerate_configs(
             continue
         sp = cluster.world // (tp * dp)
         for u in _divisors(sp):
-            for impl in ring_impls:
+            for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                 for inner in orders:
                     if not inner and (u == 1 or sp // u == 1):
                         continue  # the order only matters with both degrees > 1
-                    configs.append(ParallelConfig(tp, u, sp // u, impl, dp, inner))
+                    configs.append(ParallelConfig(tp, u, sp // u, impl, dp, inner, micro_q))
     return configs
 
 
@@ -462,10 +539,11 @@ def plan(
     dp: int = 1,
     orders: Sequence[bool] = (True,),
     other_memory_gib: Optional[float] = None,
+    micro_qs: Sequence[Optional[int]] = (None,),
 ) -> tuple[list[Prediction], list[Prediction]]:
     """(feasible predictions ranked fastest first, infeasible ones with their reasons)."""
     feasible, infeasible = [], []
-    for config in enumerate_configs(cluster, tp_choices, ring_impls, dp, orders):
+    for config in enumerate_configs(cluster, tp_choices, ring_impls, dp, orders, micro_qs):
         prediction = predict(shape, cluster, hardware, config, other_memory_gib=other_memory_gib)
         (feasible if prediction.feasible else infeasible).append(prediction)
     # r == 1: every impl runs the same local attention; keep one of them
@@ -498,6 +576,7 @@ class JobChoice:
     distributed_optimizer: bool = True
     micro_batch: int = 1
     global_batch: int = 1
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
 
     @property
     def micro_batches(self) -> int:
@@ -506,7 +585,8 @@ class JobChoice:
     def label(self) -> str:
         rc = self.recompute if self.recompute != "full" else \
             f"full {self.recompute_method}/{self.recompute_num_layers}"
-        return (f"PP={self.pp} DP={self.dp} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
+        vpp = f"x{self.virtual_stages}v" if self.virtual_stages > 1 else ""
+        return (f"PP={self.pp}{vpp} DP={self.dp} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
                 f"distopt={'on' if self.distributed_optimizer else 'off'}")
 
 
@@ -523,6 +603,7 @@ class JobPrediction:
     layer_ms: float = 0.0  # one layer, one micro-batch, fwd + bwd (+ recompute)
     gemm_ms: float = 0.0
     recompute_ms: float = 0.0
+    p2p_ms: float = 0.0  # pipeline sends and receives of one stage, one micro-batch
     stage_ms: float = 0.0  # the slowest stage, one micro-batch
     bubble_ms: float = 0.0
     grad_sync_ms: float = 0.0
@@ -541,13 +622,14 @@ def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
                      recompute=choice.recompute, recompute_method=choice.recompute_method,
                      recompute_num_layers=choice.recompute_num_layers,
                      distributed_optimizer=choice.distributed_optimizer, micro_batches=choice.micro_batches,
-                     sequence_parallel=config.tp > 1)
+                     sequence_parallel=config.tp > 1, virtual_stages=choice.virtual_stages)
 
 
 def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
                 reserve_gib: float = DEFAULT_RESERVE_GIB) -> JobPrediction:
     """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
-    (micro-batches + PP - 1) x the slowest stage's micro-batch (1F1B bubble) + the DP x CP gradient reduction."""
+    (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
+    + the DP x CP gradient reduction."""
     mb_shape = replace(shape, micro_batch=choice.micro_batch)
     gpt, job = gpt_shape(mb_shape), job_config(config, choice)
     # the attention grid sees PP as more replicas: TP and the SP group are placed the same way
@@ -581,9 +663,15 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
         result.recompute_ms = attn_fwd_all
     result.layer_ms = attention.total_ms + result.gemm_ms + result.recompute_ms
     head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
-    result.stage_ms = layers * result.layer_ms + head_ms
+    if choice.pp > 1:  # each model chunk sends its output forward and receives its gradient back (p2p, not hidden)
+        per_send = tokens * gpt.hidden * gpt.dtype_bytes / (config.tp if job.sequence_parallel else 1)
+        crosses = cluster.world // choice.pp >= cluster.gpus_per_node  # PP is megatron-core's outermost group
+        result.p2p_ms = 2 * choice.virtual_stages * _transfer_ms(
+            per_send, hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
+            hardware.inter_latency_us if crosses else hardware.intra_latency_us)
+    result.stage_ms = layers * result.layer_ms + head_ms + result.p2p_ms
     m = choice.micro_batches
-    result.bubble_ms = (choice.pp - 1) * result.stage_ms
+    result.bubble_ms = (choice.pp - 1) / choice.virtual_stages * result.stage_ms
     # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
     # optimizer, all-reduce without), not overlapped with the backward here
     group = choice.dp * config.sp
@@ -595,7 +683,7 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
         moved = stage_params * fraction * (FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer
                                            else 2 * FP32_BYTES)
         result.grad_sync_ms = moved / (gbps * 1e9) * 1e3
-    result.iteration_s = ((m + choice.pp - 1) * result.stage_ms + result.grad_sync_ms) / 1e3
+    result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms) / 1e3
     if result.memory_gib > result.budget_gib:
         result.feasible = False
         result.reason = f"memory: {memory_breakdown(result)}"
@@ -615,24 +703,30 @@ def memory_breakdown(p: JobPrediction) -> str:
 
 def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Sequence[int], recomputes: Sequence[str],
                 distributed_optimizers: Sequence[bool], micro_batches: Sequence[int],
-                global_batch: int) -> list[JobChoice]:
+                global_batch: int, virtual_stages: Optional[Sequence[int]] = (1,)) -> list[JobChoice]:
+    """``virtual_stages``: model chunks per pipeline rank to try (None: every divisor of the layers per stage)."""
     choices = []
     layers = shape.num_layers or 1
     for pp in pp_choices:
         if world_over_tp_sp % pp or layers % pp:
             continue
         dp = world_over_tp_sp // pp
-        for mbs in micro_batches:
-            if global_batch % (dp * mbs):
+        for vpp in (virtual_stages or _divisors(layers // pp)) if pp > 1 else (1,):
+            if layers % (pp * vpp):
                 continue
-            for recompute in recomputes:
-                # full: uniform chunks of 1 layer (least memory); block over half the stage (less recompute)
-                variants = [("uniform", 1)] if recompute != "full" else [("uniform", 1), ("block", layers // pp // 2)]
-                for method, count in variants:
-                    if count < 1:
-                        continue
-                    for distopt in distributed_optimizers:
-                        choices.append(JobChoice(pp, dp, recompute, method, count, distopt, mbs, global_batch))
+            chunk = layers // (pp * vpp)
+            for mbs in micro_batches:
+                if global_batch % (dp * mbs):
+                    continue
+                for recompute in recomputes:
+                    # full: uniform chunks of 1 layer (least memory); block over half a model chunk (less recompute)
+                    variants = [("uniform", 1)] if recompute != "full" else [("uniform", 1), ("block", chunk // 2)]
+                    for method, count in variants:
+                        if count < 1:
+                            continue
+                        for distopt in distributed_optimizers:
+                            choices.append(JobChoice(pp, dp, recompute, method, count, distopt, mbs, global_batch,
+                                                     vpp))
     return choices
 
 
@@ -650,6 +744,8 @@ def plan_job(
     micro_batches: Sequence[int] = (1,),
     global_batch: int = 0,
     reserve_gib: float = DEFAULT_RESERVE_GIB,
+    virtual_stages: Optional[Sequence[int]] = (1,),
+    micro_qs: Sequence[Optional[int]] = (None,),
 ) -> tuple[list[JobPrediction], list[JobPrediction]]:
     """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world."""
     global_batch = global_batch or cluster.world
@@ -662,15 +758,13 @@ def plan_job(
             rest = cluster.world // (tp * sp)
             choices = job_choices(shape, rest, pp_choices=pp_choices, recomputes=recomputes,
                                   distributed_optimizers=distributed_optimizers, micro_batches=micro_batches,
-                                  global_batch=global_batch)
+                                  global_batch=global_batch, virtual_stages=virtual_stages)
             for u in _divisors(sp):
-                # r == 1: every impl runs the same local attention; keep the preferred one
-                one = sorted(ring_impls, key=lambda i: IMPL_PREFERENCE.index(i) if i in IMPL_PREFERENCE else 99)[:1]
-                for impl in (ring_impls if sp // u > 1 else one):
+                for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                     for inner in orders:
                         if not inner and (u == 1 or sp // u == 1):
                             continue
-                        config = ParallelConfig(tp, u, sp // u, impl, 1, inner)
+                        config = ParallelConfig(tp, u, sp // u, impl, 1, inner, micro_q)
                         for choice in choices:
                             p = predict_job(shape, cluster, hardware, config, choice, reserve_gib)
                             (feasible if p.feasible else infeasible).append(p)
@@ -732,7 +826,7 @@ def _model_flags(shape: ModelShape) -> list[str]:
             f"--group-query-attention --num-query-groups {shape.kv_heads}" if shape.kv_heads != shape.heads else ""]
 
 
-def _job_flags(p: JobPrediction, trainer: bool) -> list[str]:
+def _job_flags(shape: ModelShape, p: JobPrediction, trainer: bool) -> list[str]:
     c, j = p.config, p.job
     if j.recompute == "none":
         recompute = ""
@@ -741,10 +835,11 @@ def _job_flags(p: JobPrediction, trainer: bool) -> list[str]:
     else:
         recompute = (f"--recompute-granularity full --recompute-method {j.recompute_method} "
                      f"--recompute-num-layers {j.recompute_num_layers}")
+    chunk_layers = (shape.num_layers or 1) // (j.pp * j.virtual_stages)
     return [f"--tensor-model-parallel-size {c.tp}" + (" --sequence-parallel" if c.tp > 1 and not trainer else ""),
             f"--pipeline-model-parallel-size {j.pp}",
-            f"--ulysses-degree {c.ulysses} --ring-degree {c.ring} --usp-ring-impl {c.ring_impl}"
-            + ("" if c.ulysses_inner else " --usp-ring-inner"),
+            "" if j.virtual_stages == 1 else f"--num-layers-per-virtual-pipeline-stage {chunk_layers}",
+            c.usp_flags(),
             recompute,
             "--use-distributed-optimizer" if j.distributed_optimizer else
             ("--no-use-distributed-optimizer" if trainer else ""),
@@ -758,7 +853,7 @@ def megatron_lm_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -
              "--position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear",
              ("--swiglu" if shape.gated_mlp else "") + (" --normalization RMSNorm" if shape.rmsnorm else ""),
              "--bf16" if shape.dtype == "bf16" else ("--fp16" if shape.dtype == "fp16" else ""),
-             *_job_flags(p, trainer=False)]
+             *_job_flags(shape, p, trainer=False)]
     return " ".join(part.strip() for part in parts if part.strip())
 
 
@@ -766,7 +861,7 @@ def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> st
     """examples/pretrain_gpt_usp.py on the same grid (its GPT has no sequence parallelism, SwiGLU or RMSNorm)."""
     parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} examples/pretrain_gpt_usp.py",
              *_model_flags(shape), f"--seq-length {shape.seq_len} --vocab-size {shape.vocab}",
-             "--bf16" if shape.dtype == "bf16" else "", *_job_flags(p, trainer=True)]
+             "--bf16" if shape.dtype == "bf16" else "", *_job_flags(shape, p, trainer=True)]
     return " ".join(part for part in parts if part)
 
 
@@ -788,7 +883,8 @@ def explain_job(ranked: Sequence[JobPrediction], shape: ModelShape) -> list[str]
              f"memory per GPU (stage {best.memory.stage}): {memory_breakdown(best)}",
              f"one layer, one micro-batch: attention {a.total_ms:.1f} ms (compute {a.compute_ms:.1f}, exposed comm "
              f"{a.exposed_comm_ms:.1f}) + GEMMs {best.gemm_ms:.1f} ms + recompute {best.recompute_ms:.1f} ms",
-             f"iteration: ({best.job.micro_batches} micro-batches + PP {best.job.pp} - 1) x stage "
+             f"iteration: ({best.job.micro_batches} micro-batches + (PP {best.job.pp} - 1)"
+             + (f" / {best.job.virtual_stages} virtual stages" if best.job.virtual_stages > 1 else "") + ") x stage "
              f"{best.stage_ms / 1e3:.2f} s + gradient reduction {best.grad_sync_ms / 1e3:.2f} s "
              f"= {best.iteration_s:.2f} s"]
     cheaper = [p for p in ranked if p.job.recompute != best.job.recompute]
@@ -1082,6 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True, help="gated MLP (SwiGLU)")
     job.add_argument("--rmsnorm", action=argparse.BooleanOptionalAction, default=True, help="RMSNorm (else LayerNorm)")
     job.add_argument("--pp", default="auto", help="pipeline stages: 'auto' (every divisor of the layers) or a number")
+    job.add_argument("--virtual-stages", default="1",
+                     help="model chunks per pipeline rank (interleaved 1F1B): a number, or 'auto' (every divisor of "
+                          "the layers per stage)")
     job.add_argument("--recompute", choices=("auto",) + RECOMPUTE_CHOICES, default="auto")
     job.add_argument("--distributed-optimizer", choices=("auto", "on", "off"), default="auto")
     job.add_argument("--micro-batch-sizes", default="1", help="comma-separated micro-batch sizes to consider")
@@ -1098,7 +1197,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--dp", type=int, default=1, help="data-parallel replicas beside each TP x SP block")
     grid.add_argument("--order", choices=("ulysses-inner", "ring-inner", "both"), default="ulysses-inner",
                       help="which group gets adjacent ranks")
-    grid.add_argument("--ring-impls", default=",".join(RING_SCHEDULE_IMPLS), help="comma-separated ring impls to consider")
+    grid.add_argument("--ring-impls", default=",".join(RING_IMPLS), help="comma-separated ring impls to consider")
+    grid.add_argument("--micro-q", default="none,8192",
+                      help="mqsp: comma-separated query rows per micro-chunk to consider ('none': all rows at once)")
     hw = parser.add_argument_group("hardware (a preset, any field overridable)")
     hw.add_argument("--gpu", choices=sorted(PRESETS) + ["custom"], default="h100",
                     help="custom: start from h100 and override with the flags below")
@@ -1177,14 +1278,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tp = args.tp or ("auto" if args.ffn_hidden else "1")
     tp_choices = _divisors(cluster.gpus_per_node) if tp == "auto" else [int(tp)]
     impls = [impl.strip() for impl in args.ring_impls.split(",") if impl.strip()]
-    unknown = [impl for impl in impls if impl not in RING_SCHEDULE_IMPLS]
+    unknown = [impl for impl in impls if impl not in RING_IMPLS]
     if unknown:
-        parser.error(f"unknown ring impl(s) {unknown}: choose among {', '.join(RING_SCHEDULE_IMPLS)}")
+        parser.error(f"unknown ring impl(s) {unknown}: choose among {', '.join(RING_IMPLS)}")
+    try:
+        micro_qs = [None if x.strip() == "none" else int(x) for x in args.micro_q.split(",") if x.strip()]
+        virtual_stages = None if args.virtual_stages == "auto" else [int(args.virtual_stages)]
+    except ValueError:
+        parser.error(f"--micro-q takes 'none' or row counts, --virtual-stages a number or 'auto'")
+    if any(q is not None and q < 1 for q in micro_qs) or (virtual_stages and virtual_stages[0] < 1):
+        parser.error("--micro-q and --virtual-stages must be positive")
     orders = {"ulysses-inner": (True,), "ring-inner": (False,), "both": (True, False)}[args.order]
     if args.ffn_hidden:
-        return main_job(args, shape, cluster, hardware, tp_choices, impls, orders)
+        return main_job(args, shape, cluster, hardware, tp_choices, impls, orders, micro_qs, virtual_stages)
     ranked, infeasible = plan(shape, cluster, hardware, tp_choices=tp_choices, ring_impls=impls, dp=args.dp,
-                              orders=orders, other_memory_gib=args.other_memory_gib)
+                              orders=orders, other_memory_gib=args.other_memory_gib, micro_qs=micro_qs)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
     print(f"{shape.heads} heads ({kv}), head_dim {shape.head_dim}, seq {shape.seq_len}, micro-batch "
           f"{shape.micro_batch}, {shape.dtype}, {'causal' if shape.causal else 'non-causal'}; {cluster.nodes} node(s) x "
@@ -1217,7 +1325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hardware: Hardware,
-             tp_choices: Sequence[int], impls: Sequence[str], orders: Sequence[bool]) -> int:
+             tp_choices: Sequence[int], impls: Sequence[str], orders: Sequence[bool],
+             micro_qs: Sequence[Optional[int]] = (None,), virtual_stages: Optional[Sequence[int]] = (1,)) -> int:
     if not shape.num_layers or not shape.vocab:
         raise SystemExit("whole-job planning needs --num-layers and --vocab with --ffn-hidden")
     search = dict(tp_choices=tp_choices, ring_impls=impls, orders=orders,
@@ -1225,14 +1334,15 @@ def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hard
                   recomputes=RECOMPUTE_CHOICES if args.recompute == "auto" else (args.recompute,),
                   distributed_optimizers={"auto": (True, False), "on": (True,), "off": (False,)}[args.distributed_optimizer],
                   micro_batches=[int(x) for x in args.micro_batch_sizes.split(",") if x.strip()],
-                  global_batch=args.global_batch_size, reserve_gib=args.reserve_gib)
+                  global_batch=args.global_batch_size, reserve_gib=args.reserve_gib, micro_qs=micro_qs,
+                  virtual_stages=virtual_stages)
     ranked, infeasible = plan_job(shape, cluster, hardware, **search)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
     print(f"GPT {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.heads} heads ({kv}) x {shape.head_dim}, "
           f"ffn {shape.ffn_hidden}{' SwiGLU' if shape.gated_mlp else ''}, vocab {shape.vocab}, seq {shape.seq_len}, "
           f"{shape.dtype}; {cluster.nodes} node(s) x {cluster.gpus_per_node} {hardware.name} "
           f"({hardware.gpu_memory_gib:g} GiB, {args.reserve_gib:g} reserved)")
-    print("s/iter = (micro-batches + PP - 1) x slowest stage + DP x CP gradient reduction; memory = params + fp32 "
+    print("s/iter = (micro-batches + (PP - 1) / virtual stages) x slowest stage + DP x CP gradient reduction; memory = params + fp32 "
           "grads + Adam states + in-flight activations + transients (megatron_usp.job_cost)")
     print()
     print(format_job_table(ranked, args.top))
