@@ -140,3 +140,29 @@ def test_gpt_mla_sinks_and_max_logit_match_reference(fresh_rank_pool, grid, ring
                 if name not in ("ring_impl", "feature"):
                     record_error(f"gpt {entry['feature']} tp{tp} u{ulysses_degree} r{ring_degree} "
                                  f"{entry['ring_impl']} {name}", value)
+
+
+def test_sequence_parallel_torch_norm_marks_its_weights():
+    """The local spec's norms (layers and the decoder's final norm) are torch LayerNorm / RMSNorm that accept
+    sequence_parallel and mark their weights so finalize_model_grads sums their gradients over TP."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_usp.megatron.norms import SequenceParallelTorchNorm
+    from megatron_usp.megatron.specs import get_gpt_decoder_block_local_spec, get_gpt_layer_local_spec
+
+    for normalization, module, names in (("LayerNorm", torch.nn.LayerNorm, ["weight", "bias"]),
+                                         ("RMSNorm", torch.nn.RMSNorm, ["weight"])):
+        for sequence_parallel in (True, False):
+            config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2, normalization=normalization,
+                                       tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+            norm = SequenceParallelTorchNorm(config, 8, eps=1e-6)
+            assert type(norm) is module and norm.eps == 1e-6
+            assert [name for name, _ in norm.named_parameters()] == names
+            assert all(param.sequence_parallel is sequence_parallel for param in norm.parameters())
+    layer = get_gpt_layer_local_spec().submodules
+    assert layer.input_layernorm is layer.pre_mlp_layernorm is SequenceParallelTorchNorm
+    block = get_gpt_decoder_block_local_spec(TransformerConfig(num_layers=3, hidden_size=8, num_attention_heads=2),
+                                             pp_rank=0)
+    assert block.layer_norm is SequenceParallelTorchNorm and len(block.layer_specs) == 3
+    assert block.layer_specs[0].submodules.input_layernorm is SequenceParallelTorchNorm
