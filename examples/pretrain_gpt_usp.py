@@ -31,18 +31,19 @@ from megatron_usp.megatron import (  # noqa: E402
     add_usp_args,
     destroy_model_parallel,
     get_batch_on_this_usp_rank,
-    get_gpt_layer_local_spec,
     get_usp_groups,
     initialize_model_parallel,
     megatron_lm_cpu,
     optimizer_load,
     validate_usp_args,
 )
+from megatron_usp.megatron.specs import get_gpt_decoder_block_local_spec  # noqa: E402
 
 CHECKPOINT_TRACKER = "latest_checkpointed_iteration.txt"
 # Arguments that fix the model's parameters: a checkpoint only loads into the same values.
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                    "vocab_size", "max_position_embeddings", "tensor_model_parallel_size")
+                    "vocab_size", "max_position_embeddings", "tensor_model_parallel_size", "swiglu", "normalization",
+                    "disable_bias_linear")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     model.add_argument("--vocab-size", type=int, default=None,
                        help="default: 256 for the byte corpus, largest token id + 1 for --data-path")
+    model.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated linear unit with SiLU)")
+    model.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    model.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers")
+    model.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=True,
+                       help="always untied in this trainer (default on, unlike Megatron-LM); "
+                            "--no-untie-embeddings-and-output-weights is refused")
     train = parser.add_argument_group("training")
     train.add_argument("--micro-batch-size", type=int, default=1)
     train.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP size")
@@ -82,6 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parallel = parser.add_argument_group("model parallelism (USP flags below)")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--sequence-parallel", action="store_true",
+                          help="Megatron's sequence parallelism: activations outside attention / MLP split over TP")
+    virtual = parallel.add_mutually_exclusive_group()
+    virtual.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                         help="interleaved 1F1B: this many layers per virtual pipeline stage")
+    virtual.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                         help="interleaved 1F1B: this many model chunks per pipeline rank")
     data = parser.add_argument_group("data and logging")
     data.add_argument("--data-path", default=None,
                       help="Megatron indexed dataset prefix (PREFIX.bin/.idx); default: stdlib byte corpus")
@@ -96,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if not args.untie_embeddings_and_output_weights:
+        raise ValueError("--no-untie-embeddings-and-output-weights: this trainer always unties the embedding and "
+                         "output weights (drop the flag)")
     if not args.group_query_attention:
         args.num_query_groups = args.num_attention_heads
     elif args.num_query_groups is None:
@@ -118,6 +135,15 @@ def check_batch_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_micro_batches = args.global_batch_size // per_step
+    check_virtual_pipeline_args(args)
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        # as Megatron-LM: sequence parallelism splits over TP, so without TP there is nothing to split
+        print("WARNING: --sequence-parallel without tensor parallelism: disabled", flush=True)
+        args.sequence_parallel = False
+    if args.sequence_parallel and (args.seq_length // sp_size) % args.tensor_model_parallel_size:
+        raise ValueError(f"--sequence-parallel: the {args.seq_length // sp_size} tokens per USP rank (--seq-length "
+                         f"{args.seq_length} / u x r {sp_size}) are not divisible by --tensor-model-parallel-size "
+                         f"{args.tensor_model_parallel_size}")
     if args.lr_warmup_iters >= args.train_iters:
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters} "
                          "(megatron-core's scheduler decays after the warmup)")
@@ -126,9 +152,46 @@ def check_batch_args(args: argparse.Namespace) -> None:
                          f"{args.max_position_embeddings}")
 
 
-def build_model(args):
-    """This pipeline stage's GPTModel (fp32 or bf16) wrapped in megatron-core's DistributedDataParallel, which
-    reduces gradients over DP x CP in fp32 buckets (reduce-scatter with the distributed optimizer)."""
+def check_virtual_pipeline_args(args: argparse.Namespace) -> None:
+    """Set ``args.virtual_pipeline_model_parallel_size`` (None without interleaving) from either flag and check
+    megatron-core's rules for the interleaved schedule, naming the flag to fix."""
+    pp = args.pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        flag = f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage}"
+        per_stage = args.num_layers // pp
+        if args.num_layers_per_virtual_pipeline_stage < 1 or per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise ValueError(f"{flag}: the {per_stage} layers per pipeline stage (--num-layers {args.num_layers} / "
+                             f"--pipeline-model-parallel-size {pp}) are not divisible by it")
+        virtual = per_stage // args.num_layers_per_virtual_pipeline_stage
+    elif args.virtual_pipeline_model_parallel_size is not None:
+        virtual = args.virtual_pipeline_model_parallel_size
+        flag = f"--virtual-pipeline-model-parallel-size {virtual}"
+        if virtual < 1 or args.num_layers % (pp * virtual):
+            raise ValueError(f"{flag}: --num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-"
+                             f"size {pp} x {virtual}")
+    else:
+        return
+    if virtual == 1:  # one chunk per stage: plain 1F1B
+        args.virtual_pipeline_model_parallel_size = None
+        return
+    if pp == 1:
+        raise ValueError(f"{flag} needs --pipeline-model-parallel-size > 1 (interleaved pipeline schedule)")
+    # megatron-core's interleaved schedule runs the micro-batches in groups of PP per virtual stage (default
+    # microbatch_group_size_per_vp_stage): it refuses fewer than PP micro-batches and a partial last group
+    if args.num_micro_batches % pp:
+        raise ValueError(f"{flag}: the interleaved schedule needs a multiple of --pipeline-model-parallel-size {pp} "
+                         f"micro-batches per step, not {args.num_micro_batches} (--global-batch-size "
+                         f"{args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x DP "
+                         f"{args.data_parallel_size})): raise --global-batch-size to a multiple of "
+                         f"{pp * args.micro_batch_size * args.data_parallel_size}")
+    args.virtual_pipeline_model_parallel_size = virtual
+
+
+def build_model(args) -> list:
+    """This pipeline rank's model chunks (one, or V with virtual pipeline stages, as Megatron-LM's ``get_model``):
+    GPTModels (fp32 or bf16) each wrapped in megatron-core's DistributedDataParallel, which reduces gradients over
+    DP x CP in fp32 buckets (reduce-scatter with the distributed optimizer)."""
+    import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
@@ -140,37 +203,49 @@ def build_model(args):
         recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
         recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
     )
+    virtual = args.virtual_pipeline_model_parallel_size
+    # as Megatron-LM's defaults: the interleaved schedule overlaps its p2p sends / receives (not batched)
+    interleaved = {} if virtual is None else dict(virtual_pipeline_model_parallel_size=virtual,
+                                                  overlap_p2p_comm=True, batch_p2p_comm=False)
+    swiglu = dict(gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False) if args.swiglu else {}
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size, context_parallel_size=args.context_parallel_size,
+        normalization=args.normalization, add_bias_linear=not args.disable_bias_linear,
         bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, calculate_per_token_loss=True,
         # weights drawn on CPU from the seeded default generator: the same for every TP, u, r and device
         use_cpu_initialization=True, perform_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False, **recompute,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        **swiglu, **interleaved, **recompute,
     )
-    # as Megatron-LM: each pipeline stage draws its layers from its own seed
-    torch.manual_seed(args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
-    model = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab_size,
-        max_sequence_length=args.max_position_embeddings, position_embedding_type="rope",
-        share_embeddings_and_output_weights=False,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    model = DistributedDataParallel(config, ddp_config, model)
+    chunks = []
+    for vp_stage in ([None] if virtual is None else range(virtual)):
+        # as Megatron-LM: each pipeline stage draws its layers from its own seed (each virtual stage too)
+        torch.manual_seed(args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + 10000 * (vp_stage or 0))
+        model = GPTModel(
+            config=config, transformer_layer_spec=get_gpt_decoder_block_local_spec(config, vp_stage=vp_stage),
+            vocab_size=args.vocab_size, max_sequence_length=args.max_position_embeddings,
+            position_embedding_type="rope", share_embeddings_and_output_weights=False,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        # as Megatron-LM: only the first chunk's gradients are split into buckets
+        chunks.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=len(chunks) > 0))
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
-    return model
+    config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [chunk.no_sync for chunk in chunks]
+    return chunks
 
 
-def megatron_optimizer(args, model):
+def megatron_optimizer(args, model: list):
     """megatron-core's optimizer over the DDP-wrapped model: AdamW on fp32 main parameters (ZeRO-1 sharded over
     DP x CP with ``--use-distributed-optimizer``, the default), global-norm clipping, and its parameter scheduler
     (warmup, then constant / linear / cosine decay to ``--min-lr``)."""
@@ -183,7 +258,7 @@ def megatron_optimizer(args, model):
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=False)
     optimizer_load.fix_distributed_optimizer_load()  # megatron-core 0.16 cannot reload it otherwise
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
@@ -202,10 +277,16 @@ def checkpoint_dir(directory: str, iteration: int) -> Path:
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_state = model.module.sharded_state_dict()  # GPTModel's keys, as Megatron-LM's checkpoints
-    return {"model": model_state,
-            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
+def _model_keys(model: list) -> list[str]:
+    """As Megatron-LM's checkpoints: "model", or "model0", "model1", ... for virtual pipeline chunks. The tensors'
+    own keys are global (layer numbers included), so a checkpoint reloads across virtual stages too."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
+    state = {key: chunk.module.sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return state
 
 
 def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> None:
@@ -227,6 +308,7 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> None:
                  grid={"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree,
                        "usp_ring_impl": args.usp_ring_impl, "tensor_model_parallel_size": args.tensor_model_parallel_size,
                        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                       "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
                        "use_distributed_optimizer": args.use_distributed_optimizer})
     dist_checkpointing.save(state, str(partial), content_metadata=OPTIMIZER_METADATA)
     dist.barrier()
@@ -269,7 +351,8 @@ def load_checkpoint(args, model, optimizer, scheduler) -> int:
         flag = "--use-distributed-optimizer" if grid["use_distributed_optimizer"] else "--no-use-distributed-optimizer"
         raise ValueError(f"--load {args.load}: the checkpoint's optimizer state was saved with {flag}; resume with it")
     state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(directory))
-    model.module.load_state_dict(state["model"])
+    for key, chunk in zip(_model_keys(model), model):
+        chunk.module.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if dist.get_rank() == 0:
@@ -336,16 +419,20 @@ def forward_step(data_iterator, model):
 
 
 def train_step(args, model, optimizer, scheduler, micro_batches, iteration: int) -> tuple[float, float]:
-    """One optimizer step over the global batch through megatron-core's schedule (1F1B with PP > 1); returns
+    """One optimizer step over the global batch through megatron-core's schedule (1F1B with PP > 1, interleaved
+    with virtual pipeline stages); returns
     (mean loss per token over the global batch, grad norm)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.zero_grad_buffer()
+    for chunk in model:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
     forward_backward = get_forward_backward_func()
+    # one iterator per model chunk, all over the same micro-batches (each virtual stage reads them in turn)
+    iterators = [batches.start(iteration) for batches in micro_batches]
     outputs = forward_backward(
-        forward_step_func=forward_step, data_iterator=micro_batches.start(iteration), model=[model],
+        forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0], model=model,
         num_microbatches=args.num_micro_batches, seq_length=args.seq_length,  # the schedule divides by CP
         micro_batch_size=args.micro_batch_size, forward_only=False,
     )
@@ -353,7 +440,7 @@ def train_step(args, model, optimizer, scheduler, micro_batches, iteration: int)
     if not update_successful:
         raise RuntimeError(f"iteration {iteration + 1}: the optimizer skipped its step (non-finite gradients)")
     scheduler.step(increment=1)
-    device = next(model.parameters()).device
+    device = next(model[0].parameters()).device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for output in outputs:  # the last pipeline stage's micro-batches; empty elsewhere
         totals += output["lm loss"].to(device)
@@ -375,10 +462,13 @@ def main(argv=None) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     standins = megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA calls -> CPU; nothing with CUDA
+    if standins and args.sequence_parallel:
+        standins.append(cuda_to_cpu_in_backward())
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree, ring_impl=args.usp_ring_impl, ulysses_inner=not args.usp_ring_inner,
         attn_backend=args.usp_attn_backend, micro_q=args.usp_micro_q, usp_check=getattr(args, "usp_check", None),
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         create_gloo_process_groups=False,
     )
     from megatron.core import parallel_state
@@ -391,17 +481,20 @@ def main(argv=None) -> None:
     model = build_model(args)
     optimizer, scheduler = megatron_optimizer(args, model)
     start_iteration = load_checkpoint(args, model, optimizer, scheduler) if args.load else 0
-    micro_batches = MicroBatches(args, samples, device)
+    micro_batches = [MicroBatches(args, samples, device) for _ in model]
     rank0 = dist.get_rank() == 0
     groups = get_usp_groups()
     if rank0:
-        params = sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size
+        params = sum(p.numel() for chunk in model for p in chunk.parameters()) * args.tensor_model_parallel_size
         print(f"> {stream.description}\n> GPT: {args.num_layers} layers, hidden {args.hidden_size}, "
               f"{args.num_attention_heads} heads / {args.num_query_groups} query groups, vocab {args.vocab_size}, "
-              f"{'bf16' if args.bf16 else 'fp32'}; ~{params / 1e6:.2f}M parameters on pipeline stage 0\n"
-              f"> grid: world {args.world_size} = TP {args.tensor_model_parallel_size} x PP "
-              f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size} x USP (ulysses "
-              f"{groups.ulysses_degree} x ring {groups.ring_degree}, {args.usp_ring_impl}, "
+              f"{'bf16' if args.bf16 else 'fp32'}, {args.normalization}{', SwiGLU' if args.swiglu else ''}"
+              f"{', no linear biases' if args.disable_bias_linear else ''}; ~{params / 1e6:.2f}M parameters on "
+              "pipeline stage 0\n"
+              f"> grid: world {args.world_size} = TP {args.tensor_model_parallel_size}"
+              f"{' (sequence parallel)' if args.sequence_parallel else ''} x PP {args.pipeline_model_parallel_size}"
+              f"{f' ({len(model)} virtual stages)' if len(model) > 1 else ''} x DP {args.data_parallel_size} x USP "
+              f"(ulysses {groups.ulysses_degree} x ring {groups.ring_degree}, {args.usp_ring_impl}, "
               f"{'ring' if args.usp_ring_inner else 'ulysses'}-inner), {dist.get_backend()} on {device.type}\n"
               f"> megatron-core: DistributedDataParallel, {type(optimizer).__name__}"
               f"{' (ZeRO-1 over DP x CP)' if args.use_distributed_optimizer else ''}, OptimizerParamScheduler, "
@@ -443,6 +536,27 @@ def main(argv=None) -> None:
         loss_file.close()
     destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def cuda_to_cpu_in_backward() -> str:
+    """CPU only: megatron_lm_cpu's ``cuda-to-cpu`` mode handles ``torch.autograd.backward`` itself, and a
+    torch-function mode is switched off while its handler runs, so the backward pass runs without it. Sequence
+    parallelism's backward allocates its all-gather / reduce-scatter buffers with
+    ``device=torch.cuda.current_device()``: during the backward, that device is the CPU."""
+    original = torch.autograd.backward
+    if not getattr(original, "_usp_cuda_to_cpu", False):
+        @functools.wraps(original)
+        def backward(*args, **kwargs):
+            current_device = torch.cuda.current_device
+            torch.cuda.current_device = lambda: torch.device("cpu")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                torch.cuda.current_device = current_device
+
+        backward._usp_cuda_to_cpu = True
+        torch.autograd.backward = backward
+    return "cuda-to-cpu-in-backward"
 
 
 def get_forward_backward_func_name() -> str:

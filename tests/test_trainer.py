@@ -33,7 +33,7 @@ def torchrun(world_size: int, args: list[str], timeout: int = 240, script: Path 
     failed = result.returncode != 0
     assert failed == expect_failure, f"{' '.join(command)} exit {result.returncode}:\n{result.stdout[-3000:]}\n" \
                                      f"{result.stderr[-5000:]}"
-    return result.stdout
+    return result.stdout + result.stderr if expect_failure else result.stdout
 
 
 def losses(path: Path) -> dict[int, float]:
@@ -92,6 +92,80 @@ def test_pipeline_recompute_and_plain_optimizer_match_without_sp(tmp_path):
     assert base[3] < base[1] - 1e-3, base  # it trains: a step that did nothing would fail
 
 
+def assert_same_losses(got: dict, want: dict, iterations: list[int], rel: float = 1e-6) -> float:
+    """Every iteration's loss within ``rel`` relative; returns the largest relative difference."""
+    assert sorted(got) == sorted(want) == iterations, (got, want)
+    worst = max(abs(got[i] - want[i]) / want[i] for i in iterations)
+    assert worst <= rel, (worst, got, want)
+    return worst
+
+
+@pytest.mark.timeout(600)
+def test_sequence_parallel_with_usp_matches_tensor_parallel_without(tmp_path):
+    """Megatron's --sequence-parallel with TP=2 and u=2 (4 ranks): every iteration's loss equals TP=2 without
+    sequence parallelism and without USP (fp32, <= 1e-6 relative). The LayerNorms' gradients are partial sums per
+    TP rank under sequence parallelism: the torch norms of our spec mark their weights ``sequence_parallel`` so
+    finalize_model_grads sums them over TP (without that, iterations 3-4 differ)."""
+    common = ["--tensor-model-parallel-size", "2", "--train-iters", "4", "--lr-warmup-iters", "0"]
+    out = torchrun(4, [*common, "--sequence-parallel", "--ulysses-degree", "2", "--loss-csv", str(tmp_path / "sp.csv")])
+    assert "TP 2 (sequence parallel)" in out and "ulysses 2 x ring 1" in out, out
+    torchrun(2, [*common, "--loss-csv", str(tmp_path / "tp.csv")])
+    sp, tp = losses(tmp_path / "sp.csv"), losses(tmp_path / "tp.csv")
+    worst = assert_same_losses(sp, tp, [1, 2, 3, 4])
+    assert tp[4] < tp[1] - 1e-3, tp  # it trains: the norms' updates matter
+    print(f"sequence parallel: max relative difference {worst:.2e}")
+
+
+@pytest.mark.timeout(600)
+def test_swiglu_rmsnorm_without_biases_ring_matches_one_rank(tmp_path):
+    """--swiglu --normalization RMSNorm --disable-bias-linear under r=2 equals the same model on one rank (fp32,
+    <= 1e-6 relative); the three flags are part of the model's shape: its checkpoint refuses a LayerNorm model."""
+    common = ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--train-iters", "3",
+              "--lr-warmup-iters", "0"]
+    out = torchrun(2, [*common, "--ring-degree", "2", "--save", str(tmp_path / "ckpt"),
+                       "--loss-csv", str(tmp_path / "ring.csv")])
+    assert "RMSNorm, SwiGLU, no linear biases" in out, out
+    torchrun(1, [*common, "--loss-csv", str(tmp_path / "one.csv")])
+    ring, one = losses(tmp_path / "ring.csv"), losses(tmp_path / "one.csv")
+    worst = assert_same_losses(ring, one, [1, 2, 3])
+    print(f"swiglu / rmsnorm / no bias: max relative difference {worst:.2e}")
+    # the flags built that model: gated fc1 (2 x ffn rows), no linear biases, RMSNorm (no norm biases)
+    from megatron.core import dist_checkpointing
+
+    shapes = {key: tuple(meta.global_shape) for key, meta in
+              dist_checkpointing.load_tensors_metadata(str(tmp_path / "ckpt" / "iter_0000003")).items()
+              if not key.startswith("optimizer")}
+    assert shapes["decoder.layers.mlp.linear_fc1.weight"] == (2, 2 * 128, 32), shapes
+    assert shapes["decoder.final_layernorm.weight"] == (32,), shapes
+    assert not [key for key in shapes if key.endswith("bias")], shapes
+    # and they are part of its shape: a LayerNorm model does not load the checkpoint
+    out = torchrun(1, ["--swiglu", "--disable-bias-linear", "--train-iters", "4", "--load", str(tmp_path / "ckpt")],
+                   expect_failure=True)
+    assert "the checkpoint has --normalization RMSNorm, this run LayerNorm" in out, out[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_virtual_pipeline_stages_resume_a_pipeline_checkpoint(tmp_path):
+    """Interleaved 1F1B: a PP=2 checkpoint (4 layers, iteration 2) loaded with PP=2 and two virtual stages of one
+    layer each (--num-layers-per-virtual-pipeline-stage 1: model chunks "model0", "model1", two data iterators)
+    continues with the losses of the uninterrupted PP=2 run (fp32, <= 1e-6 relative): the chunks hold the right
+    layers, read the right micro-batches, and the checkpoint reshards across virtual stages."""
+    save = tmp_path / "ckpt"
+    common = ["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--train-iters", "4",
+              "--lr-warmup-iters", "0"]
+    torchrun(2, [*common, "--save", str(save), "--save-interval", "2", "--loss-csv", str(tmp_path / "full.csv")])
+    full = losses(tmp_path / "full.csv")
+    (tmp_path / "vpp.csv").write_text((tmp_path / "full.csv").read_text())
+    out = torchrun(2, [*common, "--num-layers-per-virtual-pipeline-stage", "1", "--load", str(save), "--ckpt-step",
+                       "2", "--loss-csv", str(tmp_path / "vpp.csv")])
+    assert "forward_backward_pipelining_with_interleaving" in out and "PP 2 (2 virtual stages)" in out, out
+    assert "loaded checkpoint at iteration 2" in out, out
+    vpp = losses(tmp_path / "vpp.csv")
+    worst = assert_same_losses({i: vpp[i] for i in (3, 4)}, {i: full[i] for i in (3, 4)}, [3, 4])
+    assert full[4] < full[1] - 1e-3, full
+    print(f"virtual pipeline: max relative difference {worst:.2e}")
+
+
 @pytest.mark.timeout(600)
 def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path):
     """SIGKILL of a rank as it writes the checkpoint of iteration 3: the tracker still names iteration 2, whose
@@ -142,6 +216,7 @@ def test_bad_flags_raise_before_any_collective(monkeypatch):
 
     monkeypatch.setattr(pretrain_gpt_usp.dist, "init_process_group",
                         lambda *a, **k: pytest.fail("init_process_group reached with bad flags"))
+    pp2 = ["--pipeline-model-parallel-size", "2"]
     cases = [
         (4, ["--ulysses-degree", "3"], "not divisible"),
         (8, ["--ulysses-degree", "8", "--num-attention-heads", "4"], "heads"),
@@ -152,11 +227,21 @@ def test_bad_flags_raise_before_any_collective(monkeypatch):
         (4, ["--pipeline-model-parallel-size", "3"], "not divisible by TP 1 x PP 3"),
         (1, ["--train-iters", "5", "--lr-warmup-iters", "5"], "--lr-warmup-iters"),
         (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "3"], "--num-layers"),
+        (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "45"], "--sequence-parallel"),
+        (1, ["--no-untie-embeddings-and-output-weights"], "always unties"),
+        (2, ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "2"], "needs --pipeline-model-parallel"),
+        (2, [*pp2, "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "3"], "not divisible by it"),
+        (2, [*pp2, "--num-layers", "4", "--virtual-pipeline-model-parallel-size", "4"], "--virtual-pipeline-model"),
+        (2, [*pp2, "--num-layers", "4", "--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "3"],
+         "raise --global-batch-size to a multiple of 2"),
     ]
     for world_size, argv, message in cases:
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
         with pytest.raises(ValueError, match=message):
             pretrain_gpt_usp.main(argv)
+    with pytest.raises(SystemExit):  # Megatron-LM's two spellings of the virtual stages: one at a time
+        pretrain_gpt_usp.parse_args(["--num-layers-per-virtual-pipeline-stage", "1",
+                                     "--virtual-pipeline-model-parallel-size", "2"])
 
 
 def test_indexed_tokens_window_spans_documents(tmp_path):
