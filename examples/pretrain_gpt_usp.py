@@ -462,8 +462,6 @@ def main(argv=None) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     standins = megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA calls -> CPU; nothing with CUDA
-    if standins and args.sequence_parallel:
-        standins.append(cuda_to_cpu_in_backward())
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree, ring_impl=args.usp_ring_impl, ulysses_inner=not args.usp_ring_inner,
@@ -536,27 +534,6 @@ def main(argv=None) -> None:
         loss_file.close()
     destroy_model_parallel()
     dist.destroy_process_group()
-
-
-def cuda_to_cpu_in_backward() -> str:
-    """CPU only: megatron_lm_cpu's ``cuda-to-cpu`` mode handles ``torch.autograd.backward`` itself, and a
-    torch-function mode is switched off while its handler runs, so the backward pass runs without it. Sequence
-    parallelism's backward allocates its all-gather / reduce-scatter buffers with
-    ``device=torch.cuda.current_device()``: during the backward, that device is the CPU."""
-    original = torch.autograd.backward
-    if not getattr(original, "_usp_cuda_to_cpu", False):
-        @functools.wraps(original)
-        def backward(*args, **kwargs):
-            current_device = torch.cuda.current_device
-            torch.cuda.current_device = lambda: torch.device("cpu")
-            try:
-                return original(*args, **kwargs)
-            finally:
-                torch.cuda.current_device = current_device
-
-        backward._usp_cuda_to_cpu = True
-        torch.autograd.backward = backward
-    return "cuda-to-cpu-in-backward"
 
 
 def get_forward_backward_func_name() -> str:

@@ -90,7 +90,8 @@ from torch.overrides import TorchFunctionMode
 
 STANDINS: Dict[str, str] = {
     "cuda-to-cpu": "device='cuda'/int/torch.device('cuda') -> cpu in every torch call; Tensor.cuda()/pin_memory() "
-                   "return the tensor; pin_memory=True -> False",
+                   "return the tensor; pin_memory=True -> False; torch.cuda.current_device() is the CPU during "
+                   "backward (the mode is off there)",
     "tensor-type-names": "Tensor.type() answers 'torch.cuda.*Tensor' (clip_grads and optimizers check the names)",
     "torch.cuda-runtime": "current_device -> 0; set_device/synchronize/empty_cache no-ops; inert Stream/Event; "
                           "memory queries -> 0",
@@ -129,11 +130,26 @@ def _cuda_type_name(name: str) -> str:
     return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
 
 
+@contextlib.contextmanager
+def _current_device_is_cpu():
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = current_device
+
+
 class CudaToCpu(TorchFunctionMode):
     """The ``cuda-to-cpu`` and ``tensor-type-names`` stand-ins."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            # a mode is off while its handler runs, so the whole backward pass runs without it: backward functions
+            # that allocate on torch.cuda.current_device() (sequence parallelism's gather buffers) get the CPU
+            with _current_device_is_cpu():
+                return func(*args, **kwargs)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
