@@ -34,15 +34,16 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_usp.cost import attention_flops, block_pairs  # noqa: E402
 from megatron_usp.job_cost import (  # noqa: E402
-    GPTShape, JobConfig, JobMemory, check_job, job_memory, layer_activation_bytes, layer_parameter_count,
-    recompute_working_bytes, stage_layers,
+    GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
+    layer_parameter_count, recompute_working_bytes, stage_layers,
 )
 from megatron_usp.layout import RING_IMPLS, RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.mqsp import MQSPPlan  # noqa: E402
@@ -73,20 +74,33 @@ class Hardware:
     kernel_overhead_us: float = 10.0  # per attention kernel call (launch, merge of partial results)
     half_efficiency_tokens: float = 512.0  # keys per block at which the kernel reaches half its TFLOPS
     gemm_tflops: float = 0.0  # achieved dense GEMM TFLOPS (the layer's projections and MLP); 0: 2 x fwd_tflops
+    memory_gbps: float = 0.0  # achieved memory bandwidth: a layer's elementwise work (norms, RoPE, activation)
+    optimizer_ns_per_param: float = 0.0  # Adam step per parameter; 0: OPTIMIZER_BYTES_PER_PARAM / memory_gbps
+    layer_overhead_us: float = 0.0  # framework cost per layer forward + backward (module calls, small kernels)
+    causal_fraction: float = 0.5  # a causal square block's time over the full block's (0.5: masked half skipped)
+    comm_overlaps_compute: bool = True  # False: a transfer holds the rank's processor (gloo on a CPU core)
 
 
 # Achieved (not peak) numbers: FA2-class kernels (torch SDPA flash), bf16, head_dim 128, long sequences;
-# NCCL bus bandwidth per GPU per direction. Override any of them with the flags.
+# NCCL bus bandwidth per GPU per direction. Override any of them with the flags, or measure them with
+# tools/measure_hardware.py and pass --hardware FILE.
 # GEMM TFLOPS: ~2/3 of the dense bf16 peak (A100 312, H100 SXM 989, NVIDIA data sheets), what large
 # Megatron GEMMs reach (Megatron-LM's published MFU of 40-50 % for whole 70B+ models includes everything else).
+# Memory: ~80 % of the HBM data-sheet bandwidth (A100 80GB 2.0 TB/s, H100 SXM 3.35, H200 4.8). Layer overhead 0 on
+# GPUs: kernel launches run ahead of the long kernels of long-sequence layers.
 PRESETS: dict[str, Hardware] = {
-    "a100": Hardware("a100", 190.0, 150.0, 230.0, 22.0, 8.0, 15.0, 79.2, gemm_tflops=210.0),
-    "h100": Hardware("h100", 380.0, 300.0, 360.0, 45.0, 6.0, 12.0, 79.6, gemm_tflops=650.0),
-    "h200": Hardware("h200", 400.0, 320.0, 360.0, 45.0, 6.0, 12.0, 139.8, gemm_tflops=650.0),
-    # gloo ranks on one CPU host: memcpy-through-sockets bandwidth, a few GFLOPS per rank for the torch kernel
-    "cpu": Hardware("cpu", 0.02, 0.01, 2.0, 2.0, 100.0, 100.0, 64.0, kernel_overhead_us=200.0,
-                   half_efficiency_tokens=64.0),
+    "a100": Hardware("a100", 190.0, 150.0, 230.0, 22.0, 8.0, 15.0, 79.2, gemm_tflops=210.0, memory_gbps=1600.0),
+    "h100": Hardware("h100", 380.0, 300.0, 360.0, 45.0, 6.0, 12.0, 79.6, gemm_tflops=650.0, memory_gbps=2700.0),
+    "h200": Hardware("h200", 400.0, 320.0, 360.0, 45.0, 6.0, 12.0, 139.8, gemm_tflops=650.0, memory_gbps=3800.0),
+    # one rank per core of this project's 2-core CPU machine, both cores busy, 1 thread, gloo, fp32: the medians of
+    # docs/bench/hardware_cpu.json (tools/measure_hardware.py --concurrent 2, run between tools/bench_job.py's
+    # rounds), measured by themselves, not fitted to any whole-job run
+    "cpu": Hardware("cpu", 0.0764, 0.0795, 1.92, 1.92, 31.0, 31.0, 64.0, kernel_overhead_us=143.0,
+                    half_efficiency_tokens=187.0, gemm_tflops=0.100, memory_gbps=2.41, optimizer_ns_per_param=6.4,
+                    layer_overhead_us=10700.0, causal_fraction=0.636, comm_overlaps_compute=False),
 }
+OPTIMIZER_BYTES_PER_PARAM = 32  # fused Adam: read grad, master, 2 moments; write master, 2 moments, the parameter
+ELEMENTWISE_PASSES = 3  # a saved activation is written in the forward, read and its gradient written in the backward
 
 
 @dataclass(frozen=True)
@@ -249,8 +263,9 @@ def step_compute_ms(
     """Per step, the slowest rank's kernel time: pairs x FLOPs / (TFLOPS x efficiency) + per-call overhead."""
     def rank_ms(blocks: tuple[BlockShape, ...]) -> float:
         return sum(
-            block_pairs(*b) * flops_per_pair / (tflops * 1e12 * kernel_efficiency(b, hardware.half_efficiency_tokens))
-            * 1e3 + hardware.kernel_overhead_us / 1e3
+            (b[0] * b[1] * hardware.causal_fraction if b[2] else block_pairs(*b)) * flops_per_pair
+            / (tflops * 1e12 * kernel_efficiency(b, hardware.half_efficiency_tokens)) * 1e3
+            + hardware.kernel_overhead_us / 1e3
             for b in blocks
         )
     return [max(rank_ms(blocks) for blocks in step) for step in steps]
@@ -460,12 +475,13 @@ def predict(
             prediction.ring_step_compute_ms = fwd_steps[0]
         else:
             kv_ms = _transfer_ms(kv_block, gbps, latency)
-            fwd_ms = sum(max(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
+            both = max if hardware.comm_overlaps_compute else (lambda c, comm: c + comm)
+            fwd_ms = sum(both(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
             bwd_ms, bwd_comm = 0.0, 0.0
             for s, c in enumerate(bwd_steps):  # K/V for the next step and dK/dV of the previous share the link
                 moving = (kv_block if s < r - 1 else 0.0) + (dkv_block if s > 0 else 0.0)
                 comm = _transfer_ms(moving, gbps, latency)
-                bwd_ms += max(c, comm)
+                bwd_ms += both(c, comm)
                 bwd_comm += comm
             last_dkv_home = _transfer_ms(dkv_block, gbps, latency)
             bwd_ms += last_dkv_home
@@ -603,6 +619,9 @@ class JobPrediction:
     layer_ms: float = 0.0  # one layer, one micro-batch, fwd + bwd (+ recompute)
     gemm_ms: float = 0.0
     recompute_ms: float = 0.0
+    elementwise_ms: float = 0.0
+    overhead_ms: float = 0.0  # the framework's fixed cost per layer
+    optimizer_ms: float = 0.0  # per iteration
     p2p_ms: float = 0.0  # pipeline sends and receives of one stage, one micro-batch
     stage_ms: float = 0.0  # the slowest stage, one micro-batch
     bubble_ms: float = 0.0
@@ -656,13 +675,23 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     attn_fwd = attention.compute_ms / (1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
     attn_fwd_all = attn_fwd + attention.a2a_ms / 2 + attention.ring_exposed_ms / 3
     layers = stage_layers(gpt, job)
-    if choice.recompute == "full":
-        recomputed = layers if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, layers)
-        result.recompute_ms = recomputed / layers * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2)
+    # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
+    if hardware.memory_gbps:
+        saved = sum(layer_activation_bytes(gpt, replace(job, recompute="none")).values())
+        result.elementwise_ms = ELEMENTWISE_PASSES * saved / (hardware.memory_gbps * 1e9) * 1e3
+    result.overhead_ms = hardware.layer_overhead_us / 1e3
+    if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
+        chunk = chunk_layers(gpt, job)
+        recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
+        result.recompute_ms = recomputed / chunk * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2
+                                                    + (result.elementwise_ms + result.overhead_ms) / 3)
     elif choice.recompute == "selective":
         result.recompute_ms = attn_fwd_all
-    result.layer_ms = attention.total_ms + result.gemm_ms + result.recompute_ms
+    result.layer_ms = (attention.total_ms + result.gemm_ms + result.recompute_ms + result.elementwise_ms
+                       + result.overhead_ms)
     head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
+    if hardware.memory_gbps:  # the fp32 logits: softmax forward, its gradient backward
+        head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / config.tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
     if choice.pp > 1:  # each model chunk sends its output forward and receives its gradient back (p2p, not hidden)
         per_send = tokens * gpt.hidden * gpt.dtype_bytes / (config.tp if job.sequence_parallel else 1)
         crosses = cluster.world // choice.pp >= cluster.gpus_per_node  # PP is megatron-core's outermost group
@@ -683,7 +712,12 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
         moved = stage_params * fraction * (FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer
                                            else 2 * FP32_BYTES)
         result.grad_sync_ms = moved / (gbps * 1e9) * 1e3
-    result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms) / 1e3
+    # the optimizer step over this rank's parameters (its DP x CP shard with the distributed optimizer)
+    per_param = hardware.optimizer_ns_per_param or (
+        OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
+    shards = choice.dp * config.sp if choice.distributed_optimizer else 1
+    result.optimizer_ms = memory.params / gpt.dtype_bytes / shards * per_param / 1e6
+    result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms + result.optimizer_ms) / 1e3
     if result.memory_gib > result.budget_gib:
         result.feasible = False
         result.reason = f"memory: {memory_breakdown(result)}"
@@ -1072,7 +1106,30 @@ def _ranked(rows: list[dict]) -> dict:
         "spearman": spearman(measured, predicted),
         "kendall": kendall_tau(measured, predicted),
         "median_measured_over_predicted": ratios[len(ratios) // 2] if ratios else float("nan"),
+        **resolved_pairs(rows),
     }
+
+
+def resolved_pairs(rows: list[dict]) -> dict:
+    """Pairs the measurement itself can order: records that ran several rounds (``rounds_ms``) spread over
+    [min, max]; a pair is resolved when its measured medians differ by more than half the sum of the two spreads.
+    Returns how many such pairs the prediction orders the same way (empty without rounds)."""
+    spreads = []
+    for row in rows:
+        rounds = row["record"].get("rounds_ms") or []
+        if len(rounds) < 2:
+            return {}
+        spreads.append(max(rounds) - min(rounds))
+    resolved = concordant = 0
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            gap = rows[i]["measured_ms"] - rows[j]["measured_ms"]
+            if abs(gap) > (spreads[i] + spreads[j]) / 2:
+                resolved += 1
+                concordant += gap * (rows[i]["predicted_ms"] - rows[j]["predicted_ms"]) > 0
+    noise = sorted(spread / row["measured_ms"] for spread, row in zip(spreads, rows))
+    return {"resolved_pairs": resolved, "concordant_resolved_pairs": concordant, "pairs": len(rows) * (len(rows) - 1) // 2,
+            "median_round_spread": noise[len(noise) // 2]}
 
 
 def job_from_record(rec: dict, gpus_per_node: Optional[int] = None) -> tuple[ModelShape, Cluster, ParallelConfig,
@@ -1089,12 +1146,15 @@ def job_from_record(rec: dict, gpus_per_node: Optional[int] = None) -> tuple[Mod
                        gated_mlp=bool(rec.get("swiglu", False)), rmsnorm=bool(rec.get("rmsnorm", False)))
     per_node = gpus_per_node or world
     cluster = Cluster(per_node, max(1, math.ceil(world / per_node)))
-    config = ParallelConfig(tp, u, r, str(rec["ring_impl"]), 1, bool(rec.get("ulysses_inner", True)))
+    micro_q = rec.get("micro_q")
+    config = ParallelConfig(tp, u, r, str(rec["ring_impl"]), 1, bool(rec.get("ulysses_inner", True)),
+                            int(micro_q) if micro_q else None)
     choice = JobChoice(pp=pp, dp=world // (tp * pp * u * r), recompute=str(rec.get("recompute", "none")),
                        recompute_method=str(rec.get("recompute_method", "uniform")),
                        recompute_num_layers=int(rec.get("recompute_num_layers", 1)),
                        distributed_optimizer=bool(rec.get("distributed_optimizer", True)),
-                       micro_batch=int(rec.get("micro_batch", 1)), global_batch=int(rec["global_batch"]))
+                       micro_batch=int(rec.get("micro_batch", 1)), global_batch=int(rec["global_batch"]),
+                       virtual_stages=int(rec.get("virtual_stages", 1)))
     return shape, cluster, config, choice
 
 
@@ -1153,6 +1213,11 @@ def format_compare(result: dict) -> str:
     lines.append(f"rank correlation, measured vs predicted: Spearman rho = {result['spearman']:.3f}, "
                  f"Kendall tau = {result['kendall']:.3f} over {len(result['rows'])} records; "
                  f"median measured/predicted time = {result['median_measured_over_predicted']:.3g}")
+    if "resolved_pairs" in result:
+        lines.append(f"pairs the measurement orders (medians apart by more than their rounds' spread): "
+                     f"{result['resolved_pairs']} of {result['pairs']}; the prediction orders "
+                     f"{result['concordant_resolved_pairs']} of them the same way; median spread of one "
+                     f"configuration's rounds = {result['median_round_spread']:.0%} of its time")
     return "\n".join(lines)
 
 
@@ -1203,6 +1268,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw = parser.add_argument_group("hardware (a preset, any field overridable)")
     hw.add_argument("--gpu", choices=sorted(PRESETS) + ["custom"], default="h100",
                     help="custom: start from h100 and override with the flags below")
+    hw.add_argument("--hardware", metavar="FILE",
+                    help="a tools/measure_hardware.py JSON: its measured fields replace the preset's")
     hw.add_argument("--kernel-tflops", type=float, help="achieved attention TFLOPS, forward and backward")
     hw.add_argument("--fwd-tflops", type=float, help="achieved forward attention TFLOPS")
     hw.add_argument("--bwd-tflops", type=float, help="achieved backward attention TFLOPS")
@@ -1229,6 +1296,12 @@ def build_parser() -> argparse.ArgumentParser:
 def hardware_from_args(args: argparse.Namespace) -> Hardware:
     hardware = PRESETS["h100" if args.gpu == "custom" else args.gpu]
     overrides: dict[str, Any] = {"name": args.gpu}
+    if args.hardware:
+        measured = json.loads(Path(args.hardware).read_text())["hardware"]
+        unknown = sorted(set(measured) - {f.name for f in fields(Hardware)})
+        if unknown:
+            raise SystemExit(f"--hardware {args.hardware}: unknown field(s) {unknown}")
+        overrides.update(measured)
     if args.kernel_tflops is not None:
         overrides.update(fwd_tflops=args.kernel_tflops, bwd_tflops=args.kernel_tflops)
     for flag, name in (("fwd_tflops", "fwd_tflops"), ("bwd_tflops", "bwd_tflops"),
