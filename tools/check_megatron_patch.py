@@ -202,6 +202,10 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
                                "u=2 r=2 ring_impl=zigzag"))
     pp2 = ("--pipeline-model-parallel-size", "2")
     cases.append(TrainCase("PP=2 u2", TrainRun(2, pp2), TrainRun(4, pp2 + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"))
+    # interleaved 1F1B: 4 layers, 2 virtual stages of 1 layer per pipeline rank (2 micro-batches, a multiple of PP)
+    vpp = pp2 + ("--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1")
+    cases.append(TrainCase("PP=2 x2 virtual stages u2", TrainRun(2, vpp), TrainRun(4, vpp + usp_flags(2, 1)),
+                           "u=2 r=1 ring_impl=zigzag"))
     # Documents: the mock tokens cycle through 1..V and NullTokenizer's EOD is V, so --vocab-size 20 puts an EOD
     # every 21 tokens (3 documents per 64-token row); the baseline takes the dense per-document mask Megatron builds.
     reset = ("--reset-attention-mask", "--reset-position-ids")
