@@ -451,3 +451,32 @@ def test_whole_job_ranking_on_one_rank_per_core():
     no_wait = plan.compare_job([rec for rec in records if rec["pp"] == 1 and rec["ring_impl"] != "basic"], cpu)
     assert no_wait["spearman"] >= 0.9 and no_wait["kendall"] >= 0.8
     assert no_wait["concordant_resolved_pairs"] == no_wait["resolved_pairs"] > 30
+
+
+def test_the_trainer_accepts_the_planned_command_line():
+    """The winner's trainer command (SP with TP, SwiGLU, RMSNorm, no biases, virtual stages) passes
+    examples/pretrain_gpt_usp.py's own parsing and validation, and asks for the planned model and grid."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import shlex
+
+    import pretrain_gpt_usp
+    from megatron_usp.megatron import validate_usp_args
+
+    shape = plan.ModelShape(heads=16, kv_heads=4, head_dim=64, hidden=1024, num_layers=8, seq_len=8192,
+                            ffn_hidden=4096, vocab=32000)
+    cluster = plan.Cluster(8, 1)
+    ranked, _ = plan.plan_job(shape, cluster, H100, tp_choices=[2], pp_choices=[2], virtual_stages=[2],
+                              recomputes=("selective",), global_batch=8)
+    best = ranked[0]
+    argv = shlex.split(plan.trainer_command(shape, cluster, best))
+    args = pretrain_gpt_usp.parse_args(argv[argv.index("examples/pretrain_gpt_usp.py") + 1:])
+    args.world_size = cluster.world
+    validate_usp_args(args)
+    pretrain_gpt_usp.check_batch_args(args)
+    pretrain_gpt_usp.check_virtual_pipeline_args(args)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
+    assert args.sequence_parallel and args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
+    assert args.num_layers_per_virtual_pipeline_stage == 2 and args.recompute_granularity == "selective"
+    assert (args.ulysses_degree, args.ring_degree, args.usp_ring_impl) == (best.config.ulysses, best.config.ring,
+                                                                           best.config.ring_impl)
+    assert args.data_parallel_size == best.job.dp and args.num_micro_batches == best.job.micro_batches

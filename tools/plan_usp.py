@@ -870,7 +870,7 @@ def _job_flags(shape: ModelShape, p: JobPrediction, trainer: bool) -> list[str]:
         recompute = (f"--recompute-granularity full --recompute-method {j.recompute_method} "
                      f"--recompute-num-layers {j.recompute_num_layers}")
     chunk_layers = (shape.num_layers or 1) // (j.pp * j.virtual_stages)
-    return [f"--tensor-model-parallel-size {c.tp}" + (" --sequence-parallel" if c.tp > 1 and not trainer else ""),
+    return [f"--tensor-model-parallel-size {c.tp}" + (" --sequence-parallel" if c.tp > 1 else ""),
             f"--pipeline-model-parallel-size {j.pp}",
             "" if j.virtual_stages == 1 else f"--num-layers-per-virtual-pipeline-stage {chunk_layers}",
             c.usp_flags(),
@@ -892,9 +892,11 @@ def megatron_lm_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -
 
 
 def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> str:
-    """examples/pretrain_gpt_usp.py on the same grid (its GPT has no sequence parallelism, SwiGLU or RMSNorm)."""
+    """examples/pretrain_gpt_usp.py with the same model and grid (it takes Megatron-LM's flags)."""
     parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} examples/pretrain_gpt_usp.py",
              *_model_flags(shape), f"--seq-length {shape.seq_len} --vocab-size {shape.vocab}",
+             "--untie-embeddings-and-output-weights --disable-bias-linear",
+             ("--swiglu" if shape.gated_mlp else "") + (" --normalization RMSNorm" if shape.rmsnorm else ""),
              "--bf16" if shape.dtype == "bf16" else "", *_job_flags(shape, p, trainer=True)]
     return " ".join(part for part in parts if part)
 
@@ -916,11 +918,12 @@ def explain_job(ranked: Sequence[JobPrediction], shape: ModelShape) -> list[str]
     lines = [f"winner: {best.label()}",
              f"memory per GPU (stage {best.memory.stage}): {memory_breakdown(best)}",
              f"one layer, one micro-batch: attention {a.total_ms:.1f} ms (compute {a.compute_ms:.1f}, exposed comm "
-             f"{a.exposed_comm_ms:.1f}) + GEMMs {best.gemm_ms:.1f} ms + recompute {best.recompute_ms:.1f} ms",
+             f"{a.exposed_comm_ms:.1f}) + GEMMs {best.gemm_ms:.1f} ms + elementwise {best.elementwise_ms:.1f} ms "
+             f"+ overhead {best.overhead_ms:.1f} ms + recompute {best.recompute_ms:.1f} ms",
              f"iteration: ({best.job.micro_batches} micro-batches + (PP {best.job.pp} - 1)"
              + (f" / {best.job.virtual_stages} virtual stages" if best.job.virtual_stages > 1 else "") + ") x stage "
-             f"{best.stage_ms / 1e3:.2f} s + gradient reduction {best.grad_sync_ms / 1e3:.2f} s "
-             f"= {best.iteration_s:.2f} s"]
+             f"{best.stage_ms / 1e3:.2f} s + gradient reduction {best.grad_sync_ms / 1e3:.2f} s + optimizer "
+             f"{best.optimizer_ms / 1e3:.2f} s = {best.iteration_s:.2f} s"]
     cheaper = [p for p in ranked if p.job.recompute != best.job.recompute]
     if best.job.recompute != "none" and not any(p.job.recompute == "none" for p in ranked):
         lines.append(f"recompute {best.job.recompute}: no job without recompute fits")
