@@ -9,7 +9,7 @@ SHAPE = dict(num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn_hidd
              micro_batch=1)
 
 
-def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict):
+def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict, sequence_parallel: bool = False):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -21,11 +21,12 @@ def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict):
         use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, tensor_model_parallel_size=tp,
-        context_parallel_size=cp, **extra, **recompute)
+        context_parallel_size=cp, sequence_parallel=sequence_parallel, **extra, **recompute)
 
 
 def saved_bytes(rank, world_size, grids) -> list[list[int]]:
-    """For each grid ``(tp, ulysses, ring, ring_impl, cases)`` and each case ``(gated, recompute kwargs)``: bytes of
+    """For each grid ``(tp, ulysses, ring, ring_impl, cases)`` and each case ``(gated, recompute kwargs)`` (a
+    ``"sequence_parallel": True`` entry in the kwargs turns on Megatron's sequence parallelism): bytes of
     distinct storages saved for backward on this rank during one forward (parameters and tensors sharing a
     parameter's storage excluded). Grids smaller than the pool leave the other ranks as data-parallel replicas."""
     return [_saved_bytes(tp, u, r, impl, cases) for tp, u, r, impl, cases in grids]
@@ -35,9 +36,8 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_usp.megatron import (
-        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
-    )
+    from megatron_usp.megatron import destroy_model_parallel, initialize_model_parallel, megatron_lm_cpu
+    from megatron_usp.megatron.specs import get_gpt_decoder_block_local_spec
 
     megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA RNG calls (recompute) -> CPU
     initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
@@ -52,8 +52,10 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]
     measured = []
     for gated, recompute in cases:
         torch.manual_seed(1)
-        model = GPTModel(config=_model_config(shape, tp, cp, gated, recompute),
-                         transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab"],
+        recompute = dict(recompute)
+        config = _model_config(shape, tp, cp, gated, recompute, recompute.pop("sequence_parallel", False))
+        model = GPTModel(config=config,
+                         transformer_layer_spec=get_gpt_decoder_block_local_spec(config), vocab_size=shape["vocab"],
                          max_sequence_length=shape["seq_len"], position_embedding_type="rope",
                          share_embeddings_and_output_weights=False)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}

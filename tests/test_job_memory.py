@@ -16,7 +16,7 @@ FULL_BLOCK = dict(recompute_granularity="full", recompute_method="block", recomp
 # (tp, u, r, ring_impl, [(gated SwiGLU + RMSNorm, megatron recompute kwargs)]); one 2-rank pool runs them all
 GRIDS = [
     (1, 1, 1, "zigzag", [(False, NONE), (False, SELECTIVE), (False, FULL_UNIFORM), (True, NONE)]),
-    (2, 1, 1, "zigzag", [(False, NONE), (True, SELECTIVE)]),
+    (2, 1, 1, "zigzag", [(False, NONE), (True, SELECTIVE), (True, dict(SELECTIVE, sequence_parallel=True))]),
     (1, 2, 1, "zigzag", [(False, NONE), (False, FULL_BLOCK)]),
     (1, 1, 2, "zigzag", [(True, NONE)]),
     (1, 1, 2, "allgather", [(False, NONE)]),
@@ -31,7 +31,8 @@ def predicted_bytes(tp: int, u: int, r: int, gated: bool, recompute: dict) -> fl
                      fused_kernels=False)  # megatron-core's torch fallbacks on CPU
     config = JobConfig(tp=tp, ulysses=u, ring=r, recompute=recompute.get("recompute_granularity", "none"),
                        recompute_method=recompute.get("recompute_method") or "uniform",
-                       recompute_num_layers=recompute.get("recompute_num_layers") or 1)
+                       recompute_num_layers=recompute.get("recompute_num_layers") or 1,
+                       sequence_parallel=recompute.get("sequence_parallel", False))
     return sum(stage_activation_bytes(shape, config, 0).values())
 
 
@@ -45,6 +46,7 @@ def test_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
             if mode == "full":
                 mode += f" {recompute['recompute_method']}"
             label = f"TP={tp} u={u} r={r} {impl} {'swiglu+rmsnorm' if gated else 'gelu+layernorm'} recompute {mode}"
+            label += " SP" if recompute.get("sequence_parallel") else ""
             predicted = predicted_bytes(tp, u, r, gated, recompute)
             rows.append((label, predicted, size, (predicted - size) / size))
     with capsys.disabled():

@@ -11,17 +11,21 @@ The model, per transformer layer, forward + backward, on the slowest rank of one
 * ring (pass K/V): step s posts the next K/V block before computing, so a step takes max(compute, transfer);
   the backward moves K/V and the fp32 dK/dV together, and the last dK/dV hop home is exposed.
   ring (allgather): all-gather K/V forward and again backward, reduce-scatter fp32 dK/dV; nothing overlapped.
+  mqsp (pass Q): per micro-chunk, its blocks from ``MQSPPlan`` and its collectives (gather q; two all-reduces and
+  a reduce-scatter forward; gather q, dout, out, lse and reduce-scatter dq backward), not overlapped.
+  A machine whose transfers take the rank's own processor (``comm_overlaps_compute=False``) overlaps nothing.
 * Megatron TP with sequence parallelism: 4 all-gathers / reduce-scatters forward and 4 backward per layer.
 * memory: per-layer saved activations (``megatron_usp.job_cost``, checked against the bytes megatron-core saves)
   x layers + the largest transient buffers of one attention call.
 
-Whole-job planning (``--ffn-hidden``, ``--vocab``, ``--num-layers``): the grid also searches PP, DP, activation
-recompute (none / selective / full), the distributed optimizer and the micro-batch size. Memory per GPU =
-parameters + fp32 gradients + Adam states (sharded over DP x CP with the distributed optimizer) + activations of
-the 1F1B micro-batches in flight on the first stage + transients (attention buffers, one recomputed chunk), from
-``megatron_usp.job_cost``; seconds per iteration = (micro-batches + PP - 1) x the slowest stage's micro-batch
-(layers x (attention as above + GEMMs at the preset's GEMM TFLOPS + the recompute's extra forward) + the output
-layer) + the DP x CP gradient reduction. It prints the winner's Megatron-LM and trainer command lines, and when
+Whole-job planning (``--ffn-hidden``, ``--vocab``, ``--num-layers``): the grid also searches PP (and virtual
+stages), DP, activation recompute (none / selective / full), the distributed optimizer and the micro-batch size.
+Memory per GPU = parameters + fp32 gradients + Adam states (sharded over DP x CP with the distributed optimizer) +
+activations of the (chunk-)micro-batches the 1F1B or interleaved schedule keeps in flight + transients (attention
+buffers, one recomputed chunk), from ``megatron_usp.job_cost``; seconds per iteration = (micro-batches + (PP - 1)
+/ V) x the slowest stage's micro-batch (layers x (attention as above + GEMMs at the GEMM TFLOPS + memory-bound work
++ the framework's cost per layer + the recompute's extra forward) + the output layer + pipeline sends) + the DP x CP
+gradient reduction + the optimizer step. ``tools/measure_hardware.py`` measures these figures on a machine. It prints the winner's Megatron-LM and trainer command lines, and when
 nothing fits, the least-memory job's arithmetic and the smallest change (more nodes, shorter sequence) that fits.
 
 The feasibility rules are the library's own (``check_head_counts``, ``check_seq_len``), imported, not copied.
@@ -45,7 +49,7 @@ from megatron_usp.job_cost import (  # noqa: E402
     GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
     layer_parameter_count, recompute_working_bytes, stage_layers,
 )
-from megatron_usp.layout import RING_IMPLS, RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.mqsp import MQSPPlan  # noqa: E402
 from megatron_usp.ring import build_schedule  # noqa: E402
 from megatron_usp.ulysses import check_head_counts, kv_replication  # noqa: E402
@@ -551,7 +555,7 @@ def plan(
     hardware: Hardware,
     *,
     tp_choices: Sequence[int],
-    ring_impls: Sequence[str] = RING_SCHEDULE_IMPLS,
+    ring_impls: Sequence[str] = RING_IMPLS,
     dp: int = 1,
     orders: Sequence[bool] = (True,),
     other_memory_gib: Optional[float] = None,
@@ -770,7 +774,7 @@ def plan_job(
     hardware: Hardware,
     *,
     tp_choices: Sequence[int],
-    ring_impls: Sequence[str] = RING_SCHEDULE_IMPLS,
+    ring_impls: Sequence[str] = RING_IMPLS,
     orders: Sequence[bool] = (True,),
     pp_choices: Optional[Sequence[int]] = None,
     recomputes: Sequence[str] = RECOMPUTE_CHOICES,
