@@ -124,7 +124,7 @@ def attention_fit(device, dtype, heads: int, head_dim: int, lengths: list[int], 
     }
 
 
-def memory_gbps(device, repeats: int) -> float:
+def copy_gbps(device, repeats: int) -> float:
     source = torch.randn(32 << 20, device=device)  # 128 MiB
     target = torch.empty_like(source)
     seconds = median_seconds(lambda: target.copy_(source), device, repeats)
@@ -280,7 +280,7 @@ def measure_compute(args: argparse.Namespace) -> dict:
     hardware["layer_overhead_us"] = layer_s[16] * 1e6
     hardware["memory_gbps"] = elementwise_gbps(hardware, layer_s[args.layer_tokens], args.layer_tokens, args.hidden,
                                                args.heads, dtype)
-    return {"hardware": hardware, "measured": {"attention": attention, "copy_gbps": memory_gbps(device, args.repeats)}}
+    return {"hardware": hardware, "measured": {"attention": attention, "copy_gbps": copy_gbps(device, args.repeats)}}
 
 
 def _compute_worker(index: int, args: argparse.Namespace, start, result) -> None:
