@@ -177,3 +177,26 @@ def test_bench_simulate_rank_documents(tmp_path, one_thread):
 def test_bench_dtype_takes_torch_names(name, dtype):
     args = bench_attention.parse_args(["--dtype", name])
     assert bench_attention.DTYPES[args.dtype] is dtype
+
+
+def test_measure_hardware_writes_a_file_the_planner_reads(tmp_path):
+    """tools/measure_hardware.py end to end at toy sizes (2 concurrent ranks, gloo link): every field it writes is
+    a planner Hardware field, finite and positive where it must be, and --hardware takes the file."""
+    out = tmp_path / "hw.json"
+    subprocess.run([sys.executable, str(REPO / "tools/measure_hardware.py"), "--rounds", "1", "--repeats", "1",
+                    "--lengths", "64,128,256", "--tokens", "256", "--hidden", "64", "--heads", "2", "--layer-tokens",
+                    "128", "--concurrent", "2", "--out", str(out)], check=True, capture_output=True, timeout=300,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    record = json.loads(out.read_text())
+    hardware = record["hardware"]
+    import plan_usp
+
+    assert set(hardware) <= {f.name for f in plan_usp.fields(plan_usp.Hardware)}
+    for name in ("fwd_tflops", "bwd_tflops", "gemm_tflops", "memory_gbps", "intra_node_gbps", "optimizer_ns_per_param",
+                 "layer_overhead_us"):
+        assert 0 < hardware[name] < float("inf"), name
+    assert 0 < hardware["causal_fraction"] < 1.5 and hardware["comm_overlaps_compute"] is False
+    assert {kind for kind, _, _ in record["measured"]["link_samples"][0]} == {
+        "send/recv", "all_gather", "reduce_scatter", "all_to_all", "all_reduce"}
+    args = plan_usp.build_parser().parse_args(["--gpu", "cpu", "--hardware", str(out)])
+    assert plan_usp.hardware_from_args(args).gemm_tflops == hardware["gemm_tflops"]

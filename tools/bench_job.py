@@ -143,7 +143,8 @@ def main() -> int:
                 each = json.loads(target.read_text())
                 hardware_rounds.append({"hardware": each["measured"]["each"][0], "measured": {
                     "attention": {"samples": each["measured"]["attention_samples"][0]},
-                    "copy_gbps": each["measured"]["copy_gbps"][0]}})
+                    "copy_gbps": each["measured"]["copy_gbps"][0],
+                    "link": {"samples": each["measured"]["link_samples"][0]}}})
             print(f"round {round_index + 1}: machine measured", flush=True)
     records = []
     for index, done in sorted(runs.items()):

@@ -113,12 +113,17 @@ def attention_fit(device, dtype, heads: int, head_dim: int, lengths: list[int], 
     causal = median_seconds(lambda: kernel.forward(q, k, v, causal=True, softmax_scale=scale), device, repeats) + \
         median_seconds(lambda: kernel.backward(dout, q, k, v, out, lse, causal=True, softmax_scale=scale), device,
                        repeats)
+    largest = flops_per_square * length * length
+    if fwd_b <= 0 or bwd_b <= 0:  # blocks too small or timings too noisy to tell: the largest block's plain rate
+        fwd_a = bwd_a = fwd_c = 0.0
+        fwd_b, bwd_b = forward[-1] / (length * length), backward[-1] / (length * length)
     return {
         "kernel": kernel.name,
         "fwd_tflops": flops_per_square / fwd_b / 1e12,
         "bwd_tflops": 2.5 * flops_per_square / bwd_b / 1e12,  # the planner counts the backward as 2.5 x forward
         "half_efficiency_tokens": max(0.0, fwd_c / fwd_b),
         "kernel_overhead_us": max(0.0, (fwd_a + bwd_a) / 2 * 1e6),
+        "largest_block_tflops": [largest / forward[-1] / 1e12, 2.5 * largest / backward[-1] / 1e12],
         "causal_fraction": causal / (forward[-1] + backward[-1]),
         "samples": {"lengths": lengths, "forward_s": forward, "backward_s": backward},
     }
@@ -329,7 +334,9 @@ def merge_rounds(rounds: list[dict], name: str, gpu_memory_gib: float, details: 
                                                "each": [r["hardware"] for r in rounds],
                                                "attention_samples": [r["measured"]["attention"]["samples"]
                                                                      for r in rounds],
-                                               "copy_gbps": [r["measured"].get("copy_gbps") for r in rounds]}}
+                                               "copy_gbps": [r["measured"].get("copy_gbps") for r in rounds],
+                                               "link_samples": [r["measured"].get("link", {}).get("samples")
+                                                                for r in rounds]}}
 
 
 def main(argv=None) -> int:
