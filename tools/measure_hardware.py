@@ -188,7 +188,9 @@ def elementwise_gbps(hardware: dict, layer_s: float, tokens: int, hidden: int, h
     """What a layer's memory-bound work (norms, RoPE, activation, residuals) achieves, in the planner's terms:
     ELEMENTWISE_PASSES x the layer's saved activation bytes over the time the layer takes beyond its GEMMs,
     attention and fixed overhead (each predicted from the figures measured above)."""
-    from plan_usp import ELEMENTWISE_PASSES
+    from dataclasses import replace
+
+    from plan_usp import BACKWARD_FLOPS_FACTOR, ELEMENTWISE_PASSES, PRESETS, step_compute_ms
 
     from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes, layer_parameter_count
 
@@ -197,10 +199,11 @@ def elementwise_gbps(hardware: dict, layer_s: float, tokens: int, hidden: int, h
                      ffn_hidden=4 * hidden, vocab=128, seq_len=tokens, dtype_bytes=element, gated_mlp=False,
                      rmsnorm=False, bias=True, fused_kernels=False)
     gemm = 3 * 2.0 * tokens * layer_parameter_count(shape, JobConfig(), norms=False) / (hardware["gemm_tflops"] * 1e12)
-    pairs = tokens * tokens * hardware["causal_fraction"]
-    efficiency = tokens / (tokens + hardware["half_efficiency_tokens"])
-    flops = 4.0 * heads * (hidden // heads) * pairs / efficiency
-    attention = flops / (hardware["fwd_tflops"] * 1e12) + 2.5 * flops / (hardware["bwd_tflops"] * 1e12)
+    # the planner's own kernel model for the layer's one causal block (u = r = 1)
+    machine = replace(PRESETS["cpu"], **hardware)
+    blocks, flops_per_pair = (((((tokens, tokens, True),),),)), 4.0 * hidden
+    attention = (sum(step_compute_ms(blocks, flops_per_pair, machine.fwd_tflops, machine))
+                 + sum(step_compute_ms(blocks, flops_per_pair * BACKWARD_FLOPS_FACTOR, machine.bwd_tflops, machine))) / 1e3
     rest = layer_s - gemm - attention - hardware["layer_overhead_us"] / 1e6
     saved = sum(layer_activation_bytes(shape, JobConfig()).values())
     return ELEMENTWISE_PASSES * saved / max(rest, 1e-6) / 1e9
