@@ -237,19 +237,20 @@ def state_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]
     return {"params": count * shape.dtype_bytes, "grads": count * FP32, "optimizer": count * per_param / shards}
 
 
+def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
+    """Memory per GPU of pipeline ``stage``: its states + the (chunk-)micro-batches in flight at its peak (the
+    output layer and loss counted once)."""
+    parts = stage_activation_bytes(shape, cfg, stage)
+    states = state_bytes(shape, cfg, stage)
+    flight = in_flight(cfg, stage)
+    head = parts.get("head", 0.0)
+    return JobMemory(stage, states["params"], states["grads"], states["optimizer"],
+                     flight * (sum(parts.values()) - head) + head, flight, parts)
+
+
 def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
     """Memory per GPU of the stage that needs the most (states + in-flight activations)."""
-    worst = None
-    for stage in range(cfg.pp):
-        parts = stage_activation_bytes(shape, cfg, stage)
-        states = state_bytes(shape, cfg, stage)
-        flight = in_flight(cfg, stage)
-        head = parts.get("head", 0.0)
-        memory = JobMemory(stage, states["params"], states["grads"], states["optimizer"],
-                           flight * (sum(parts.values()) - head) + head, flight, parts)
-        if worst is None or memory.total > worst.total:
-            worst = memory
-    return worst
+    return max((stage_memory(shape, cfg, stage) for stage in range(cfg.pp)), key=lambda memory: memory.total)
 
 
 def check_job(shape: GPTShape, cfg: JobConfig) -> str:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 
 from job_memory_cases import SHAPE
-from megatron_usp.job_cost import (
-    GPTShape, JobConfig, in_flight, job_memory, stage_activation_bytes, state_bytes,
-)
+from megatron_usp.job_cost import GPTShape, JobConfig, job_memory, stage_activation_bytes, stage_memory, state_bytes
 
 NONE, SELECTIVE = {}, dict(recompute_granularity="selective")
 FULL_UNIFORM = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -24,6 +22,18 @@ GRIDS = [
 ]
 # measured once on 4 ranks (not in CI, 4 gloo ranks cost ~40 s of CPU): TP=1 u=2 r=2 zigzag 565824 B vs 562752
 # predicted (-0.5 %); TP=2 u=2 r=1 (kv heads replicated) 802048 B vs 795776 (-0.8 %)
+
+
+def report_and_check(capsys, title: str, rows: list, header: bool = False) -> None:
+    """Print ``rows`` of (label, predicted, measured, relative error), then assert each error is within 10 %."""
+    with capsys.disabled():
+        print(title)
+        if header:
+            print(f"  {'configuration':<58} {'predicted':>10} {'measured':>10} {'error':>7}")
+        for label, predicted, size, error in rows:
+            print(f"  {label:<58} {predicted:>10.0f} {size:>10d} {error:>+7.2%}")
+    for label, predicted, size, error in rows:
+        assert abs(error) <= 0.10, f"{label}: predicted {predicted:.0f} B, measured {size} B ({error:+.1%})"
 
 
 def predicted_bytes(tp: int, u: int, r: int, gated: bool, recompute: dict) -> float:
@@ -49,13 +59,8 @@ def test_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
             label += " SP" if recompute.get("sequence_parallel") else ""
             predicted = predicted_bytes(tp, u, r, gated, recompute)
             rows.append((label, predicted, size, (predicted - size) / size))
-    with capsys.disabled():
-        print("\nactivation bytes per rank, one micro-batch (predicted by megatron_usp.job_cost, measured):")
-        print(f"  {'configuration':<58} {'predicted':>10} {'measured':>10} {'error':>7}")
-        for label, predicted, size, error in rows:
-            print(f"  {label:<58} {predicted:>10.0f} {size:>10d} {error:>+7.2%}")
-    for label, predicted, size, error in rows:
-        assert abs(error) <= 0.10, f"{label}: predicted {predicted:.0f} B, measured {size} B ({error:+.1%})"
+    report_and_check(capsys, "\nactivation bytes per rank, one micro-batch (predicted by megatron_usp.job_cost, "
+                     "measured):", rows, header=True)
 
 
 LLAMA70B = GPTShape(num_layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128, ffn_hidden=28672, vocab=128256,
@@ -102,12 +107,8 @@ def test_state_memory_matches_megatron_optimizer(fresh_rank_pool, capsys):
         for part in ("params", "grads", "optimizer"):
             label = f"TP={tp} u={u} r={r} DP={config.dp} distopt={'on' if distributed else 'off'} {part}"
             rows.append((label, predicted[part], sizes[part], (predicted[part] - sizes[part]) / sizes[part]))
-    with capsys.disabled():
-        print("\nstate bytes per rank (predicted by megatron_usp.job_cost, measured on megatron-core):")
-        for label, predicted, size, error in rows:
-            print(f"  {label:<58} {predicted:>10.0f} {size:>10d} {error:>+7.2%}")
-    for label, predicted, size, error in rows:
-        assert abs(error) <= 0.10, f"{label}: predicted {predicted:.0f} B, measured {size} B ({error:+.1%})"
+    report_and_check(capsys, "\nstate bytes per rank (predicted by megatron_usp.job_cost, measured on "
+                     "megatron-core):", rows)
 
 
 PIPELINE_CASES = [(2, 1, 4), (2, 2, 4), (2, 2, 2), (2, 2, 6)]  # (PP, virtual stages, micro-batches); 4 layers
@@ -123,16 +124,9 @@ def test_pipeline_peak_matches_megatron_schedules(fresh_rank_pool, capsys):
     for index, (pp, virtual, micro_batches) in enumerate(PIPELINE_CASES):
         config = JobConfig(pp=pp, virtual_stages=virtual, micro_batches=micro_batches)
         for stage in range(pp):
-            parts = stage_activation_bytes(shape, config, stage)
-            head = parts.get("head", 0.0)
-            flight = in_flight(config, stage)
-            predicted = flight * (sum(parts.values()) - head) + head
+            memory = stage_memory(shape, config, stage)
             size = measured[stage][index]
-            rows.append((f"PP={pp} V={virtual} m={micro_batches} stage {stage} ({flight} in flight)", predicted,
-                         size, (predicted - size) / size))
-    with capsys.disabled():
-        print("\npeak activation bytes per pipeline rank under megatron-core's schedule (predicted, measured):")
-        for label, predicted, size, error in rows:
-            print(f"  {label:<58} {predicted:>10.0f} {size:>10d} {error:>+7.2%}")
-    for label, predicted, size, error in rows:
-        assert abs(error) <= 0.10, f"{label}: predicted {predicted:.0f} B, measured {size} B ({error:+.1%})"
+            rows.append((f"PP={pp} V={virtual} m={micro_batches} stage {stage} ({memory.in_flight} in flight)",
+                         memory.activations, size, (memory.activations - size) / size))
+    report_and_check(capsys, "\npeak activation bytes per pipeline rank under megatron-core's schedule (predicted, "
+                     "measured):", rows)

@@ -473,8 +473,7 @@ def test_the_trainer_accepts_the_planned_command_line():
     args = pretrain_gpt_usp.parse_args(argv[argv.index("examples/pretrain_gpt_usp.py") + 1:])
     args.world_size = cluster.world
     validate_usp_args(args)
-    pretrain_gpt_usp.check_batch_args(args)
-    pretrain_gpt_usp.check_virtual_pipeline_args(args)
+    pretrain_gpt_usp.check_batch_args(args)  # also checks the virtual stages
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
     assert args.sequence_parallel and args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
     assert args.num_layers_per_virtual_pipeline_stage == 2 and args.recompute_granularity == "selective"

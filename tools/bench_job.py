@@ -19,12 +19,12 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure_hardware  # noqa: E402  (the machine, measured between rounds)
 # the model of each world size's runs: long enough sequences that attention and GEMMs, not fixed costs, dominate
 MODELS = {
     2: dict(num_layers=4, hidden=256, heads=8, kv_heads=8, seq_len=2048, ffn_hidden=1024, vocab=256),
@@ -133,18 +133,10 @@ def main() -> int:
             print(f"round {round_index + 1}: {cfg}: {float(times[-1]):.1f} ms/iter (windows {times}), run "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         if args.rounds > 1:
-            with tempfile.TemporaryDirectory() as scratch:
-                target = Path(scratch) / "round.json"
-                subprocess.run([sys.executable, str(ROOT / "tools/measure_hardware.py"), "--rounds", "1",
-                                "--concurrent", str(args.world),
-                                "--heads", str(model["heads"]), "--head-dim", str(model["hidden"] // model["heads"]),
-                                "--hidden", str(model["hidden"]), "--tokens", str(model["seq_len"]),
-                                "--out", str(target)], cwd=ROOT, env=env, check=True, capture_output=True)
-                each = json.loads(target.read_text())
-                hardware_rounds.append({"hardware": each["measured"]["each"][0], "measured": {
-                    "attention": {"samples": each["measured"]["attention_samples"][0]},
-                    "copy_gbps": each["measured"]["copy_gbps"][0],
-                    "link": {"samples": each["measured"]["link_samples"][0]}}})
+            hardware_rounds.append(measure_hardware.measure_once(measure_hardware.parse_args([
+                "--concurrent", str(args.world), "--heads", str(model["heads"]),
+                "--head-dim", str(model["hidden"] // model["heads"]), "--hidden", str(model["hidden"]),
+                "--tokens", str(model["seq_len"])])))
             print(f"round {round_index + 1}: machine measured", flush=True)
     records = []
     for index, done in sorted(runs.items()):
@@ -158,9 +150,7 @@ def main() -> int:
     Path(out_path).write_text(json.dumps({"records": records}, indent=1) + "\n")
     print(f"wrote {len(records)} records to {out_path}")
     if hardware_rounds:
-        from measure_hardware import merge_rounds
-
-        merged = merge_rounds(hardware_rounds, "measured-cpu", 64.0, {
+        merged = measure_hardware.merge_rounds(hardware_rounds, "measured-cpu", 64.0, {
             "device": "cpu", "dtype": "fp32", "threads": 1,
             "command": f"tools/bench_job.py --world {args.world} --rounds {args.rounds} (between its rounds)"})
         hardware_path = args.hardware_out or str(ROOT / "docs/bench/hardware_cpu.json")

@@ -291,7 +291,7 @@ def measure_compute(args: argparse.Namespace) -> dict:
     return {"hardware": hardware, "measured": {"attention": attention, "copy_gbps": copy_gbps(device, args.repeats)}}
 
 
-def _compute_worker(index: int, args: argparse.Namespace, start, result) -> None:
+def _compute_worker(args: argparse.Namespace, start, result) -> None:
     start.wait()  # every copy works at once, as the job's ranks do
     result.put(measure_compute(args))
 
@@ -306,8 +306,8 @@ def measure_once(args: argparse.Namespace) -> dict:
     else:
         context = mp.get_context("spawn")
         start, result = context.Barrier(args.concurrent), context.Queue()
-        processes = [context.Process(target=_compute_worker, args=(index, args, start, result))
-                     for index in range(args.concurrent)]
+        processes = [context.Process(target=_compute_worker, args=(args, start, result))
+                     for _ in range(args.concurrent)]
         for process in processes:
             process.start()
         computed = [result.get(timeout=1800) for _ in processes]
@@ -342,7 +342,7 @@ def merge_rounds(rounds: list[dict], name: str, gpu_memory_gib: float, details: 
                                                                 for r in rounds]}}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -360,7 +360,11 @@ def main(argv=None) -> int:
                         help="processes measuring at once: the ranks that will share this machine (CPU: its cores)")
     parser.add_argument("--gpu-memory-gib", type=float, default=64.0, help="memory per rank to plan with")
     parser.add_argument("--out", help="write the hardware JSON here (else print it)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
