@@ -13,13 +13,13 @@ on slices when the group is one block, else a varlen call over the blocks packed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from itertools import accumulate
 from math import isqrt
 from typing import Optional, Sequence
 
 import torch
 
+from .caching import cached_plain_property, plain_tensors
 from .kernels import AttentionKernel
 from .kernels.base import expand_kv_heads
 from .kernels.varlen import Segments, varlen_backward, varlen_forward
@@ -124,27 +124,28 @@ class VarlenGroup:
     causal: bool
     _device_indices: dict = field(default_factory=dict, repr=False)
 
-    @cached_property
+    @cached_plain_property
     def segments(self) -> Segments:
         q_lengths = [b.q_stop - b.q_start for b in self.blocks]
         kv_lengths = [b.kv_stop - b.kv_start for b in self.blocks]
         return Segments(tuple(accumulate(q_lengths, initial=0)), tuple(accumulate(kv_lengths, initial=0)))
 
-    @cached_property
+    @cached_plain_property
     def q_index(self) -> torch.Tensor:
         return _rows([b.q for b in self.blocks])
 
-    @cached_property
+    @cached_plain_property
     def kv_index(self) -> torch.Tensor:
         return _rows([b.kv for b in self.blocks])
 
-    @cached_property
+    @cached_plain_property
     def q_rows_unique(self) -> bool:
         return len(torch.unique(self.q_index)) == len(self.q_index)
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._device_indices:
-            self._device_indices[device] = (self.q_index.to(device), self.kv_index.to(device))
+            with plain_tensors():
+                self._device_indices[device] = (self.q_index.to(device), self.kv_index.to(device))
         return self._device_indices[device]
 
 

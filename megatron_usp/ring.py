@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional
 
 import torch
 
 from . import comm
 from .groups import USPGroups
+from .caching import cached_plain_property
 from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, ring_positions
@@ -35,7 +35,7 @@ class Step:
     blocks: tuple[Block, ...]
     gathered_half: Optional[int] = None  # allgather: 0 = every ring rank's lower K/V half, 1 = upper halves
 
-    @cached_property
+    @cached_plain_property
     def grouped(self):
         """The step's kernel calls when no mask cuts its blocks (built once per schedule)."""
         return group_blocks(self.blocks)

@@ -1,7 +1,6 @@
 """usp_attn: Ulysses all-to-all, ring attention, inverse all-to-all."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 import zlib
@@ -12,8 +11,10 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from .caching import layout_cache
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
+from .kernels._adapt import varlen_plan
 from .layout import CuSeqlens, check_cu_seqlens, check_ring_impl, check_seq_len, gathered_order, ring_positions
 from .comm import RingComm, grid_all_gather_ints, grid_all_gather_objects
 from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
@@ -251,34 +252,25 @@ def _pad_head_dim(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[3] == width else torch.nn.functional.pad(x, (0, width - x.shape[3]))
 
 
-def _layout_cache(function):
-    """Memoize on the arguments: layouts and schedules depend only on the grid and length, so they are built once,
-    not once per layer per step. Keys with packed documents (a ``cu_seqlens`` tuple) change with every batch and
-    their schedules hold per-piece indices: only the last few batches' are kept (a batch's layers share one; a
-    pipeline has a few micro-batches in flight). ``cu_seqlens`` is the last argument."""
-    plain = functools.lru_cache(maxsize=256)(function)
-    documents = functools.lru_cache(maxsize=8)(function)
-
-    @functools.wraps(function)
-    def cached(*args):
-        return (plain if args[-1] is None else documents)(*args)
-
-    return cached
-
-
-@_layout_cache
+@layout_cache
 def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, device, cu_seqlens) -> torch.Tensor:
     return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens=cu_seqlens).to(device)
 
 
-@_layout_cache
+@layout_cache
 def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens) -> MQSPPlan:
     return MQSPPlan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens)
 
 
-@_layout_cache
+@layout_cache
 def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal, cu_seqlens):
     return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens)
+
+
+def clear_caches() -> None:
+    """Empty every layout, schedule and varlen cache of the engine (they refill on the next call)."""
+    for cache in (_cached_order, _cached_mqsp_plan, _cached_schedule, varlen_plan):
+        cache.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------ agreement check

@@ -7,7 +7,6 @@ replace them without faking CUDA for the whole process.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import sys
@@ -16,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..caching import built_plain, plain_lru_cache
 from .base import accumulation_dtype
 
 # Failed imports are remembered: availability is asked on every attention call, and a failed import scans
@@ -175,15 +175,19 @@ class VarlenPlan:
         """``(segment, position)`` of every flattened query row: indexes lse stored per segment, padded to the
         longest (``[num_segments, h, >= max_q]``) as the mem-efficient kernel and TE's older cuDNN path keep it."""
         if self._padded_index is None:  # from the python offsets: no device-to-host copy
-            lens = torch.tensor(self._lens_q * self.batch, dtype=torch.long)
-            segment = torch.repeat_interleave(torch.arange(len(lens)), lens)
-            starts = torch.cumsum(lens, 0) - lens
-            position = torch.arange(self.total_q) - starts[segment]
-            self._padded_index = (segment.to(self.device), position.to(self.device))
+            self._padded_index = self._build_padded_index()
         return self._padded_index
 
+    @built_plain
+    def _build_padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = torch.tensor(self._lens_q * self.batch, dtype=torch.long)
+        segment = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        position = torch.arange(self.total_q) - starts[segment]
+        return segment.to(self.device), position.to(self.device)
 
-@functools.lru_cache(maxsize=64)
+
+@plain_lru_cache(64)
 def varlen_plan(segments, batch: int, device: torch.device) -> VarlenPlan:
     return VarlenPlan(segments, batch, device)
 

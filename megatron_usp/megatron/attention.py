@@ -34,6 +34,7 @@ except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_s
             return layer_number % window_attn_skip_freq != 0
         return bool(window_attn_skip_freq[layer_number - 1])
 
+from ..caching import plain_tensors
 from ..check import verify_usp_attn
 from ..usp import attend
 from . import documents
@@ -329,14 +330,14 @@ def _cached_documents(packed_seq_params, attention_mask, query: torch.Tensor, sp
             _last_documents[0][0] is source
             or (isinstance(source, torch.Tensor) and documents.same_tensor(_last_documents[0][0], source))):
         result = _last_documents[0][2]
-    elif packed_seq_params is not None:
-        if packed_seq_params.qkv_format == "thd":
-            result = None, thd_cu_seqlens(packed_seq_params, query, sp_size)
-        else:
-            result = packed_document_ids(packed_seq_params, query, sp_size), None
-        _last_documents[:] = [(source, key, result)]
     else:
-        result = _mask_documents(attention_mask, query, sp_size)
+        with plain_tensors():  # kept for the step's other layers: never an inference tensor (caching.py)
+            if packed_seq_params is None:
+                result = _mask_documents(attention_mask, query, sp_size)
+            elif packed_seq_params.qkv_format == "thd":
+                result = None, thd_cu_seqlens(packed_seq_params, query, sp_size)
+            else:
+                result = packed_document_ids(packed_seq_params, query, sp_size), None
         _last_documents[:] = [(source, key, result)]
     if attention_mask is not None and sp_size > 1:
         documents.check_attention_documents(attention_mask, result[1], query.shape[0] * sp_size)

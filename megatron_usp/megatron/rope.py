@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from ..caching import plain_tensors
 from ..sharding import positions
 from . import documents
 from .documents import _as_int_list, in_document_positions, layout_cu_seqlens
@@ -51,7 +52,9 @@ def document_layout_rows(emb: torch.Tensor) -> torch.Tensor:
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
     key = (cu, full.shape[0], groups, ring_impl, full.device)
     if not (_last_rows_index and _last_rows_index[0] == key):
-        _last_rows_index[:] = [key, positions(full.shape[0], groups, ring_impl=ring_impl, cu_seqlens=cu).to(full.device)]
+        with plain_tensors():  # kept for later batches: never an inference tensor (caching.py)
+            index = positions(full.shape[0], groups, ring_impl=ring_impl, cu_seqlens=cu).to(full.device)
+        _last_rows_index[:] = [key, index]
     return full.index_select(0, _last_rows_index[1])
 
 
@@ -97,6 +100,19 @@ def _megatron_thd_rope_maps_exactly() -> bool:
     return not torch.allclose(out[1], out[0])  # the 2nd document's first token rotated by row 1: global
 
 
+def _thd_rope_index(cu_seqlens: torch.Tensor, seq_len: int, table_rows: int, groups, ring_impl: str,
+                    device: torch.device) -> torch.Tensor:
+    """Rows of the rotary table for this rank's THD tokens (see :func:`usp_apply_rotary_pos_emb_thd`)."""
+    layout = layout_cu_seqlens(cu_seqlens, seq_len)  # what the batch hook sharded with (a fixed point)
+    held = positions(seq_len, groups, ring_impl=ring_impl, cu_seqlens=layout).to(device)
+    cu = _as_int_list("cu_seqlens", cu_seqlens)
+    if table_rows == cu[-1] and _megatron_thd_rope_maps_exactly():
+        index = held
+    else:
+        index = in_document_positions(cu, seq_len, device=device)[held]
+    return index.clamp(max=table_rows - 1)  # only trailing padding can reach past max_seqlen
+
+
 def usp_apply_rotary_pos_emb_thd(
     t: torch.Tensor, freqs: torch.Tensor, config, cu_seqlens: torch.Tensor, mscale: float = 1.0
 ) -> torch.Tensor:
@@ -113,14 +129,8 @@ def usp_apply_rotary_pos_emb_thd(
     if _last_rope_index and _last_rope_index[0] is cu_seqlens and _last_rope_index[1] == key:
         index = _last_rope_index[2]  # q and k of every layer share one index per step
     else:
-        layout = layout_cu_seqlens(cu_seqlens, seq_len)  # what the batch hook sharded with (a fixed point)
-        held = positions(seq_len, groups, ring_impl=ring_impl, cu_seqlens=layout).to(t.device)
-        cu = _as_int_list("cu_seqlens", cu_seqlens)
-        if freqs.shape[0] == cu[-1] and _megatron_thd_rope_maps_exactly():
-            index = held
-        else:
-            index = in_document_positions(cu, seq_len, device=t.device)[held]
-        index = index.clamp(max=freqs.shape[0] - 1)  # only trailing padding can reach past max_seqlen
+        with plain_tensors():  # kept for the step's other layers: never an inference tensor (caching.py)
+            index = _thd_rope_index(cu_seqlens, seq_len, freqs.shape[0], groups, ring_impl, t.device)
         _last_rope_index[:] = [cu_seqlens, key, index]
     return _apply_rotary_pos_emb_bshd(
         t.unsqueeze(1), freqs[index], rotary_interleaved=config.rotary_interleaved,
