@@ -59,6 +59,7 @@ class IndexedTokens:
                 raise ValueError(f"--data-path {path_prefix}: {path_prefix}{suffix} not found (give the prefix "
                                  "without .bin/.idx, as Megatron's preprocess_data.py writes it)")
         self.dataset = IndexedDataset(path_prefix)
+        self.path_prefix, self._vocab_size = path_prefix, None
         lengths = np.asarray(self.dataset.index.sequence_lengths, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(lengths)])
         self.description = f"indexed dataset {path_prefix}: {len(lengths):,} sequences, {self.starts[-1]:,} tokens"
@@ -68,8 +69,11 @@ class IndexedTokens:
 
     @property
     def vocab_size(self) -> int:
-        """Largest token id + 1 (a full scan; pass --vocab-size to skip it)."""
-        return int(max(int(self.dataset[i].max(initial=0)) for i in range(len(self.dataset)))) + 1
+        """Largest token id + 1: one vectorised scan of the ``.bin`` file (its tokens, back to back)."""
+        if self._vocab_size is None:
+            tokens = np.memmap(self.path_prefix + ".bin", dtype=self.dataset.index.dtype, mode="r")
+            self._vocab_size = int(tokens.max(initial=0)) + 1
+        return self._vocab_size
 
     def window(self, start: int, length: int) -> np.ndarray:
         pieces, end = [], start + length

@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_data import ByteCorpus, GPTSamples, IndexedTokens  # noqa: E402
 
+from megatron_usp.flags import adam_beta, nonnegative_float, nonnegative_int, positive_float, positive_int  # noqa: E402
 from megatron_usp.megatron import (  # noqa: E402
     add_usp_args,
     destroy_model_parallel,
@@ -46,18 +48,18 @@ MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
                     "disable_bias_linear")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     model = parser.add_argument_group("model")
-    model.add_argument("--num-layers", type=int, default=2)
-    model.add_argument("--hidden-size", type=int, default=64)
-    model.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
-    model.add_argument("--num-attention-heads", type=int, default=4)
+    model.add_argument("--num-layers", type=positive_int, default=2)
+    model.add_argument("--hidden-size", type=positive_int, default=64)
+    model.add_argument("--ffn-hidden-size", type=positive_int, default=None, help="default: 4 x hidden size")
+    model.add_argument("--num-attention-heads", type=positive_int, default=4)
     model.add_argument("--group-query-attention", action="store_true")
-    model.add_argument("--num-query-groups", type=int, default=None)
-    model.add_argument("--seq-length", type=int, default=256)
-    model.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
-    model.add_argument("--vocab-size", type=int, default=None,
+    model.add_argument("--num-query-groups", type=positive_int, default=None)
+    model.add_argument("--seq-length", type=positive_int, default=256)
+    model.add_argument("--max-position-embeddings", type=positive_int, default=None, help="default: --seq-length")
+    model.add_argument("--vocab-size", type=positive_int, default=None,
                        help="default: 256 for the byte corpus, largest token id + 1 for --data-path")
     model.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated linear unit with SiLU)")
     model.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
@@ -66,48 +68,55 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="always untied in this trainer (default on, unlike Megatron-LM); "
                             "--no-untie-embeddings-and-output-weights is refused")
     train = parser.add_argument_group("training")
-    train.add_argument("--micro-batch-size", type=int, default=1)
-    train.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP size")
-    train.add_argument("--train-iters", type=int, default=100)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--min-lr", type=float, default=0.0)
-    train.add_argument("--lr-warmup-iters", type=int, default=0)
-    train.add_argument("--lr-warmup-init", type=float, default=0.0,
+    train.add_argument("--micro-batch-size", type=positive_int, default=1)
+    train.add_argument("--global-batch-size", type=positive_int, default=None, help="default: micro batch x DP size")
+    train.add_argument("--train-iters", type=positive_int, default=100)
+    train.add_argument("--lr", type=positive_float, default=1e-3)
+    train.add_argument("--min-lr", type=nonnegative_float, default=0.0)
+    train.add_argument("--lr-warmup-iters", type=nonnegative_int, default=0)
+    train.add_argument("--lr-warmup-init", type=nonnegative_float, default=0.0,
                        help="learning rate of the first warmup iteration (Megatron-LM's flag and default)")
     train.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--adam-beta1", type=float, default=0.9)
-    train.add_argument("--adam-beta2", type=float, default=0.95)
-    train.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
-    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    train.add_argument("--adam-beta1", type=adam_beta, default=0.9)
+    train.add_argument("--adam-beta2", type=adam_beta, default=0.95)
+    train.add_argument("--clip-grad", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    train.add_argument("--seed", type=nonnegative_int, default=1234)
     train.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 master weights")
     train.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=True,
                        help="ZeRO-1: optimizer state sharded over DP x CP (default on)")
     train.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    train.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
-    train.add_argument("--recompute-num-layers", type=int, default=1)
+    train.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                       help="with --recompute-granularity full (default there: uniform)")
+    train.add_argument("--recompute-num-layers", type=positive_int, default=None,
+                       help="with --recompute-granularity full: layers per recomputed group (default 1)")
     parallel = parser.add_argument_group("model parallelism (USP flags below)")
-    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     parallel.add_argument("--sequence-parallel", action="store_true",
                           help="Megatron's sequence parallelism: activations outside attention / MLP split over TP")
     virtual = parallel.add_mutually_exclusive_group()
-    virtual.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+    virtual.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
                          help="interleaved 1F1B: this many layers per virtual pipeline stage")
-    virtual.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+    virtual.add_argument("--virtual-pipeline-model-parallel-size", type=positive_int, default=None,
                          help="interleaved 1F1B: this many model chunks per pipeline rank")
     data = parser.add_argument_group("data and logging")
     data.add_argument("--data-path", default=None,
                       help="Megatron indexed dataset prefix (PREFIX.bin/.idx); default: stdlib byte corpus")
-    data.add_argument("--corpus-bytes", type=int, default=8 << 20, help="size cap of the byte corpus")
+    data.add_argument("--corpus-bytes", type=positive_int, default=8 << 20, help="size cap of the byte corpus")
     data.add_argument("--save", default=None, help="checkpoint directory")
-    data.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    data.add_argument("--save-interval", type=positive_int, default=None, help="default: only at the end")
     data.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
-    data.add_argument("--ckpt-step", type=int, default=None, help="with --load: this iteration, not the latest")
-    data.add_argument("--log-interval", type=int, default=10)
+    data.add_argument("--ckpt-step", type=positive_int, default=None, help="with --load: this iteration, not the latest")
+    data.add_argument("--log-interval", type=positive_int, default=10)
     data.add_argument("--loss-csv", default=None, help="write iteration,loss for every iteration (rank 0)")
     add_usp_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, each checked alone (argparse) and against the others (ValueError naming them)."""
+    args = build_parser().parse_args(argv)
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     if not args.untie_embeddings_and_output_weights:
@@ -117,7 +126,74 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.num_query_groups = args.num_attention_heads
     elif args.num_query_groups is None:
         raise ValueError("--group-query-attention needs --num-query-groups")
+    check_model_args(args)
+    check_run_args(args)
     return args
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Shapes megatron-core needs to divide evenly (it would fail in the first step, or deep in a constructor)."""
+    if args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                         f"{args.num_attention_heads} (each head gets hidden / heads channels)")
+    if args.num_attention_heads % args.num_query_groups:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+                         f"{args.num_query_groups} (each query group serves the same number of heads)")
+    tp = args.tensor_model_parallel_size
+    if args.ffn_hidden_size % tp:
+        raise ValueError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size "
+                         f"{tp}")
+    if args.vocab_size is not None and args.vocab_size % tp:
+        raise ValueError(f"--vocab-size {args.vocab_size} is not divisible by --tensor-model-parallel-size {tp}: "
+                         f"round it up to a multiple of {tp} (the extra ids are never seen)")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Flags that only mean something beside another flag: refused alone, never silently ignored."""
+    if args.recompute_granularity != "full":
+        for flag, value in (("--recompute-method", args.recompute_method),
+                            ("--recompute-num-layers", args.recompute_num_layers)):
+            if value is not None:
+                raise ValueError(f"{flag} {value} needs --recompute-granularity full (selective recompute recomputes "
+                                 "the attention core of every layer)")
+    else:
+        args.recompute_method = args.recompute_method or "uniform"
+        args.recompute_num_layers = args.recompute_num_layers or 1
+    for flag, value, needs in (("--ckpt-step", args.ckpt_step, args.load and "--load"),
+                               ("--save-interval", args.save_interval, args.save and "--save")):
+        if value is not None and not needs:
+            raise ValueError(f"{flag} {value} needs {'--load DIR' if flag == '--ckpt-step' else '--save DIR'}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+
+
+def open_data(args: argparse.Namespace):
+    """The token stream of ``--data-path`` (or the byte corpus) and its samples, checked against the model before
+    any process group: every token id must be below ``--vocab-size`` (default: the data's own vocabulary)."""
+    stream = IndexedTokens(args.data_path) if args.data_path else ByteCorpus(args.corpus_bytes)
+    data_vocab = stream.vocab_size
+    if args.vocab_size is None:
+        args.vocab_size = data_vocab + (-data_vocab) % args.tensor_model_parallel_size
+    elif args.vocab_size < data_vocab:
+        raise ValueError(f"--vocab-size {args.vocab_size} is below the data's vocabulary ({stream.description}: token "
+                         f"ids up to {data_vocab - 1}); tokens >= {args.vocab_size} would have no embedding: raise "
+                         f"--vocab-size to at least {data_vocab} or drop it")
+    try:
+        samples = GPTSamples(stream, args.seq_length, args.seed)
+    except ValueError as error:
+        raise ValueError(f"{error} (--corpus-bytes / --data-path)") from None
+    return stream, samples
+
+
+def configure(argv=None) -> tuple[argparse.Namespace, object, GPTSamples]:
+    """Every check of the command line and the data, on each rank alike and before any process group: returns
+    ``(args, stream, samples)`` or raises ValueError naming the flag to fix."""
+    args = parse_args(argv)
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate_usp_args(args)  # sets context_parallel_size = u x r; ValueError names the flag to fix
+    check_batch_args(args)
+    stream, samples = open_data(args)
+    return args, stream, samples
 
 
 def check_batch_args(args: argparse.Namespace) -> None:
@@ -450,12 +526,10 @@ def train_step(args, model, optimizer, scheduler, micro_batches, iteration: int)
     return (totals[0] / totals[1]).item(), float(grad_norm or 0.0)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def main(argv=None, configured: Optional[tuple] = None) -> None:
+    """Train; ``configured``: what :func:`configure` returned (else it runs on ``argv`` first)."""
     # validated before any process group exists: a bad flag fails every rank the same way, never hangs
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    validate_usp_args(args)  # sets context_parallel_size = u x r; ValueError names the flag to fix
-    check_batch_args(args)
+    args, stream, samples = configured or configure(argv)
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -473,9 +547,6 @@ def main(argv=None) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(args.seed)  # the RNG tracker activation recompute restores
-    stream = IndexedTokens(args.data_path) if args.data_path else ByteCorpus(args.corpus_bytes)
-    args.vocab_size = args.vocab_size or stream.vocab_size
-    samples = GPTSamples(stream, args.seq_length, args.seed)
     model = build_model(args)
     optimizer, scheduler = megatron_optimizer(args, model)
     start_iteration = load_checkpoint(args, model, optimizer, scheduler) if args.load else 0
@@ -543,4 +614,8 @@ def get_forward_backward_func_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        configured = configure()  # a bad flag or data file ends here with its message, not a traceback
+    except ValueError as flag_error:
+        sys.exit(f"{Path(__file__).name}: error: {flag_error}")
+    main(configured=configured)

@@ -211,39 +211,6 @@ def test_indexed_dataset_bf16_ring_stripe(tmp_path):
         assert abs(bf16[iteration] - fp32[iteration]) < 0.05, (bf16, fp32)
 
 
-def test_bad_flags_raise_before_any_collective(monkeypatch):
-    import pretrain_gpt_usp
-
-    monkeypatch.setattr(pretrain_gpt_usp.dist, "init_process_group",
-                        lambda *a, **k: pytest.fail("init_process_group reached with bad flags"))
-    pp2 = ["--pipeline-model-parallel-size", "2"]
-    cases = [
-        (4, ["--ulysses-degree", "3"], "not divisible"),
-        (8, ["--ulysses-degree", "8", "--num-attention-heads", "4"], "heads"),
-        (4, ["--ring-degree", "4", "--seq-length", "50"], "--seq-length"),
-        (4, ["--ring-degree", "2", "--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size"),
-        (1, ["--seq-length", "512", "--max-position-embeddings", "256"], "--max-position-embeddings"),
-        (1, ["--group-query-attention"], "--num-query-groups"),
-        (4, ["--pipeline-model-parallel-size", "3"], "not divisible by TP 1 x PP 3"),
-        (1, ["--train-iters", "5", "--lr-warmup-iters", "5"], "--lr-warmup-iters"),
-        (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "3"], "--num-layers"),
-        (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "45"], "--sequence-parallel"),
-        (1, ["--no-untie-embeddings-and-output-weights"], "always unties"),
-        (2, ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "2"], "needs --pipeline-model-parallel"),
-        (2, [*pp2, "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "3"], "not divisible by it"),
-        (2, [*pp2, "--num-layers", "4", "--virtual-pipeline-model-parallel-size", "4"], "--virtual-pipeline-model"),
-        (2, [*pp2, "--num-layers", "4", "--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "3"],
-         "raise --global-batch-size to a multiple of 2"),
-    ]
-    for world_size, argv, message in cases:
-        monkeypatch.setenv("WORLD_SIZE", str(world_size))
-        with pytest.raises(ValueError, match=message):
-            pretrain_gpt_usp.main(argv)
-    with pytest.raises(SystemExit):  # Megatron-LM's two spellings of the virtual stages: one at a time
-        pretrain_gpt_usp.parse_args(["--num-layers-per-virtual-pipeline-stage", "1",
-                                     "--virtual-pipeline-model-parallel-size", "2"])
-
-
 def test_indexed_tokens_window_spans_documents(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

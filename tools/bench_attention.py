@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_usp.flags import nonnegative_int, positive_int  # noqa: E402
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
 from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len, ring_positions  # noqa: E402
 from megatron_usp.ring import build_schedule  # noqa: E402
@@ -670,35 +671,87 @@ def plot_balance_documents(records: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def check_flags_apply(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A flag the chosen mode does not read is refused (parser.error), never silently ignored."""
+    balance_documents = args.mode == "balance" and bool(args.documents)
+    applies = {
+        "--seq-len": args.mode not in ("memory",) and not balance_documents,
+        "--seq-lens": args.mode == "memory" or balance_documents,
+        "--world-sizes": balance_documents,
+        "--ulysses-degrees": balance_documents,
+        "--micro-q": args.mode == "memory",
+        "--rows": bool(args.documents) and args.mode in ("balance", "simulate-rank"),
+        "--documents": args.mode in ("balance", "simulate-rank"),
+        "--world-size": not balance_documents,
+    }
+    for flag, applies_here in applies.items():
+        if getattr(args, flag[2:].replace("-", "_")) is not None and not applies_here:
+            mode = f"--mode {args.mode}{' --documents' if args.documents else ''}"
+            parser.error(f"{flag} does not apply to {mode}; drop it (see --help for what each mode reads)")
+
+
+def check_grid_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Heads, K/V heads, ulysses degree and world size that form at least one grid; else parser.error with why."""
+    from megatron_usp.ulysses import check_head_counts
+
+    if args.heads % args.kv_heads:
+        parser.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads} (each K/V head serves a group of "
+                     "heads)")
+    if args.mode == "multi-rank":
+        launched = int(os.environ.get("WORLD_SIZE", 1))
+        if args.world_size is not None and args.world_size != launched:
+            parser.error(f"--world-size {args.world_size}: multi-rank runs on the launcher's {launched} ranks "
+                         "(torchrun --nproc-per-node); drop --world-size")
+        args.world_size = launched
+    args.world_size = args.world_size or 4
+    worlds = args.world_sizes if args.mode == "balance" and args.documents else [args.world_size]
+    degrees = args.ulysses_degrees if args.mode == "balance" and args.documents else [args.ulysses_degree]
+    for world in worlds:
+        for u in degrees:
+            if u is not None and world % u:
+                parser.error(f"ulysses degree {u} does not divide the world size {world} (--ulysses-degree(s) / "
+                             "--world-size(s))")
+            if u is not None:
+                try:
+                    check_head_counts(args.heads, args.kv_heads, u)
+                except ValueError as error:
+                    parser.error(f"--heads {args.heads} / --kv-heads {args.kv_heads} with ulysses degree {u}: {error}")
+    if args.ulysses_degree is None and not grids(args.world_size, args.heads, args.kv_heads, None):
+        parser.error(f"--heads {args.heads} / --kv-heads {args.kv_heads} allow no ulysses degree dividing the world "
+                     f"size {args.world_size}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=["multi-rank", "simulate-rank", "balance", "memory"], default="simulate-rank")
-    parser.add_argument("--world-size", type=int, default=4, help="P for simulate-rank and balance")
-    parser.add_argument("--ulysses-degree", type=int, default=None,
+    parser.add_argument("--world-size", type=positive_int, default=None,
+                        help="P for simulate-rank, balance and memory (default 4; multi-rank: the launcher's)")
+    parser.add_argument("--ulysses-degree", type=positive_int, default=None,
                         help="default: multi-rank every u the heads allow; simulate-rank and balance u = 1")
-    parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="default 8192 (memory and balance --documents take --seq-lens)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--kv-heads", type=positive_int, default=None, help="default: --heads")
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--ring-impls", nargs="+", choices=list(RING_SCHEDULE_IMPLS) + ["mqsp"], default=None,
                         help="default: basic zigzag stripe allgather; with --documents zigzag. mqsp: simulate-rank "
                              "and memory only; balance --documents: basic, zigzag, stripe (pass-K/V rings)")
     parser.add_argument("--causal", choices=["causal", "non-causal", "both"], default="causal")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: torch's). On a shared CPU 1 thread measures far more "
                              "steadily: spinning threads of an oversubscribed pool turn small ops into ~20 ms stalls")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="simulate-rank: wall seconds, or cpu = the process's CPU seconds (CPU with --threads 1:"
                              " the work done, immune to other processes' load on a shared machine)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=nonnegative_int, default=1)
     parser.add_argument("--all-ranks", action="store_true",
                         help="simulate-rank: time every ring rank (default: the first and last, which bound the "
                              "balanced schedules; every rank for basic)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", default=None,
                         help="memory: the sequence lengths to measure (default 2048 4096 8192 16384); balance "
                              "--documents: the row lengths (default 32768 131072)")
     parser.add_argument("--documents", nargs="+", default=None, metavar="SOURCE",
@@ -706,24 +759,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"lognormal (median {LOGNORMAL_MEDIAN}, sigma {LOGNORMAL_SIGMA}), uniform "
                              f"({UNIFORM_RANGE[0]}..{UNIFORM_RANGE[1]}) or a file of lengths, one per line. balance: "
                              "old vs document layout per source; simulate-rank: the first source")
-    parser.add_argument("--rows", type=int, default=None,
+    parser.add_argument("--rows", type=positive_int, default=None,
                         help="packed rows per point (default: balance 8, simulate-rank 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the packed rows")
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[4, 8, 16], help="balance --documents: P")
-    parser.add_argument("--ulysses-degrees", type=int, nargs="+", default=[1, 2],
-                        help="balance --documents: u of each u x (P/u) grid")
-    parser.add_argument("--micro-q", type=int, default=256, help="memory: mqsp's micro-chunk of query rows")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the packed rows")
+    parser.add_argument("--world-sizes", type=positive_int, nargs="+", default=None,
+                        help="balance --documents: P (default 4 8 16)")
+    parser.add_argument("--ulysses-degrees", type=positive_int, nargs="+", default=None,
+                        help="balance --documents: u of each u x (P/u) grid (default 1 2)")
+    parser.add_argument("--micro-q", type=positive_int, default=None,
+                        help="memory: mqsp's micro-chunk of query rows (default 256)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
     parser.add_argument("--png", default=None, help="write a bar chart here")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
     if args.ring_impls is None:
         args.ring_impls = ["zigzag"] if args.documents else list(RING_SCHEDULE_IMPLS)
+    check_flags_apply(parser, args)
+    args.seq_len = args.seq_len or 8192
     if args.seq_lens is None:
         args.seq_lens = [32768, 131072] if args.documents else [2048, 4096, 8192, 16384]
     if args.rows is None:
         args.rows = 8 if args.mode == "balance" else 2
+    args.world_sizes, args.ulysses_degrees = args.world_sizes or [4, 8, 16], args.ulysses_degrees or [1, 2]
+    args.micro_q = args.micro_q or 256
+    check_grid_flags(parser, args)
     if args.mode == "balance" and "mqsp" in args.ring_impls:
         parser.error("balance counts pass-K/V and allgather schedules: mqsp passes Q")
     if args.documents and args.mode == "balance" and "allgather" in args.ring_impls:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..flags import nonnegative_int, positive_int
 from ..kernels import kernel_names
 from ..layout import RING_IMPLS, ZIGZAG_LAYOUT_IMPLS, check_seq_len
 from ..ulysses import check_head_counts
@@ -11,20 +12,20 @@ from ..ulysses import check_head_counts
 def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the USP flags; usable as Megatron's ``extra_args_provider``."""
     group = parser.add_argument_group(title="unified sequence parallelism (megatron-usp)")
-    group.add_argument("--ulysses-degree", type=int, default=1,
+    group.add_argument("--ulysses-degree", type=positive_int, default=1,
                        help="ranks that exchange heads by all-to-all (DeepSpeed-Ulysses); keep within a node")
-    group.add_argument("--ring-degree", type=int, default=1, help="ranks that pass K/V around a ring")
+    group.add_argument("--ring-degree", type=positive_int, default=1, help="ranks that pass K/V around a ring")
     group.add_argument("--usp-ring-impl", default="zigzag", choices=list(RING_IMPLS),
                        help="ring schedule; zigzag balances causal work and matches Megatron's CP layout; mqsp passes Q "
                             "instead of K/V (with --usp-micro-q to bound memory)")
     group.add_argument("--usp-attn-backend", default="auto", choices=kernel_names(),
                        help="local attention kernel")
-    group.add_argument("--usp-micro-q", type=int, default=None,
+    group.add_argument("--usp-micro-q", type=positive_int, default=None,
                        help="mqsp: query rows per rank per micro-chunk (bounds its extra memory; default: all)")
-    group.add_argument("--usp-check", type=int, nargs="?", const=0, default=None, metavar="N",
+    group.add_argument("--usp-check", type=nonnegative_int, nargs="?", const=0, default=None, metavar="N",
                        help="check each USP layer's output (one sampled head, a few query rows) against attention on "
                             "all-gathered K/V, and that CP is really on; stop on a mismatch. On each layer's first "
-                            "call, and every N-th call if N is given")
+                            "call, and every N-th call if N >= 1 is given")
     group.add_argument("--usp-ring-inner", action="store_true",
                        help="put the ring group on adjacent ranks instead of the ulysses group")
     return parser
@@ -51,7 +52,7 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
     usp_check = getattr(args, "usp_check", None)
     if usp_check is not None and usp_check < 0:
         raise ValueError(f"--usp-check {usp_check}: N must be >= 1 (check every N-th call of each layer); "
-                         "--usp-check alone checks each layer's first call")
+                         "--usp-check alone (or 0) checks each layer's first call")
     sp_size = ulysses_degree * ring_degree
     explicit_cp = getattr(args, "context_parallel_size", 1) or 1
     if explicit_cp not in (1, sp_size):
