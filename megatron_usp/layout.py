@@ -25,6 +25,7 @@ empty. A rank's tokens are in position order.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -61,22 +62,35 @@ def check_seq_len(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl
 
 
 def check_cu_seqlens(cu_seqlens: CuSeqlens, seq_len: int) -> tuple[int, ...]:
-    """Validate document offsets ``[0, ..., seq_len]`` of one packed row; returns them as a tuple of ints."""
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dim() != 1:
-            raise TypeError(f"cu_seqlens must be a 1-D integer tensor [num_documents + 1], got {cu_seqlens.dtype} "
-                            f"of shape {tuple(cu_seqlens.shape)}")
+    """Validate document offsets ``[0, ..., seq_len]`` of one packed row; returns them as a tuple of ints. Takes a
+    1-D integer tensor or array (torch, NumPy) or a sequence of integers (Python or NumPy); bools are refused."""
+    dtype = getattr(cu_seqlens, "dtype", None)
+    if dtype is not None:  # a torch tensor or a NumPy array
+        is_integer = (not (dtype.is_floating_point or dtype.is_complex) and dtype != torch.bool
+                      if isinstance(dtype, torch.dtype) else getattr(dtype, "kind", "") in ("i", "u"))
+        if not is_integer or len(getattr(cu_seqlens, "shape", ())) != 1:
+            raise TypeError(f"cu_seqlens must be a 1-D integer tensor or array [num_documents + 1], got {dtype} of "
+                            f"shape {tuple(getattr(cu_seqlens, 'shape', ()))}")
         offsets = tuple(int(x) for x in cu_seqlens.tolist())
-    elif isinstance(cu_seqlens, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
-        offsets = tuple(cu_seqlens)
+    elif isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)) and all(
+            _is_integer(x) for x in cu_seqlens):
+        offsets = tuple(int(x) for x in cu_seqlens)
     else:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or array, or a sequence of ints, got "
+                        f"{type(cu_seqlens).__name__}")
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != seq_len:
         raise ValueError(f"cu_seqlens must hold the document offsets of the whole row, [0, ..., seq_len={seq_len}], "
                          f"got {_short(offsets)}: count trailing padding as one more document")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing (cumulative document lengths), got {_short(offsets)}")
     return offsets
+
+
+def _is_integer(value) -> bool:
+    """A Python or NumPy integer (not a bool, which is an int to Python)."""
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
+        return False
+    return isinstance(value, numbers.Integral)
 
 
 def _short(offsets: Sequence[int]) -> str:

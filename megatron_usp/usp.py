@@ -1,8 +1,10 @@
 """usp_attn: Ulysses all-to-all, ring attention, inverse all-to-all."""
 from __future__ import annotations
 
+import functools
 import math
 import os
+import types
 import zlib
 from dataclasses import dataclass
 from numbers import Real
@@ -152,9 +154,10 @@ def usp_attn(
     (:func:`megatron_usp.shard` with the same ``cu_seqlens``), which balances the work of every ring step.
 
     ``check_agreement`` (default: :func:`set_agreement_check`, on unless ``MEGATRON_USP_CHECK_AGREEMENT=0``): before
-    the first collective, the ranks of the grid compare what they were called with (dtype, device, q/k/v shapes,
-    causal, ring_impl, softmax_scale, resolved kernel, window, document_ids shape, mask_mod name, micro_q,
-    cu_seqlens: see :func:`agree`; one all-gather of 17 ints over ``groups.sp``, or over the ulysses then the ring
+    the first collective, the ranks of the grid compare what they were called with, normalised so equivalent calls
+    agree (dtype, device, q/k/v shapes, causal, ring_impl, softmax_scale as used, resolved kernel, window as it acts,
+    document_ids and softmax_offset by value, mask_mod by code / closure / bound values, micro_q where MQSP uses it,
+    cu_seqlens: see :func:`describe_call`, :func:`agree`; one all-gather of 17 ints over ``groups.sp``, or over the ulysses then the ring
     group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the fields and ranks that
     disagree, or the rank whose own inputs were rejected, instead of hanging or computing garbage. Its cost is one
     small collective per call (on GPUs also a host sync; a graph break under torch.compile): turn it off once a
@@ -207,7 +210,8 @@ def attend(
     if check and groups.sp_size > 1:
         agree(groups, describe_call(q, k, v, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
                                     kernel=kernel, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens,
-                                    softmax_offset=softmax_offset, return_max_logit=return_max_logit))
+                                    softmax_offset=softmax_offset, return_max_logit=return_max_logit,
+                                    ulysses_degree=groups.ulysses_degree))
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     q, k, v = (_pad_head_dim(x, width) for x in (q, k, v))  # zero columns: same logits, zero output columns
     seq_len = q.shape[1] * groups.sp_size
@@ -292,10 +296,13 @@ AGREEMENT_FIELDS = ("dtype", "device", "q shape", "k shape", "v shape", "causal"
 
 
 def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, micro_q, cu_seqlens,
-                  softmax_offset=None, return_max_logit=False) -> dict:
-    """What every rank of the grid must agree on, field -> value (validated inputs)."""
+                  softmax_offset=None, return_max_logit=False, ulysses_degree: int = 1) -> dict:
+    """What every rank of the grid must agree on, field -> value (validated inputs). Values are normalised, so
+    equivalent calls agree: the scale as used, the window as it acts under ``causal``, ``micro_q`` only where MQSP
+    uses it; tensors (``document_ids``, ``softmax_offset``) by their values and ``mask_mod`` by what it computes
+    (:func:`fingerprint`), not by shape or name."""
     mask = mask if mask is not None else AttentionMask()
-    mod = mask.mask_mod
+    rows = q.shape[1] * ulysses_degree  # query rows of a ring rank after the all-to-all (MQSP's micro_q cap)
     return {
         "dtype": str(q.dtype),
         "device": q.device.type,
@@ -304,16 +311,85 @@ def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, mi
         "v shape": tuple(v.shape),
         "causal": causal,
         "ring_impl": ring_impl,
-        "softmax_scale": softmax_scale if softmax_scale is None else float(softmax_scale),
+        "softmax_scale": float(softmax_scale) if softmax_scale is not None else q.shape[3] ** -0.5,
         "kernel": getattr(kernel, "name", type(kernel).__name__),
-        "window": None if mask.window is None else tuple(mask.window),
-        "document_ids": None if mask.document_ids is None else tuple(mask.document_ids.shape),
-        "mask_mod": None if mod is None else f"{getattr(mod, '__module__', '?')}.{getattr(mod, '__qualname__', '?')}",
-        "micro_q": micro_q,
+        "window": _acting_window(mask.window, causal),
+        "document_ids": None if mask.document_ids is None else fingerprint(mask.document_ids),
+        "mask_mod": None if mask.mask_mod is None else fingerprint(mask.mask_mod),
+        "micro_q": micro_q if ring_impl == "mqsp" and micro_q is not None and micro_q < rows else None,
         "cu_seqlens": cu_seqlens,
-        "softmax_offset": None if softmax_offset is None else tuple(softmax_offset.shape),
+        "softmax_offset": None if softmax_offset is None else fingerprint(softmax_offset),
         "return_max_logit": return_max_logit,
     }
+
+
+def _acting_window(window, causal: bool):
+    """``window`` as it restricts keys: the right side is 0 under ``causal``; -1 sides that leave nothing to
+    restrict make no window."""
+    if window is None:
+        return None
+    left, right = int(window[0]), 0 if causal else int(window[1])
+    return None if left == -1 and (causal or right == -1) else (left, right)
+
+
+def _tensor_digest(x: torch.Tensor) -> int:
+    """An int64 of ``x``'s values, equal for equal values on any device (one reduction on x's device): Σ bits_i·w_i
+    with odd weights w_i, so any single changed element changes it."""
+    x = x.detach().contiguous().view(-1)
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        x = x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]) \
+            if x.dtype != torch.bool else x.to(torch.uint8)
+    weights = (torch.arange(x.numel(), device=x.device, dtype=torch.int64) * 0x9E3779B1 % (2**31 - 1)) * 2 + 1
+    return int((x.to(torch.int64) * weights).sum().item())
+
+
+def fingerprint(value, depth: int = 0):
+    """A plain, process-independent description of ``value`` for the agreement check: tensors by dtype, shape
+    and values; functions by their code, constants, defaults, closure cells and the plain globals they read;
+    ``functools.partial`` by its function and bound arguments (``partial(f)`` is ``f``); bound methods and
+    callable objects by their function and the object's attributes."""
+    if depth > 4:
+        return type(value).__qualname__
+    nested = functools.partial(fingerprint, depth=depth + 1)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), _tensor_digest(value))
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = sorted(map(repr, map(nested, value))) if isinstance(value, (set, frozenset)) else map(nested, value)
+        return (type(value).__name__, *items)
+    if isinstance(value, dict):
+        return ("dict", *sorted((repr(key), repr(nested(item))) for key, item in value.items()))
+    if isinstance(value, types.ModuleType):
+        return ("module", value.__name__)
+    if isinstance(value, functools.partial):
+        if not value.args and not value.keywords:
+            return fingerprint(value.func, depth)
+        return ("partial", nested(value.func), nested(value.args), nested(value.keywords))
+    if isinstance(value, types.BuiltinFunctionType):
+        return ("builtin", getattr(value, "__module__", None), value.__qualname__, nested(getattr(value, "__self__", None)))
+    if isinstance(value, types.MethodType):
+        return ("method", nested(value.__func__), nested(value.__self__))
+    if isinstance(value, types.FunctionType):
+        code = value.__code__
+        cells = tuple(nested(cell.cell_contents) for cell in value.__closure__ or ())
+        plain_globals = {name: value.__globals__[name] for name in code.co_names if name in value.__globals__
+                         and not callable(value.__globals__[name])
+                         and not isinstance(value.__globals__[name], types.ModuleType)}
+        return ("function", value.__module__, value.__qualname__, _code_fingerprint(code), nested(value.__defaults__),
+                nested(value.__kwdefaults__), cells, nested(plain_globals))
+    if isinstance(value, type):
+        return ("type", value.__module__, value.__qualname__)
+    state = getattr(value, "__dict__", None)
+    call = getattr(type(value), "__call__", None)
+    return ("object", type(value).__module__, type(value).__qualname__,
+            nested(call) if isinstance(call, types.FunctionType) else None, nested(state) if state else None)
+
+
+def _code_fingerprint(code: types.CodeType) -> tuple:
+    """Bytecode and constants (nested code objects recursively; their reprs hold memory addresses)."""
+    consts = tuple(_code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+    return code.co_code, consts, code.co_names
 
 
 def _encode(value) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+import functools
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -161,7 +164,56 @@ def _disagreements(rank, world_size):
         ("cu_seqlens", "cu_seqlens", dict(cu_seqlens=cu), dict(cu_seqlens=(0, 12, 24))),
         ("scale", "softmax_scale", dict(softmax_scale=0.5), dict()),
         ("fp32_vs_bf16", "dtype", dict(dtype=torch.float32), dict(dtype=torch.bfloat16)),
+        # issue 24 item 2: same shape or name, different values (ran and returned garbage before)
+        ("document_ids", "document_ids", dict(document_ids=_two_documents(seq * world_size, 5)),
+         dict(document_ids=_two_documents(seq * world_size, 11))),
+        ("mask_mod", "mask_mod", dict(mask_mod=_band_mod(2)), dict(mask_mod=_band_mod(3))),
+        ("softmax_offset", "softmax_offset", dict(softmax_offset=torch.ones(4)), dict(softmax_offset=torch.zeros(4))),
     ]
+
+
+def _two_documents(seq_len: int, boundary: int) -> torch.Tensor:
+    ids = torch.zeros(1, seq_len, dtype=torch.long)
+    ids[:, boundary:] = 1
+    return ids
+
+
+def _band_mod(width: int):
+    """A mask_mod whose behaviour lives in a closure cell: the same qualified name for every width."""
+    return lambda b, h, q_idx, kv_idx: q_idx - kv_idx <= width
+
+
+def _causal_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def _equivalent_calls(world_size):
+    """(name, kwargs on the odd rank(s), kwargs on the others) that mean the same call (issue 24 item 8)."""
+    seq_len = 6 * world_size
+    cu = (0, 5, seq_len // 2 + 1, seq_len)
+    return [
+        ("scale", dict(softmax_scale=8 ** -0.5), dict()),
+        ("causal_window_right", dict(window=(4, -1)), dict(window=(4, 0))),
+        ("unbounded_window", dict(window=(-1, 3)), dict()),
+        ("micro_q_without_mqsp", dict(micro_q=2), dict()),
+        ("micro_q_above_rows", dict(ring_impl="mqsp", micro_q=10 ** 6), dict(ring_impl="mqsp")),
+        ("partial", dict(mask_mod=functools.partial(_causal_mod)), dict(mask_mod=_causal_mod)),
+        ("numpy_cu_seqlens", dict(cu_seqlens=np.array(cu)), dict(cu_seqlens=cu)),
+        ("numpy_int_list", dict(cu_seqlens=[np.int64(x) for x in cu]), dict(cu_seqlens=list(cu))),
+        ("tensor_cu_seqlens", dict(cu_seqlens=torch.tensor(cu, dtype=torch.int32)), dict(cu_seqlens=cu)),
+    ]
+
+
+def agreement_equivalents(rank, world_size, ulysses_degree, ring_degree, odd_ranks) -> dict:
+    """Equivalent spellings on different ranks run (no refusal) and give the output of the plain spelling."""
+    groups = usp.init_groups(ulysses_degree, ring_degree)
+    results = {}
+    for name, odd, even in _equivalent_calls(world_size):
+        out = _call(groups, **(odd if rank in odd_ranks else even))
+        expected = _call(groups, **even)
+        assert torch.equal(out, expected), name
+        results[name] = True
+    return results
 
 
 def _call(groups, *, seq_local=6, batch=1, heads=4, dtype=torch.float32, **kwargs):

@@ -92,6 +92,15 @@ def test_ranks_that_disagree_raise_the_same_error(rank_pool, grid, odd_ranks):
             assert f"rank(s) [{odd_ranks[0]}]" in message and "softmax_scale" in message, message
 
 
+@pytest.mark.parametrize("grid,odd_ranks", [((2, 2), [3]), ((1, 4), [1, 2])], ids=["u2r2-rank3", "u1r4-ranks12"])
+def test_equivalent_calls_are_not_refused(rank_pool, grid, odd_ranks):
+    """Issue 24 item 8: the check compares normalised settings (scale as used, window as it acts, micro_q where MQSP
+    uses it, partial(f) as f, cu_seqlens as integers from any array-like)."""
+    results = rank_pool(4).run("reliability_group_cases:agreement_equivalents", timeout=60, ulysses_degree=grid[0],
+                               ring_degree=grid[1], odd_ranks=odd_ranks)
+    assert all(all(result.values()) and len(result) == 9 for result in results)
+
+
 def test_agreement_check_can_be_turned_off(rank_pool):
     results = rank_pool(4).run("reliability_group_cases:agreement_can_be_turned_off", timeout=60)
     assert all(result["default"] is True for result in results)
