@@ -28,6 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_data import ByteCorpus, GPTSamples, IndexedTokens  # noqa: E402
 
+from megatron_usp.job_cost import uneven_stages_reason  # noqa: E402
 from megatron_usp.flags import adam_beta, nonnegative_float, nonnegative_int, positive_float, positive_int  # noqa: E402
 from megatron_usp.megatron import (  # noqa: E402
     add_usp_args,
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     parallel.add_argument("--sequence-parallel", action="store_true",
                           help="Megatron's sequence parallelism: activations outside attention / MLP split over TP")
+    parallel.add_argument("--decoder-first-pipeline-num-layers", type=positive_int, default=None,
+                          help="uneven pipeline stages: layers of the first stage (the others split the rest evenly)")
+    parallel.add_argument("--decoder-last-pipeline-num-layers", type=positive_int, default=None,
+                          help="uneven pipeline stages: layers of the last stage")
     virtual = parallel.add_mutually_exclusive_group()
     virtual.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
                          help="interleaved 1F1B: this many layers per virtual pipeline stage")
@@ -201,9 +206,16 @@ def check_batch_args(args: argparse.Namespace) -> None:
     sp_size = args.ulysses_degree * args.ring_degree
     # validate_usp_args checked that TP x PP x u x r divides the world
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * sp_size
-    if args.num_layers % args.pipeline_model_parallel_size:
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    uneven = uneven_stages_reason(args.num_layers, args.pipeline_model_parallel_size, first, last)
+    if uneven:
+        raise ValueError(f"--decoder-first-pipeline-num-layers {first} / --decoder-last-pipeline-num-layers {last} "
+                         f"with --num-layers {args.num_layers} and --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size}: {uneven}")
+    if first is None and last is None and args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
-                         f"{args.pipeline_model_parallel_size}")
+                         f"{args.pipeline_model_parallel_size}: change them, or give the end stages their own counts "
+                         "(--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers)")
     args.data_parallel_size = args.world_size // model_parallel
     per_step = args.micro_batch_size * args.data_parallel_size
     args.global_batch_size = args.global_batch_size or per_step
@@ -232,6 +244,10 @@ def check_virtual_pipeline_args(args: argparse.Namespace) -> None:
     """Set ``args.virtual_pipeline_model_parallel_size`` (None without interleaving) from either flag and check
     megatron-core's rules for the interleaved schedule, naming the flag to fix."""
     pp = args.pipeline_model_parallel_size
+    uneven = args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None
+    if uneven and (args.num_layers_per_virtual_pipeline_stage or args.virtual_pipeline_model_parallel_size):
+        raise ValueError("virtual pipeline stages with --decoder-first/last-pipeline-num-layers: not supported by this "
+                         "trainer; use one or the other")
     if args.num_layers_per_virtual_pipeline_stage is not None:
         flag = f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage}"
         per_stage = args.num_layers // pp
@@ -289,6 +305,8 @@ def build_model(args) -> list:
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         tensor_model_parallel_size=args.tensor_model_parallel_size, sequence_parallel=args.sequence_parallel,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size, context_parallel_size=args.context_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         normalization=args.normalization, add_bias_linear=not args.disable_bias_linear,
         bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, calculate_per_token_loss=True,
         # weights drawn on CPU from the seeded default generator: the same for every TP, u, r and device

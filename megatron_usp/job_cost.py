@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .ulysses import kv_replication
 
@@ -82,6 +83,10 @@ class JobConfig:
     micro_batches: int = 1  # per iteration, per DP replica
     sequence_parallel: bool = False
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    # uneven pipeline stages (Megatron-LM's --decoder-first/last-pipeline-num-layers): the end stages' layers, the
+    # others split the rest evenly (None: an even split)
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
 
     @property
     def cp(self) -> int:
@@ -154,19 +159,36 @@ def head_activation_bytes(shape: GPTShape, cfg: JobConfig) -> float:
             + tokens * shape.vocab / cfg.tp * FP32 + 2 * tokens * 8 + tokens)  # + token ids, labels, mask
 
 
-def stage_layers(shape: GPTShape, cfg: JobConfig) -> int:
-    return shape.num_layers // cfg.pp
+def stage_layer_counts(shape: GPTShape, cfg: JobConfig) -> tuple[int, ...]:
+    """Layers of each pipeline stage as megatron-core's ``get_num_layers_to_build`` splits them: the given first /
+    last stage counts on the end stages, the remaining layers evenly over the other stages (check_job refuses a
+    split that does not divide)."""
+    first, last = cfg.first_stage_layers, cfg.last_stage_layers
+    others = cfg.pp - (first is not None) - (last is not None)
+    rest = shape.num_layers - (first or 0) - (last or 0)
+    counts = [rest // others if others > 0 else 0] * cfg.pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return tuple(counts)
 
 
-def chunk_layers(shape: GPTShape, cfg: JobConfig) -> int:
-    """Layers of one model chunk (a virtual stage; the whole stage without interleaving)."""
-    return shape.num_layers // (cfg.pp * cfg.virtual_stages)
+def stage_layers(shape: GPTShape, cfg: JobConfig, stage: Optional[int] = None) -> int:
+    """Layers of pipeline ``stage`` (None: of the stage with the most, which sets the pipeline's pace)."""
+    counts = stage_layer_counts(shape, cfg)
+    return max(counts) if stage is None else counts[stage]
+
+
+def chunk_layers(shape: GPTShape, cfg: JobConfig, stage: Optional[int] = None) -> int:
+    """Layers of one model chunk of ``stage`` (a virtual stage; the whole stage without interleaving)."""
+    return stage_layers(shape, cfg, stage) // cfg.virtual_stages
 
 
 def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
     """Activation parts of ``stage`` for ONE micro-batch through ONE model chunk (the whole stage without virtual
     stages); the last stage's output layer and loss are counted once."""
-    layers = chunk_layers(shape, cfg)
+    layers = chunk_layers(shape, cfg, stage)
     tokens = shape.micro_batch * shape.seq_len / cfg.cp
     layer_input = tokens * shape.hidden * shape.dtype_bytes / (cfg.tp if cfg.sequence_parallel else 1)
     if cfg.recompute == "full":
@@ -220,7 +242,7 @@ def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True) -
 
 def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
     """Parameters one rank of ``stage`` holds (TP-sharded where megatron-core shards; norms replicated)."""
-    count = stage_layers(shape, cfg) * layer_parameter_count(shape, cfg)
+    count = stage_layers(shape, cfg, stage) * layer_parameter_count(shape, cfg)
     if stage == 0:
         count += shape.vocab * shape.hidden / cfg.tp
     if stage == cfg.pp - 1:
@@ -253,20 +275,47 @@ def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
     return max((stage_memory(shape, cfg, stage) for stage in range(cfg.pp)), key=lambda memory: memory.total)
 
 
+def uneven_stages_reason(num_layers: int, pp: int, first: Optional[int], last: Optional[int],
+                         virtual_stages: int = 1) -> str:
+    """Why megatron-core refuses these first / last stage layer counts (empty when it takes them, or none given):
+    each >= 1, PP >= 2, the rest divisible by the other stages and none of them empty."""
+    if first is None and last is None:
+        return ""
+    if pp < 2:
+        return "uneven first / last pipeline stages need PP >= 2"
+    if any(count is not None and count < 1 for count in (first, last)):
+        return f"first / last pipeline stage layers must be >= 1, got {first} / {last}"
+    others = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if (others == 0 and rest != 0) or (others > 0 and (rest < others or rest % others)):
+        return (f"{num_layers} layers minus first {first} / last {last} stage layers leave {rest} for the other "
+                f"{others} stages, which must split them evenly, at least one layer each")
+    if virtual_stages > 1 and any(count is not None and count % virtual_stages for count in (first, last)):
+        return f"first / last stage layers {first} / {last} not divisible by {virtual_stages} virtual stages"
+    if virtual_stages > 1 and others > 0 and (rest // others) % virtual_stages:
+        return f"{rest // others} layers per middle stage not divisible by {virtual_stages} virtual stages"
+    return ""
+
+
 def check_job(shape: GPTShape, cfg: JobConfig) -> str:
     """Why megatron-core would refuse ``cfg`` (empty string when it accepts it)."""
     if cfg.recompute not in RECOMPUTE_MODES:
         return f"recompute {cfg.recompute!r} not one of {RECOMPUTE_MODES}"
     if cfg.recompute_method not in RECOMPUTE_METHODS:
         return f"recompute method {cfg.recompute_method!r} not one of {RECOMPUTE_METHODS}"
-    if shape.num_layers % cfg.pp != 0:
+    uneven = uneven_stages_reason(shape.num_layers, cfg.pp, cfg.first_stage_layers, cfg.last_stage_layers,
+                                  cfg.virtual_stages)
+    if uneven:
+        return uneven
+    if cfg.first_stage_layers is None and cfg.last_stage_layers is None and shape.num_layers % cfg.pp != 0:
         return f"{shape.num_layers} layers not divisible by PP {cfg.pp}"
     if cfg.pp > 1 and cfg.micro_batches < cfg.pp:
         return f"{cfg.micro_batches} micro-batches < PP {cfg.pp}: the pipeline never fills"
     if cfg.virtual_stages > 1:
         if cfg.pp == 1:
             return "virtual pipeline stages need PP > 1"
-        if shape.num_layers % (cfg.pp * cfg.virtual_stages):
+        if cfg.first_stage_layers is None and cfg.last_stage_layers is None and \
+                shape.num_layers % (cfg.pp * cfg.virtual_stages):
             return f"{shape.num_layers} layers not divisible by PP {cfg.pp} x {cfg.virtual_stages} virtual stages"
         if cfg.micro_batches % cfg.pp:  # megatron-core: micro-batch groups of PP, no partial group
             return (f"{cfg.micro_batches} micro-batches not a multiple of PP {cfg.pp} "

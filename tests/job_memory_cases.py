@@ -130,7 +130,8 @@ class _Saved:
 
 
 def pipeline_peak_bytes(rank, world_size, cases) -> list[int]:
-    """For each case ``(pp, virtual_stages, micro_batches)`` (PP = the pool's world size): the peak bytes of distinct
+    """For each case ``(pp, virtual_stages, micro_batches, first, last)`` (PP = the pool's world size; first / last:
+    uneven stages' layers or None): the peak bytes of distinct
     storages saved for backward and not yet freed on this rank while megatron-core's pipeline schedule (1F1B, or
     interleaved with virtual stages) runs one iteration of a GPTModel (fp32, local spec, layers = SHAPE's x 2)."""
     import weakref
@@ -147,13 +148,15 @@ def pipeline_peak_bytes(rank, world_size, cases) -> list[int]:
     megatron_lm_cpu.install(megatron_lm=False)
     shape = dict(SHAPE, num_layers=2 * SHAPE["num_layers"])
     peaks = []
-    for pp, virtual_stages, micro_batches in cases:
+    for pp, virtual_stages, micro_batches, first, last in cases:
         initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1
                                   else None, create_gloo_process_groups=False)
         model_parallel_cuda_manual_seed(1234)
         config = _model_config(shape, 1, 1, False, {})
         config.pipeline_model_parallel_size = pp
         config.pipeline_dtype = torch.float32
+        # uneven stages: read by megatron-core's get_num_layers_to_build and layer offsets
+        config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage = first, last
         if virtual_stages > 1:
             config.virtual_pipeline_model_parallel_size = virtual_stages
             config.microbatch_group_size_per_vp_stage = pp

@@ -111,7 +111,9 @@ def test_state_memory_matches_megatron_optimizer(fresh_rank_pool, capsys):
                      "megatron-core):", rows)
 
 
-PIPELINE_CASES = [(2, 1, 4), (2, 2, 4), (2, 2, 2), (2, 2, 6)]  # (PP, virtual stages, micro-batches); 4 layers
+# (PP, virtual stages, micro-batches, first / last stage layers for uneven stages); 4 layers
+PIPELINE_CASES = [(2, 1, 4, None, None), (2, 2, 4, None, None), (2, 2, 2, None, None), (2, 2, 6, None, None),
+                  (2, 1, 4, 1, None), (2, 1, 4, None, 1)]
 
 
 def test_pipeline_peak_matches_megatron_schedules(fresh_rank_pool, capsys):
@@ -121,12 +123,14 @@ def test_pipeline_peak_matches_megatron_schedules(fresh_rank_pool, capsys):
     shape = GPTShape(**dict(SHAPE, num_layers=2 * SHAPE["num_layers"]), dtype_bytes=4, gated_mlp=False,
                      rmsnorm=False, bias=True, fused_kernels=False)
     rows = []
-    for index, (pp, virtual, micro_batches) in enumerate(PIPELINE_CASES):
-        config = JobConfig(pp=pp, virtual_stages=virtual, micro_batches=micro_batches)
+    for index, (pp, virtual, micro_batches, first, last) in enumerate(PIPELINE_CASES):
+        config = JobConfig(pp=pp, virtual_stages=virtual, micro_batches=micro_batches, first_stage_layers=first,
+                           last_stage_layers=last)
+        uneven = "" if first is None and last is None else f" first/last {first}/{last}"
         for stage in range(pp):
             memory = stage_memory(shape, config, stage)
             size = measured[stage][index]
-            rows.append((f"PP={pp} V={virtual} m={micro_batches} stage {stage} ({memory.in_flight} in flight)",
+            rows.append((f"PP={pp} V={virtual} m={micro_batches}{uneven} stage {stage} ({memory.in_flight} in flight)",
                          memory.activations, size, (memory.activations - size) / size))
     report_and_check(capsys, "\npeak activation bytes per pipeline rank under megatron-core's schedule (predicted, "
                      "measured):", rows)

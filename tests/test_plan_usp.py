@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
@@ -480,3 +481,76 @@ def test_the_trainer_accepts_the_planned_command_line():
     assert (args.ulysses_degree, args.ring_degree, args.usp_ring_impl) == (best.config.ulysses, best.config.ring,
                                                                            best.config.ring_impl)
     assert args.data_parallel_size == best.job.dp and args.num_micro_batches == best.job.micro_batches
+
+
+# ------------------------------------------------------------------ issue 24 item 4: infeasible jobs, uneven stages
+
+LLAMA_405B = ["--heads", "128", "--kv-heads", "8", "--head-dim", "128", "--hidden", "16384", "--num-layers", "126",
+              "--ffn-hidden", "53248", "--vocab", "128256", "--seq-len", "131072", "--gpus-per-node", "8", "--gpu",
+              "h100"]
+
+
+def test_structurally_infeasible_job_answers_with_the_reason_quickly(capsys):
+    """The 405B job on one node: its parameters and gradients alone exceed the budget at every TP x PP, up to 8x
+    the nodes, so the answer comes without searching 2x/4x/8x the nodes or shorter sequences (it searched for
+    minutes before: the issue's 128-GPU case went past 370 s)."""
+    import time
+
+    start = time.perf_counter()
+    assert plan.main(LLAMA_405B + ["--nodes", "1", "--gpu-memory-gib", "24"]) == 1
+    seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "cannot fit: parameters + fp32 gradients alone need" in out and "with 8x the nodes" in out, out
+    assert seconds < 60, seconds  # ~2 s here
+    start = time.perf_counter()  # 80 GB: 8x the nodes pass the floor and are searched, no more
+    assert plan.main(LLAMA_405B + ["--nodes", "1"]) == 1
+    seconds = time.perf_counter() - start
+    assert "cannot fit" in capsys.readouterr().out and seconds < 120, seconds  # ~7 s here
+
+
+def test_uneven_pipeline_stages_plan_a_faster_job():
+    """126 layers on 64 GPUs: even stages allow PP 1 or 2 only (126 = 2 x 3^2 x 7), which needs CP or recompute to
+    fit; with Megatron-LM's --decoder-first/last-pipeline-num-layers PP 8 fits without them and is 14 % faster. The trainer
+    takes the plan's command."""
+    import shlex
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import pretrain_gpt_usp
+    from megatron_usp.megatron import validate_usp_args
+
+    shape = plan.ModelShape(heads=64, kv_heads=8, head_dim=128, hidden=8192, num_layers=126, seq_len=8192,
+                            ffn_hidden=28672, vocab=128256)
+    cluster = plan.Cluster(8, 8)
+    even, _ = plan.plan_job(shape, cluster, H100, tp_choices=[1, 2, 4, 8], pp_choices=[1, 2])
+    ranked, _ = plan.plan_job(shape, cluster, H100, tp_choices=[1, 2, 4, 8])
+    best = ranked[0]
+    assert best.job.pp == 8 and (best.job.first_stage_layers, best.job.last_stage_layers) == (15, 15)
+    assert best.iteration_s < 0.9 * even[0].iteration_s, (best.label(), even[0].label())  # 13.8 s vs 16.1 s
+    assert "--decoder-first-pipeline-num-layers 15 --decoder-last-pipeline-num-layers 15" in \
+        plan.megatron_lm_command(shape, cluster, best)
+    argv = shlex.split(plan.trainer_command(shape, cluster, best))
+    args = pretrain_gpt_usp.parse_args(argv[argv.index("examples/pretrain_gpt_usp.py") + 1:])
+    args.world_size = cluster.world
+    validate_usp_args(args)
+    pretrain_gpt_usp.check_batch_args(args)
+    assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (15, 15)
+
+
+@pytest.mark.parametrize("layers,pp", [(126, 8), (126, 4), (126, 16), (7, 2), (10, 8), (126, 64), (5, 4)])
+def test_uneven_split_is_what_megatron_core_builds(layers, pp):
+    """Each stage's layer count from job_cost equals megatron-core's get_num_layers_to_build for the split the planner
+    picks, and the end stages never exceed the middle ones by more than one layer."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from megatron_usp.job_cost import GPTShape, JobConfig, check_job, stage_layer_counts
+
+    first, last = plan.uneven_split(layers, pp)
+    config = TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=pp,
+                               num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+                               pipeline_dtype=torch.float32)
+    megatron = tuple(get_num_layers_to_build(config, pp_rank=rank) for rank in range(pp))
+    shape = GPTShape(num_layers=layers, hidden=8, heads=1, kv_heads=1, head_dim=8, ffn_hidden=8, vocab=8, seq_len=8)
+    job = JobConfig(pp=pp, micro_batches=pp, first_stage_layers=first, last_stage_layers=last)
+    assert check_job(shape, job) == "" and stage_layer_counts(shape, job) == megatron and sum(megatron) == layers
+    assert last <= first and max(megatron) - min(megatron) <= max(megatron) // 2 + 1, megatron

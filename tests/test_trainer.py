@@ -92,6 +92,20 @@ def test_pipeline_recompute_and_plain_optimizer_match_without_sp(tmp_path):
     assert base[3] < base[1] - 1e-3, base  # it trains: a step that did nothing would fail
 
 
+@pytest.mark.timeout(600)
+def test_uneven_pipeline_stages_with_usp_match_without_sp(tmp_path):
+    """Megatron-LM's --decoder-first-pipeline-num-layers (3 layers over PP=2: 1 + 2) with u=2: every iteration's
+    loss equals the same uneven pipeline without SP (the planner proposes such splits when PP does not divide the
+    layers)."""
+    common = ["--pipeline-model-parallel-size", "2", "--num-layers", "3", "--decoder-first-pipeline-num-layers", "1",
+              "--train-iters", "3", "--global-batch-size", "4"]
+    torchrun(4, [*common, "--ulysses-degree", "2", "--loss-csv", str(tmp_path / "usp.csv")])
+    torchrun(2, [*common, "--loss-csv", str(tmp_path / "base.csv")])
+    base = losses(tmp_path / "base.csv")
+    assert_same_losses(losses(tmp_path / "usp.csv"), base, [1, 2, 3])
+    assert base[3] < base[1] - 1e-3, base
+
+
 def assert_same_losses(got: dict, want: dict, iterations: list[int], rel: float = 1e-6) -> float:
     """Every iteration's loss within ``rel`` relative; returns the largest relative difference."""
     assert sorted(got) == sorted(want) == iterations, (got, want)

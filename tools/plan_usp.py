@@ -49,7 +49,7 @@ from megatron_usp.flags import (  # noqa: E402
     auto_or, comma_list, none_or, nonnegative_float, one_of, positive_float, positive_int)
 from megatron_usp.job_cost import (  # noqa: E402
     GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
-    layer_parameter_count, recompute_working_bytes, stage_layers,
+    layer_parameter_count, recompute_working_bytes, stage_layers, state_bytes,
 )
 from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
 from megatron_usp.mqsp import MQSPPlan  # noqa: E402
@@ -599,6 +599,8 @@ class JobChoice:
     micro_batch: int = 1
     global_batch: int = 1
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    first_stage_layers: Optional[int] = None  # uneven stages: --decoder-first-pipeline-num-layers
+    last_stage_layers: Optional[int] = None  # --decoder-last-pipeline-num-layers
 
     @property
     def micro_batches(self) -> int:
@@ -608,6 +610,8 @@ class JobChoice:
         rc = self.recompute if self.recompute != "full" else \
             f"full {self.recompute_method}/{self.recompute_num_layers}"
         vpp = f"x{self.virtual_stages}v" if self.virtual_stages > 1 else ""
+        if self.first_stage_layers is not None:
+            vpp += f"[{self.first_stage_layers}..{self.last_stage_layers}]"
         return (f"PP={self.pp}{vpp} DP={self.dp} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
                 f"distopt={'on' if self.distributed_optimizer else 'off'}")
 
@@ -647,7 +651,8 @@ def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
                      recompute=choice.recompute, recompute_method=choice.recompute_method,
                      recompute_num_layers=choice.recompute_num_layers,
                      distributed_optimizer=choice.distributed_optimizer, micro_batches=choice.micro_batches,
-                     sequence_parallel=config.tp > 1, virtual_stages=choice.virtual_stages)
+                     sequence_parallel=config.tp > 1, virtual_stages=choice.virtual_stages,
+                     first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers)
 
 
 def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
@@ -741,20 +746,53 @@ def memory_breakdown(p: JobPrediction) -> str:
             f"{'<=' if p.memory_gib <= p.budget_gib else '>'} {p.budget_gib:.1f} GiB")
 
 
-def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Sequence[int], recomputes: Sequence[str],
-                distributed_optimizers: Sequence[bool], micro_batches: Sequence[int],
+def uneven_split(layers: int, pp: int) -> Optional[tuple[int, int]]:
+    """``(first, last)`` stage layers for a PP that does not divide the layers (Megatron-LM's
+    --decoder-first/last-pipeline-num-layers): the middle stages take ceil(layers / PP) each, as many as fit, and
+    the end stages split the rest, the last (which also holds the output layer and loss) the smaller part. None
+    when PP > layers."""
+    if pp < 2 or pp > layers:
+        return None
+    for middle in range(-(-layers // pp), 0, -1):
+        rest = layers - middle * (pp - 2)
+        if rest >= 2:
+            return rest - rest // 2, rest // 2
+    return None
+
+
+def pipeline_splits(layers: int, world_over_tp_sp: int,
+                    pp_choices: Optional[Sequence[int]]) -> list[tuple[int, Optional[tuple[int, int]]]]:
+    """``(PP, uneven (first, last) or None)`` for each PP of ``pp_choices`` (None: every divisor of the GPUs left
+    for PP x DP, up to the layers) that divides those GPUs: an even split where PP divides the layers, else
+    :func:`uneven_split`."""
+    splits = []
+    for pp in pp_choices or [p for p in _divisors(world_over_tp_sp) if p <= layers]:
+        if world_over_tp_sp % pp:
+            continue
+        uneven = None if layers % pp == 0 else uneven_split(layers, pp)
+        if layers % pp == 0 or uneven is not None:
+            splits.append((pp, uneven))
+    return splits
+
+
+def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Optional[Sequence[int]],
+                recomputes: Sequence[str], distributed_optimizers: Sequence[bool], micro_batches: Sequence[int],
                 global_batch: int, virtual_stages: Optional[Sequence[int]] = (1,)) -> list[JobChoice]:
-    """``virtual_stages``: model chunks per pipeline rank to try (None: every divisor of the layers per stage)."""
+    """``pp_choices``: None = every PP the GPUs allow (uneven stages where it does not divide the layers);
+    ``virtual_stages``: model chunks per pipeline rank to try (None: every divisor of the layers per stage; uneven
+    stages are planned without them)."""
     choices = []
     layers = shape.num_layers or 1
-    for pp in pp_choices:
-        if world_over_tp_sp % pp or layers % pp:
-            continue
+    for pp, uneven in pipeline_splits(layers, world_over_tp_sp, pp_choices):
         dp = world_over_tp_sp // pp
-        for vpp in (virtual_stages or _divisors(layers // pp)) if pp > 1 else (1,):
-            if layers % (pp * vpp):
+        first, last = uneven or (None, None)
+        for vpp in (virtual_stages or _divisors(layers // pp)) if pp > 1 and uneven is None else (1,):
+            if layers % (pp * vpp) and uneven is None:
                 continue
-            chunk = layers // (pp * vpp)
+            if uneven:  # the fullest stage (recompute blocks are sized from it)
+                chunk = max(first, last, (layers - first - last) // (pp - 2) if pp > 2 else 0)
+            else:
+                chunk = layers // (pp * vpp)
             for mbs in micro_batches:
                 if global_batch % (dp * mbs):
                     continue
@@ -766,7 +804,7 @@ def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Sequenc
                             continue
                         for distopt in distributed_optimizers:
                             choices.append(JobChoice(pp, dp, recompute, method, count, distopt, mbs, global_batch,
-                                                     vpp))
+                                                     vpp, first, last))
     return choices
 
 
@@ -789,7 +827,6 @@ def plan_job(
 ) -> tuple[list[JobPrediction], list[JobPrediction]]:
     """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world."""
     global_batch = global_batch or cluster.world
-    pp_choices = pp_choices or _divisors(shape.num_layers or 1)
     feasible, infeasible = [], []
     for tp in tp_choices:
         if cluster.world % tp or cluster.gpus_per_node % tp:
@@ -813,11 +850,45 @@ def plan_job(
     return feasible, infeasible
 
 
+def states_floor(shape: ModelShape, cluster: Cluster) -> Optional[tuple[float, int, int]]:
+    """``(GiB, TP, PP)``: the least parameters + fp32 gradients a rank of the fullest pipeline stage holds over every
+    TP (inside a node) and PP (dividing the GPUs per TP group; uneven stages where it does not divide the layers)
+    of ``cluster``. No DP, CP, recompute or
+    optimizer sharding reduces them, so a job whose floor exceeds the budget cannot fit however it is searched.
+    None when no TP x PP fits the cluster."""
+    gpt, best = gpt_shape(shape), None
+    for tp in _divisors(cluster.gpus_per_node):
+        if cluster.world % tp:
+            continue
+        for pp, uneven in pipeline_splits(gpt.num_layers, cluster.world // tp, None):
+            first, last = uneven or (None, None)
+            job = JobConfig(tp=tp, pp=pp, first_stage_layers=first, last_stage_layers=last)
+            states = max(sum(state_bytes(gpt, job, stage)[part] for part in ("params", "grads"))
+                         for stage in (0, pp // 2, pp - 1))  # the embedding / output stages, and a middle one
+            if best is None or states < best[0]:
+                best = (states, tp, pp)
+    return None if best is None else (best[0] / GIB, best[1], best[2])
+
+
+def _floor_reason(shape: ModelShape, cluster: Cluster, budget_gib: float) -> Optional[str]:
+    """Why no search on ``cluster`` (any restriction lifted) can fit, or None when the floor fits."""
+    floor = states_floor(shape, cluster)
+    if floor is not None and floor[0] <= budget_gib:
+        return None
+    if floor is None:
+        return f"no TP x PP divides {cluster.world} GPUs and {shape.num_layers} layers"
+    gib, tp, pp = floor
+    return (f"parameters + fp32 gradients alone need {gib:.1f} GiB per GPU at best (TP {tp}, PP {pp} of the "
+            f"{cluster.world // tp} GPUs per TP group) > {budget_gib:.1f} GiB on {cluster.world} GPUs")
+
+
 def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, infeasible: Sequence[JobPrediction],
                     **search) -> list[str]:
     """When nothing fits: the least-memory job and its arithmetic, then the smallest change that makes one fit:
     lifting the user's restrictions (recompute, then PP, the distributed optimizer, TP), more nodes (x2, x4, x8)
-    or a shorter sequence (halved, down to 1/8); else 'cannot fit'."""
+    or a shorter sequence (halved, down to 1/8); else 'cannot fit'. Searches that cannot succeed are skipped:
+    where the parameters and gradients alone exceed the budget (:func:`states_floor`), neither lifting a
+    restriction, a shorter sequence nor that many more nodes help, so the answer comes as fast as a feasible one."""
     lines = []
     sized = [p for p in infeasible if p.memory is not None]
     if sized:
@@ -825,9 +896,16 @@ def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, inf
         lines.append(f"least memory: {least.label()}: {memory_breakdown(least)}")
     else:
         lines.append("no grid passes the divisibility rules; first reason: " + (infeasible[0].reason if infeasible else "-"))
+    budget = hardware.gpu_memory_gib - search.get("reserve_gib", DEFAULT_RESERVE_GIB)
+    here = _floor_reason(shape, cluster, budget)
+    if here is not None:
+        largest = Cluster(cluster.gpus_per_node, cluster.nodes * 8)
+        beyond = _floor_reason(shape, largest, budget)
+        if beyond is not None:
+            return lines + [f"cannot fit: {here}; with 8x the nodes: {beyond}"]
     # lift the user's restrictions one after another: recompute, then PP, the distributed optimizer, TP
     relaxed, lifted = dict(search), []
-    for name, key, value in (("--recompute auto", "recomputes", RECOMPUTE_CHOICES), ("--pp auto", "pp_choices", None),
+    for name, key, value in () if here is not None else (("--recompute auto", "recomputes", RECOMPUTE_CHOICES), ("--pp auto", "pp_choices", None),
                              ("--distributed-optimizer auto", "distributed_optimizers", (True, False)),
                              ("--tp auto", "tp_choices", _divisors(cluster.gpus_per_node))):
         if key in relaxed and relaxed[key] != value and tuple(relaxed[key] or ()) != tuple(value or ()):
@@ -840,12 +918,14 @@ def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, inf
     search = relaxed
     for factor in (2, 4, 8):
         bigger = Cluster(cluster.gpus_per_node, cluster.nodes * factor)
+        if _floor_reason(shape, bigger, budget) is not None:
+            continue
         ranked, _ = plan_job(shape, bigger, hardware, **search)
         if ranked:
             lines.append(f"fits with {bigger.nodes} nodes ({bigger.world} GPUs): {ranked[0].label()}, "
                          f"{ranked[0].memory_gib:.1f} GiB, {ranked[0].iteration_s:.2f} s/iteration")
             break
-    for factor in (2, 4, 8):
+    for factor in (2, 4, 8) if here is None else ():  # a shorter sequence leaves the parameters as they are
         shorter = replace(shape, seq_len=shape.seq_len // factor)
         ranked, _ = plan_job(shorter, cluster, hardware, **search)
         if ranked:
@@ -876,8 +956,10 @@ def _job_flags(shape: ModelShape, p: JobPrediction, trainer: bool) -> list[str]:
         recompute = (f"--recompute-granularity full --recompute-method {j.recompute_method} "
                      f"--recompute-num-layers {j.recompute_num_layers}")
     chunk_layers = (shape.num_layers or 1) // (j.pp * j.virtual_stages)
+    uneven = "" if j.first_stage_layers is None else (f"--decoder-first-pipeline-num-layers {j.first_stage_layers} "
+                                                      f"--decoder-last-pipeline-num-layers {j.last_stage_layers}")
     return [f"--tensor-model-parallel-size {c.tp}" + (" --sequence-parallel" if c.tp > 1 else ""),
-            f"--pipeline-model-parallel-size {j.pp}",
+            f"--pipeline-model-parallel-size {j.pp}", uneven,
             "" if j.virtual_stages == 1 else f"--num-layers-per-virtual-pipeline-stage {chunk_layers}",
             c.usp_flags(),
             recompute,
@@ -1311,8 +1393,8 @@ def check_plan_args(parser: argparse.ArgumentParser, args: argparse.Namespace, h
     if isinstance(args.tp, int) and gpus_per_node % args.tp:
         parser.error(f"--tp {args.tp} must divide --gpus-per-node {gpus_per_node} (tensor parallelism stays inside "
                      "a node)")
-    if isinstance(args.pp, int) and args.num_layers is not None and args.num_layers % args.pp:
-        parser.error(f"--pp {args.pp} must divide --num-layers {args.num_layers}")
+    if isinstance(args.pp, int) and args.num_layers is not None and args.pp > args.num_layers:
+        parser.error(f"--pp {args.pp} exceeds --num-layers {args.num_layers} (every stage needs a layer)")
     for flag, value in (("--reserve-gib", args.reserve_gib), ("--other-memory-gib", args.other_memory_gib)):
         if value is not None and value >= memory:
             parser.error(f"{flag} {value:g} leaves nothing of the {memory:g} GiB per GPU (--gpu {args.gpu} / "
