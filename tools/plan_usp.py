@@ -1034,7 +1034,7 @@ def format_table(predictions: Sequence[Prediction], top: Optional[int] = None) -
     lines = [header, "-" * len(header)]
     for index, p in enumerate(predictions[:top] if top else predictions, 1):
         c = p.config
-        impl = c.ring_impl + ("*" if not c.ulysses_inner else "")
+        impl = c.ring_impl + (f"/{c.micro_q}" if c.micro_q else "") + ("*" if not c.ulysses_inner else "")
         links = []
         if c.ulysses > 1:
             links.append(f"a2a {p.a2a_link}")
@@ -1108,7 +1108,9 @@ def format_infeasible(infeasible: Sequence[Prediction], limit: int = 20) -> list
     grouped: dict[tuple, list[str]] = {}
     for p in infeasible:
         key = (p.config.tp, p.config.ulysses, p.config.ring, p.config.ulysses_inner, p.reason)
-        grouped.setdefault(key, []).append(p.config.ring_impl)
+        impl = p.config.ring_impl + (f"/{p.config.micro_q}" if p.config.micro_q else "")
+        if impl not in grouped.setdefault(key, []):
+            grouped[key].append(impl)
     lines = []
     for (tp, u, r, inner, reason), impls in grouped.items():
         order = "" if inner else " ring-inner"
