@@ -28,8 +28,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_data import ByteCorpus, GPTSamples, IndexedTokens  # noqa: E402
 
-from megatron_usp.job_cost import uneven_stages_reason  # noqa: E402
 from megatron_usp.flags import adam_beta, nonnegative_float, nonnegative_int, positive_float, positive_int  # noqa: E402
+from megatron_usp.job_cost import uneven_stages_reason  # noqa: E402
 from megatron_usp.megatron import (  # noqa: E402
     add_usp_args,
     destroy_model_parallel,

@@ -35,7 +35,6 @@ nonnegative_int = _bounded(int, "an integer >= 0", lambda value: value >= 0)
 positive_float = _bounded(float, "a positive finite number", lambda value: value > 0)
 nonnegative_float = _bounded(float, "a finite number >= 0", lambda value: value >= 0)
 adam_beta = _bounded(float, "a number in [0, 1)", lambda value: 0 <= value < 1)
-finite_float = _bounded(float, "a finite number", lambda value: True)
 
 
 def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:

@@ -37,13 +37,22 @@ def test_flags_are_an_extra_args_provider():
         add_usp_args(argparse.ArgumentParser()).parse_args(["--usp-ring-impl", "spiral"])
 
 
+@pytest.mark.parametrize("argv", [["--ulysses-degree", "0"], ["--ring-degree", "-2"], ["--usp-micro-q", "0"],
+                                  ["--usp-check", "-1"], ["--ulysses-degree", "x"]])
+def test_numeric_usp_flags_are_refused_by_the_parser(argv, capsys):
+    """Megatron-LM's parser gets the same checked types (extra_args_provider): exit 2 naming the flag."""
+    with pytest.raises(SystemExit):
+        add_usp_args(argparse.ArgumentParser()).parse_args(argv)
+    assert f"argument {argv[0]}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,defaults,message",
     [
         (["--ulysses-degree", "2", "--ring-degree", "2"], dict(context_parallel_size=2), "drop --context-parallel-size"),
         (["--ulysses-degree", "2"], dict(cp_comm_type=["a2a+p2p"]), "drop --cp-comm-type"),
         (["--ring-degree", "2"], dict(hierarchical_context_parallel_sizes=[2, 1]), "hierarchical"),
-        (["--ulysses-degree", "0"], {}, ">= 1"),
+        ([], dict(ulysses_degree=0), ">= 1"),  # set by a program: the flag itself refuses 0 (argparse)
         (["--ring-degree", "3"], dict(world_size=8), "not divisible by TP"),
         (["--ulysses-degree", "2"], dict(num_attention_heads=6, num_query_groups=6, tensor_model_parallel_size=2, world_size=4),
          "not divisible by ulysses_degree"),
@@ -54,7 +63,7 @@ def test_flags_are_an_extra_args_provider():
         (["--ring-degree", "2", "--usp-ring-impl", "stripe"], dict(seq_length=4097), "multiple of ulysses_degree x ring_degree = 2"),
         (["--ring-degree", "2"], dict(attention_backend="local"), "--attention-backend auto"),
         (["--ring-degree", "2", "--usp-micro-q", "64"], {}, "--usp-ring-impl mqsp"),
-        (["--ring-degree", "2", "--usp-ring-impl", "mqsp", "--usp-micro-q", "0"], {}, "positive"),
+        (["--ring-degree", "2", "--usp-ring-impl", "mqsp"], dict(usp_micro_q=0), "positive"),
     ],
 )
 def test_every_rejection_names_the_fix(argv, defaults, message):

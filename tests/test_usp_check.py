@@ -60,5 +60,9 @@ def test_usp_check_flag_parses_and_validates():
     assert parser.parse_args([]).usp_check is None
     assert parser.parse_args(["--usp-check"]).usp_check == 0
     assert parser.parse_args(["--usp-check", "100"]).usp_check == 100
+    with pytest.raises(SystemExit):  # the flag's own type (megatron_usp.flags)
+        parser.parse_args(["--usp-check", "-1"])
+    args = parser.parse_args([])
+    args.usp_check = -1  # set by a program: validate_usp_args still refuses it
     with pytest.raises(ValueError, match="--usp-check -1"):
-        validate_usp_args(parser.parse_args(["--usp-check", "-1"]))
+        validate_usp_args(args)

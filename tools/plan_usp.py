@@ -1355,7 +1355,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas beside each TP x SP block")
     grid.add_argument("--order", choices=("ulysses-inner", "ring-inner", "both"), default="ulysses-inner",
                       help="which group gets adjacent ranks")
-    grid.add_argument("--ring-impls", type=comma_list(one_of(RING_IMPLS)), default=list(RING_IMPLS), help="comma-separated ring impls to consider")
+    grid.add_argument("--ring-impls", type=comma_list(one_of(RING_IMPLS)), default=list(RING_IMPLS),
+                      help="comma-separated ring impls to consider")
     grid.add_argument("--micro-q", type=comma_list(none_or(positive_int)), default=[None, 8192],
                       help="mqsp: comma-separated query rows per micro-chunk to consider ('none': all rows at once)")
     hw = parser.add_argument_group("hardware (a preset, any field overridable)")
