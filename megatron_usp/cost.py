@@ -39,7 +39,7 @@ def analytic_bytes_per_rank(
     ring_impl: str,
 ) -> dict[str, int]:
     """Bytes one rank sends in one forward + backward, per collective kind (keys as ``TrafficCounter``)."""
-    check_ring_impl(ring_impl)
+    transport = check_ring_impl(ring_impl).transport
     check_head_counts(heads, kv_heads, ulysses_degree)
     element = torch.empty((), dtype=dtype).element_size()
     acc_element = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
@@ -55,7 +55,7 @@ def analytic_bytes_per_rank(
         ring_tokens, ring_kv_heads = seq_len // r, kv_eff // u
         kv_block = 2 * batch * ring_tokens * ring_kv_heads * head_dim * element
         dkv_block = 2 * batch * ring_tokens * ring_kv_heads * head_dim * acc_element
-        if ring_impl == "allgather":
+        if transport == "allgather":
             result["all_gather"] = 2 * (r - 1) * kv_block  # forward, and again in backward
             result["reduce_scatter"] = (r - 1) * dkv_block
         else:

@@ -26,33 +26,71 @@ empty. A rank's tokens are in position order.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 CuSeqlens = Union[torch.Tensor, Sequence[int]]
 
-RING_IMPLS = ("basic", "zigzag", "stripe", "allgather", "mqsp")
-RING_SCHEDULE_IMPLS = ("basic", "zigzag", "stripe", "allgather")  # pass K/V (ring.py); mqsp passes Q (mqsp.py)
-ZIGZAG_LAYOUT_IMPLS = ("zigzag", "allgather", "mqsp")
+
+@dataclass(frozen=True)
+class RingImpl:
+    """One row of the ring_impl table: how a ring_impl lays tokens out and moves them.
+
+    ``layout``: ``contiguous`` (P chunks of the row, CP rank i holds chunk i), ``zigzag`` (2P chunks, CP rank i holds
+    chunks i and 2P-1-i) or ``stripe`` (ring rank j holds the tokens t = j mod r). ``transport``: ``pass_kv`` (K/V
+    travel the ring, :mod:`.ring`), ``allgather`` (K/V halves all-gathered once, :mod:`.ring`) or ``pass_q`` (queries
+    travel, K/V stay, :mod:`.mqsp`). With packed documents every layout but ``contiguous`` cuts each document as
+    zigzag does the row. Which blocks a pass-K/V step computes follows from the layout (``ring.BLOCK_RULES``)."""
+
+    name: str
+    layout: str
+    transport: str
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Chunks of the row (or of each document) a CP rank holds: 2 for zigzag, else 1."""
+        return 2 if self.layout == "zigzag" else 1
+
+    def granularity(self, sp_size: int) -> int:
+        """What the row length must be a multiple of on ``sp_size`` ranks."""
+        return self.chunks_per_rank * sp_size
+
+    def document_parts(self, sp_size: int) -> int:
+        """Chunks every document is cut into with ``cu_seqlens``."""
+        return sp_size if self.layout == "contiguous" else 2 * sp_size
 
 
-def check_ring_impl(ring_impl: str) -> None:
-    if not isinstance(ring_impl, str) or ring_impl not in RING_IMPLS:
+RING_IMPL_TABLE = {impl.name: impl for impl in (
+    RingImpl("basic", "contiguous", "pass_kv"),
+    RingImpl("zigzag", "zigzag", "pass_kv"),
+    RingImpl("stripe", "stripe", "pass_kv"),
+    RingImpl("allgather", "zigzag", "allgather"),
+    RingImpl("mqsp", "zigzag", "pass_q"),
+)}
+RING_IMPLS = tuple(RING_IMPL_TABLE)
+RING_SCHEDULE_IMPLS = tuple(name for name, impl in RING_IMPL_TABLE.items() if impl.transport != "pass_q")
+ZIGZAG_LAYOUT_IMPLS = tuple(name for name, impl in RING_IMPL_TABLE.items() if impl.layout == "zigzag")
+
+
+def check_ring_impl(ring_impl: str) -> RingImpl:
+    """The table row of ``ring_impl`` (ValueError naming the choices for an unknown name)."""
+    if not isinstance(ring_impl, str) or ring_impl not in RING_IMPL_TABLE:
         raise ValueError(f"unknown ring_impl {ring_impl!r}: choose one of {', '.join(RING_IMPLS)}")
+    return RING_IMPL_TABLE[ring_impl]
 
 
 def layout_granularity(ulysses_degree: int, ring_degree: int, ring_impl: str) -> int:
     """The number the full sequence length must be divisible by for ``ring_impl`` on a u x r grid."""
-    check_ring_impl(ring_impl)
-    sp_size = ulysses_degree * ring_degree
-    return 2 * sp_size if ring_impl in ZIGZAG_LAYOUT_IMPLS else sp_size
+    return check_ring_impl(ring_impl).granularity(ulysses_degree * ring_degree)
 
 
 def check_seq_len(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str) -> None:
     granularity = layout_granularity(ulysses_degree, ring_degree, ring_impl)
     if seq_len <= 0 or seq_len % granularity != 0:
-        chunks = "2 x ulysses_degree x ring_degree" if ring_impl in ZIGZAG_LAYOUT_IMPLS else "ulysses_degree x ring_degree"
+        chunks = "2 x ulysses_degree x ring_degree" if granularity > ulysses_degree * ring_degree \
+            else "ulysses_degree x ring_degree"
         lower = (seq_len // granularity) * granularity
         raise ValueError(
             f"sequence length {seq_len} cannot be split for ring_impl={ring_impl!r} with ulysses_degree="
@@ -99,7 +137,7 @@ def _short(offsets: Sequence[int]) -> str:
 
 def document_parts(ring_impl: str, sp_size: int) -> int:
     """How many chunks each document is cut into with ``cu_seqlens``."""
-    return sp_size if ring_impl == "basic" else 2 * sp_size
+    return check_ring_impl(ring_impl).document_parts(sp_size)
 
 
 def document_chunk_bounds(offsets: Sequence[int], parts: int) -> torch.Tensor:
@@ -147,10 +185,11 @@ def global_positions(
     cp_rank = ring_rank * ulysses_degree + ulysses_rank
     if cu_seqlens is not None:
         return _document_positions(check_cu_seqlens(cu_seqlens, seq_len), sp_size, cp_rank, ring_impl)
-    if ring_impl == "basic":
+    layout = RING_IMPL_TABLE[ring_impl].layout
+    if layout == "contiguous":
         chunk = seq_len // sp_size
         return torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
-    if ring_impl in ZIGZAG_LAYOUT_IMPLS:
+    if layout == "zigzag":
         chunk = seq_len // (2 * sp_size)
         mirror = 2 * sp_size - 1 - cp_rank
         return torch.cat(

@@ -41,7 +41,7 @@ class MQSPPlan:
                  micro_q: Optional[int], cu_seqlens: Optional[tuple[int, ...]] = None):
         grid = (seq_len, ulysses_degree, ring_degree)
         self.ring_degree = ring_degree
-        self.positions = [ring_positions(*grid, rank, "mqsp", cu_seqlens=cu_seqlens) for rank in range(ring_degree)]
+        self.positions = tuple(ring_positions(*grid, rank, "mqsp", cu_seqlens=cu_seqlens) for rank in range(ring_degree))
         self.kv_positions = self.positions[ring_rank]
         n = len(self.kv_positions)
         self.micro_q = min(micro_q or n, n)

@@ -24,7 +24,7 @@ from .groups import USPGroups
 from .caching import cached_plain_property
 from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
-from .layout import RING_SCHEDULE_IMPLS, ring_positions
+from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
 from .masks import BlockMasker
 from .merge import merge_sink, nan_query_rows, sink_gradient
 
@@ -41,48 +41,56 @@ class Step:
         return group_blocks(self.blocks)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RingSchedule:
+    """The steps one ring rank runs, and the ring-level positions of every ring rank's rows (sorted,
+    ``layout.ring_positions``): what the K/V rows of each step are."""
+
     ring_impl: str
     transport: str  # "pass_kv" or "allgather"
     steps: tuple[Step, ...]
-    seq_len: int
-    ulysses_degree: int
-    ring_degree: int
-    cu_seqlens: Optional[tuple[int, ...]] = None  # packed documents: the document layout of layout.py
+    positions: tuple[torch.Tensor, ...]
 
     def kv_positions(self, step: Step) -> torch.Tensor:
         """Global positions of the K/V rows ``step`` sees (what its blocks' kv ranges index)."""
-        return step_kv_positions(self.seq_len, self.ulysses_degree, self.ring_degree, self.ring_impl, step,
-                                 self.cu_seqlens)
+        if step.gathered_half is None:
+            return self.positions[step.kv_rank]
+        half = len(self.positions[0]) // 2
+        rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
+        return torch.cat([held[rows] for held in self.positions])
 
 
-def step_kv_positions(seq_len: int, ulysses_degree: int, ring_degree: int, ring_impl: str, step: Step,
-                      cu_seqlens: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    grid = (seq_len, ulysses_degree, ring_degree)
-    if step.gathered_half is None:
-        return ring_positions(*grid, step.kv_rank, ring_impl, cu_seqlens=cu_seqlens)
-    half = seq_len // ring_degree // 2
-    rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
-    return torch.cat([ring_positions(*grid, k, ring_impl, cu_seqlens=cu_seqlens)[rows] for k in range(ring_degree)])
+def _contiguous_blocks(rank: int, kv_rank: int, n: int) -> tuple[Block, ...]:
+    """Chunk j sees all of every earlier chunk, nothing of later ones."""
+    return (Block(0, n, 0, n, False),) if kv_rank < rank else ()
 
 
-def _pass_kv_blocks(ring_impl: str, rank: int, kv_rank: int, n: int, causal: bool) -> tuple[Block, ...]:
-    if not causal:
-        return (Block(0, n, 0, n, False),)
+def _zigzag_blocks(rank: int, kv_rank: int, n: int) -> tuple[Block, ...]:
+    """Chunks j and 2r-1-j against chunks k and 2r-1-k: a lower kv rank's lower chunk is visible to both q chunks;
+    a higher kv rank is visible (all of it) to the upper q chunk only."""
     half = n // 2
-    if kv_rank == rank:
-        return (Block(0, n, 0, n, True),)  # for zigzag too: chunk 2r-1-j sees all of chunk j
-    if ring_impl == "basic":
-        return (Block(0, n, 0, n, False),) if kv_rank < rank else ()
-    if ring_impl == "zigzag":
-        if kv_rank < rank:
-            return (Block(0, n, 0, half, False),)  # both q chunks see the lower kv chunk only
-        return (Block(half, n, 0, n, False),)  # only the upper q chunk sees anything, and it sees all
-    # stripe: q token i*r+j sees kv token m*r+k iff m <= i (k < j) or m < i (k > j)
+    if kv_rank < rank:
+        return (Block(0, n, 0, half, False),)
+    return (Block(half, n, 0, n, False),)
+
+
+def _stripe_blocks(rank: int, kv_rank: int, n: int) -> tuple[Block, ...]:
+    """q token i*r+j sees kv token m*r+k iff m <= i (k < j) or m < i (k > j)."""
     if kv_rank < rank:
         return (Block(0, n, 0, n, True),)
     return (Block(1, n, 0, n - 1, True),) if n > 1 else ()
+
+
+# the causal blocks of a pass-K/V step between two different ring ranks, per layout (layout.RING_IMPL_TABLE)
+BLOCK_RULES = {"contiguous": _contiguous_blocks, "zigzag": _zigzag_blocks, "stripe": _stripe_blocks}
+
+
+def _pass_kv_blocks(layout: str, rank: int, kv_rank: int, n: int, causal: bool) -> tuple[Block, ...]:
+    if not causal:
+        return (Block(0, n, 0, n, False),)
+    if kv_rank == rank:
+        return (Block(0, n, 0, n, True),)  # for zigzag too: chunk 2r-1-j sees all of chunk j
+    return BLOCK_RULES[layout](rank, kv_rank, n)
 
 
 def _allgather_steps(ring_degree: int, rank: int, n: int, causal: bool) -> tuple[Step, ...]:
@@ -107,40 +115,27 @@ def build_schedule(
 ) -> RingSchedule:
     """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid. With
     ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout."""
-    if ring_impl not in RING_SCHEDULE_IMPLS:  # usp_attn checked the name; this catches mqsp (and stray names)
+    impl = check_ring_impl(ring_impl)
+    if impl.transport not in ("pass_kv", "allgather"):  # usp_attn checked the name; this catches mqsp
         raise ValueError(f"ring_impl {ring_impl!r} has no ring schedule: choose one of {', '.join(RING_SCHEDULE_IMPLS)} "
                          "(mqsp passes Q: megatron_usp.mqsp)")
     n = seq_len // ring_degree
-    allgather = ring_impl == "allgather" and ring_degree > 1
-    if cu_seqlens is not None:
-        return _document_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens,
-                                  allgather)
-    if allgather:
-        return RingSchedule(ring_impl, "allgather", _allgather_steps(ring_degree, ring_rank, n, causal), seq_len,
-                            ulysses_degree, ring_degree)
-    impl = "zigzag" if ring_impl == "allgather" else ring_impl  # r = 1: the local block of any impl
-    steps = tuple(
-        Step(kv_rank, _pass_kv_blocks(impl, ring_rank, kv_rank, n, causal))
-        for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree))
-    )
-    return RingSchedule(ring_impl, "pass_kv", steps, seq_len, ulysses_degree, ring_degree)
-
-
-def _document_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens, allgather):
-    """Same transports as without documents; each step's blocks are the visible pieces of its positions."""
-    grid = (seq_len, ulysses_degree, ring_degree)
-    q_positions = ring_positions(*grid, ring_rank, ring_impl, cu_seqlens=cu_seqlens)
-    if allgather:
-        shells = [Step(None, (), half) for half in (0, 1)]
+    transport = impl.transport if ring_degree > 1 else "pass_kv"  # r = 1: the local block of any impl
+    positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl, cu_seqlens=cu_seqlens)
+                      for rank in range(ring_degree))
+    if transport == "allgather":
+        shells = _allgather_steps(ring_degree, ring_rank, n, causal)
     else:
-        shells = [Step((ring_rank - s) % ring_degree, ()) for s in range(ring_degree)]
-    steps = []
-    for shell in shells:
-        kv_positions = step_kv_positions(*grid, ring_impl, shell, cu_seqlens)
-        blocks = tuple(position_blocks(q_positions, kv_positions, causal, cu_seqlens))
-        steps.append(Step(shell.kv_rank, blocks, shell.gathered_half))
-    return RingSchedule(ring_impl, "allgather" if allgather else "pass_kv", tuple(steps), seq_len, ulysses_degree,
-                        ring_degree, cu_seqlens)
+        shells = tuple(Step(kv_rank, _pass_kv_blocks(impl.layout, ring_rank, kv_rank, n, causal))
+                       for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree)))
+    schedule = RingSchedule(ring_impl, transport, shells, positions)
+    if cu_seqlens is None:
+        return schedule
+    # documents: the same transports; each step's blocks are the visible pieces of its positions
+    steps = tuple(Step(shell.kv_rank, tuple(position_blocks(positions[ring_rank], schedule.kv_positions(shell), causal,
+                                                            cu_seqlens)), shell.gathered_half)
+                  for shell in shells)
+    return RingSchedule(ring_impl, transport, steps, positions)
 
 
 def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:

@@ -14,8 +14,9 @@ from .cost import block_pairs
 from .kernels import AttentionKernel
 from .layout import check_cu_seqlens
 from .masks import AttentionMask
-from .mqsp import MQSPPlan, mqsp_backward, mqsp_forward
-from .ring import build_schedule, ring_backward, ring_forward
+from .mqsp import mqsp_backward, mqsp_forward
+from .plan import AttentionPlan, attention_plan
+from .ring import ring_backward, ring_forward
 from .ulysses import check_head_counts, kv_replication
 
 
@@ -73,6 +74,11 @@ class RankProblem:
         if self.cu_seqlens is not None:  # validated once, kept as a tuple of ints (hashable, cacheable)
             object.__setattr__(self, "cu_seqlens", check_cu_seqlens(self.cu_seqlens, self.seq_len))
 
+    def plan(self, ring_rank: int) -> AttentionPlan:
+        """What ring rank ``ring_rank`` runs (:func:`megatron_usp.plan.attention_plan`)."""
+        return attention_plan(self.seq_len, self.ulysses_degree, self.ring_degree, ring_rank, self.ring_impl,
+                              self.causal, self.micro_q, self.cu_seqlens)
+
 
 def _inputs(batch, tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -96,20 +102,19 @@ def rank_step(problem: RankProblem, ring_rank: int, kernel: AttentionKernel, dty
                             dtype, device)
     ring_comm = LoopbackRingComm(r)
     scale = problem.head_dim ** -0.5
-    if problem.ring_impl == "mqsp":
-        plan = MQSPPlan(problem.seq_len, u, r, ring_rank, problem.causal, problem.micro_q, problem.cu_seqlens)
+    plan = problem.plan(ring_rank)
+    if plan.mqsp is not None:
         def step() -> None:
-            out, lse = mqsp_forward(q, k, v, plan, ring_comm, kernel, scale, AttentionMask(), None)
-            mqsp_backward(dout, q, k, v, out.to(dtype), lse, plan, ring_comm, kernel, scale, AttentionMask(), None)
+            out, lse = mqsp_forward(q, k, v, plan.mqsp, ring_comm, kernel, scale, AttentionMask(), None)
+            mqsp_backward(dout, q, k, v, out.to(dtype), lse, plan.mqsp, ring_comm, kernel, scale, AttentionMask(),
+                          None)
 
         step.input_bytes = _nbytes(q, k, v, dout)
         return step
-    schedule = build_schedule(problem.ring_impl, problem.seq_len, u, r, ring_rank, problem.causal,
-                              problem.cu_seqlens)
 
     def step() -> None:
-        out, lse = ring_forward(q, k, v, schedule, ring_comm, kernel, scale)
-        ring_backward(dout, q, k, v, out.to(dtype), lse, schedule, ring_comm, kernel, scale)
+        out, lse = ring_forward(q, k, v, plan.schedule, ring_comm, kernel, scale)
+        ring_backward(dout, q, k, v, out.to(dtype), lse, plan.schedule, ring_comm, kernel, scale)
 
     step.input_bytes = _nbytes(q, k, v, dout)
     return step
@@ -138,7 +143,5 @@ def monolithic_step(problem: RankProblem, kernel: AttentionKernel, dtype: torch.
 def attention_pairs(problem: RankProblem, ring_rank: int) -> int:
     """(query, key) pairs ring rank ``ring_rank`` computes per head: its share of the attention work (pass-K/V
     and allgather schedules; with documents, the visible pieces only)."""
-    schedule = build_schedule(problem.ring_impl, problem.seq_len, problem.ulysses_degree, problem.ring_degree,
-                              ring_rank, problem.causal, problem.cu_seqlens)
     return sum(block_pairs(block.q_stop - block.q_start, block.kv_stop - block.kv_start, block.causal)
-               for step in schedule.steps for block in step.blocks)
+               for step in problem.plan(ring_rank).schedule.steps for block in step.blocks)

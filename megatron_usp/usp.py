@@ -13,15 +13,15 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .caching import layout_cache
 from .groups import USPGroups
 from .kernels import check_backend_name, resolve_kernel
 from .kernels._adapt import varlen_plan
-from .layout import CuSeqlens, check_cu_seqlens, check_ring_impl, check_seq_len, gathered_order, ring_positions
+from .layout import RING_IMPL_TABLE, CuSeqlens, check_cu_seqlens, check_ring_impl, check_seq_len
 from .comm import RingComm, grid_all_gather_ints, grid_all_gather_objects
 from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
-from .mqsp import MQSPPlan, check_micro_q, mqsp_attention
-from .ring import build_schedule, ring_attention
+from .mqsp import check_micro_q, mqsp_attention
+from .plan import attention_plan
+from .ring import ring_attention
 from .ulysses import check_head_counts, heads_to_seq, replicate_kv_heads, seq_to_heads
 
 
@@ -215,8 +215,10 @@ def attend(
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     q, k, v = (_pad_head_dim(x, width) for x in (q, k, v))  # zero columns: same logits, zero output columns
     seq_len = q.shape[1] * groups.sp_size
-    grid = (seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl)
-    order = _cached_order(*grid, q.device, cu_seqlens)
+    pass_q = RING_IMPL_TABLE[ring_impl].transport == "pass_q"  # micro_q only shapes pass-Q plans
+    plan = attention_plan(seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl, causal,
+                          micro_q if pass_q else None, cu_seqlens)
+    order = plan.order_on(q.device)
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
     q, k, v = seq_to_heads((q, k, v), groups, order)
@@ -226,15 +228,12 @@ def attend(
     local_offset = None if softmax_offset is None else softmax_offset.narrow(
         0, groups.ulysses_rank * q.shape[2], q.shape[2])
     max_logit = torch.full((q.shape[2],), float("-inf"), device=q.device) if return_max_logit else None
-    if ring_impl == "mqsp":
-        plan = _cached_mqsp_plan(*grid[:4], causal, micro_q, cu_seqlens)
-        out = mqsp_attention(q, k, v, plan, RingComm(groups), kernel, scale, mask, heads, local_offset, max_logit)
+    if plan.mqsp is not None:
+        out = mqsp_attention(q, k, v, plan.mqsp, RingComm(groups), kernel, scale, mask, heads, local_offset,
+                             max_logit)
     else:
-        masker = None
-        if mask.active:
-            masker = BlockMasker(mask, ring_positions(*grid, cu_seqlens=cu_seqlens), heads, q.shape[0], q.device)
-        out = ring_attention(q, k, v, _cached_schedule(*grid, causal, cu_seqlens), groups, kernel, scale, masker,
-                             local_offset, max_logit)
+        masker = BlockMasker(mask, plan.q_positions, heads, q.shape[0], q.device) if mask.active else None
+        out = ring_attention(q, k, v, plan.schedule, groups, kernel, scale, masker, local_offset, max_logit)
     out = heads_to_seq(out, groups, order)
     out = out if out.shape[3] == v_head_dim else out[..., :v_head_dim]
     return (out, _grid_max_logit(max_logit, groups)) if return_max_logit else out
@@ -256,24 +255,9 @@ def _pad_head_dim(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[3] == width else torch.nn.functional.pad(x, (0, width - x.shape[3]))
 
 
-@layout_cache
-def _cached_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, device, cu_seqlens) -> torch.Tensor:
-    return gathered_order(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens=cu_seqlens).to(device)
-
-
-@layout_cache
-def _cached_mqsp_plan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens) -> MQSPPlan:
-    return MQSPPlan(seq_len, ulysses_degree, ring_degree, ring_rank, causal, micro_q, cu_seqlens)
-
-
-@layout_cache
-def _cached_schedule(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, causal, cu_seqlens):
-    return build_schedule(ring_impl, seq_len, ulysses_degree, ring_degree, ring_rank, causal, cu_seqlens)
-
-
 def clear_caches() -> None:
     """Empty every layout, schedule and varlen cache of the engine (they refill on the next call)."""
-    for cache in (_cached_order, _cached_mqsp_plan, _cached_schedule, varlen_plan):
+    for cache in (attention_plan, varlen_plan):
         cache.cache_clear()
 
 
@@ -316,7 +300,7 @@ def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, mi
         "window": _acting_window(mask.window, causal),
         "document_ids": None if mask.document_ids is None else fingerprint(mask.document_ids),
         "mask_mod": None if mask.mask_mod is None else fingerprint(mask.mask_mod),
-        "micro_q": micro_q if ring_impl == "mqsp" and micro_q is not None and micro_q < rows else None,
+        "micro_q": micro_q if RING_IMPL_TABLE[ring_impl].transport == "pass_q" and micro_q is not None and micro_q < rows else None,
         "cu_seqlens": cu_seqlens,
         "softmax_offset": None if softmax_offset is None else fingerprint(softmax_offset),
         "return_max_logit": return_max_logit,

@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp.flags import nonnegative_int, positive_int  # noqa: E402
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
-from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len, ring_positions  # noqa: E402
-from megatron_usp.ring import build_schedule  # noqa: E402
+from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.plan import attention_plan  # noqa: E402
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
 from megatron_usp.cost import (analytic_bytes_per_rank, attention_flops, block_pairs, document_pairs,  # noqa: E402
                                 document_runs, run_pairs, step_synchronous_cost, visible_pairs)
@@ -170,7 +170,7 @@ def old_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[
     cu_tensor = torch.tensor(cu)
     result = []
     for j in range(r):
-        schedule = build_schedule(ring_impl, seq_len, u, r, j, True)
+        schedule = attention_plan(seq_len, u, r, j, ring_impl, True, None, None).schedule
         row = []
         for step in schedule.steps:
             work = 0
@@ -190,7 +190,7 @@ def old_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[
 def new_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...]) -> list[list[int]]:
     """``[j][s]``: pairs of the pieces the engine computes with ``cu_seqlens`` (document layout)."""
     return [[sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in step.blocks)
-             for step in build_schedule(ring_impl, seq_len, u, r, j, True, cu).steps] for j in range(r)]
+             for step in attention_plan(seq_len, u, r, j, ring_impl, True, None, cu).schedule.steps] for j in range(r)]
 
 
 def row_balance(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...]) -> dict:
@@ -199,7 +199,7 @@ def row_balance(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...
     total = document_pairs(cu)
     result = {"documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:]))}
     for name, layout_cu in (("old", None), ("new", cu)):
-        positions = [ring_positions(seq_len, u, r, j, ring_impl, cu_seqlens=layout_cu) for j in range(r)]
+        positions = attention_plan(seq_len, u, r, 0, ring_impl, True, None, layout_cu).positions
         runs = [document_runs(p, cu) for p in positions]
         visible = [[run_pairs(runs[j], runs[(j - s) % r]) for s in range(r)] for j in range(r)]
         if sum(map(sum, visible)) != total:

@@ -4,14 +4,14 @@
 The model, per transformer layer, forward + backward, on the slowest rank of one SP group:
 
 * attention compute: FLOPs of the pairs (query, key) each rank computes, taken from the ring schedules themselves
-  (``megatron_usp.ring.build_schedule``), so the causal load imbalance of each impl is exact;
+  (``megatron_usp.plan.attention_plan``), so the causal load imbalance of each impl is exact;
   forward 4·b·pairs·heads·d, backward 2.5x that; divided by the achieved kernel TFLOPS.
 * Ulysses all-to-all: 2 calls forward (q,k,v packed; out) and 2 backward (dout; dq,dk,dv packed); each rank
   sends (u-1)/u of its tensors, over NVLink to peers in its node and over IB to the others. Not overlapped.
 * ring (pass K/V): step s posts the next K/V block before computing, so a step takes max(compute, transfer);
   the backward moves K/V and the fp32 dK/dV together, and the last dK/dV hop home is exposed.
   ring (allgather): all-gather K/V forward and again backward, reduce-scatter fp32 dK/dV; nothing overlapped.
-  mqsp (pass Q): per micro-chunk, its blocks from ``MQSPPlan`` and its collectives (gather q; two all-reduces and
+  mqsp (pass Q): per micro-chunk, its blocks from the plan's ``MQSPPlan`` and its collectives (gather q; two all-reduces and
   a reduce-scatter forward; gather q, dout, out, lse and reduce-scatter dq backward), not overlapped.
   A machine whose transfers take the rank's own processor (``comm_overlaps_compute=False``) overlaps nothing.
 * Megatron TP with sequence parallelism: 4 all-gathers / reduce-scatters forward and 4 backward per layer.
@@ -52,8 +52,7 @@ from megatron_usp.job_cost import (  # noqa: E402
     layer_parameter_count, recompute_working_bytes, stage_layers, state_bytes,
 )
 from megatron_usp.layout import RING_IMPLS, check_seq_len  # noqa: E402
-from megatron_usp.mqsp import MQSPPlan  # noqa: E402
-from megatron_usp.ring import build_schedule  # noqa: E402
+from megatron_usp.plan import attention_plan  # noqa: E402
 from megatron_usp.ulysses import check_head_counts, kv_replication  # noqa: E402
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -220,7 +219,8 @@ def kernel_efficiency(block: BlockShape, half_efficiency_tokens: float) -> float
 @functools.lru_cache(maxsize=4096)
 def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
     """``blocks[step][ring_rank]``: the kernel calls of each rank at each step, from the library's ring schedules."""
-    schedules = [build_schedule(ring_impl, seq_len, ulysses, ring, rank, causal) for rank in range(ring)]
+    schedules = [attention_plan(seq_len, ulysses, ring, rank, ring_impl, causal, None, None).schedule
+                 for rank in range(ring)]
     if schedules[0].transport == "allgather":  # its steps are buffers, not synchronised ring steps: one step
         return (tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal)
                             for step in sched.steps for b in step.blocks) for sched in schedules),)
@@ -238,7 +238,7 @@ def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool,
                       micro_q: Optional[int]) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
     """``blocks[chunk][ring_rank]``: MQSP's kernel calls per micro-chunk (gathered queries x own K/V), from the
     library's plan; the chunk's collectives make the ranks wait for each other, like ring steps."""
-    plans = [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q) for rank in range(ring)]
+    plans = [attention_plan(seq_len, ulysses, ring, rank, "mqsp", causal, micro_q, None).mqsp for rank in range(ring)]
     return tuple(
         tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in plan.blocks[chunk])
               for plan in plans)
