@@ -30,10 +30,10 @@ demo: install
 	@mkdir -p $(DEMO_DIR)
 	@start=$$(date +%s) && \
 	echo "== baseline: no sequence parallelism, 1 rank ==" && \
-	$(TORCHRUN) --nproc-per-node 1 examples/pretrain_gpt_usp.py $(DEMO_ARGS) \
+	$(TORCHRUN) --nproc-per-node 1 -m megatron_usp.train $(DEMO_ARGS) \
 		--loss-csv $(DEMO_DIR)/loss_baseline.csv && \
 	echo "== USP: ulysses 2 x ring 2 (zigzag), 4 ranks ==" && \
-	$(TORCHRUN) --nproc-per-node 4 examples/pretrain_gpt_usp.py $(DEMO_ARGS) \
+	$(TORCHRUN) --nproc-per-node 4 -m megatron_usp.train $(DEMO_ARGS) \
 		--ulysses-degree 2 --ring-degree 2 --usp-ring-impl zigzag --loss-csv $(DEMO_DIR)/loss_usp.csv && \
 	$(PY) tools/loss_parity.py $(DEMO_DIR)/loss_baseline.csv $(DEMO_DIR)/loss_usp.csv --out $(DEMO_DIR) \
 		--max-diff 1e-3 && \

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_attention  # noqa: E402
 import plan_usp  # noqa: E402
-import pretrain_gpt_usp  # noqa: E402
 
-TOOLS = {"trainer": pretrain_gpt_usp.build_parser, "plan_usp": plan_usp.build_parser,
+from megatron_usp.train import args as trainer_args  # noqa: E402
+from megatron_usp.train import loop as trainer_loop  # noqa: E402
+
+TOOLS = {"trainer": trainer_args.build_parser, "plan_usp": plan_usp.build_parser,
          "bench_attention": bench_attention.build_parser}
 # the smallest command line each tool runs with, before the flag under test
 BASE_ARGV = {"trainer": [], "plan_usp": ["--heads", "8", "--seq-len", "8192"], "bench_attention": []}
@@ -113,18 +114,18 @@ TRAINER_PAIRS = [  # (world size, argv, words the message must contain)
 def test_trainer_flag_pairs_fail_before_any_process_group(monkeypatch):
     """configure() is what every rank runs first: a bad pair raises ValueError naming both flags; main() never
     reaches init_process_group with them."""
-    monkeypatch.setattr(pretrain_gpt_usp.dist, "init_process_group",
+    monkeypatch.setattr(trainer_loop.dist, "init_process_group",
                         lambda *a, **k: pytest.fail("init_process_group reached with bad flags"))
     for world_size, argv, words in TRAINER_PAIRS:
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
         with pytest.raises(ValueError) as error:
-            pretrain_gpt_usp.main(TRAINER_MODEL + argv)
+            trainer_loop.main(TRAINER_MODEL + argv)
         assert all(word in str(error.value) for word in words), (argv, str(error.value))
 
 
 def test_trainer_takes_one_spelling_of_virtual_stages(capsys):
     with pytest.raises(SystemExit):  # Megatron-LM's two spellings of the virtual stages: one at a time
-        pretrain_gpt_usp.parse_args(["--num-layers-per-virtual-pipeline-stage", "1",
+        trainer_args.parse_args(["--num-layers-per-virtual-pipeline-stage", "1",
                                      "--virtual-pipeline-model-parallel-size", "2"])
     assert "not allowed with argument" in capsys.readouterr().err
 
@@ -132,7 +133,7 @@ def test_trainer_takes_one_spelling_of_virtual_stages(capsys):
 def test_trainer_good_flags_pass_configure(monkeypatch):
     """The other side of the table: values that are valid (0 where it means something) are accepted."""
     monkeypatch.setenv("WORLD_SIZE", "4")
-    args, stream, _ = pretrain_gpt_usp.configure(TRAINER_MODEL + [
+    args, stream, _ = trainer_args.configure(TRAINER_MODEL + [
         "--tensor-model-parallel-size", "2", "--ulysses-degree", "2", "--clip-grad", "0", "--weight-decay", "0",
         "--seed", "0", "--lr-warmup-iters", "0", "--min-lr", "0", "--recompute-granularity", "full",
         "--usp-check", "0", "--corpus-bytes", "4096"])
@@ -147,7 +148,7 @@ def _run(argv: list[str], env: dict) -> subprocess.CompletedProcess:
 def test_trainer_command_line_error_has_no_traceback():
     """The issue's silent wrong training (item 1): TP=2, u=2, --vocab-size 100 on the byte corpus trained against
     zero embeddings and exited 0; now every rank stops before any process group with the reason."""
-    result = _run(["examples/pretrain_gpt_usp.py", *TRAINER_MODEL, "--tensor-model-parallel-size", "2",
+    result = _run(["-m", "megatron_usp.train", *TRAINER_MODEL, "--tensor-model-parallel-size", "2",
                    "--ulysses-degree", "2", "--vocab-size", "100", "--corpus-bytes", "65536"], {"WORLD_SIZE": "4"})
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "--vocab-size 100" in result.stderr and "256" in result.stderr, result.stderr[-2000:]

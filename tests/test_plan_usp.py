@@ -23,8 +23,10 @@ LLAMA8B = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=131072, nu
 
 
 def test_attention_flops():
-    assert plan.attention_flops(1, 1024, 8, 64, causal=False) == 4 * 1024**2 * 8 * 64 == 2_147_483_648
-    assert plan.attention_flops(2, 1024, 8, 64, causal=True) == 2_147_483_648
+    from megatron_usp.cost import attention_flops
+
+    assert attention_flops(1, 1024, 8, 64, causal=False) == 4 * 1024**2 * 8 * 64 == 2_147_483_648
+    assert attention_flops(2, 1024, 8, 64, causal=True) == 2_147_483_648
 
 
 def test_ulysses_a2a_bytes_hand_computed():
@@ -244,7 +246,7 @@ def test_whole_job_70b_256k_on_32_h100_gets_a_plan(capsys):
                  "--usp-ring-impl", "--recompute-granularity full", "--use-distributed-optimizer",
                  "--micro-batch-size 1", "--global-batch-size 32", "--seq-length 262144"):
         assert flag in megatron, flag
-    assert "trainer:     torchrun" in text and "examples/pretrain_gpt_usp.py" in text
+    assert "trainer:     torchrun" in text and "-m megatron_usp.train" in text
     assert "memory per GPU" in text and "recompute full: no job without recompute fits" in text
 
 
@@ -278,7 +280,7 @@ def test_whole_job_infeasible_says_the_smallest_change(capsys):
 
 
 def test_compare_job_evaluates_the_stored_whole_job_runs(capsys):
-    """docs/bench/job_cpu_4r.json: tools/bench_job.py, examples/pretrain_gpt_usp.py on 4 gloo ranks of this 2-core
+    """docs/bench/job_cpu_4r.json: tools/bench_job.py, the trainer on 4 gloo ranks of this 2-core
     CPU (10 configurations: u/r split, ring_impl, TP, PP, recompute, micro-batches). The planner evaluates each given
     configuration (predict_job, no search). No floor on the correlation (Spearman 0.66 with the measured cpu preset):
     4 ranks share 2 cores, which no per-rank model describes (docs/planner.md), so only the machinery is checked."""
@@ -430,7 +432,7 @@ def test_measure_hardware_fits_and_merges():
 
 
 def test_whole_job_ranking_on_one_rank_per_core():
-    """docs/bench/job_cpu_2r.json: tools/bench_job.py --world 2 --rounds 3 (examples/pretrain_gpt_usp.py, one rank
+    """docs/bench/job_cpu_2r.json: tools/bench_job.py --world 2 --rounds 3 (the trainer, one rank
     per core of this 2-core CPU, 14 configurations, medians of 3 interleaved rounds) with the machine measured
     between the rounds (docs/bench/hardware_cpu.json = the cpu preset). A regression guard on stored data, with the
     figures docs/planner.md reports: all 14 rank with Spearman 0.44 only, because on this machine a rank that waits
@@ -457,12 +459,11 @@ def test_whole_job_ranking_on_one_rank_per_core():
 
 def test_the_trainer_accepts_the_planned_command_line():
     """The winner's trainer command (SP with TP, SwiGLU, RMSNorm, no biases, virtual stages) passes
-    examples/pretrain_gpt_usp.py's own parsing and validation, and asks for the planned model and grid."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    the trainer's own parsing and validation, and asks for the planned model and grid."""
     import shlex
 
-    import pretrain_gpt_usp
     from megatron_usp.megatron import validate_usp_args
+    from megatron_usp.train import args as trainer_args
 
     shape = plan.ModelShape(heads=16, kv_heads=4, head_dim=64, hidden=1024, num_layers=8, seq_len=8192,
                             ffn_hidden=4096, vocab=32000)
@@ -471,10 +472,10 @@ def test_the_trainer_accepts_the_planned_command_line():
                               recomputes=("selective",), global_batch=8)
     best = ranked[0]
     argv = shlex.split(plan.trainer_command(shape, cluster, best))
-    args = pretrain_gpt_usp.parse_args(argv[argv.index("examples/pretrain_gpt_usp.py") + 1:])
+    args = trainer_args.parse_args(argv[argv.index("megatron_usp.train") + 1:])
     args.world_size = cluster.world
     validate_usp_args(args)
-    pretrain_gpt_usp.check_batch_args(args)  # also checks the virtual stages
+    trainer_args.check_batch_args(args)  # also checks the virtual stages
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
     assert args.sequence_parallel and args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
     assert args.num_layers_per_virtual_pipeline_stage == 2 and args.recompute_granularity == "selective"
@@ -510,13 +511,12 @@ def test_structurally_infeasible_job_answers_with_the_reason_quickly(capsys):
 
 def test_uneven_pipeline_stages_plan_a_faster_job():
     """126 layers on 64 GPUs: even stages allow PP 1 or 2 only (126 = 2 x 3^2 x 7), which needs CP or recompute to
-    fit; with Megatron-LM's --decoder-first/last-pipeline-num-layers PP 8 fits without them and is 14 % faster. The trainer
-    takes the plan's command."""
+    fit; with Megatron-LM's --decoder-first/last-pipeline-num-layers PP 8 fits without them and is 14 % faster.
+    The trainer takes the plan's command."""
     import shlex
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    import pretrain_gpt_usp
     from megatron_usp.megatron import validate_usp_args
+    from megatron_usp.train import args as trainer_args
 
     shape = plan.ModelShape(heads=64, kv_heads=8, head_dim=128, hidden=8192, num_layers=126, seq_len=8192,
                             ffn_hidden=28672, vocab=128256)
@@ -529,10 +529,10 @@ def test_uneven_pipeline_stages_plan_a_faster_job():
     assert "--decoder-first-pipeline-num-layers 15 --decoder-last-pipeline-num-layers 15" in \
         plan.megatron_lm_command(shape, cluster, best)
     argv = shlex.split(plan.trainer_command(shape, cluster, best))
-    args = pretrain_gpt_usp.parse_args(argv[argv.index("examples/pretrain_gpt_usp.py") + 1:])
+    args = trainer_args.parse_args(argv[argv.index("megatron_usp.train") + 1:])
     args.world_size = cluster.world
     validate_usp_args(args)
-    pretrain_gpt_usp.check_batch_args(args)
+    trainer_args.check_batch_args(args)
     assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (15, 15)
 
 

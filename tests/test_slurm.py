@@ -87,10 +87,11 @@ def dry_run_command(result):
 
 
 def torchrun_part(argv):
-    """(torchrun options, trainer script, trainer args) of a recorded or printed srun command line."""
+    """(torchrun options, trainer script or module, trainer args) of a recorded or printed srun command line (``-m``
+    is an option: the module after it is the trainer)."""
     i = argv.index("torchrun")
     rest = argv[i + 1:]
-    script = next(j for j, a in enumerate(rest) if not a.startswith("--"))
+    script = next(j for j, a in enumerate(rest) if not a.startswith("-"))
     return rest[:script], rest[script], rest[script + 1:]
 
 
@@ -121,9 +122,9 @@ def test_dry_run_prints_resolved_command(slurm, megatron_lm, script):
     assert argv[0] == "srun"
     assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1"} <= set(argv[:argv.index("bash")])
     options, trainer, args = torchrun_part(argv)
-    assert options == ["--nnodes=2", "--nproc-per-node=8", "--master-addr=node001", f"--master-port={PORT}"]
-    expected = REPO / "examples" / "pretrain_gpt_usp.py" if script == USP else megatron_lm / "pretrain_gpt.py"
-    assert trainer == str(expected)
+    launch = ["--nnodes=2", "--nproc-per-node=8", "--master-addr=node001", f"--master-port={PORT}"]
+    assert options == (launch + ["-m"] if script == USP else launch)
+    assert trainer == ("megatron_usp.train" if script == USP else str(megatron_lm / "pretrain_gpt.py"))
     assert flag(args, "--ulysses-degree") == "8" and flag(args, "--ring-degree") == "2"
     assert flag(args, "--tensor-model-parallel-size") == "1"
     assert flag(args, "--usp-ring-impl") == "zigzag"
@@ -206,9 +207,15 @@ def test_ulysses_across_nodes_warns(slurm):
     assert "ulysses all-to-all groups will span nodes" in result.stderr
 
 
-def test_usp_trainer_refuses_pipeline_parallelism(slurm):
-    result = slurm(USP, DRY_RUN="1", PP_SIZE="2", ULYSSES_DEGREE="4")
-    assert result.returncode != 0 and "no pipeline parallelism" in result.stderr
+@pytest.mark.parametrize("script", [USP, MLM])
+def test_pipeline_and_virtual_stages_reach_both_trainers(slurm, megatron_lm, script):
+    """The trainer runs PP and the interleaved schedule (tests/test_trainer.py): the launcher passes them on."""
+    result = slurm(script, DRY_RUN="1", PP_SIZE="2", ULYSSES_DEGREE="4", NUM_LAYERS_PER_VIRTUAL_STAGE="3",
+                   MEGATRON_LM_DIR=str(megatron_lm))
+    _, _, args = torchrun_part(dry_run_command(result))
+    assert flag(args, "--pipeline-model-parallel-size") == "2" and flag(args, "--ulysses-degree") == "4"
+    assert flag(args, "--num-layers-per-virtual-pipeline-stage") == "3"
+    assert args.count("--pipeline-model-parallel-size") == 1
 
 
 def test_long_node_list(slurm):

@@ -1,4 +1,4 @@
-"""examples/pretrain_gpt_usp.py end to end under torchrun (gloo, CPU), its data, and tools/loss_parity.py."""
+"""The trainer (python -m megatron_usp.train) end to end under torchrun (gloo, CPU), its data, and tools/loss_parity.py."""
 from __future__ import annotations
 
 import csv
@@ -12,22 +12,23 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINER = REPO / "examples" / "pretrain_gpt_usp.py"
-sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "tools"))
 
-import gpt_data  # noqa: E402
 import loss_parity  # noqa: E402
+
+from megatron_usp.train import data as gpt_data  # noqa: E402
 
 MODEL_ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
               "--num-query-groups", "2", "--seq-length", "48", "--micro-batch-size", "1", "--global-batch-size", "2",
               "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--corpus-bytes", "200000"]
 
 
-def torchrun(world_size: int, args: list[str], timeout: int = 240, script: Path = TRAINER, env: dict = None,
+def torchrun(world_size: int, args: list[str], timeout: int = 240, script: Path = None, env: dict = None,
              expect_failure: bool = False) -> str:
+    """The trainer (``-m megatron_usp.train``, or ``script``) on ``world_size`` gloo ranks."""
+    trainer = [str(script)] if script is not None else ["-m", "megatron_usp.train"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-               str(script), *MODEL_ARGS, *args]
+               *trainer, *MODEL_ARGS, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     failed = result.returncode != 0

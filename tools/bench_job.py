@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measure whole-job iteration times of examples/pretrain_gpt_usp.py for a set of parallel configurations, for the
+"""Measure whole-job iteration times of the trainer (python -m megatron_usp.train) for a set of parallel configurations, for the
 whole-job planner's ranking check (``tools/plan_usp.py --compare RECORD``, mode "job").
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench_job.py --world 2     # -> docs/bench/job_cpu_2r.json
@@ -77,7 +77,7 @@ def unpack(cfg: tuple) -> dict:
 
 def command(world: int, job: dict, global_batch: int, iters: int) -> list[str]:
     m = MODELS[world]
-    cmd = ["torchrun", "--standalone", f"--nproc-per-node={world}", "examples/pretrain_gpt_usp.py",
+    cmd = ["torchrun", "--standalone", f"--nproc-per-node={world}", "-m", "megatron_usp.train",
            "--num-layers", str(m["num_layers"]), "--hidden-size", str(m["hidden"]),
            "--ffn-hidden-size", str(m["ffn_hidden"]), "--num-attention-heads", str(m["heads"]),
            "--seq-length", str(m["seq_len"]), "--vocab-size", str(m["vocab"]),

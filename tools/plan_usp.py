@@ -44,7 +44,7 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_usp.cost import attention_flops, block_pairs  # noqa: E402
+from megatron_usp.cost import block_pairs  # noqa: E402
 from megatron_usp.flags import (  # noqa: E402
     auto_or, comma_list, none_or, nonnegative_float, one_of, positive_float, positive_int)
 from megatron_usp.job_cost import (  # noqa: E402
@@ -980,8 +980,8 @@ def megatron_lm_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -
 
 
 def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> str:
-    """examples/pretrain_gpt_usp.py with the same model and grid (it takes Megatron-LM's flags)."""
-    parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} examples/pretrain_gpt_usp.py",
+    """The trainer (``python -m megatron_usp.train``) with the same model and grid (it takes Megatron-LM's flags)."""
+    parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} -m megatron_usp.train",
              *_model_flags(shape), f"--seq-length {shape.seq_len} --vocab-size {shape.vocab}",
              "--untie-embeddings-and-output-weights --disable-bias-linear",
              ("--swiglu" if shape.gated_mlp else "") + (" --normalization RMSNorm" if shape.rmsnorm else ""),

@@ -126,6 +126,7 @@ usp_resolve_model() {
 usp_common_trainer_args() {
     USP_COMMON_ARGS=(
         --tensor-model-parallel-size "$TP_SIZE"
+        --pipeline-model-parallel-size "$PP_SIZE"
         --num-layers "$NUM_LAYERS"
         --hidden-size "$HIDDEN_SIZE"
         --num-attention-heads "$NUM_ATTENTION_HEADS"
@@ -152,6 +153,9 @@ usp_common_trainer_args() {
     fi
     if [[ -n "${DATA_PATH:-}" ]]; then
         USP_COMMON_ARGS+=(--data-path "$DATA_PATH")
+    fi
+    if [[ -n "${NUM_LAYERS_PER_VIRTUAL_STAGE:-}" ]]; then  # the interleaved 1F1B schedule (both trainers' flag)
+        USP_COMMON_ARGS+=(--num-layers-per-virtual-pipeline-stage "$NUM_LAYERS_PER_VIRTUAL_STAGE")
     fi
 }
 
@@ -185,7 +189,7 @@ usp_quote_command() {
     echo "${out[*]}"
 }
 
-# --- launch: usp_launch TRAINER_SCRIPT ARG... ----------------------------------------------------------------------
+# --- launch: usp_launch TRAINER_SCRIPT|-m MODULE ARG... ------------------------------------------------------------------
 # One srun task per node runs torchrun; torchrun's --node-rank is $SLURM_NODEID, which srun sets per node, so it is
 # expanded on each node by a small `bash -c` (torchrun is its $0, every other argument passes through untouched).
 usp_launch() {

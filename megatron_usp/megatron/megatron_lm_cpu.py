@@ -345,7 +345,7 @@ def _children_skip_the_script(original: Callable) -> Callable:
 CORE_STANDINS = ("cuda-to-cpu", "tensor-type-names", "torch.cuda-runtime", "cuda-rng-is-cpu-rng",
                  "no-kernel-compilation", "mla-without-te")
 """The stand-ins megatron-core alone needs (its DDP, optimizers, pipeline schedules, RNG tracker, checkpointing):
-what ``examples/pretrain_gpt_usp.py`` installs. The others concern Megatron-LM's ``megatron.training``."""
+what the trainer (``megatron_usp.train``) installs. The others concern Megatron-LM's ``megatron.training``."""
 
 
 def install(megatron_lm: bool = True) -> List[str]:

@@ -1,6 +1,6 @@
 """Loading megatron-core's distributed-optimizer checkpoints: five gaps of megatron-core 0.16, closed at class level
 by :func:`fix_distributed_optimizer_load` (idempotent, feature-detected). Not CPU stand-ins: a GPU run without TE /
-apex (torch's Adam is megatron-core's fallback then) or in fp32 has them too; ``examples/pretrain_gpt_usp.py`` and
+apex (torch's Adam is megatron-core's fallback then) or in fp32 has them too; the trainer (``megatron_usp.train``) and
 ``megatron_lm.install()`` (the patched Megatron-LM) apply it on every device. Over TE's or apex's FusedAdam the
 torch-Adam parts change nothing.
 

@@ -1,4 +1,4 @@
-"""Training data for ``pretrain_gpt_usp.py``: one flat token stream cut into ``seq_length + 1`` windows.
+"""The trainer's data: one flat token stream cut into ``seq_length + 1`` windows.
 
 Two sources: a Megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``, read with ``megatron.core.datasets``)
 or, with no ``--data-path``, the bytes of the Python standard library's source files (vocab 256; present on
@@ -7,12 +7,15 @@ parallel grid, so runs on different grids (and resumed runs) see the same tokens
 """
 from __future__ import annotations
 
+import argparse
 import sysconfig
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from ..megatron.batch import get_batch_on_this_usp_rank
 
 BYTE_VOCAB_SIZE = 256
 
@@ -116,3 +119,48 @@ class GPTSamples:
             "loss_mask": torch.ones(count, self.seq_length),
             "position_ids": torch.arange(self.seq_length).expand(count, -1).contiguous(),
         }
+
+
+def open_data(args: argparse.Namespace):
+    """The token stream of ``--data-path`` (or the byte corpus) and its samples, checked against the model before
+    any process group: every token id must be below ``--vocab-size`` (default: the data's own vocabulary)."""
+    stream = IndexedTokens(args.data_path) if args.data_path else ByteCorpus(args.corpus_bytes)
+    data_vocab = stream.vocab_size
+    if args.vocab_size is None:
+        args.vocab_size = data_vocab + (-data_vocab) % args.tensor_model_parallel_size
+    elif args.vocab_size < data_vocab:
+        raise ValueError(f"--vocab-size {args.vocab_size} is below the data's vocabulary ({stream.description}: token "
+                         f"ids up to {data_vocab - 1}); tokens >= {args.vocab_size} would have no embedding: raise "
+                         f"--vocab-size to at least {data_vocab} or drop it")
+    try:
+        samples = GPTSamples(stream, args.seq_length, args.seed)
+    except ValueError as error:
+        raise ValueError(f"{error} (--corpus-bytes / --data-path)") from None
+    return stream, samples
+
+
+class MicroBatches:
+    """The data iterator Megatron's schedules pull micro-batches from: this DP rank's share of each global batch,
+    every tensor sharded along the sequence for this USP rank (every pipeline stage reads the same ones)."""
+
+    def __init__(self, args, samples, device):
+        from megatron.core import parallel_state
+
+        self.args, self.samples, self.device = args, samples, device
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.iteration, self.micro = 0, 0
+
+    def start(self, iteration: int) -> "MicroBatches":
+        self.iteration, self.micro = iteration, 0
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        args = self.args
+        first = (self.iteration * args.global_batch_size
+                 + (self.micro * args.data_parallel_size + self.dp_rank) * args.micro_batch_size)
+        self.micro += 1
+        batch = get_batch_on_this_usp_rank(self.samples.batch(first, args.micro_batch_size))
+        return {key: value.to(self.device) for key, value in batch.items()}
