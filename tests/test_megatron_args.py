@@ -237,3 +237,56 @@ def test_held_qk_clip_still_checks_alpha_and_threshold(alpha, threshold, message
     with pytest.raises(ValueError, match=message):
         megatron_lm.hold_max_logit_flags(args, te_reports=False)
     assert args.qk_clip  # nothing cleared
+
+
+# --------------------------------------------------------------------------- the refusal table (issue 20 item 3)
+
+from megatron_usp.megatron.refusals import REFUSALS  # noqa: E402
+
+AUDIT = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "megatron_lm_audit.md"
+# what triggers each row, on top of u=2 x r=2 (a row added to refusals.py without a trigger here fails the test)
+TRIGGERS = {
+    "--context-parallel-size": dict(context_parallel_size=2),
+    "--cp-comm-type": dict(cp_comm_type=["a2a"]),
+    "--hierarchical-context-parallel-sizes": dict(hierarchical_context_parallel_sizes=[2, 2]),
+    "--hybrid-context-parallel": dict(hybrid_context_parallel=True),
+    "--use-legacy-models": dict(use_legacy_models=True),
+    "--attention-backend local": dict(attention_backend="local"),
+    "--reset-attention-mask / --sft / --dataloader-inter-document-masking with PP > 2 or virtual stages":
+        dict(reset_attention_mask=True, pipeline_model_parallel_size=4),
+    "--sft / --eod-mask-loss without --calculate-per-token-loss": dict(eod_mask_loss=True),
+    "--mtp-num-layers with a layout other than Megatron's zigzag":
+        dict(mtp_num_layers=1, calculate_per_token_loss=True, usp_ring_inner=True),
+    "--mtp-num-layers without --calculate-per-token-loss": dict(mtp_num_layers=1),
+    "--multi-latent-attention with YaRN RoPE and --apply-rope-fusion":
+        dict(multi_latent_attention=True, apply_rope_fusion=True, position_embedding_type="rope", rope_type=None),
+    "--experimental-attention-variant": dict(experimental_attention_variant="dsa"),
+}
+
+
+def _flags(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"--[a-z][a-z0-9-]*", text)
+
+
+@pytest.mark.parametrize("row", REFUSALS, ids=lambda row: row.flag)
+def test_every_refusal_row_raises_naming_its_flag(row):
+    trigger = TRIGGERS[row.flag]
+    with pytest.raises(ValueError) as error:
+        validate_usp_args(parse("--ulysses-degree", "2", "--ring-degree", "2", **trigger))
+    assert any(flag in str(error.value) for flag in _flags(row.flag)), (row.flag, str(error.value))
+    if row.with_usp_only:  # the same flags without sequence parallelism are Megatron's business
+        assert validate_usp_args(parse(**dict(trigger, context_parallel_size=1))).context_parallel_size == 1
+
+
+def test_the_refusal_table_and_the_audit_agree():
+    """Each row's flags are in a **refused** line of docs/megatron_lm_audit.md, and each such line names a flag of
+    some row: the table is the one place of the refusals the audit reports."""
+    assert set(TRIGGERS) == {row.flag for row in REFUSALS}
+    refused_lines = [line for line in AUDIT.read_text().splitlines() if line.startswith("|") and "**refused**" in line]
+    table_flags = {flag for row in REFUSALS for flag in _flags(row.flag)}
+    for row in REFUSALS:
+        assert any(_flags(row.flag)[0] in line for line in refused_lines), row.flag
+    for line in refused_lines:
+        assert table_flags & set(_flags(line)), line

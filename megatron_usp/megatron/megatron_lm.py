@@ -30,6 +30,7 @@ from . import grid
 from .args import add_usp_args, validate_usp_args
 from .attention import USPAttention
 from .batch import get_batch_on_this_usp_rank
+from .refusals import refusal
 from .optimizer_load import fix_distributed_optimizer_load
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -74,37 +75,6 @@ def with_usp_args(chained: Optional[ArgsProvider] = None) -> ArgsProvider:
         return chained(parser) if chained is not None else parser
 
     return provider
-
-
-def check_megatron_lm_args(args: Any) -> None:
-    """Reject Megatron-LM features that USP does not support (only called when USP is requested)."""
-    unsupported = (
-        ("hybrid_context_parallel", "--hybrid-context-parallel"),
-        ("use_legacy_models", "--use-legacy-models"),
-    )
-    for name, flag in unsupported:
-        if getattr(args, name, False):
-            raise ValueError(f"{flag} conflicts with --ulysses-degree/--ring-degree: drop it or set both degrees to 1")
-    documents = [flag for name, flag in (("reset_attention_mask", "--reset-attention-mask"), ("sft", "--sft"),
-                                         ("dataloader_inter_document_masking", "--dataloader-inter-document-masking"))
-                 if getattr(args, name, False)]
-    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-    virtual = (getattr(args, "virtual_pipeline_model_parallel_size", None)
-               or getattr(args, "num_layers_per_virtual_pipeline_stage", None))
-    if documents and (pp > 2 or (pp > 1 and virtual)):
-        # Megatron-LM hands intermediate pipeline stages no batch: their attention would not see the documents
-        raise ValueError(f"{documents[0]} with USP needs every pipeline stage to be a first or last stage (Megatron-LM "
-                         "gives intermediate stages no batch, so their attention would not see the documents): use "
-                         "--pipeline-model-parallel-size <= 2 without a virtual pipeline")
-    # Without per-token loss Megatron divides each CP rank's loss sum by that rank's own count of loss tokens and
-    # averages the gradients over CP: exact only when every rank holds as many loss tokens. Masked losses break
-    # that (measured in Megatron-LM's loop: --sft at u=2 r=2 drifts 4.1e-3 from 1 rank within 5 iterations).
-    uneven_loss = [flag for name, flag in (("sft", "--sft"), ("eod_mask_loss", "--eod-mask-loss"))
-                   if getattr(args, name, False)]
-    if uneven_loss and not getattr(args, "calculate_per_token_loss", False):
-        raise ValueError(f"{uneven_loss[0]} masks loss tokens unevenly over the --ulysses-degree x --ring-degree ranks; "
-                         "without --calculate-per-token-loss Megatron averages per-rank mean losses and the gradients "
-                         "differ from training without sequence parallelism: add --calculate-per-token-loss")
 
 
 # ---------------------------------------------------------------------------------------------- install
@@ -163,7 +133,6 @@ def _wrap_validate_args(original: Callable) -> Callable:
     def validate_args(args, *rest, **kwargs):
         if not usp_requested(args):
             return original(args, *rest, **kwargs)
-        check_megatron_lm_args(args)
         validate_usp_args(args)  # sets context_parallel_size = u*r before Megatron derives the DP size
         held = hold_max_logit_flags(args)
         try:
@@ -206,11 +175,9 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
                 f"context_parallel_size={cp} but --ulysses-degree x --ring-degree = {sp_size}: validate_usp_args did "
                 "not run; call megatron_usp.megatron.megatron_lm.install() before Megatron validates its arguments"
             )
-        if arguments.pop("hierarchical_context_parallel_sizes", None):
-            raise ValueError("--hierarchical-context-parallel-sizes conflicts with USP: use --ulysses-degree/--ring-degree")
-        if arguments.get("hybrid_context_parallel"):
-            raise ValueError("--hybrid-context-parallel conflicts with USP: drop it")
-        arguments.pop("hybrid_context_parallel", None)
+        for name in ("hierarchical_context_parallel_sizes", "hybrid_context_parallel"):  # never silently dropped
+            if arguments.pop(name, None):
+                raise ValueError(refusal("--" + name.replace("_", "-")).reason(margs))
         _inside_usp_grid = True
         try:
             grid.initialize_model_parallel(
@@ -358,7 +325,7 @@ def wrap_get_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
             return megatron_fn(batch, *args, **kwargs)
         arguments = signature.bind(batch, *args, **kwargs).arguments
         if arguments.get("is_hybrid_cp"):
-            raise ValueError("--hybrid-context-parallel conflicts with USP: drop it")
+            raise ValueError(refusal("--hybrid-context-parallel").reason(None))
         return get_batch_on_this_rank(batch)
 
     setattr(get_batch_on_this_cp_rank, _WRAPPED_MARK, megatron_fn)
