@@ -7,6 +7,8 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 from conftest import record_error  # noqa: E402
 
+from megatron_usp.patching import original_of  # noqa: E402
+
 IMPLS = ["zigzag", "stripe", "basic", "allgather"]
 
 
@@ -72,7 +74,7 @@ def test_rope_hook_covers_every_rotary_module(monkeypatch):
         monkeypatch.setattr(rope, "usp_is_initialized", lambda: True)
         assert module.get_pos_emb_on_this_cp_rank("emb", 0) == "usp", module_name
         monkeypatch.setattr(rope, "usp_is_initialized", lambda: False)
-        original = rope._original_pos_emb_fns[module_name]
+        original = original_of(module.get_pos_emb_on_this_cp_rank)
         assert getattr(original, "__module__", "").startswith("megatron.core"), original
     assert calls == [0] * len(rope._ROPE_MODULES)
 

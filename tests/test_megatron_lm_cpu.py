@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_usp import patching
 from megatron_usp.megatron import megatron_lm_cpu
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "check_megatron_patch.py"
@@ -362,7 +363,7 @@ def test_thd_reference_mask_is_causal_within_documents_and_trailing_tokens_form_
 def test_install_is_a_no_op_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert megatron_lm_cpu.install() == []
-    assert not megatron_lm_cpu._MODE and not megatron_lm_cpu._PATCHED
+    assert not megatron_lm_cpu._MODE and not patching.patched(owner=megatron_lm_cpu.__name__)
 
 
 def test_every_stand_in_is_documented():
@@ -391,13 +392,15 @@ def test_mla_without_te_only_when_telinear_is_a_placeholder(monkeypatch):
 
     import megatron.core.transformer.multi_latent_attention as mla
 
-    monkeypatch.setattr(megatron_lm_cpu, "_PATCHED", [])
+    monkeypatch.setattr(patching, "_LEDGER", [])  # this test's patches only
     monkeypatch.setattr(mla, "HAVE_TE", True)
     monkeypatch.setattr(mla, "TELinear", type("TELinear", (), {}))  # a real TE class: left alone
     assert not megatron_lm_cpu._mla_without_te() and mla.HAVE_TE
     monkeypatch.setattr(mla, "TELinear", mock.MagicMock())  # megatron-core's placeholder without TE
     assert megatron_lm_cpu._mla_without_te() and mla.HAVE_TE is False
-    assert megatron_lm_cpu._PATCHED == [(mla, "HAVE_TE", True)]  # uninstall() puts it back
+    assert patching.patched(owner=megatron_lm_cpu.__name__) == [(mla, "HAVE_TE")]
+    patching.undo_all(owner=megatron_lm_cpu.__name__)  # what uninstall() does: it puts it back
+    assert mla.HAVE_TE is True
 
 
 def test_mla_reference_lets_local_attention_take_mlas_head_dims(monkeypatch):

@@ -13,6 +13,7 @@ from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_usp.groups import USPGroups
+from megatron_usp.patching import original_of  # noqa: E402
 from megatron_usp.usp import USPSettings  # noqa: E402
 from megatron_usp.megatron import attention, batch as batch_mod, document_ids_from_cu_seqlens, packed_document_ids  # noqa: E402
 from megatron_usp.megatron import documents, rope as rope_mod, state  # noqa: E402
@@ -353,7 +354,7 @@ def test_apply_rope_hook_falls_back_without_usp(monkeypatch):
     monkeypatch.setattr(rope_mod, "usp_apply_rotary_pos_emb_thd", lambda *args: calls.append("usp") or "usp")
     for module_name in rope_mod._APPLY_ROPE_MODULES:
         module = importlib.import_module(module_name)
-        original = module.apply_rotary_pos_emb.usp_original
+        original = original_of(module.apply_rotary_pos_emb)
         assert original.__module__ == "megatron.core.models.common.embeddings.rope_utils", module_name
         monkeypatch.setattr(rope_mod, "usp_is_initialized", lambda: True)
         assert module.apply_rotary_pos_emb("t", "freqs", "config", cu_seqlens="cu") == "usp"

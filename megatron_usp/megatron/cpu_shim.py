@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-_enabled = False
+from ..patching import undo_all, wrap
 
 
 @contextlib.contextmanager
@@ -28,23 +28,27 @@ def _current_cuda_device_is_cpu():
         torch.cuda.current_device = original
 
 
-def enable_cpu_mode() -> bool:
-    """Apply the CPU patches (idempotent). Returns True when they are active, False on a CUDA machine."""
-    global _enabled
-    if torch.cuda.is_available():
-        return False
-    if _enabled:
-        return True
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    method = "get_emb" if hasattr(RotaryEmbedding, "get_emb") else "forward"  # feature, not version
-    original = getattr(RotaryEmbedding, method)
-
+def _on_cpu(original):
     @functools.wraps(original)
     def on_cpu(self, *args, **kwargs):
         with _current_cuda_device_is_cpu():
             return original(self, *args, **kwargs)
 
-    setattr(RotaryEmbedding, method, on_cpu)
-    _enabled = True
+    return on_cpu
+
+
+def enable_cpu_mode() -> bool:
+    """Apply the CPU patches (idempotent; :func:`disable_cpu_mode` undoes them). Returns True when they are active,
+    False on a CUDA machine."""
+    if torch.cuda.is_available():
+        return False
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    method = "get_emb" if hasattr(RotaryEmbedding, "get_emb") else "forward"  # feature, not version
+    wrap(RotaryEmbedding, method, _on_cpu, owner=__name__)
     return True
+
+
+def disable_cpu_mode() -> None:
+    """Undo :func:`enable_cpu_mode`."""
+    undo_all(owner=__name__)

@@ -20,12 +20,13 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ..patching import mark, undo_all, wrap
 from . import grid
 from .args import add_usp_args, validate_usp_args
 from .attention import USPAttention
@@ -41,8 +42,6 @@ VALIDATE_ARGS_MODULES = ("megatron.training.arguments", "megatron.training.initi
 # Batch entries that are metadata, not [batch, seq, ...] tensors (Megatron's own list, megatron-core 0.19).
 BATCH_METADATA_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_group")
 
-_WRAPPED_MARK = "__usp_original__"
-_installed: List[Tuple[Any, str, Any]] = []  # (holder module, attribute, original) to undo
 _get_megatron_args: Optional[Callable[[], Any]] = None
 _inside_usp_grid = False
 
@@ -140,7 +139,6 @@ def _wrap_validate_args(original: Callable) -> Callable:
         finally:
             restore_max_logit_flags(args, held)
 
-    setattr(validate_args, _WRAPPED_MARK, original)
     return validate_args
 
 
@@ -195,16 +193,7 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
         finally:
             _inside_usp_grid = False
 
-    setattr(initialize_model_parallel, _WRAPPED_MARK, original)
     return initialize_model_parallel
-
-
-def _wrap_attribute(holder: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    original = getattr(holder, name)
-    if hasattr(original, _WRAPPED_MARK):  # already installed
-        return
-    setattr(holder, name, wrap(original))
-    _installed.append((holder, name, original))
 
 
 def install(get_args: Optional[Callable[[], Any]] = None) -> None:
@@ -232,17 +221,15 @@ def install(get_args: Optional[Callable[[], Any]] = None) -> None:
             "(megatron.training) on PYTHONPATH; with megatron-core alone use megatron_usp.megatron.initialize_model_parallel"
         )
     for module in holders:
-        _wrap_attribute(module, "validate_args", _wrap_validate_args)
-    _wrap_attribute(parallel_state, "initialize_model_parallel", _wrap_initialize_model_parallel)
+        wrap(module, "validate_args", _wrap_validate_args, owner=__name__)
+    wrap(parallel_state, "initialize_model_parallel", _wrap_initialize_model_parallel, owner=__name__)
     fix_distributed_optimizer_load()  # megatron-core's distributed-optimizer --load gaps (any device)
 
 
 def uninstall() -> None:
     """Undo :func:`install` (for tests and notebooks)."""
     global _get_megatron_args
-    while _installed:
-        holder, name, original = _installed.pop()
-        setattr(holder, name, original)
+    undo_all(owner=__name__)
     _get_megatron_args = None
 
 
@@ -328,8 +315,7 @@ def wrap_get_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
             raise ValueError(refusal("--hybrid-context-parallel").reason(None))
         return get_batch_on_this_rank(batch)
 
-    setattr(get_batch_on_this_cp_rank, _WRAPPED_MARK, megatron_fn)
-    return get_batch_on_this_cp_rank
+    return mark(get_batch_on_this_cp_rank, megatron_fn)
 
 
 def wrap_get_thd_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
@@ -354,5 +340,4 @@ def wrap_get_thd_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
                                  max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
         return {key: sharded[key] for key in batch}, params
 
-    setattr(get_thd_batch_on_this_cp_rank, _WRAPPED_MARK, megatron_fn)
-    return get_thd_batch_on_this_cp_rank
+    return mark(get_thd_batch_on_this_cp_rank, megatron_fn)

@@ -88,6 +88,8 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..patching import patch, undo_all
+
 STANDINS: Dict[str, str] = {
     "cuda-to-cpu": "device='cuda'/int/torch.device('cuda') -> cpu in every torch call; Tensor.cuda()/pin_memory() "
                    "return the tensor; pin_memory=True -> False; torch.cuda.current_device() is the CPU during "
@@ -109,7 +111,6 @@ STANDINS: Dict[str, str] = {
     "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
 }
 
-_PATCHED: List[tuple] = []
 _SCRIPTS: List[str] = []  # the script main() runs as __main__
 _MODE: List[TorchFunctionMode] = []
 _LM_INSTALLED: List[bool] = []
@@ -279,8 +280,7 @@ _CUDA_RNG: Dict[str, Any] = {
 
 
 def _patch(holder: Any, name: str, value: Any) -> None:
-    _PATCHED.append((holder, name, getattr(holder, name, None)))
-    setattr(holder, name, value)
+    patch(holder, name, value, owner=__name__)
 
 
 def _device_count_reads_one(original: Callable) -> Callable:
@@ -442,9 +442,7 @@ def uninstall() -> None:
     while _MODE:
         _MODE.pop().__exit__(None, None, None)
     _LM_INSTALLED.clear()
-    while _PATCHED:
-        holder, name, original = _PATCHED.pop()
-        setattr(holder, name, original)
+    undo_all(owner=__name__)
 
 
 # ---------------------------------------------------------------------------------------------- launcher

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import sys
+from typing import Callable
 
 import torch
 
 from ..caching import plain_tensors
+from ..patching import wrap
 from ..sharding import positions
 from . import documents
 from .documents import _as_int_list, in_document_positions, layout_cu_seqlens
@@ -62,22 +65,23 @@ def _hook_rotary_forward(cls) -> None:
     """``cls.forward`` (megatron-core's rotary embeddings, lru_cached per length) followed by
     :func:`document_layout_rows`: the table GPTModel hands its layers (and activation recomputation keeps) is the
     one of the batch being run."""
-    original = cls.__dict__.get("forward")
-    if original is None or getattr(original, "usp_original", None) is not None:
+    if "forward" not in cls.__dict__:
         return
 
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if isinstance(out, tuple):  # YaRN: (emb, mscale)
-            return (document_layout_rows(out[0]), *out[1:])
-        return document_layout_rows(out)
+    def hook(original):
+        @functools.wraps(original)
+        def forward(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if isinstance(out, tuple):  # YaRN: (emb, mscale)
+                return (document_layout_rows(out[0]), *out[1:])
+            return document_layout_rows(out)
 
-    forward.usp_original = original
-    for name in ("cache_clear", "cache_info"):  # YaRN calls self.forward.cache_clear()
-        if hasattr(original, name):
-            setattr(forward, name, getattr(original, name))
-    cls.forward = forward
+        for name in ("cache_clear", "cache_info"):  # YaRN calls self.forward.cache_clear()
+            if hasattr(original, name):
+                setattr(forward, name, getattr(original, name))
+        return forward
+
+    wrap(cls, "forward", hook, owner=__name__)
 
 
 _last_rope_index: list = []  # [cu_seqlens, key, index]
@@ -155,21 +159,42 @@ _ROTARY_CLASSES = (
     ("megatron.core.models.common.embeddings.rotary_pos_embedding", "MultimodalRotaryEmbedding"),
     ("megatron.core.models.common.embeddings.yarn_rotary_pos_embedding", "YarnRotaryEmbedding"),
 )
-_original_pos_emb_fns: dict = {}
-_original_apply_fns: dict = {}
 
 
-def _hook_apply_rotary_pos_emb(module) -> None:
-    current = module.apply_rotary_pos_emb  # a module imported after rope_utils was hooked holds our hook
-    original = _original_apply_fns.setdefault(module.__name__, getattr(current, "usp_original", current))
+def _hook_apply_rotary_pos_emb(original: Callable) -> Callable:
+    """megatron-core's ``apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, ...)`` with THD rows
+    (``cu_seqlens`` given) placed by the USP layout; every argument it does not read (``cp_group``, newer releases'
+    ``mla_rotary_interleaved``, ...) is forwarded untouched, and without ``cu_seqlens`` or USP the original runs."""
+    signature = inspect.signature(original)
 
-    def hooked_apply(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, _original=original):
-        if cu_seqlens is not None and usp_is_initialized():
-            return usp_apply_rotary_pos_emb_thd(t, freqs, config, cu_seqlens, mscale)
-        return _original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(*args, **kwargs):
+        if usp_is_initialized():
+            bound = signature.bind_partial(*args, **kwargs)
+            cu_seqlens = bound.arguments.get("cu_seqlens")
+            if cu_seqlens is not None:
+                bound.apply_defaults()
+                arguments = bound.arguments
+                return usp_apply_rotary_pos_emb_thd(arguments["t"], arguments["freqs"], arguments["config"],
+                                                    cu_seqlens, arguments.get("mscale", 1.0))
+        return original(*args, **kwargs)
 
-    hooked_apply.usp_original = original
-    module.apply_rotary_pos_emb = hooked_apply
+    return apply_rotary_pos_emb
+
+
+def _hook_pos_emb_on_this_cp_rank(original: Callable) -> Callable:
+    """megatron-core's ``get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, ...)`` slicing by the USP layout while USP is
+    initialized (arguments it does not read forwarded to nothing: the USP grid decides), the original otherwise."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_pos_emb_on_this_cp_rank(*args, **kwargs):
+        if not usp_is_initialized():
+            return original(*args, **kwargs)
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        return usp_pos_emb_on_this_rank(arguments["pos_emb"], arguments["seq_dim"], arguments.get("cp_group"))
+
+    return get_pos_emb_on_this_cp_rank
 
 
 def install_rope_hook() -> None:
@@ -181,23 +206,15 @@ def install_rope_hook() -> None:
     for module_name in _APPLY_ROPE_MODULES:  # rope_utils first: modules imported later take the hooked name
         if module_name == _APPLY_ROPE_MODULES[0] or module_name in sys.modules:
             module = importlib.import_module(module_name)
-            if hasattr(module, "apply_rotary_pos_emb"):
-                _hook_apply_rotary_pos_emb(module)
+            if hasattr(module, "apply_rotary_pos_emb"):  # imported after rope_utils was hooked: it holds the hook
+                wrap(module, "apply_rotary_pos_emb", _hook_apply_rotary_pos_emb, owner=__name__)
     for module_name in _ROPE_MODULES:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        if not hasattr(module, "get_pos_emb_on_this_cp_rank"):
-            continue
-        original = _original_pos_emb_fns.setdefault(module_name, module.get_pos_emb_on_this_cp_rank)
-
-        def hooked(pos_emb, seq_dim, cp_group=None, _original=original):
-            if usp_is_initialized():
-                return usp_pos_emb_on_this_rank(pos_emb, seq_dim, cp_group)
-            return _original(pos_emb, seq_dim, cp_group)
-
-        module.get_pos_emb_on_this_cp_rank = hooked
+        if hasattr(module, "get_pos_emb_on_this_cp_rank"):
+            wrap(module, "get_pos_emb_on_this_cp_rank", _hook_pos_emb_on_this_cp_rank, owner=__name__)
     for module_name, class_name in _ROTARY_CLASSES:
         try:
             cls = getattr(importlib.import_module(module_name), class_name, None)
