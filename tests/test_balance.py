@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_usp import document_mixes
 from megatron_usp.cost import (block_pairs, document_pairs, document_runs, run_pairs, step_synchronous_cost,
                                visible_pairs)
 from megatron_usp.layout import global_positions, ring_positions
@@ -39,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def rows():
-    return {source: bench_attention.packed_rows(path, SEQ_LEN, 4, seed=0)
+    return {source: document_mixes.packed_rows(path, SEQ_LEN, 4, seed=0)
             for source, path in (("lognormal", "lognormal"), ("stdlib", STDLIB_LENGTHS))}
 
 
@@ -125,9 +126,9 @@ def test_bench_balance_documents_json_and_png(tmp_path):
 
 
 def test_packed_rows_fill_the_row_and_are_seeded():
-    first = bench_attention.packed_rows("uniform", 10000, 3, seed=1)
-    assert first == bench_attention.packed_rows("uniform", 10000, 3, seed=1)
-    assert first != bench_attention.packed_rows("uniform", 10000, 3, seed=2)
+    first = document_mixes.packed_rows("uniform", 10000, 3, seed=1)
+    assert first == document_mixes.packed_rows("uniform", 10000, 3, seed=1)
+    assert first != document_mixes.packed_rows("uniform", 10000, 3, seed=2)
     for cu in first:
         assert cu[0] == 0 and cu[-1] == 10000 and all(b > a for a, b in zip(cu, cu[1:]))
         lengths = [b - a for a, b in zip(cu, cu[1:])]

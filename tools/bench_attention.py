@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -33,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp.flags import nonnegative_int, positive_int  # noqa: E402
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
 from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.document_mixes import (  # noqa: E402
+    LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA, UNIFORM_RANGE, document_source, packed_rows, source_detail, source_label,
+)
 from megatron_usp.plan import attention_plan  # noqa: E402
+from megatron_usp.timing import CLOCKS, peak_memory, time_rounds, time_rounds_clocks  # noqa: E402
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
 from megatron_usp.cost import (analytic_bytes_per_rank, attention_flops, block_pairs, document_pairs,  # noqa: E402
                                 document_runs, run_pairs, step_synchronous_cost, visible_pairs)
@@ -93,73 +95,6 @@ def run_balance(args) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Packed documents: rows of S tokens packed from random documents of a length source.
-
-LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 1000, 1.5  # tokens; mean = median * exp(sigma^2 / 2) ~ 3,080
-UNIFORM_RANGE = (1, 8192)  # tokens, both ends included
-
-
-def stdlib_document_lengths() -> list[int]:
-    """Token lengths (bytes / 4, at least 1) of the Python standard library's ``.py`` files, site-packages
-    excluded, in sorted path order (a heavy-tailed mix of real documents)."""
-    import sysconfig
-
-    root = sysconfig.get_paths()["stdlib"]
-    lengths = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__"))
-        lengths += [max(1, os.path.getsize(os.path.join(folder, f)) // 4) for f in sorted(files) if f.endswith(".py")]
-    return lengths
-
-
-def document_source(name: str) -> Callable[[random.Random], int]:
-    """A sampler of document lengths: ``stdlib``, ``lognormal`` (median 1000, sigma 1.5), ``uniform``
-    (1..8192) or a path to a file of lengths, one per line (drawn uniformly with replacement)."""
-    if name == "lognormal":
-        mu = math.log(LOGNORMAL_MEDIAN)
-        return lambda rng: max(1, round(rng.lognormvariate(mu, LOGNORMAL_SIGMA)))
-    if name == "uniform":
-        return lambda rng: rng.randint(*UNIFORM_RANGE)
-    if name == "stdlib":
-        pool = stdlib_document_lengths()
-    else:
-        path = Path(name)
-        if not path.is_file():
-            raise SystemExit(f"--documents {name!r}: not stdlib, lognormal, uniform or a file of lengths")
-        pool = [int(line) for line in path.read_text().split() if line.strip()]
-        if not pool or min(pool) < 1:
-            raise SystemExit(f"--documents {name}: needs positive integer lengths, one per line")
-    return lambda rng: rng.choice(pool)
-
-
-def source_label(name: str) -> str:
-    return name if name in ("stdlib", "lognormal", "uniform") else Path(name).name
-
-
-def source_detail(name: str) -> str:
-    if name == "lognormal":
-        return f"lognormal lengths, median {LOGNORMAL_MEDIAN}, sigma {LOGNORMAL_SIGMA} (at least 1)"
-    if name == "uniform":
-        return f"uniform lengths {UNIFORM_RANGE[0]}..{UNIFORM_RANGE[1]}"
-    if name == "stdlib":
-        return (f"{len(stdlib_document_lengths())} .py files of Python {sys.version.split()[0]}'s standard library "
-                "(site-packages excluded), bytes / 4 tokens")
-    return f"{len(Path(name).read_text().split())} lengths from {name}"
-
-
-def packed_row(sample: Callable[[random.Random], int], seq_len: int, seed: str) -> tuple[int, ...]:
-    """cu_seqlens of one row of ``seq_len`` tokens packed from random documents; the last one is truncated."""
-    rng = random.Random(seed)
-    offsets = [0]
-    while offsets[-1] < seq_len:
-        offsets.append(min(seq_len, offsets[-1] + sample(rng)))
-    return tuple(offsets)
-
-
-def packed_rows(source: str, seq_len: int, rows: int, seed: int) -> list[tuple[int, ...]]:
-    """The same rows for every grid: row ``i`` is seeded by (seed, source, seq_len, i)."""
-    sample = document_source(source)
-    return [packed_row(sample, seq_len, f"{seed}:{source_label(source)}:{seq_len}:{i}") for i in range(rows)]
-
 
 def old_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...],
                         positions: list[torch.Tensor]) -> list[list[int]]:
@@ -257,57 +192,6 @@ def _balance_documents(args) -> list[dict]:
                         record["seconds"] = time.perf_counter() - started
                         records.append(record)
     return records
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def time_rounds(steps: dict, repeats: int, warmup: int, device: torch.device, clock: str = "wall") -> list[dict]:
-    """Seconds of each step per round. A round times every step once, round-robin, with the monolithic step
-    both first and last (its two times are averaged): drift of a shared machine then hits a round's steps alike,
-    and per-round ratios cancel it. ``clock="cpu"`` (CPU only) counts the process's CPU seconds instead of wall
-    seconds: with one thread it is the work done, whatever share of the cores other processes take."""
-    if clock == "cpu" and device.type == "cuda":
-        raise ValueError("--clock cpu measures CPU work: use --clock wall on a GPU")
-    return time_rounds_clocks(steps, repeats, warmup, device, (clock,))[clock]
-
-
-def time_rounds_clocks(steps: dict, repeats: int, warmup: int, device: torch.device,
-                       clocks=("wall", "cpu")) -> dict[str, list[dict]]:
-    """:func:`time_rounds` read on several clocks at once (the same calls): ``{clock: rounds}``."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def seconds(step) -> dict[str, float]:
-        sync()
-        start = {clock: CLOCKS[clock]() for clock in clocks}
-        step()
-        sync()
-        return {clock: CLOCKS[clock]() - start[clock] for clock in clocks}
-
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    rounds = {clock: [] for clock in clocks}
-    for _ in range(repeats):
-        first = seconds(steps["monolithic"])
-        times = {name: seconds(step) for name, step in steps.items() if name != "monolithic"}
-        last = seconds(steps["monolithic"])
-        for clock in clocks:
-            rounds[clock].append({name: spent[clock] for name, spent in times.items()})
-            rounds[clock][-1]["monolithic"] = (first[clock] + last[clock]) / 2
-    return rounds
-
-
-def peak_memory(step: Callable[[], None], device: torch.device):
-    """Peak bytes of ``step``: its inputs plus what it allocates while running; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before + step.input_bytes
 
 
 def run_simulate(args, device: torch.device) -> list[dict]:
@@ -688,6 +572,11 @@ def check_flags_apply(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if getattr(args, flag[2:].replace("-", "_")) is not None and not applies_here:
             mode = f"--mode {args.mode}{' --documents' if args.documents else ''}"
             parser.error(f"{flag} does not apply to {mode}; drop it (see --help for what each mode reads)")
+    for source in args.documents or ():
+        try:
+            document_source(source)
+        except ValueError as error:
+            parser.error(f"--documents: {error}")
 
 
 def check_grid_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -38,15 +38,14 @@ from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp import kernels  # noqa: E402
 from megatron_usp.kernels import MathKernel, varlen  # noqa: E402
 from megatron_usp.kernels.varlen import Segments  # noqa: E402
 from megatron_usp.layout import check_seq_len  # noqa: E402
 from megatron_usp.simulate import RankProblem, monolithic_step, rank_step  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import LOGNORMAL_SIGMA, packed_row, peak_memory, time_rounds  # noqa: E402  (one timing method)
+from megatron_usp.document_mixes import LOGNORMAL_SIGMA, packed_row  # noqa: E402
+from megatron_usp.timing import peak_memory, time_rounds  # noqa: E402  (the benchmarks' one timing method)
 
 CUDA_KERNELS = ["torch_flash", "torch_efficient", "torch_cudnn", "flash_attn2", "flash_attn3", "te"]
 RING_IMPLS = ["zigzag", "allgather", "mqsp"]
