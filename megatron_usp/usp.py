@@ -6,39 +6,23 @@ import math
 import os
 import types
 import zlib
-from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from .config import USPConfig
 from .groups import USPGroups
-from .kernels import check_backend_name, resolve_kernel
+from .kernels import resolve_kernel
 from .kernels._adapt import varlen_plan
-from .layout import RING_IMPL_TABLE, CuSeqlens, check_cu_seqlens, check_ring_impl, check_seq_len
+from .layout import RING_IMPL_TABLE, CuSeqlens, check_cu_seqlens, check_seq_len
 from .comm import RingComm, grid_all_gather_ints, grid_all_gather_objects
 from .masks import AttentionMask, BlockMasker, MaskMod, check_mask
-from .mqsp import check_micro_q, mqsp_attention
+from .mqsp import mqsp_attention
 from .plan import attention_plan
 from .ring import ring_attention
 from .ulysses import check_head_counts, heads_to_seq, replicate_kv_heads, seq_to_heads
-
-
-@dataclass(frozen=True)
-class USPSettings:
-    """What stays the same across the calls of one attention layer, validated once where it is built (ValueError):
-    ``ring_impl``, the kernel ``backend`` name, ``micro_q`` (MQSP query rows per micro-chunk). :func:`usp_attn`
-    builds one per call; a layer builds one and calls :func:`attend`."""
-
-    ring_impl: str = "zigzag"
-    backend: str = "auto"
-    micro_q: Optional[int] = None
-
-    def __post_init__(self):
-        check_ring_impl(self.ring_impl)
-        check_backend_name(self.backend)
-        check_micro_q(self.micro_q)
 
 
 def validate_inputs(
@@ -55,7 +39,7 @@ def validate_inputs(
     softmax_offset: Optional[torch.Tensor] = None,
     return_max_logit: bool = False,
 ) -> Optional[tuple[int, ...]]:
-    """Every check of one call's data that can fail (``ring_impl`` is already valid: :class:`USPSettings`), done
+    """Every check of one call's data that can fail (``ring_impl`` is already valid: :class:`.config.USPConfig`), done
     locally before any collective so all ranks raise, none hangs. Returns the validated ``cu_seqlens`` as a tuple
     (None without documents)."""
     if not isinstance(groups, USPGroups):
@@ -164,13 +148,14 @@ def usp_attn(
     setup is known to be right if that matters.
     """
     check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
+    grid = (groups.ulysses_degree, groups.ring_degree) if isinstance(groups, USPGroups) else (1, 1)
     try:
-        settings = USPSettings(ring_impl, backend, micro_q)
+        config = USPConfig(*grid, ring_impl=ring_impl, backend=backend, micro_q=micro_q)
     except (ValueError, TypeError) as error:
         if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
             agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)
         raise
-    return attend(q, k, v, groups, settings, causal=causal, softmax_scale=softmax_scale, window=window,
+    return attend(q, k, v, groups, config, causal=causal, softmax_scale=softmax_scale, window=window,
                   document_ids=document_ids, mask_mod=mask_mod, cu_seqlens=cu_seqlens,
                   softmax_offset=softmax_offset, return_max_logit=return_max_logit, check_agreement=check)
 
@@ -180,7 +165,7 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     groups: USPGroups,
-    settings: USPSettings,
+    config: USPConfig,
     *,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
@@ -192,8 +177,9 @@ def attend(
     return_max_logit: bool = False,
     check_agreement: Optional[bool] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`usp_attn` with its per-layer settings already validated (``USPAttention`` builds them once)."""
-    ring_impl, micro_q = settings.ring_impl, settings.micro_q
+    """:func:`usp_attn` with its grid's settings already validated (``USPAttention`` reads the grid's
+    :class:`.config.USPConfig`); ``config``'s degrees must be those of ``groups``."""
+    ring_impl, micro_q = config.ring_impl, config.micro_q
     mask = AttentionMask(window, document_ids, mask_mod)
     check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
     try:
@@ -202,7 +188,11 @@ def attend(
                                      softmax_offset=softmax_offset, return_max_logit=return_max_logit)
         head_dim, v_head_dim = q.shape[3], v.shape[3]
         width = max(head_dim, v_head_dim)  # the engine moves K and V together: one width
-        kernel = resolve_kernel(settings.backend, q.device, q.dtype, width)
+        kernel = resolve_kernel(config.backend, q.device, q.dtype, width)
+        if (config.ulysses_degree, config.ring_degree) != (groups.ulysses_degree, groups.ring_degree):
+            raise ValueError(f"config is for a {config.ulysses_degree} x {config.ring_degree} grid, the groups form "
+                             f"{groups.ulysses_degree} x {groups.ring_degree}: build USPConfig with the groups' "
+                             "degrees")
     except (ValueError, TypeError) as error:
         if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
             agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)

@@ -89,9 +89,9 @@ def test_core_attention_rejects_what_it_does_not_support(monkeypatch):
 
     from megatron_usp import USPGroups
     from megatron_usp.megatron import attention, state
-    from megatron_usp.usp import USPSettings
+    from megatron_usp.config import USPConfig
 
-    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), USPSettings("zigzag", "auto")))
+    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), USPConfig(ring_impl="zigzag", backend="auto")))
     from megatron.core.transformer import TransformerConfig
 
     def make_config(dropout):
@@ -142,9 +142,9 @@ def test_usp_attention_checks_rank_agreement_on_its_first_call_only(monkeypatch)
 
     from megatron_usp import USPGroups
     from megatron_usp.megatron import attention, state
-    from megatron_usp.usp import USPSettings
+    from megatron_usp.config import USPConfig
 
-    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), USPSettings("zigzag", "auto")))
+    monkeypatch.setattr(state, "_STATE", state.USPState(USPGroups.single(), USPConfig(ring_impl="zigzag", backend="auto")))
     seen = []
     real_attend = attention.attend
 

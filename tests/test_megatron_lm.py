@@ -18,7 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_usp.groups import USPGroups
-from megatron_usp.usp import USPSettings
+from megatron_usp.config import USPConfig
 from megatron_usp.megatron import USPAttention, grid, megatron_lm, state
 
 MEGATRON_ARGV = ["--num-attention-heads", "4", "--seq-length", "64", "--world-size", "8"]
@@ -81,7 +81,7 @@ def fake_megatron_lm(monkeypatch):
 def usp_grid_up(monkeypatch):
     """USP state of CP rank 1 of u=2 x r=2 (ulysses rank 1, ring rank 0), without process groups."""
     groups = USPGroups(None, None, 2, 2, 1, 0, (0, 2))
-    monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPSettings("zigzag", "torch")))
+    monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(2, 2, "zigzag", "torch")))
     monkeypatch.setattr(megatron_lm, "_get_megatron_args", lambda: types.SimpleNamespace())  # Megatron-LM's defaults
     return groups
 
@@ -201,8 +201,9 @@ def test_megatron_lm_init_builds_the_usp_grid(fake_megatron_lm, monkeypatch):
     megatron_lm.install(get_args=lambda: args)
     megatron_lm_style_init()
     assert grid_calls == [(2, 1, dict(
-        ulysses_degree=2, ring_degree=2, ring_impl="stripe", ulysses_inner=False, attn_backend="auto", micro_q=None,
-        usp_check=None, virtual_pipeline_model_parallel_size=None, order="tp-cp-ep-dp-pp", create_gloo_process_groups=True,
+        config=USPConfig(ulysses_degree=2, ring_degree=2, ring_impl="stripe", ulysses_inner=False, backend="auto",
+                         micro_q=None, check_every=None),
+        virtual_pipeline_model_parallel_size=None, order="tp-cp-ep-dp-pp", create_gloo_process_groups=True,
     ))]
     # the grid's own megatron-core call reaches megatron-core, not the wrapper again
     assert fake_megatron_lm.recorded["megatron_core"] == [((2, 1), {"context_parallel_size": 4})]

@@ -14,7 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_usp.groups import USPGroups
 from megatron_usp.patching import original_of  # noqa: E402
-from megatron_usp.usp import USPSettings  # noqa: E402
+from megatron_usp.config import USPConfig  # noqa: E402
 from megatron_usp.megatron import attention, batch as batch_mod, document_ids_from_cu_seqlens, packed_document_ids  # noqa: E402
 from megatron_usp.megatron import documents, rope as rope_mod, state  # noqa: E402
 from megatron_usp.sharding import positions  # noqa: E402
@@ -302,7 +302,7 @@ def test_sbhd_rope_follows_the_document_layout_of_the_batch(monkeypatch):
     for ring_rank in range(r):
         for ulysses_rank in range(u):
             groups = fake_groups(u, r, ulysses_rank, ring_rank)
-            monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPSettings("zigzag", "torch")))
+            monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(u, r, "zigzag", "torch")))
             full = rope.get_emb(seq)
             cp_group = _FakeGroup(u * r)  # hashable: megatron-core's rotary forward is lru_cached
             row_layout = rope(seq, cp_group=cp_group)

@@ -5,7 +5,8 @@ import argparse
 
 from ..flags import nonnegative_int, positive_int
 from ..kernels import kernel_names
-from ..layout import RING_IMPL_TABLE, RING_IMPLS, check_seq_len
+from ..config import USPConfig
+from ..layout import RING_IMPLS, check_seq_len
 from ..ulysses import check_head_counts
 from .refusals import check_refusals
 
@@ -37,19 +38,8 @@ def validate_usp_args(args: argparse.Namespace) -> argparse.Namespace:
 
     Raises ``ValueError`` naming the conflicting flag and how to fix it.
     """
-    ulysses_degree, ring_degree = args.ulysses_degree, args.ring_degree
-    for flag, value in (("--ulysses-degree", ulysses_degree), ("--ring-degree", ring_degree)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    micro_q = getattr(args, "usp_micro_q", None)
-    if micro_q is not None and (micro_q < 1 or RING_IMPL_TABLE[args.usp_ring_impl].transport != "pass_q"):
-        raise ValueError(f"--usp-micro-q {micro_q}: needs a positive value and --usp-ring-impl mqsp (it sets the "
-                         "query rows MQSP processes at a time)")
-    usp_check = getattr(args, "usp_check", None)
-    if usp_check is not None and usp_check < 0:
-        raise ValueError(f"--usp-check {usp_check}: N must be >= 1 (check every N-th call of each layer); "
-                         "--usp-check alone (or 0) checks each layer's first call")
-    sp_size = ulysses_degree * ring_degree
+    config = USPConfig.from_args(args)  # the USP flags themselves, errors naming them
+    ulysses_degree, ring_degree, sp_size = config.ulysses_degree, config.ring_degree, config.sp_size
     check_refusals(args)  # every flag USP cannot honour: one table (refusals.py)
     tp = getattr(args, "tensor_model_parallel_size", 1) or 1
     world = getattr(args, "world_size", None)

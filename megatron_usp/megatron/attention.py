@@ -184,15 +184,15 @@ class USPAttention(MegatronModule):
         self.groups = usp_groups_for(handed)  # ValueError unless the handed CP group is the grid's
         # the CP group megatron-core handed this layer (None: parallel_state's), for --usp-check's size check
         self.cp_group = getattr(handed, "cp", None)
-        self.settings = state.settings  # ring_impl, backend, micro_q: validated once, by the grid
-        self.ring_impl = self.settings.ring_impl
+        self.config = state.config  # ring_impl, backend, micro_q, --usp-check: validated once, by the grid
+        self.ring_impl = self.config.ring_impl
         # The agreement check (usp_attn's cross-rank comparison of inputs, one small all-gather) runs on this
         # layer's first call only: every rank of the SP group makes that call, so the choice is the same on every
         # rank, and a host sync per layer per step would cost GPU time. Later calls differ only in their batch.
         self._agreement_checked = False
         # --usp-check: verify_usp_attn on this layer's first call and every N-th; decided by a call counter, the same
         # on every rank of the SP group (never by data), since the check is a collective
-        self.check_every = state.check_every
+        self.check_every = state.config.check_every
         self._calls = 0
         tp_group = getattr(handed, "tp", None)
         self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group(
@@ -250,7 +250,7 @@ class USPAttention(MegatronModule):
         out = attend(
             q, k, v,
             self.groups,
-            self.settings,
+            self.config,
             causal=causal,
             softmax_scale=self.softmax_scale,
             window=_effective_window(self.window, causal),

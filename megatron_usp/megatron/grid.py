@@ -13,8 +13,8 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ..groups import USPGroups, check_degree, grid_rank_lists, group_timeout
-from ..usp import USPSettings
+from ..config import USPConfig
+from ..groups import USPGroups, grid_rank_lists, group_timeout
 from .documents import set_current
 from .rope import install_rope_hook
 from .state import (  # noqa: F401  (the grid's getters: megatron_usp.megatron and megatron_lm read them here)
@@ -40,19 +40,21 @@ def initialize_model_parallel(
     attn_backend: str = "auto",
     micro_q: Optional[int] = None,
     usp_check: Optional[int] = None,
+    config: Optional[USPConfig] = None,
     **kwargs,
 ) -> USPGroups:
     """``parallel_state.initialize_model_parallel`` with ``context_parallel_size = u*r``, plus this rank's
     :class:`USPGroups`. The CP group stays the whole SP group (data slicing, RoPE, dp x cp reductions use it).
     ``micro_q``: query rows per MQSP micro-chunk (``ring_impl="mqsp"``). ``usp_check`` (``--usp-check``): None =
     off, 0 = USPAttention checks each layer's first call (:func:`megatron_usp.check.verify_usp_attn`), N = that and
-    every N-th call. Extra ``kwargs`` go to megatron-core
-    unchanged."""
-    settings = USPSettings(ring_impl, attn_backend, micro_q)  # validates them, once for every layer
-    check_degree("ulysses_degree", ulysses_degree)
-    check_degree("ring_degree", ring_degree)
-    if usp_check is not None and (isinstance(usp_check, bool) or not isinstance(usp_check, int) or usp_check < 0):
-        raise ValueError(f"usp_check must be None (off), 0 (first call of each layer) or N >= 1, got {usp_check!r}")
+    every N-th call. Or ``config``: a :class:`USPConfig` (e.g. ``USPConfig.from_args(args)``) instead of those
+    keywords. Extra ``kwargs`` go to megatron-core unchanged."""
+    keywords = USPConfig(ulysses_degree, ring_degree, ring_impl, attn_backend, micro_q, ulysses_inner, usp_check)
+    if config is not None and keywords != USPConfig():
+        raise ValueError("initialize_model_parallel takes the USP settings as config=USPConfig(...) or as keywords, "
+                         "not both")
+    config = config or keywords  # validated once (USPConfig), for every layer of the grid
+    ulysses_degree, ring_degree, ulysses_inner = config.ulysses_degree, config.ring_degree, config.ulysses_inner
     if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
         raise ValueError(
             f"context_parallel_size={kwargs['context_parallel_size']} conflicts with ulysses_degree x ring_degree = "
@@ -75,7 +77,7 @@ def initialize_model_parallel(
         groups = USPGroups.from_groups(ulysses, ring, sp=parallel_state.get_context_parallel_group())
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
-    set_state(USPState(groups, settings, usp_check))
+    set_state(USPState(groups, config))
     install_rope_hook()  # RoPE must follow the USP layout for every ring_impl
     return groups
 

@@ -16,7 +16,6 @@ script behaves like stock Megatron-LM (its own context parallelism included).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import importlib
 import inspect
@@ -24,14 +23,14 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ..config import USPConfig
 from ..patching import mark, undo_all, wrap
 from . import grid
 from .args import add_usp_args, validate_usp_args
-from .attention import USPAttention
 from .batch import get_batch_on_this_usp_rank
 from .refusals import refusal
+from .specs import substitute_core_attention
 from .optimizer_load import fix_distributed_optimizer_load
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -181,13 +180,7 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
             grid.initialize_model_parallel(
                 tp,
                 pp,
-                ulysses_degree=margs.ulysses_degree,
-                ring_degree=margs.ring_degree,
-                ring_impl=margs.usp_ring_impl,
-                ulysses_inner=not margs.usp_ring_inner,
-                attn_backend=margs.usp_attn_backend,
-                micro_q=getattr(margs, "usp_micro_q", None),
-                usp_check=getattr(margs, "usp_check", None),
+                config=USPConfig.from_args(margs),
                 **arguments,
             )
         finally:
@@ -234,34 +227,6 @@ def uninstall() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- layer spec
-
-
-def _substitute(node: Any, field_name: str, seen: set) -> int:
-    if id(node) in seen:
-        return 0
-    seen.add(id(node))
-    if isinstance(node, ModuleSpec):
-        submodules = node.submodules
-        if field_name == "self_attention":
-            if submodules is None or not hasattr(submodules, "core_attention"):
-                raise ValueError(
-                    f"self-attention {node.module} has no core_attention that USP could replace: use an attention with "
-                    "core_attention (the default GPT specs) or set --ulysses-degree 1 --ring-degree 1"
-                )
-            submodules.core_attention = USPAttention
-            return 1
-        return _substitute(submodules, "", seen) if submodules is not None else 0
-    if isinstance(node, (list, tuple)):
-        return sum(_substitute(item, field_name, seen) for item in node)
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        return sum(_substitute(getattr(node, f.name), f.name, seen) for f in dataclasses.fields(node))
-    return 0
-
-
-def substitute_core_attention(spec: Any) -> int:
-    """Put :class:`USPAttention` into every ``self_attention`` of ``spec`` (a layer spec, a block spec with
-    ``layer_specs``, an MTP block spec), in place. Returns how many self-attentions it replaced."""
-    return _substitute(spec, "", set())
 
 
 def usp_layer_spec(spec: Any) -> Any:

@@ -1,5 +1,9 @@
-"""Megatron layer specs with ``core_attention`` replaced by :class:`USPAttention` (same signatures)."""
+"""Megatron layer specs with ``core_attention`` replaced by :class:`USPAttention` (same signatures), and the one
+substituter every path uses (megatron-core specs here, Megatron-LM's built specs through :mod:`.megatron_lm`)."""
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -7,13 +11,38 @@ from .attention import USPAttention
 from .norms import SequenceParallelTorchNorm
 
 
+def _substitute(node: Any, field_name: str, seen: set) -> int:
+    if id(node) in seen:
+        return 0
+    seen.add(id(node))
+    if isinstance(node, ModuleSpec):
+        submodules = node.submodules
+        if field_name == "self_attention":
+            if submodules is None or not hasattr(submodules, "core_attention"):
+                raise ValueError(
+                    f"self-attention {node.module} has no core_attention that USP could replace: use an attention with "
+                    "core_attention (the default GPT specs) or set --ulysses-degree 1 --ring-degree 1"
+                )
+            submodules.core_attention = USPAttention
+            return 1
+        return _substitute(submodules, "", seen) if submodules is not None else 0
+    if isinstance(node, (list, tuple)):
+        return sum(_substitute(item, field_name, seen) for item in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return sum(_substitute(getattr(node, f.name), f.name, seen) for f in dataclasses.fields(node))
+    return 0
+
+
+def substitute_core_attention(spec: Any) -> int:
+    """Put :class:`USPAttention` into every ``self_attention`` of ``spec`` (a layer spec, a block spec with
+    ``layer_specs``, an MTP block spec), in place. Returns how many self-attentions it replaced."""
+    return _substitute(spec, "", set())
+
+
 def use_usp_core_attention(spec: ModuleSpec) -> ModuleSpec:
     """Put USPAttention into a transformer-layer spec's self-attention (in place; returns the spec)."""
-    try:
-        attention = spec.submodules.self_attention.submodules
-    except AttributeError as error:
-        raise ValueError(f"spec has no self_attention.submodules.core_attention to replace: {error}") from None
-    attention.core_attention = USPAttention
+    if substitute_core_attention(spec) == 0:
+        raise ValueError("spec has no self_attention.submodules.core_attention to replace")
     return spec
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import USPConfig
 from ..groups import USPGroups
-from ..usp import USPSettings
 
 
 @dataclass(frozen=True)
 class USPState:
     groups: USPGroups
-    settings: USPSettings
-    check_every: Optional[int] = None
+    config: USPConfig
 
 
 _STATE: Optional[USPState] = None
@@ -49,18 +48,18 @@ def get_usp_groups() -> USPGroups:
 
 
 def get_usp_ring_impl() -> str:
-    return usp_state().settings.ring_impl
+    return usp_state().config.ring_impl
 
 
 def get_usp_attn_backend() -> str:
-    return usp_state().settings.backend
+    return usp_state().config.backend
 
 
 def get_usp_micro_q() -> Optional[int]:
-    return usp_state().settings.micro_q
+    return usp_state().config.micro_q
 
 
 def get_usp_check() -> Optional[int]:
     """``--usp-check``: None (off, also before :func:`.grid.initialize_model_parallel`: an opt-in check), 0 (each
     layer's first call) or N (and every N-th call)."""
-    return None if _STATE is None else _STATE.check_every
+    return None if _STATE is None else _STATE.config.check_every

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..megatron import (destroy_model_parallel, get_usp_groups, initialize_model_parallel, megatron_lm_cpu,
                         optimizer_load)
+from ..config import USPConfig
 from ..megatron.specs import get_gpt_decoder_block_local_spec
 from .args import configure
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -175,9 +176,7 @@ def main(argv=None, configured: Optional[tuple] = None) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     standins = megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA calls -> CPU; nothing with CUDA
     initialize_model_parallel(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, ulysses_degree=args.ulysses_degree,
-        ring_degree=args.ring_degree, ring_impl=args.usp_ring_impl, ulysses_inner=not args.usp_ring_inner,
-        attn_backend=args.usp_attn_backend, micro_q=args.usp_micro_q, usp_check=getattr(args, "usp_check", None),
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config=USPConfig.from_args(args),
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         create_gloo_process_groups=False,
     )
