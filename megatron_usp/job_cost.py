@@ -1,7 +1,7 @@
 """Memory of a whole Megatron job, per GPU: parameters, gradients, optimizer states and the activations a
 megatron-core ``GPTModel`` (local layer spec, USP core attention, no dropout) holds for backward.
 
-The one place these formulas live: ``tools/plan_usp.py`` imports them, ``tests/test_job_memory.py`` checks them
+The one place these formulas live: the planner (``megatron_usp.planner``) imports them, ``tests/test_job_memory.py`` checks them
 against the bytes megatron-core really saves (``torch.autograd.graph.saved_tensors_hooks``) and against the state
 sizes of its own optimizer.
 

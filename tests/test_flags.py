@@ -17,12 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_attention  # noqa: E402
-import plan_usp  # noqa: E402
 
+from megatron_usp import planner  # noqa: E402
 from megatron_usp.train import args as trainer_args  # noqa: E402
 from megatron_usp.train import loop as trainer_loop  # noqa: E402
 
-TOOLS = {"trainer": trainer_args.build_parser, "plan_usp": plan_usp.build_parser,
+TOOLS = {"trainer": trainer_args.build_parser, "plan_usp": planner.build_parser,
          "bench_attention": bench_attention.build_parser}
 # the smallest command line each tool runs with, before the flag under test
 BASE_ARGV = {"trainer": [], "plan_usp": ["--heads", "8", "--seq-len", "8192"], "bench_attention": []}
@@ -172,7 +172,7 @@ PLAN_PAIRS = [
 @pytest.mark.parametrize("argv,words", PLAN_PAIRS, ids=[" ".join(a) for a, _ in PLAN_PAIRS])
 def test_plan_usp_bad_pairs(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        plan_usp.main(BASE_ARGV["plan_usp"] + argv)
+        planner.main(BASE_ARGV["plan_usp"] + argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert all(word in err for word in words), err

@@ -189,14 +189,16 @@ def test_measure_hardware_writes_a_file_the_planner_reads(tmp_path):
                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     record = json.loads(out.read_text())
     hardware = record["hardware"]
-    import plan_usp
+    from dataclasses import fields
 
-    assert set(hardware) <= {f.name for f in plan_usp.fields(plan_usp.Hardware)}
+    from megatron_usp import planner
+
+    assert set(hardware) <= {f.name for f in fields(planner.Hardware)}
     for name in ("fwd_tflops", "bwd_tflops", "gemm_tflops", "memory_gbps", "intra_node_gbps", "optimizer_ns_per_param",
                  "layer_overhead_us"):
         assert 0 < hardware[name] < float("inf"), name
     assert 0 < hardware["causal_fraction"] < 1.5 and hardware["comm_overlaps_compute"] is False
     assert {kind for kind, _, _ in record["measured"]["link_samples"][0]} == {
         "send/recv", "all_gather", "reduce_scatter", "all_to_all", "all_reduce"}
-    args = plan_usp.build_parser().parse_args(["--gpu", "cpu", "--hardware", str(out)])
-    assert plan_usp.hardware_from_args(args).gemm_tflops == hardware["gemm_tflops"]
+    args = planner.build_parser().parse_args(["--gpu", "cpu", "--hardware", str(out)])
+    assert planner.hardware_from_args(args).gemm_tflops == hardware["gemm_tflops"]

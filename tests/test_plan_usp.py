@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import plan_usp as plan  # noqa: E402
+from megatron_usp import planner as plan
 
 H100 = plan.PRESETS["h100"]
 A100 = plan.PRESETS["a100"]
@@ -428,7 +426,7 @@ def test_measure_hardware_fits_and_merges():
     assert merged["hardware"] == {"name": "measured-cpu", "gpu_memory_gib": 64.0, "gemm_tflops": 0.2,
                                   "comm_overlaps_compute": False}
     assert merged["measured"]["range"]["gemm_tflops"] == [0.1, 0.3] and merged["measured"]["rounds"] == 3
-    assert set(merged["hardware"]) - {"name"} <= {f.name for f in plan.fields(plan.Hardware)}
+    assert set(merged["hardware"]) - {"name"} <= {f.name for f in fields(plan.Hardware)}
 
 
 def test_whole_job_ranking_on_one_rank_per_core():

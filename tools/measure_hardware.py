@@ -190,9 +190,8 @@ def elementwise_gbps(hardware: dict, layer_s: float, tokens: int, hidden: int, h
     attention and fixed overhead (each predicted from the figures measured above)."""
     from dataclasses import replace
 
-    from plan_usp import BACKWARD_FLOPS_FACTOR, ELEMENTWISE_PASSES, PRESETS, step_compute_ms
-
     from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes, layer_parameter_count
+    from megatron_usp.planner import BACKWARD_FLOPS_FACTOR, ELEMENTWISE_PASSES, PRESETS, step_compute_ms
 
     element = torch.empty((), dtype=dtype).element_size()
     shape = GPTShape(num_layers=1, hidden=hidden, heads=heads, kv_heads=heads, head_dim=hidden // heads,

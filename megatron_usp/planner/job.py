@@ -1,0 +1,378 @@
+"""The whole-job model, on ``megatron_usp.job_cost``: what a Megatron job adds to the attention grid
+(:class:`JobChoice`: PP and virtual stages, DP, recompute, the distributed optimizer, the batch), its memory per GPU
+and seconds per iteration (:func:`predict_job`), the job search (:func:`job_choices`, :func:`pipeline_splits` with
+:func:`uneven_split`, :func:`plan_job`), and when nothing fits, the floor no search can go under
+(:func:`states_floor`) and the smallest change that fits (:func:`smallest_change`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+from megatron_usp.job_cost import (
+    JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes, layer_parameter_count,
+    recompute_working_bytes, stage_layers, state_bytes,
+)
+from megatron_usp.layout import RING_IMPLS
+from megatron_usp.planner.hardware import Hardware
+from megatron_usp.planner.layer import (
+    BACKWARD_FLOPS_FACTOR, GIB, Cluster, ModelShape, ParallelConfig, Prediction, _transfer_ms,
+    attention_transient_bytes, feasibility_reason, gpt_shape, predict,
+)
+from megatron_usp.planner.search import IMPL_PREFERENCE, _divisors, impl_variants
+
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+DEFAULT_RESERVE_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
+OPTIMIZER_BYTES_PER_PARAM = 32  # fused Adam: read grad, master, 2 moments; write master, 2 moments, the parameter
+ELEMENTWISE_PASSES = 3  # a saved activation is written in the forward, read and its gradient written in the backward
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class JobChoice:
+    """What a whole Megatron job adds to the attention grid: PP, DP, recompute, optimizer, batch."""
+
+    pp: int = 1
+    dp: int = 1
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    distributed_optimizer: bool = True
+    micro_batch: int = 1
+    global_batch: int = 1
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    first_stage_layers: Optional[int] = None  # uneven stages: --decoder-first-pipeline-num-layers
+    last_stage_layers: Optional[int] = None  # --decoder-last-pipeline-num-layers
+
+    @property
+    def micro_batches(self) -> int:
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    def label(self) -> str:
+        rc = self.recompute if self.recompute != "full" else \
+            f"full {self.recompute_method}/{self.recompute_num_layers}"
+        vpp = f"x{self.virtual_stages}v" if self.virtual_stages > 1 else ""
+        if self.first_stage_layers is not None:
+            vpp += f"[{self.first_stage_layers}..{self.last_stage_layers}]"
+        return (f"PP={self.pp}{vpp} DP={self.dp} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
+                f"distopt={'on' if self.distributed_optimizer else 'off'}")
+
+
+@dataclass
+class JobPrediction:
+    attention: Prediction  # per layer, one micro-batch
+    job: JobChoice
+    feasible: bool = True
+    reason: str = ""
+    memory: Optional[JobMemory] = None
+    transient_gib: float = 0.0  # attention buffers + the recompute working set
+    memory_gib: float = 0.0
+    budget_gib: float = 0.0
+    layer_ms: float = 0.0  # one layer, one micro-batch, fwd + bwd (+ recompute)
+    gemm_ms: float = 0.0
+    recompute_ms: float = 0.0
+    elementwise_ms: float = 0.0
+    overhead_ms: float = 0.0  # the framework's fixed cost per layer
+    optimizer_ms: float = 0.0  # per iteration
+    p2p_ms: float = 0.0  # pipeline sends and receives of one stage, one micro-batch
+    stage_ms: float = 0.0  # the slowest stage, one micro-batch
+    bubble_ms: float = 0.0
+    grad_sync_ms: float = 0.0
+    iteration_s: float = 0.0
+
+    @property
+    def config(self) -> ParallelConfig:
+        return self.attention.config
+
+    def label(self) -> str:
+        return f"{self.attention.config.label()} {self.job.label()}"
+
+
+def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
+    return JobConfig(tp=config.tp, pp=choice.pp, ulysses=config.ulysses, ring=config.ring, dp=choice.dp,
+                     recompute=choice.recompute, recompute_method=choice.recompute_method,
+                     recompute_num_layers=choice.recompute_num_layers,
+                     distributed_optimizer=choice.distributed_optimizer, micro_batches=choice.micro_batches,
+                     sequence_parallel=config.tp > 1, virtual_stages=choice.virtual_stages,
+                     first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers)
+
+
+def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
+                reserve_gib: float = DEFAULT_RESERVE_GIB) -> JobPrediction:
+    """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
+    (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
+    + the DP x CP gradient reduction."""
+    mb_shape = replace(shape, micro_batch=choice.micro_batch)
+    gpt, job = gpt_shape(mb_shape), job_config(config, choice)
+    # the attention grid sees PP as more replicas: TP and the SP group are placed the same way
+    grid = replace(config, dp=choice.dp * choice.pp)
+    reason = check_job(gpt, job) or feasibility_reason(mb_shape, cluster, grid)
+    if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
+        reason = f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}"
+    attention = predict(mb_shape, cluster, hardware, grid, check=False)
+    result = JobPrediction(attention, choice, budget_gib=hardware.gpu_memory_gib - reserve_gib)
+    if reason:
+        result.feasible, result.reason = False, reason
+        return result
+    memory = job_memory(gpt, job)
+    result.memory = memory
+    result.transient_gib = (attention_transient_bytes(mb_shape, config) + recompute_working_bytes(gpt, job)) / GIB
+    result.memory_gib = memory.total / GIB + result.transient_gib
+
+    # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
+    tokens = choice.micro_batch * shape.seq_len / config.sp
+    layer_params = layer_parameter_count(gpt, job, norms=False)
+    gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
+    gemm_fwd = 2.0 * tokens * layer_params / (gemm_tflops * 1e12) * 1e3
+    result.gemm_ms = 3 * gemm_fwd
+    attn_fwd = attention.compute_ms / (1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
+    attn_fwd_all = attn_fwd + attention.a2a_ms / 2 + attention.ring_exposed_ms / 3
+    layers = stage_layers(gpt, job)
+    # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
+    if hardware.memory_gbps:
+        saved = sum(layer_activation_bytes(gpt, replace(job, recompute="none")).values())
+        result.elementwise_ms = ELEMENTWISE_PASSES * saved / (hardware.memory_gbps * 1e9) * 1e3
+    result.overhead_ms = hardware.layer_overhead_us / 1e3
+    if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
+        chunk = chunk_layers(gpt, job)
+        recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
+        result.recompute_ms = recomputed / chunk * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2
+                                                    + (result.elementwise_ms + result.overhead_ms) / 3)
+    elif choice.recompute == "selective":
+        result.recompute_ms = attn_fwd_all
+    result.layer_ms = (attention.total_ms + result.gemm_ms + result.recompute_ms + result.elementwise_ms
+                       + result.overhead_ms)
+    head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
+    if hardware.memory_gbps:  # the fp32 logits: softmax forward, its gradient backward
+        head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / config.tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
+    if choice.pp > 1:  # each model chunk sends its output forward and receives its gradient back (p2p, not hidden)
+        per_send = tokens * gpt.hidden * gpt.dtype_bytes / (config.tp if job.sequence_parallel else 1)
+        crosses = cluster.world // choice.pp >= cluster.gpus_per_node  # PP is megatron-core's outermost group
+        result.p2p_ms = 2 * choice.virtual_stages * _transfer_ms(
+            per_send, hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
+            hardware.inter_latency_us if crosses else hardware.intra_latency_us)
+    result.stage_ms = layers * result.layer_ms + head_ms + result.p2p_ms
+    m = choice.micro_batches
+    result.bubble_ms = (choice.pp - 1) / choice.virtual_stages * result.stage_ms
+    # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
+    # optimizer, all-reduce without), not overlapped with the backward here
+    group = choice.dp * config.sp
+    if group > 1:
+        stage_params = memory.params / gpt.dtype_bytes
+        crosses = config.tp * group > cluster.gpus_per_node
+        gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
+        fraction = (group - 1) / group
+        moved = stage_params * fraction * (FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer
+                                           else 2 * FP32_BYTES)
+        result.grad_sync_ms = moved / (gbps * 1e9) * 1e3
+    # the optimizer step over this rank's parameters (its DP x CP shard with the distributed optimizer)
+    per_param = hardware.optimizer_ns_per_param or (
+        OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
+    shards = choice.dp * config.sp if choice.distributed_optimizer else 1
+    result.optimizer_ms = memory.params / gpt.dtype_bytes / shards * per_param / 1e6
+    result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms + result.optimizer_ms) / 1e3
+    if result.memory_gib > result.budget_gib:
+        result.feasible = False
+        result.reason = f"memory: {memory_breakdown(result)}"
+    return result
+
+
+def memory_breakdown(p: JobPrediction) -> str:
+    m = p.memory
+    return (f"params {m.params / GIB:.1f} + grads {m.grads / GIB:.1f} + optimizer {m.optimizer / GIB:.1f} + "
+            f"activations {m.activations / GIB:.1f} ({m.in_flight} micro-batch(es) in flight on stage {m.stage}) + "
+            f"transient {p.transient_gib:.1f} = {p.memory_gib:.1f} GiB "
+            f"{'<=' if p.memory_gib <= p.budget_gib else '>'} {p.budget_gib:.1f} GiB")
+
+
+def uneven_split(layers: int, pp: int) -> Optional[tuple[int, int]]:
+    """``(first, last)`` stage layers for a PP that does not divide the layers (Megatron-LM's
+    --decoder-first/last-pipeline-num-layers): the middle stages take ceil(layers / PP) each, as many as fit, and
+    the end stages split the rest, the last (which also holds the output layer and loss) the smaller part. None
+    when PP > layers."""
+    if pp < 2 or pp > layers:
+        return None
+    for middle in range(-(-layers // pp), 0, -1):
+        rest = layers - middle * (pp - 2)
+        if rest >= 2:
+            return rest - rest // 2, rest // 2
+    return None
+
+
+def pipeline_splits(layers: int, world_over_tp_sp: int,
+                    pp_choices: Optional[Sequence[int]]) -> list[tuple[int, Optional[tuple[int, int]]]]:
+    """``(PP, uneven (first, last) or None)`` for each PP of ``pp_choices`` (None: every divisor of the GPUs left
+    for PP x DP, up to the layers) that divides those GPUs: an even split where PP divides the layers, else
+    :func:`uneven_split`."""
+    splits = []
+    for pp in pp_choices or [p for p in _divisors(world_over_tp_sp) if p <= layers]:
+        if world_over_tp_sp % pp:
+            continue
+        uneven = None if layers % pp == 0 else uneven_split(layers, pp)
+        if layers % pp == 0 or uneven is not None:
+            splits.append((pp, uneven))
+    return splits
+
+
+def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Optional[Sequence[int]],
+                recomputes: Sequence[str], distributed_optimizers: Sequence[bool], micro_batches: Sequence[int],
+                global_batch: int, virtual_stages: Optional[Sequence[int]] = (1,)) -> list[JobChoice]:
+    """``pp_choices``: None = every PP the GPUs allow (uneven stages where it does not divide the layers);
+    ``virtual_stages``: model chunks per pipeline rank to try (None: every divisor of the layers per stage; uneven
+    stages are planned without them)."""
+    choices = []
+    layers = shape.num_layers or 1
+    for pp, uneven in pipeline_splits(layers, world_over_tp_sp, pp_choices):
+        dp = world_over_tp_sp // pp
+        first, last = uneven or (None, None)
+        for vpp in (virtual_stages or _divisors(layers // pp)) if pp > 1 and uneven is None else (1,):
+            if layers % (pp * vpp) and uneven is None:
+                continue
+            if uneven:  # the fullest stage (recompute blocks are sized from it)
+                chunk = max(first, last, (layers - first - last) // (pp - 2) if pp > 2 else 0)
+            else:
+                chunk = layers // (pp * vpp)
+            for mbs in micro_batches:
+                if global_batch % (dp * mbs):
+                    continue
+                for recompute in recomputes:
+                    # full: uniform chunks of 1 layer (least memory); block over half a model chunk (less recompute)
+                    variants = [("uniform", 1)] if recompute != "full" else [("uniform", 1), ("block", chunk // 2)]
+                    for method, count in variants:
+                        if count < 1:
+                            continue
+                        for distopt in distributed_optimizers:
+                            choices.append(JobChoice(pp, dp, recompute, method, count, distopt, mbs, global_batch,
+                                                     vpp, first, last))
+    return choices
+
+
+def plan_job(
+    shape: ModelShape,
+    cluster: Cluster,
+    hardware: Hardware,
+    *,
+    tp_choices: Sequence[int],
+    ring_impls: Sequence[str] = RING_IMPLS,
+    orders: Sequence[bool] = (True,),
+    pp_choices: Optional[Sequence[int]] = None,
+    recomputes: Sequence[str] = RECOMPUTE_CHOICES,
+    distributed_optimizers: Sequence[bool] = (True, False),
+    micro_batches: Sequence[int] = (1,),
+    global_batch: int = 0,
+    reserve_gib: float = DEFAULT_RESERVE_GIB,
+    virtual_stages: Optional[Sequence[int]] = (1,),
+    micro_qs: Sequence[Optional[int]] = (None,),
+) -> tuple[list[JobPrediction], list[JobPrediction]]:
+    """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world."""
+    global_batch = global_batch or cluster.world
+    feasible, infeasible = [], []
+    for tp in tp_choices:
+        if cluster.world % tp or cluster.gpus_per_node % tp:
+            continue
+        for sp in _divisors(cluster.world // tp):
+            rest = cluster.world // (tp * sp)
+            choices = job_choices(shape, rest, pp_choices=pp_choices, recomputes=recomputes,
+                                  distributed_optimizers=distributed_optimizers, micro_batches=micro_batches,
+                                  global_batch=global_batch, virtual_stages=virtual_stages)
+            for u in _divisors(sp):
+                for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
+                    for inner in orders:
+                        if not inner and (u == 1 or sp // u == 1):
+                            continue
+                        config = ParallelConfig(tp, u, sp // u, impl, 1, inner, micro_q)
+                        for choice in choices:
+                            p = predict_job(shape, cluster, hardware, config, choice, reserve_gib)
+                            (feasible if p.feasible else infeasible).append(p)
+    feasible.sort(key=lambda p: (round(p.iteration_s, 9), p.memory_gib, IMPL_PREFERENCE.index(p.config.ring_impl)
+                                 if p.config.ring_impl in IMPL_PREFERENCE else len(IMPL_PREFERENCE)))
+    return feasible, infeasible
+
+
+def states_floor(shape: ModelShape, cluster: Cluster) -> Optional[tuple[float, int, int]]:
+    """``(GiB, TP, PP)``: the least parameters + fp32 gradients a rank of the fullest pipeline stage holds over every
+    TP (inside a node) and PP (dividing the GPUs per TP group; uneven stages where it does not divide the layers)
+    of ``cluster``. No DP, CP, recompute or
+    optimizer sharding reduces them, so a job whose floor exceeds the budget cannot fit however it is searched.
+    None when no TP x PP fits the cluster."""
+    gpt, best = gpt_shape(shape), None
+    for tp in _divisors(cluster.gpus_per_node):
+        if cluster.world % tp:
+            continue
+        for pp, uneven in pipeline_splits(gpt.num_layers, cluster.world // tp, None):
+            first, last = uneven or (None, None)
+            job = JobConfig(tp=tp, pp=pp, first_stage_layers=first, last_stage_layers=last)
+            states = max(sum(state_bytes(gpt, job, stage)[part] for part in ("params", "grads"))
+                         for stage in (0, pp // 2, pp - 1))  # the embedding / output stages, and a middle one
+            if best is None or states < best[0]:
+                best = (states, tp, pp)
+    return None if best is None else (best[0] / GIB, best[1], best[2])
+
+
+def _floor_reason(shape: ModelShape, cluster: Cluster, budget_gib: float) -> Optional[str]:
+    """Why no search on ``cluster`` (any restriction lifted) can fit, or None when the floor fits."""
+    floor = states_floor(shape, cluster)
+    if floor is not None and floor[0] <= budget_gib:
+        return None
+    if floor is None:
+        return f"no TP x PP divides {cluster.world} GPUs and {shape.num_layers} layers"
+    gib, tp, pp = floor
+    return (f"parameters + fp32 gradients alone need {gib:.1f} GiB per GPU at best (TP {tp}, PP {pp} of the "
+            f"{cluster.world // tp} GPUs per TP group) > {budget_gib:.1f} GiB on {cluster.world} GPUs")
+
+
+def smallest_change(shape: ModelShape, cluster: Cluster, hardware: Hardware, infeasible: Sequence[JobPrediction],
+                    **search) -> list[str]:
+    """When nothing fits: the least-memory job and its arithmetic, then the smallest change that makes one fit:
+    lifting the user's restrictions (recompute, then PP, the distributed optimizer, TP), more nodes (x2, x4, x8)
+    or a shorter sequence (halved, down to 1/8); else 'cannot fit'. Searches that cannot succeed are skipped:
+    where the parameters and gradients alone exceed the budget (:func:`states_floor`), neither lifting a
+    restriction, a shorter sequence nor that many more nodes help, so the answer comes as fast as a feasible one."""
+    lines = []
+    sized = [p for p in infeasible if p.memory is not None]
+    if sized:
+        least = min(sized, key=lambda p: p.memory_gib)
+        lines.append(f"least memory: {least.label()}: {memory_breakdown(least)}")
+    else:
+        lines.append("no grid passes the divisibility rules; first reason: " + (infeasible[0].reason if infeasible else "-"))
+    budget = hardware.gpu_memory_gib - search.get("reserve_gib", DEFAULT_RESERVE_GIB)
+    here = _floor_reason(shape, cluster, budget)
+    if here is not None:
+        largest = Cluster(cluster.gpus_per_node, cluster.nodes * 8)
+        beyond = _floor_reason(shape, largest, budget)
+        if beyond is not None:
+            return lines + [f"cannot fit: {here}; with 8x the nodes: {beyond}"]
+    # lift the user's restrictions one after another: recompute, then PP, the distributed optimizer, TP
+    relaxed, lifted = dict(search), []
+    for name, key, value in () if here is not None else (("--recompute auto", "recomputes", RECOMPUTE_CHOICES), ("--pp auto", "pp_choices", None),
+                             ("--distributed-optimizer auto", "distributed_optimizers", (True, False)),
+                             ("--tp auto", "tp_choices", _divisors(cluster.gpus_per_node))):
+        if key in relaxed and relaxed[key] != value and tuple(relaxed[key] or ()) != tuple(value or ()):
+            relaxed[key] = value
+            lifted.append(name)
+            ranked, _ = plan_job(shape, cluster, hardware, **relaxed)
+            if ranked:
+                return lines + [f"fits with {' '.join(lifted)}: {ranked[0].label()}, {ranked[0].memory_gib:.1f} GiB, "
+                                f"{ranked[0].iteration_s:.2f} s/iteration"]
+    search = relaxed
+    for factor in (2, 4, 8):
+        bigger = Cluster(cluster.gpus_per_node, cluster.nodes * factor)
+        if _floor_reason(shape, bigger, budget) is not None:
+            continue
+        ranked, _ = plan_job(shape, bigger, hardware, **search)
+        if ranked:
+            lines.append(f"fits with {bigger.nodes} nodes ({bigger.world} GPUs): {ranked[0].label()}, "
+                         f"{ranked[0].memory_gib:.1f} GiB, {ranked[0].iteration_s:.2f} s/iteration")
+            break
+    for factor in (2, 4, 8) if here is None else ():  # a shorter sequence leaves the parameters as they are
+        shorter = replace(shape, seq_len=shape.seq_len // factor)
+        ranked, _ = plan_job(shorter, cluster, hardware, **search)
+        if ranked:
+            lines.append(f"fits at seq {shorter.seq_len} on {cluster.nodes} nodes: {ranked[0].label()}, "
+                         f"{ranked[0].memory_gib:.1f} GiB")
+            break
+    if len(lines) == 1:
+        lines.append("cannot fit: no grid, recompute, PP or optimizer setting, up to 8x the nodes or 1/8 of the "
+                     "sequence, brings memory under the budget")
+    elif lifted:
+        lines.insert(1, f"with {' '.join(lifted)}:")
+    return lines

@@ -1,0 +1,432 @@
+"""The attention-layer model: one transformer layer's forward + backward on the slowest rank of one SP group, for a
+given (TP, ulysses u, ring r, ring_impl): the problem (:class:`ModelShape`, :class:`Cluster`,
+:class:`ParallelConfig`), the kernel calls of each ring step or MQSP micro-chunk taken from the library's schedules,
+the all-to-all, ring and TP traffic and where it runs (NVLink or IB), the feasibility rules, the activation memory,
+and :func:`predict`, which puts them together into a :class:`Prediction`."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from megatron_usp.cost import block_pairs
+from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes
+from megatron_usp.layout import check_seq_len
+from megatron_usp.plan import attention_plan
+from megatron_usp.planner.hardware import Hardware
+from megatron_usp.ulysses import check_head_counts, kv_replication
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+ACCUMULATION_BYTES = 4  # lse, dq and the travelling dK/dV are fp32
+BACKWARD_FLOPS_FACTOR = 2.5  # flash-attention backward (with its recomputation) vs forward
+A2A_CALLS = (("q,k,v", "qkv"), ("out", "q"))  # per direction: what each all-to-all carries (heads of q or q+2kv)
+TP_COLLECTIVES_PER_LAYER = 8  # sequence-parallel TP: all-gather + reduce-scatter x (attention, MLP) x (fwd, bwd)
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention problem of one layer."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seq_len: int
+    hidden: int = 0  # 0: heads * head_dim
+    num_layers: Optional[int] = None
+    micro_batch: int = 1
+    dtype: str = "bf16"
+    causal: bool = True
+    # the rest of the GPT, for whole-job planning (0: attention-only planning, as before)
+    ffn_hidden: int = 0
+    vocab: int = 0
+    gated_mlp: bool = True  # SwiGLU
+    rmsnorm: bool = True
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden or self.heads * self.head_dim
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpus_per_node: int
+    nodes: int
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int
+    ulysses: int
+    ring: int
+    ring_impl: str
+    dp: int = 1
+    ulysses_inner: bool = True
+    micro_q: Optional[int] = None  # mqsp: query rows per micro-chunk (None: all of a rank's rows at once)
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    def usp_flags(self) -> str:
+        text = f"--ulysses-degree {self.ulysses} --ring-degree {self.ring} --usp-ring-impl {self.ring_impl}"
+        text += "" if self.micro_q is None else f" --usp-micro-q {self.micro_q}"
+        return text + ("" if self.ulysses_inner else " --usp-ring-inner")
+
+    def flags(self) -> str:
+        return f"--tensor-model-parallel-size {self.tp} {self.usp_flags()}"
+
+    def label(self) -> str:
+        order = "" if self.ulysses_inner else " ring-inner"
+        micro = "" if self.micro_q is None else f"/{self.micro_q}"
+        return f"TP={self.tp} u={self.ulysses} r={self.ring} {self.ring_impl}{micro}{order}"
+
+
+@dataclass
+class Prediction:
+    """Predicted cost of one config; times in ms per layer (fwd + bwd), memory in GiB per GPU."""
+
+    config: ParallelConfig
+    feasible: bool = True
+    reason: str = ""
+    total_ms: float = 0.0
+    compute_ms: float = 0.0
+    a2a_ms: float = 0.0
+    ring_comm_ms: float = 0.0  # time the ring's transfers take
+    ring_exposed_ms: float = 0.0  # the part of it not hidden behind compute
+    tp_ms: float = 0.0
+    memory_gib: float = 0.0
+    imbalance: float = 1.0  # critical-path causal work / mean work
+    a2a_link: str = "-"
+    ring_link: str = "-"
+    kv_replication: int = 1
+    a2a_bytes: float = 0.0  # one direction, one rank, all calls
+    ring_step_bytes: float = 0.0  # K/V block per step (pass K/V) or per rank (allgather)
+    ring_step_compute_ms: float = 0.0  # mean forward compute per ring step
+    ring_step_comm_ms: float = 0.0  # forward K/V transfer per step
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exposed_comm_ms(self) -> float:
+        return self.a2a_ms + self.ring_exposed_ms + self.tp_ms
+
+
+BlockShape = tuple[int, int, bool]  # (query rows, K/V rows, causal square)
+
+
+def kernel_efficiency(block: BlockShape, half_efficiency_tokens: float) -> float:
+    """Fraction of the long-sequence TFLOPS a kernel reaches on a block with ``cols`` keys: L / (L + L0).
+    (FA2 forward, A100, d=128: ~0.5 of its peak at 512 tokens, ~0.8 at 2K, ~0.95 at 8K: L0 ~ 450-500.)"""
+    keys = block[1]
+    return keys / (keys + half_efficiency_tokens)
+
+
+@functools.lru_cache(maxsize=4096)
+def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
+    """``blocks[step][ring_rank]``: the kernel calls of each rank at each step, from the library's ring schedules."""
+    schedules = [attention_plan(seq_len, ulysses, ring, rank, ring_impl, causal, None, None).schedule
+                 for rank in range(ring)]
+    if schedules[0].transport == "allgather":  # its steps are buffers, not synchronised ring steps: one step
+        return (tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal)
+                            for step in sched.steps for b in step.blocks) for sched in schedules),)
+    return tuple(
+        tuple(
+            tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in sched.steps[step].blocks)
+            for sched in schedules
+        )
+        for step in range(len(schedules[0].steps))
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool,
+                      micro_q: Optional[int]) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
+    """``blocks[chunk][ring_rank]``: MQSP's kernel calls per micro-chunk (gathered queries x own K/V), from the
+    library's plan; the chunk's collectives make the ranks wait for each other, like ring steps."""
+    plans = [attention_plan(seq_len, ulysses, ring, rank, "mqsp", causal, micro_q, None).mqsp for rank in range(ring)]
+    return tuple(
+        tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in plan.blocks[chunk])
+              for plan in plans)
+        for chunk in range(len(plans[0].chunks))
+    )
+
+
+def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool):
+    """Kernel calls per synchronised step and ring rank: ring steps (pass K/V) or MQSP micro-chunks (pass Q)."""
+    if config.ring_impl == "mqsp":
+        return mqsp_chunk_blocks(seq_len, config.ulysses, config.ring, causal, config.micro_q)
+    return schedule_blocks(config.ring_impl, seq_len, config.ulysses, config.ring, causal)
+
+
+def load_imbalance(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool,
+                   micro_q: Optional[int] = None) -> float:
+    """Critical-path work / mean work per ring rank, ranks stepping together (the slowest rank sets each step)."""
+    steps = attention_blocks(ParallelConfig(1, ulysses, ring, ring_impl, micro_q=micro_q), seq_len, causal)
+    work = [[sum(block_pairs(*b) for b in rank_blocks) for rank_blocks in step] for step in steps]
+    critical = sum(max(step) for step in work)
+    mean = sum(sum(step) for step in work) / ring
+    return critical / mean
+
+
+def step_compute_ms(
+    steps: tuple[tuple[tuple[BlockShape, ...], ...], ...], flops_per_pair: float, tflops: float, hardware: "Hardware"
+) -> list[float]:
+    """Per step, the slowest rank's kernel time: pairs x FLOPs / (TFLOPS x efficiency) + per-call overhead."""
+    def rank_ms(blocks: tuple[BlockShape, ...]) -> float:
+        return sum(
+            (b[0] * b[1] * hardware.causal_fraction if b[2] else block_pairs(*b)) * flops_per_pair
+            / (tflops * 1e12 * kernel_efficiency(b, hardware.half_efficiency_tokens)) * 1e3
+            + hardware.kernel_overhead_us / 1e3
+            for b in blocks
+        )
+    return [max(rank_ms(blocks) for blocks in step) for step in steps]
+
+
+def kv_heads_per_tp_rank_after_replication(shape: ModelShape, tp: int, ulysses: int) -> int:
+    kv_per_tp = shape.kv_heads // tp
+    return kv_per_tp * kv_replication(kv_per_tp, ulysses)
+
+
+def ulysses_a2a_bytes(shape: ModelShape, tp: int, ulysses: int, ring: int) -> dict[str, float]:
+    """Bytes one rank sends in each forward all-to-all (the backward sends the same): (u-1)/u of its tensors."""
+    if ulysses == 1:
+        return {name: 0.0 for name, _ in A2A_CALLS}
+    tokens = shape.micro_batch * shape.seq_len / (ulysses * ring)
+    q_heads = shape.heads / tp
+    kv_heads = kv_heads_per_tp_rank_after_replication(shape, tp, ulysses)
+    heads = {"qkv": q_heads + 2 * kv_heads, "q": q_heads}
+    fraction = (ulysses - 1) / ulysses
+    return {name: fraction * tokens * heads[kind] * shape.head_dim * shape.dtype_bytes for name, kind in A2A_CALLS}
+
+
+def ring_kv_block_bytes(shape: ModelShape, tp: int, ulysses: int, ring: int, element_bytes: int) -> float:
+    """One ring rank's K/V (or dK/dV) after the all-to-all: s/r tokens x (kv heads / u) x d, K and V."""
+    kv_heads = kv_heads_per_tp_rank_after_replication(shape, tp, ulysses) / ulysses
+    return 2.0 * shape.micro_batch * (shape.seq_len / ring) * kv_heads * shape.head_dim * element_bytes
+
+
+def mqsp_query_bytes(shape: ModelShape, config: ParallelConfig) -> float:
+    """One rank's query rows of one MQSP micro-chunk (heads / (TP u) after the all-to-all)."""
+    rows = mqsp_rows(shape.seq_len, config)
+    return shape.micro_batch * rows * shape.heads / (config.tp * config.ulysses) * shape.head_dim * shape.dtype_bytes
+
+
+def mqsp_rows(seq_len: int, config: ParallelConfig) -> int:
+    local = seq_len // config.ring
+    return min(config.micro_q or local, local)
+
+
+def mqsp_chunk_comm_ms(shape: ModelShape, config: ParallelConfig, gbps: float, latency_us: float) -> float:
+    """Collectives of one MQSP micro-chunk, forward + backward, ring of r ranks, per-rank piece P: all-gather and
+    reduce-scatter (r-1)(latency + P/bw), all-reduce twice that. Forward: gather q, all-reduce the row max and
+    the sum of exp (fp32 lse rows), reduce-scatter the fp32 weighted output; backward: gather q, dout, out, gather
+    lse, reduce-scatter the fp32 dq (mqsp.py)."""
+    r = config.ring
+    q = mqsp_query_bytes(shape, config)
+    fp32_rows = q / (shape.dtype_bytes * shape.head_dim) * ACCUMULATION_BYTES  # lse: one fp32 per row and head
+    fp32_q = q / shape.dtype_bytes * ACCUMULATION_BYTES
+
+    def piece(nbytes: float) -> float:  # all-gather / reduce-scatter of a per-rank piece
+        return (r - 1) * (latency_us / 1e3 + nbytes / (gbps * 1e9) * 1e3)
+
+    forward = piece(q) + 2 * 2 * piece(fp32_rows) + piece(fp32_q)
+    backward = piece(3 * q) + piece(fp32_rows) + piece(fp32_q)
+    return forward + backward
+
+
+def _rank_of(cluster: Cluster, config: ParallelConfig, ulysses_rank: int, ring_rank: int, tp_rank: int = 0) -> int:
+    """Global rank (TP innermost, then the SP group in its order, DP outermost; DP replica 0)."""
+    if config.ulysses_inner:
+        sp_rank = ring_rank * config.ulysses + ulysses_rank
+    else:
+        sp_rank = ulysses_rank * config.ring + ring_rank
+    return sp_rank * config.tp + tp_rank
+
+
+def placement(cluster: Cluster, config: ParallelConfig) -> tuple[int, int, bool]:
+    """(largest number of a rank's ulysses peers in its own node, ... in other nodes, ring crosses nodes)."""
+    node = lambda rank: rank // cluster.gpus_per_node  # noqa: E731
+    worst_intra, worst_inter = 0, 0
+    for ring_rank in range(config.ring):
+        members = [node(_rank_of(cluster, config, i, ring_rank)) for i in range(config.ulysses)]
+        for mine in members:
+            inter = sum(1 for other in members if other != mine)
+            if inter >= worst_inter:
+                worst_inter, worst_intra = inter, config.ulysses - 1 - inter
+    ring_crosses = any(
+        node(_rank_of(cluster, config, i, j)) != node(_rank_of(cluster, config, i, (j + 1) % config.ring))
+        for i in range(config.ulysses)
+        for j in range(config.ring)
+    )
+    return worst_intra, worst_inter, ring_crosses
+
+
+def _transfer_ms(nbytes: float, gbps: float, latency_us: float) -> float:
+    return 0.0 if nbytes <= 0 else latency_us / 1e3 + nbytes / (gbps * 1e9) * 1e3
+
+
+def feasibility_reason(shape: ModelShape, cluster: Cluster, config: ParallelConfig) -> str:
+    """Why ``config`` cannot run (empty string when it can), by the library's and Megatron's rules."""
+    if cluster.gpus_per_node % config.tp != 0:
+        return f"TP {config.tp} must divide the {cluster.gpus_per_node} GPUs per node"
+    if config.tp * config.sp * config.dp != cluster.world:
+        return f"TP {config.tp} x u {config.ulysses} x r {config.ring} x DP {config.dp} != {cluster.world} GPUs"
+    if shape.heads % config.tp != 0:
+        return f"heads ({shape.heads}) not divisible by TP {config.tp}"
+    if shape.kv_heads % config.tp != 0:
+        return f"kv heads ({shape.kv_heads}) not divisible by TP {config.tp}"
+    try:
+        check_head_counts(shape.heads // config.tp, shape.kv_heads // config.tp, config.ulysses)
+    except ValueError as error:
+        return f"per TP rank: {error}"
+    try:
+        check_seq_len(shape.seq_len, config.ulysses, config.ring, config.ring_impl)
+    except ValueError as error:
+        return str(error)
+    if config.micro_q is not None and config.ring_impl != "mqsp":
+        return f"micro_q {config.micro_q} needs ring_impl mqsp"
+    return ""
+
+
+def gpt_shape(shape: ModelShape, micro_batch: Optional[int] = None) -> GPTShape:
+    """The job_cost view of ``shape``; without --ffn-hidden: a GPT MLP of 4 x hidden (GELU), no vocabulary."""
+    return GPTShape(num_layers=shape.num_layers or 1, hidden=shape.hidden_size, heads=shape.heads,
+                    kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                    ffn_hidden=shape.ffn_hidden or 4 * shape.hidden_size, vocab=shape.vocab, seq_len=shape.seq_len,
+                    micro_batch=micro_batch or shape.micro_batch, dtype_bytes=shape.dtype_bytes,
+                    gated_mlp=bool(shape.ffn_hidden) and shape.gated_mlp, rmsnorm=shape.rmsnorm)
+
+
+def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> float:
+    """The largest buffers one attention call holds while it runs (not saved for backward)."""
+    dt = shape.dtype_bytes
+    q_bytes = shape.micro_batch * shape.seq_len / config.ring * shape.heads / (config.tp * config.ulysses) \
+        * shape.head_dim * dt
+    kv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, dt)
+    dkv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, ACCUMULATION_BYTES)
+    dq_accumulator = q_bytes / dt * ACCUMULATION_BYTES
+    if config.ring_impl == "allgather" and config.ring > 1:
+        return config.ring * (kv_block + dkv_block) + dq_accumulator  # gathered K/V and its fp32 gradient
+    if config.ring_impl == "mqsp" and config.ring > 1:
+        # backward of one chunk: gathered q, dout, out (r x the rank's rows) + their fp32 dq part, lse; local
+        # fp32 dK/dV accumulators; the fp32 dq of the rank's rows
+        gathered = config.ring * mqsp_query_bytes(shape, config)
+        return 3 * gathered + gathered / dt * ACCUMULATION_BYTES * (1 + 1 / shape.head_dim) + dkv_block + dq_accumulator
+    return 2 * kv_block + 3 * dkv_block + dq_accumulator  # current + incoming K/V; dK/dV in flight
+
+
+def memory_gib(shape: ModelShape, config: ParallelConfig) -> float:
+    """Activations one GPU holds without recompute or PP (megatron_usp.job_cost, sequence parallel with TP):
+    saved per layer x layers, plus one attention call's transient buffers."""
+    job = JobConfig(tp=config.tp, ulysses=config.ulysses, ring=config.ring, sequence_parallel=config.tp > 1)
+    per_layer = sum(layer_activation_bytes(gpt_shape(shape), job).values())
+    return ((shape.num_layers or 1) * per_layer + attention_transient_bytes(shape, config)) / GIB
+
+
+def predict(
+    shape: ModelShape,
+    cluster: Cluster,
+    hardware: Hardware,
+    config: ParallelConfig,
+    *,
+    other_memory_gib: Optional[float] = None,
+    check: bool = True,
+) -> Prediction:
+    """Predicted ms per layer (fwd + bwd) of ``config``; ``check=False`` skips the feasibility rules."""
+    prediction = Prediction(config)
+    if check:
+        reason = feasibility_reason(shape, cluster, config)
+        if reason:
+            return replace(prediction, feasible=False, reason=reason)
+    u, r, tp = config.ulysses, config.ring, config.tp
+    intra_peers, inter_peers, ring_crosses = placement(cluster, config)
+
+    # attention compute, from the schedules
+    steps = attention_blocks(config, shape.seq_len, shape.causal)
+    heads_per_rank = shape.heads / (tp * u)
+    flops_per_pair = 4.0 * shape.micro_batch * heads_per_rank * shape.head_dim
+    fwd_steps = step_compute_ms(steps, flops_per_pair, hardware.fwd_tflops, hardware)
+    bwd_steps = step_compute_ms(steps, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, hardware)
+    prediction.compute_ms = sum(fwd_steps) + sum(bwd_steps)
+    prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal, config.micro_q)
+
+    # Ulysses all-to-all
+    prediction.kv_replication = kv_replication(shape.kv_heads // tp, u)
+    if u > 1:
+        per_call = ulysses_a2a_bytes(shape, tp, u, r)
+        latency = hardware.inter_latency_us if inter_peers else hardware.intra_latency_us
+        a2a_fwd = 0.0
+        for nbytes in per_call.values():
+            intra_bytes = nbytes * intra_peers / (u - 1)
+            inter_bytes = nbytes * inter_peers / (u - 1)
+            a2a_fwd += latency / 1e3 + max(intra_bytes / hardware.intra_node_gbps, inter_bytes / hardware.inter_node_gbps) / 1e6
+        prediction.a2a_ms = 2 * a2a_fwd
+        prediction.a2a_bytes = sum(per_call.values())
+        prediction.a2a_link = "IB" if inter_peers else "NVLink"
+
+    # ring
+    if r > 1:
+        gbps = hardware.inter_node_gbps if ring_crosses else hardware.intra_node_gbps
+        latency = hardware.inter_latency_us if ring_crosses else hardware.intra_latency_us
+        prediction.ring_link = "IB" if ring_crosses else "NVLink"
+        kv_block = ring_kv_block_bytes(shape, tp, u, r, shape.dtype_bytes)
+        dkv_block = ring_kv_block_bytes(shape, tp, u, r, ACCUMULATION_BYTES)
+        prediction.ring_step_bytes = kv_block
+        if config.ring_impl == "mqsp":  # pass Q: per chunk, collectives the chunk's kernels wait for
+            comm = mqsp_chunk_comm_ms(shape, config, gbps, latency)
+            prediction.ring_comm_ms = prediction.ring_exposed_ms = len(steps) * comm
+            prediction.ring_step_bytes = mqsp_query_bytes(shape, config)
+            prediction.ring_step_comm_ms = comm
+            prediction.ring_step_compute_ms = sum(fwd_steps) / len(steps)
+        elif config.ring_impl == "allgather":
+            gather = (r - 1) * _transfer_ms(kv_block, gbps, latency)
+            scatter = (r - 1) * _transfer_ms(dkv_block, gbps, latency)
+            prediction.ring_comm_ms = prediction.ring_exposed_ms = 2 * gather + scatter  # gathered again in bwd
+            prediction.ring_step_comm_ms = gather
+            prediction.ring_step_compute_ms = fwd_steps[0]
+        else:
+            kv_ms = _transfer_ms(kv_block, gbps, latency)
+            both = max if hardware.comm_overlaps_compute else (lambda c, comm: c + comm)
+            fwd_ms = sum(both(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
+            bwd_ms, bwd_comm = 0.0, 0.0
+            for s, c in enumerate(bwd_steps):  # K/V for the next step and dK/dV of the previous share the link
+                moving = (kv_block if s < r - 1 else 0.0) + (dkv_block if s > 0 else 0.0)
+                comm = _transfer_ms(moving, gbps, latency)
+                bwd_ms += both(c, comm)
+                bwd_comm += comm
+            last_dkv_home = _transfer_ms(dkv_block, gbps, latency)
+            bwd_ms += last_dkv_home
+            prediction.ring_comm_ms = (r - 1) * kv_ms + bwd_comm + last_dkv_home
+            prediction.ring_exposed_ms = fwd_ms + bwd_ms - prediction.compute_ms
+            prediction.ring_step_comm_ms = kv_ms
+            prediction.ring_step_compute_ms = sum(fwd_steps) / r
+
+    # Megatron TP collectives of the layer (sequence parallel), inside the node
+    if tp > 1:
+        gathered = shape.micro_batch * shape.seq_len / config.sp * shape.hidden_size * shape.dtype_bytes
+        one = (tp - 1) * hardware.intra_latency_us / 1e3 + (tp - 1) / tp * gathered / (hardware.intra_node_gbps * 1e6)
+        prediction.tp_ms = TP_COLLECTIVES_PER_LAYER * one
+
+    prediction.total_ms = prediction.compute_ms + prediction.exposed_comm_ms
+    prediction.memory_gib = memory_gib(shape, config)
+    budget = hardware.gpu_memory_gib - (hardware.gpu_memory_gib / 2 if other_memory_gib is None else other_memory_gib)
+    if check and prediction.memory_gib > budget:
+        prediction.feasible = False
+        layers = f"{shape.num_layers} layers" if shape.num_layers else "1 layer"
+        prediction.reason = (f"memory: activations of {layers} need {prediction.memory_gib:.1f} GiB > "
+                             f"{budget:.1f} GiB left for them")
+    if prediction.kv_replication > 1:
+        prediction.notes.append(f"kv heads x{prediction.kv_replication} (replicated)")
+    if prediction.a2a_link == "IB":
+        prediction.notes.append("a2a crosses nodes")
+    if shape.causal and prediction.imbalance > 1.01:
+        prediction.notes.append(f"causal imbalance {prediction.imbalance:.2f}x")
+    return prediction

@@ -1,0 +1,70 @@
+"""The attention grid search: every (TP, u, r, ring_impl, micro_q, order) a cluster allows
+(:func:`enumerate_configs`), each predicted by the layer model and ranked fastest first (:func:`plan`), with the
+divisor and impl helpers the whole-job search shares."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from megatron_usp.layout import RING_IMPLS
+from megatron_usp.planner.hardware import Hardware
+from megatron_usp.planner.layer import Cluster, ModelShape, ParallelConfig, Prediction, predict
+
+IMPL_PREFERENCE = ("zigzag", "stripe", "allgather", "mqsp", "basic")  # tie-break between equal predictions
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def impl_variants(ring_impls: Sequence[str], ring: int, micro_qs: Sequence[Optional[int]]) -> list[tuple[str, Optional[int]]]:
+    """(ring_impl, micro_q) pairs to try; with r == 1 every impl runs the same local attention: the preferred one."""
+    if ring == 1:
+        return [(sorted(ring_impls, key=lambda i: IMPL_PREFERENCE.index(i) if i in IMPL_PREFERENCE else 99)[0], None)]
+    return [(impl, micro_q) for impl in ring_impls for micro_q in (micro_qs if impl == "mqsp" else (None,))]
+
+
+def enumerate_configs(
+    cluster: Cluster, tp_choices: Sequence[int], ring_impls: Sequence[str], dp: int, orders: Sequence[bool],
+    micro_qs: Sequence[Optional[int]] = (None,),
+) -> list[ParallelConfig]:
+    configs = []
+    for tp in tp_choices:
+        if cluster.world % (tp * dp) != 0:
+            continue
+        sp = cluster.world // (tp * dp)
+        for u in _divisors(sp):
+            for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
+                for inner in orders:
+                    if not inner and (u == 1 or sp // u == 1):
+                        continue  # the order only matters with both degrees > 1
+                    configs.append(ParallelConfig(tp, u, sp // u, impl, dp, inner, micro_q))
+    return configs
+
+
+def plan(
+    shape: ModelShape,
+    cluster: Cluster,
+    hardware: Hardware,
+    *,
+    tp_choices: Sequence[int],
+    ring_impls: Sequence[str] = RING_IMPLS,
+    dp: int = 1,
+    orders: Sequence[bool] = (True,),
+    other_memory_gib: Optional[float] = None,
+    micro_qs: Sequence[Optional[int]] = (None,),
+) -> tuple[list[Prediction], list[Prediction]]:
+    """(feasible predictions ranked fastest first, infeasible ones with their reasons)."""
+    feasible, infeasible = [], []
+    for config in enumerate_configs(cluster, tp_choices, ring_impls, dp, orders, micro_qs):
+        prediction = predict(shape, cluster, hardware, config, other_memory_gib=other_memory_gib)
+        (feasible if prediction.feasible else infeasible).append(prediction)
+    # r == 1: every impl runs the same local attention; keep one of them
+    seen: dict[tuple, Prediction] = {}
+    ranked = []
+    for p in sorted(feasible, key=lambda p: (round(p.total_ms, 9), IMPL_PREFERENCE.index(p.config.ring_impl))):
+        key = (p.config.tp, p.config.ulysses, p.config.ring, p.config.ulysses_inner)
+        if p.config.ring == 1 and key in seen:
+            continue
+        seen[key] = p
+        ranked.append(p)
+    return ranked, infeasible
