@@ -1,11 +1,26 @@
-import os
+import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rank_pool import RankPool  # pytest puts this folder (it has no __init__.py) on the path for its conftest
 
-from rank_pool import RankPool  # noqa: E402
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` as a module (once; registered as ``name``), without touching ``sys.path``."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 _pools: dict[int, RankPool] = {}
 ERROR_SUMMARY: dict[str, float] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,9 @@ from megatron_usp.layout import global_positions, ring_positions
 from megatron_usp.ring import build_schedule
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import bench_attention  # noqa: E402
+from conftest import load_tool  # noqa: E402
+
+bench_attention = load_tool("bench_attention")
 
 STDLIB_LENGTHS = str(REPO / "docs" / "bench" / "stdlib_doc_lengths.txt")
 SEQ_LEN = 32768

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
-import bench_attention  # noqa: E402
+from conftest import load_tool  # noqa: E402
+
+bench_attention = load_tool("bench_attention")
 
 from megatron_usp import planner  # noqa: E402
 from megatron_usp.train import args as trainer_args  # noqa: E402

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,8 +10,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import gpu_check  # noqa: E402
+from conftest import load_tool  # noqa: E402
+
+gpu_check = load_tool("gpu_check")
 
 GRIDS = {(impl, u, r) for impl in gpu_check.RING_IMPLS for u, r in gpu_check.TINY.grids}
 

@@ -14,8 +14,9 @@ from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step,
 from megatron_usp.cost import analytic_bytes_per_rank
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import bench_attention  # noqa: E402
+from conftest import load_tool  # noqa: E402
+
+bench_attention = load_tool("bench_attention")
 
 IMPLS = ["basic", "zigzag", "stripe", "allgather"]
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import fields, replace
 
 import pytest
@@ -413,8 +411,9 @@ def test_resolved_pairs_count_only_what_the_rounds_can_order():
 
 
 def test_measure_hardware_fits_and_merges():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import measure_hardware as measure
+    from conftest import load_tool
+
+    measure = load_tool("measure_hardware")
 
     # t = 2e-4 + 3e-9 L^2 + 1e-8 L, recovered by the relative least squares
     lengths = [128, 256, 512, 1024, 2048]

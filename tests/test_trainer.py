@@ -12,9 +12,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
-import loss_parity  # noqa: E402
+from conftest import load_tool  # noqa: E402
+
+loss_parity = load_tool("loss_parity")
 
 from megatron_usp.train import data as gpt_data  # noqa: E402
 

@@ -27,7 +27,6 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_usp.flags import nonnegative_int, positive_int  # noqa: E402
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
 from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402

@@ -13,6 +13,7 @@ iterations with ``--log-interval`` = half of them; the record keeps the last win
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure_hardware  # noqa: E402  (the machine, measured between rounds)
+_spec = importlib.util.spec_from_file_location("measure_hardware", Path(__file__).resolve().parent / "measure_hardware.py")
+measure_hardware = importlib.util.module_from_spec(_spec)  # the sibling script: the machine, measured between rounds
+_spec.loader.exec_module(measure_hardware)
 # the model of each world size's runs: long enough sequences that attention and GEMMs, not fixed costs, dominate
 MODELS = {
     2: dict(num_layers=4, hidden=256, heads=8, kv_heads=8, seq_len=2048, ffn_hidden=1024, vocab=256),
