@@ -38,7 +38,7 @@ from ..caching import plain_tensors
 from ..check import verify_usp_attn
 from ..usp import attend
 from . import documents
-from .documents import check_cu_seqlens, document_ids_from_cu_seqlens, layout_cu_seqlens
+from .documents import check_packed_offsets, document_ids_from_cu_seqlens, layout_cu_seqlens
 from .grid import usp_groups_for
 from .state import usp_state
 
@@ -133,7 +133,7 @@ def packed_document_ids(packed_seq_params, query: torch.Tensor, sp_size: int) ->
     if query.dim() != 4:
         raise ValueError(f"sbhd query must be [seq, batch, heads, head_dim], got shape {tuple(query.shape)}")
     seq_len, batch = query.shape[0] * sp_size, query.shape[1]
-    cu, _ = check_cu_seqlens(cu_q, batch * seq_len)
+    cu, _ = check_packed_offsets(cu_q, batch * seq_len)
     if len(cu) != batch + 1:
         raise ValueError(f"sbhd cu_seqlens_q must hold batch + 1 = {batch + 1} offsets (valid length of each row), "
                          f"got {len(cu)}: for packed documents use qkv_format='thd'")

@@ -48,9 +48,12 @@ def _as_int_list(name: str, value) -> list[int]:
     raise TypeError(f"{name} must be a 1-D integer tensor [num_documents + 1], got {type(value).__name__}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, cu_seqlens_padded=None) -> tuple[list[int], list[int]]:
-    """Validate cumulative document lengths over ``total`` packed tokens; returns ``(cu_seqlens, starts)`` as
-    lists, ``starts`` = the padded offsets (``cu_seqlens_padded``, or ``cu_seqlens`` when none are given)."""
+def check_packed_offsets(cu_seqlens, total: int, cu_seqlens_padded=None) -> tuple[list[int], list[int]]:
+    """Validate Megatron's THD packing metadata: cumulative document lengths over ``total`` packed tokens (a
+    ``[1, n]`` tensor from a data loader taken as ``[n]``), possibly ending before ``total``, with optional padded
+    offsets; returns ``(cu_seqlens, starts)`` as lists, ``starts`` = the padded offsets (``cu_seqlens_padded``, or
+    ``cu_seqlens`` when none are given). The engine's own offsets (``[0, ..., seq_len]``, no padding) are checked by
+    :func:`megatron_usp.layout.check_cu_seqlens`."""
     cu = _as_int_list("cu_seqlens", cu_seqlens)
     padded = cu if cu_seqlens_padded is None else _as_int_list("cu_seqlens_padded", cu_seqlens_padded)
     for name, offsets in (("cu_seqlens", cu), ("cu_seqlens_padded", padded)):
@@ -79,7 +82,7 @@ def layout_cu_seqlens(cu_seqlens, total: int, cu_seqlens_padded=None) -> Offsets
     after the last offset, so padding never attends to real tokens. Empty documents are dropped. A fixed point:
     ``layout_cu_seqlens(L, total) == L``, so offsets handed on in place of the originals describe the same layout.
     """
-    cu, starts = check_cu_seqlens(cu_seqlens, total, cu_seqlens_padded)
+    cu, starts = check_packed_offsets(cu_seqlens, total, cu_seqlens_padded)
     bounds = [0]
     for i in range(len(cu) - 1):
         for edge in (starts[i] + cu[i + 1] - cu[i], starts[i + 1]):
@@ -232,7 +235,7 @@ def document_ids_from_cu_seqlens(
     document may cross a row boundary.
     """
     total = batch * seq_len
-    cu, padded = check_cu_seqlens(cu_seqlens, total, cu_seqlens_padded)
+    cu, padded = check_packed_offsets(cu_seqlens, total, cu_seqlens_padded)
     for row in range(1, batch):
         edge = row * seq_len
         for i in range(len(cu) - 1):
@@ -250,7 +253,7 @@ def document_ids_from_cu_seqlens(
 def in_document_positions(cu_seqlens, total: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """``[total]``: each token's position inside its (padded) document, ``pos - cu_seqlens[i]``; tokens after the
     last offset count from it. Megatron's THD RoPE uses these positions (given ``cu_seqlens_padded`` if any)."""
-    cu, _ = check_cu_seqlens(cu_seqlens, total)
+    cu, _ = check_packed_offsets(cu_seqlens, total)
     starts = torch.tensor(cu, device=device)
     pos = torch.arange(total, device=device)
     return pos - starts[torch.searchsorted(starts, pos, right=True) - 1]
