@@ -57,6 +57,6 @@ test-compat:
 		test -x $$venv/bin/python || $(PYTHON) -m venv $$venv || exit 1; \
 		$$venv/bin/python -m pip install -q torch==$(TORCH_VERSION) megatron-core==$$version einops -e ".[test]" || exit 1; \
 		echo "== megatron-core $$version =="; \
-		$$venv/bin/python -m pytest -q tests/test_megatron.py tests/test_megatron_args.py tests/test_megatron_masks.py \
-			tests/test_megatron_lm.py || exit 1; \
+		$$venv/bin/python -m pytest -q tests/megatron/test_megatron.py tests/megatron/test_megatron_args.py tests/megatron/test_megatron_masks.py \
+			tests/megatron/test_megatron_lm.py || exit 1; \
 	done

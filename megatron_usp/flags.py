@@ -26,7 +26,7 @@ def _bounded(kind: type, description: str, accept: Callable) -> Callable[[str], 
         return value
 
     parse.__name__ = description.replace(" ", "_")
-    parse.accepts_zero = accept(kind(0))  # what tests/test_flags.py reads to build its table of bad values
+    parse.accepts_zero = accept(kind(0))  # what tests/tools/test_flags.py reads to build its table of bad values
     return parse
 
 

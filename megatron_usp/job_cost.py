@@ -1,9 +1,9 @@
 """Memory of a whole Megatron job, per GPU: parameters, gradients, optimizer states and the activations a
 megatron-core ``GPTModel`` (local layer spec, USP core attention, no dropout) holds for backward.
 
-The one place these formulas live: the planner (``megatron_usp.planner``) imports them, ``tests/test_job_memory.py`` checks them
-against the bytes megatron-core really saves (``torch.autograd.graph.saved_tensors_hooks``) and against the state
-sizes of its own optimizer.
+The one place these formulas live: the planner (``megatron_usp.planner``) imports them,
+``tests/planner/test_job_memory.py`` checks them against the bytes megatron-core really saves
+(``torch.autograd.graph.saved_tensors_hooks``) and against the state sizes of its own optimizer.
 
 Activations of one layer for one micro-batch on one rank, ``T = s·b / (u·r)`` tokens, TP ``t``, element bytes ``e``
 (``h`` hidden, ``n``/``g`` query/kv heads, ``d`` head dim, ``F`` ffn hidden; ``/t`` where megatron-core shards):

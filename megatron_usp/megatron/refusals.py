@@ -1,7 +1,8 @@
 """Every Megatron flag (or combination) USP cannot honour, one row each: the flag, when it applies, and the reason
 with the fix. :func:`check_refusals` runs the whole table from :func:`.args.validate_usp_args`, before any process
 group, on every rank alike (the trainer's ``configure`` and Megatron-LM's ``validate_args`` both call it). Every
-row's flag is discussed in docs/megatron_lm_audit.md (tests/test_megatron_args.py checks both directions of that).
+row's flag is discussed in docs/megatron_lm_audit.md (tests/megatron/test_megatron_args.py checks both directions
+of that).
 
 Rows read a parsed-arguments namespace (Megatron-LM's, the trainer's or a hand-made one: missing attributes count as
 unset) and apply only with ``--ulysses-degree x --ring-degree > 1``, except ``--context-parallel-size``.

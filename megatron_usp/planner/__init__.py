@@ -48,7 +48,7 @@ from megatron_usp.planner.layer import (
     schedule_blocks, step_compute_ms, ulysses_a2a_bytes,
 )
 from megatron_usp.planner.search import IMPL_PREFERENCE, enumerate_configs, impl_variants, plan
-from megatron_usp.planner.search import _divisors  # noqa: F401  (private, but tests/test_plan_usp.py uses it)
+from megatron_usp.planner.search import _divisors  # noqa: F401  (private, but tests/planner/test_plan_usp.py uses it)
 from megatron_usp.planner.job import (
     DEFAULT_RESERVE_GIB, ELEMENTWISE_PASSES, FP32_BYTES, OPTIMIZER_BYTES_PER_PARAM, RECOMPUTE_CHOICES, JobChoice,
     JobPrediction, job_choices, job_config, memory_breakdown, pipeline_splits, plan_job, predict_job, smallest_change,

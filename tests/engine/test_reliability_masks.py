@@ -133,7 +133,7 @@ def test_tiled_masks_are_exact(monkeypatch, mask_sizes, impl, backend):
 
 
 def tiled_masks_on_ranks(rank, world_size, ulysses_degree, ring_degree, budget, configs):
-    """Rank-pool body: the parity matrix of tests/test_masks.py under a tiny tile budget; returns the largest
+    """Rank-pool body: the parity matrix of tests/engine/test_masks.py under a tiny tile budget; returns the largest
     mask tensor built (visibility's result) on this rank."""
     import engine_cases
 

@@ -243,7 +243,7 @@ def test_held_qk_clip_still_checks_alpha_and_threshold(alpha, threshold, message
 
 from megatron_usp.megatron.refusals import REFUSALS  # noqa: E402
 
-AUDIT = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "megatron_lm_audit.md"
+AUDIT = __import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "megatron_lm_audit.md"
 # what triggers each row, on top of u=2 x r=2 (a row added to refusals.py without a trigger here fails the test)
 TRIGGERS = {
     "--context-parallel-size": dict(context_parallel_size=2),

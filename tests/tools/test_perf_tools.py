@@ -13,7 +13,7 @@ from megatron_usp.kernels import MathKernel
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step
 from megatron_usp.cost import analytic_bytes_per_rank
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 from conftest import load_tool  # noqa: E402
 
 bench_attention = load_tool("bench_attention")

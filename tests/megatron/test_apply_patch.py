@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "apply_megatron_patch.py"
 
 PRETRAIN = "".join(f"line {i}\n" for i in range(1, 21)) + "    pretrain(\n        extra_args_provider=None,\n    )\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "examples" / "slurm"
 USP = "pretrain_gpt_usp.sbatch"
 MLM = "pretrain_gpt_megatron_lm.sbatch"
@@ -209,7 +209,7 @@ def test_ulysses_across_nodes_warns(slurm):
 
 @pytest.mark.parametrize("script", [USP, MLM])
 def test_pipeline_and_virtual_stages_reach_both_trainers(slurm, megatron_lm, script):
-    """The trainer runs PP and the interleaved schedule (tests/test_trainer.py): the launcher passes them on."""
+    """The trainer runs PP and the interleaved schedule (tests/megatron/test_trainer.py): the launcher passes them on."""
     result = slurm(script, DRY_RUN="1", PP_SIZE="2", ULYSSES_DEGREE="4", NUM_LAYERS_PER_VIRTUAL_STAGE="3",
                    MEGATRON_LM_DIR=str(megatron_lm))
     _, _, args = torchrun_part(dry_run_command(result))

@@ -20,7 +20,7 @@ from megatron_usp.cost import (block_pairs, document_pairs, document_runs, run_p
 from megatron_usp.layout import global_positions, ring_positions
 from megatron_usp.ring import build_schedule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 from conftest import load_tool  # noqa: E402
 
 bench_attention = load_tool("bench_attention")

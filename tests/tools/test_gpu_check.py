@@ -9,7 +9,7 @@ from typing import Optional
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 from conftest import load_tool  # noqa: E402
 
 gpu_check = load_tool("gpu_check")

@@ -10,7 +10,7 @@ import torch
 from megatron_usp import patching
 from megatron_usp.megatron import megatron_lm_cpu
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "check_megatron_patch.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_megatron_patch.py"
 
 
 @pytest.fixture(scope="module")

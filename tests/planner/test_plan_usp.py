@@ -220,7 +220,7 @@ def test_planner_ranking_matches_a_stored_cpu_measurement():
     s=4096, 8/2 heads, d=64, fp32, every (u, r) x impl x causal. The planner must rank them as measured."""
     from pathlib import Path
 
-    records = json.loads((Path(__file__).resolve().parents[1] / "docs/bench/mr_cpu_2r.json").read_text())
+    records = json.loads((Path(__file__).resolve().parents[2] / "docs/bench/mr_cpu_2r.json").read_text())
     result = plan.compare(records, plan.PRESETS["cpu"], gpus_per_node=2)
     assert len(result["rows"]) == 16
     assert result["spearman"] >= 0.8, result["spearman"]
@@ -282,7 +282,7 @@ def test_compare_job_evaluates_the_stored_whole_job_runs(capsys):
     4 ranks share 2 cores, which no per-rank model describes (docs/planner.md), so only the machinery is checked."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "docs/bench/job_cpu_4r.json"
+    path = Path(__file__).resolve().parents[2] / "docs/bench/job_cpu_4r.json"
     records = plan.load_bench_records(str(path))
     assert len(records) == 10 and all(rec["mode"] == "job" for rec in records)
     cpu = plan.PRESETS["cpu"]
@@ -438,7 +438,7 @@ def test_whole_job_ranking_on_one_rank_per_core():
     right."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     records = plan.load_bench_records(str(root / "docs/bench/job_cpu_2r.json"))
     assert len(records) == 14 and all(len(rec["rounds_ms"]) == 3 for rec in records)
     measured = json.loads((root / "docs/bench/hardware_cpu.json").read_text())["hardware"]
