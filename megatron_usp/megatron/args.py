@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import USPConfig
 from ..flags import nonnegative_int, positive_int
 from ..kernels import kernel_names
-from ..config import USPConfig
 from ..layout import RING_IMPLS, check_seq_len
 from ..ulysses import check_head_counts
 from .refusals import check_refusals

@@ -53,7 +53,7 @@ def initialize_model_parallel(
     if config is not None and keywords != USPConfig():
         raise ValueError("initialize_model_parallel takes the USP settings as config=USPConfig(...) or as keywords, "
                          "not both")
-    config = config or keywords  # validated once (USPConfig), for every layer of the grid
+    config = keywords if config is None else config  # validated once (USPConfig), for every layer of the grid
     ulysses_degree, ring_degree, ulysses_inner = config.ulysses_degree, config.ring_degree, config.ulysses_inner
     if kwargs.get("context_parallel_size", ulysses_degree * ring_degree) != ulysses_degree * ring_degree:
         raise ValueError(
