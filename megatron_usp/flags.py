@@ -37,6 +37,13 @@ nonnegative_float = _bounded(float, "a finite number >= 0", lambda value: value 
 adam_beta = _bounded(float, "a number in [0, 1)", lambda value: 0 <= value < 1)
 
 
+def _like(parse: Callable, item: Callable) -> Callable:
+    """``parse`` marked as taking 0 exactly when ``item`` does (what the flag-table tests read)."""
+    if hasattr(item, "accepts_zero"):
+        parse.accepts_zero = item.accepts_zero
+    return parse
+
+
 def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
     """``a,b,c`` -> ``[item(a), item(b), item(c)]``; an empty list or an empty item is refused."""
 
@@ -47,9 +54,7 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
         return [item(part) for part in parts]
 
     parse.__name__ = f"list_of_{getattr(item, '__name__', 'values')}"
-    if hasattr(item, "accepts_zero"):
-        parse.accepts_zero = item.accepts_zero
-    return parse
+    return _like(parse, item)
 
 
 def keyword_or(keyword: str, item: Callable[[str], object], value: object) -> Callable[[str], object]:
@@ -64,9 +69,7 @@ def keyword_or(keyword: str, item: Callable[[str], object], value: object) -> Ca
             raise argparse.ArgumentTypeError(str(error).replace(", got", f" or '{keyword}', got", 1)) from None
 
     parse.__name__ = f"{keyword}_or_{getattr(item, '__name__', 'value')}"
-    if hasattr(item, "accepts_zero"):
-        parse.accepts_zero = item.accepts_zero
-    return parse
+    return _like(parse, item)
 
 
 def auto_or(item: Callable[[str], object]) -> Callable[[str], object]:

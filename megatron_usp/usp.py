@@ -141,9 +141,10 @@ def usp_attn(
     the first collective, the ranks of the grid compare what they were called with, normalised so equivalent calls
     agree (dtype, device, q/k/v shapes, causal, ring_impl, softmax_scale as used, resolved kernel, window as it acts,
     document_ids and softmax_offset by value, mask_mod by code / closure / bound values, micro_q where MQSP uses it,
-    cu_seqlens: see :func:`describe_call`, :func:`agree`; one all-gather of 17 ints over ``groups.sp``, or over the ulysses then the ring
-    group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the fields and ranks that
-    disagree, or the rank whose own inputs were rejected, instead of hanging or computing garbage. Its cost is one
+    cu_seqlens: see :func:`describe_call`, :func:`agree`; one all-gather of 17 ints over ``groups.sp``, or over the
+    ulysses then the ring group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the
+    fields and ranks that disagree, or the rank whose own inputs were rejected, instead of hanging or computing
+    garbage. Its cost is one
     small collective per call (on GPUs also a host sync; a graph break under torch.compile): turn it off once a
     setup is known to be right if that matters.
     """
@@ -205,9 +206,8 @@ def attend(
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     q, k, v = (_pad_head_dim(x, width) for x in (q, k, v))  # zero columns: same logits, zero output columns
     seq_len = q.shape[1] * groups.sp_size
-    pass_q = RING_IMPL_TABLE[ring_impl].transport == "pass_q"  # micro_q only shapes pass-Q plans
     plan = attention_plan(seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl, causal,
-                          micro_q if pass_q else None, cu_seqlens)
+                          acting_micro_q(ring_impl, micro_q, q.shape[1] * groups.ulysses_degree), cu_seqlens)
     order = plan.order_on(q.device)
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
@@ -290,11 +290,19 @@ def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, mi
         "window": _acting_window(mask.window, causal),
         "document_ids": None if mask.document_ids is None else fingerprint(mask.document_ids),
         "mask_mod": None if mask.mask_mod is None else fingerprint(mask.mask_mod),
-        "micro_q": micro_q if RING_IMPL_TABLE[ring_impl].transport == "pass_q" and micro_q is not None and micro_q < rows else None,
+        "micro_q": acting_micro_q(ring_impl, micro_q, rows),
         "cu_seqlens": cu_seqlens,
         "softmax_offset": None if softmax_offset is None else fingerprint(softmax_offset),
         "return_max_logit": return_max_logit,
     }
+
+
+def acting_micro_q(ring_impl: str, micro_q: Optional[int], rows: int) -> Optional[int]:
+    """``micro_q`` as it acts on a ring rank's ``rows`` query rows: only pass-Q impls (MQSP) chunk, and a chunk of
+    all rows or more is no chunking (None). The plan's cache key and the agreement check both use it."""
+    if micro_q is None or RING_IMPL_TABLE[ring_impl].transport != "pass_q" or micro_q >= rows:
+        return None
+    return micro_q
 
 
 def _acting_window(window, causal: bool):
@@ -341,7 +349,8 @@ def fingerprint(value, depth: int = 0):
             return fingerprint(value.func, depth)
         return ("partial", nested(value.func), nested(value.args), nested(value.keywords))
     if isinstance(value, types.BuiltinFunctionType):
-        return ("builtin", getattr(value, "__module__", None), value.__qualname__, nested(getattr(value, "__self__", None)))
+        return ("builtin", getattr(value, "__module__", None), value.__qualname__,
+                nested(getattr(value, "__self__", None)))
     if isinstance(value, types.MethodType):
         return ("method", nested(value.__func__), nested(value.__self__))
     if isinstance(value, types.FunctionType):

@@ -30,8 +30,14 @@ _FULL_POS_EMB = "_usp_full_pos_emb"  # attribute: the unsliced rotary table a sl
 def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None) -> torch.Tensor:
     """Drop-in for megatron's ``get_pos_emb_on_this_cp_rank``: the rotary rows of the positions held here in the
     row layout. The unsliced table rides along as an attribute (megatron-core caches this result per length):
-    :func:`document_layout_rows` re-selects rows for a batch in the document layout."""
+    :func:`document_layout_rows` re-selects rows for a batch in the document layout. ``cp_group`` (the CP group
+    megatron-core gives its rotary embedding) must be the grid's SP group: the layout is the grid's."""
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
+    if cp_group is not None and cp_group.size() != groups.sp_size:
+        raise ValueError(f"the rotary embedding's CP group has {cp_group.size()} ranks, the USP grid's "
+                         f"sequence-parallel group {groups.sp_size} (ulysses {groups.ulysses_degree} x ring "
+                         f"{groups.ring_degree}): build the model after "
+                         "megatron_usp.megatron.initialize_model_parallel, with its CP group")
     held = positions(pos_emb.shape[seq_dim], groups, ring_impl=ring_impl).to(pos_emb.device)
     sliced = pos_emb.index_select(seq_dim, held)
     if seq_dim == 0:
@@ -166,25 +172,27 @@ def _hook_apply_rotary_pos_emb(original: Callable) -> Callable:
     (``cu_seqlens`` given) placed by the USP layout; every argument it does not read (``cp_group``, newer releases'
     ``mla_rotary_interleaved``, ...) is forwarded untouched, and without ``cu_seqlens`` or USP the original runs."""
     signature = inspect.signature(original)
+    cu_index = list(signature.parameters).index("cu_seqlens")
 
     @functools.wraps(original)
     def apply_rotary_pos_emb(*args, **kwargs):
-        if usp_is_initialized():
+        # the common sbhd call (no cu_seqlens) goes straight through: binding the signature is for THD calls only
+        thd = kwargs.get("cu_seqlens") is not None or (len(args) > cu_index and args[cu_index] is not None)
+        if thd and usp_is_initialized():
             bound = signature.bind_partial(*args, **kwargs)
-            cu_seqlens = bound.arguments.get("cu_seqlens")
-            if cu_seqlens is not None:
-                bound.apply_defaults()
-                arguments = bound.arguments
-                return usp_apply_rotary_pos_emb_thd(arguments["t"], arguments["freqs"], arguments["config"],
-                                                    cu_seqlens, arguments.get("mscale", 1.0))
+            bound.apply_defaults()
+            arguments = bound.arguments
+            return usp_apply_rotary_pos_emb_thd(arguments["t"], arguments["freqs"], arguments["config"],
+                                                arguments["cu_seqlens"], arguments.get("mscale", 1.0))
         return original(*args, **kwargs)
 
     return apply_rotary_pos_emb
 
 
 def _hook_pos_emb_on_this_cp_rank(original: Callable) -> Callable:
-    """megatron-core's ``get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, ...)`` slicing by the USP layout while USP is
-    initialized (arguments it does not read forwarded to nothing: the USP grid decides), the original otherwise."""
+    """megatron-core's ``get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group)`` slicing by the USP layout while
+    USP is initialized (:func:`usp_pos_emb_on_this_rank`, which checks ``cp_group`` against the grid), the original
+    otherwise."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)

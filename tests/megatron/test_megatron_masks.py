@@ -365,3 +365,16 @@ def test_apply_rope_hook_falls_back_without_usp(monkeypatch):
         torch.testing.assert_close(module.apply_rotary_pos_emb(t, freqs, config, cp_group=one_rank),
                                    original(t, freqs, config, cp_group=one_rank))
     assert calls == ["usp"] * len(rope_mod._APPLY_ROPE_MODULES)
+
+
+def test_rotary_table_refuses_a_cp_group_that_is_not_the_grid(monkeypatch):
+    """megatron-core hands get_pos_emb_on_this_cp_rank its CP group; the USP slicing follows the grid, so a CP group
+    of another size (a model built before or beside the USP grid) is an error, not silently ignored."""
+    groups = fake_groups(2, 2, 1, 0)
+    monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(2, 2, "zigzag", "torch")))
+    table = torch.arange(16.0).view(16, 1, 1, 1)
+    grid_group, other_group = SimpleNamespace(size=lambda: 4), SimpleNamespace(size=lambda: 2)
+    held = rope_mod.usp_pos_emb_on_this_rank(table, 0, grid_group)
+    assert held.flatten().tolist() == [2.0, 3.0, 12.0, 13.0]  # CP rank 1 of 4 in zigzag: chunks 1 and 6 of 8
+    with pytest.raises(ValueError, match="CP group has 2 ranks"):
+        rope_mod.usp_pos_emb_on_this_rank(table, 0, other_group)
