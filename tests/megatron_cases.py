@@ -409,7 +409,7 @@ def gpt_reset_mask_parity(rank, world_size, ulysses_degree, ring_degree, ring_im
             batch = get_batch_on_this_usp_rank({**full, "attention_mask": None}, eod_token=EOD)
         else:
             batch = get_batch_on_this_usp_rank(full)
-        layout = documents.current_layout(SEQ)
+        layout = documents.shared_cu_seqlens(batch["attention_mask"])  # the layout the hook sharded with
         assert (layout is not None) == (batch_size == 1), layout
         losses = usp.unshard(_run_gpt(model, batch, packed=False), get_usp_groups(), dim=1, ring_impl=ring_impl,
                              cu_seqlens=layout)

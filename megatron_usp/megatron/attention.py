@@ -34,13 +34,13 @@ except ImportError:  # megatron-core < 0.15: the same rule (there, window_attn_s
             return layer_number % window_attn_skip_freq != 0
         return bool(window_attn_skip_freq[layer_number - 1])
 
-from ..caching import plain_tensors
 from ..check import verify_usp_attn
 from ..usp import attend
 from . import documents
 from .documents import check_packed_offsets, document_ids_from_cu_seqlens, layout_cu_seqlens
+from .batch_record import BatchRecord
 from .grid import usp_groups_for
-from .state import usp_state
+from .state import get_batch_records, usp_state
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 # TE turns causal / no_mask into these for packed (thd) input; the padding lives in cu_seqlens then
@@ -284,8 +284,14 @@ class USPAttention(MegatronModule):
         return self._calls == 1 or (self.check_every > 0 and (self._calls - 1) % self.check_every == 0)
 
 
+_STALE = ("the documents handed to USPAttention (attention_mask) are not those of the batch the RoPE hook and the "
+          "token sharding followed: pass every batch through get_batch_on_this_usp_rank (megatron-core) or the "
+          "patched pretrain_gpt.py, and hand the model the attention_mask it returns")
+
+
 def _mask_documents(attention_mask: torch.Tensor, query: torch.Tensor, sp_size: int):
-    """``(document_ids, cu_seqlens)`` of an ``attention_mask`` that holds document ids ``[b, s]`` (sbhd)."""
+    """``(document_ids, cu_seqlens)`` of an ``attention_mask`` that holds document ids ``[b, s]`` (sbhd): the record
+    the batch hook left for them (with ``sp_size`` 1, where nothing was sharded, derived here)."""
     fix = ("pass the batch through get_batch_on_this_usp_rank (megatron-core) or the patched pretrain_gpt.py, which "
            "turn plain causal and causal document masks (--reset-attention-mask) into what USPAttention takes")
     if attention_mask.is_floating_point() or attention_mask.dtype == torch.bool or attention_mask.dim() != 2:
@@ -297,16 +303,43 @@ def _mask_documents(attention_mask: torch.Tensor, query: torch.Tensor, sp_size: 
     if tuple(attention_mask.shape) != expected:
         raise ValueError(f"attention_mask (document ids) must be [batch, seq_len] = {list(expected)} of the whole "
                          f"sequence, got {tuple(attention_mask.shape)}: {fix}")
-    cu = documents.shared_cu_seqlens(attention_mask)
-    return (attention_mask if cu is None else None), cu
+    records = get_batch_records()
+    record = records.find(attention_mask)
+    if record is None and sp_size == 1:
+        record = records.add(BatchRecord(expected[1], documents.shared_cu_seqlens(attention_mask), model_ran=True),
+                             attention_mask)
+    # the document layout needs the rotary table built for this batch: a hooked model forward ran with it
+    if record is None or record.seq_len != expected[1] or (record.cu_seqlens is not None and not record.model_ran):
+        raise ValueError(_STALE)
+    return (attention_mask if record.cu_seqlens is None else None), record.cu_seqlens
 
 
-_last_documents: list = []  # [(sources, key, result)]: every layer of a step shares one
+def _packed_documents(packed_seq_params, query: torch.Tensor, sp_size: int) -> tuple:
+    """``(document_ids, cu_seqlens)`` of ``packed_seq_params``: THD offsets describe their layout (the batch hook's
+    record, else derived once and recorded); sbhd offsets give per-row padding ids, also derived once."""
+    records = get_batch_records()
+    keys = (packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded)
+    recordable = all(key is None or isinstance(key, torch.Tensor) for key in keys)
+    record = records.find(*keys) if recordable else None
+    total, thd = query.shape[0] * sp_size, packed_seq_params.qkv_format == "thd"
+    if query.dim() != (3 if thd else 4):
+        raise ValueError(f"{packed_seq_params.qkv_format} query must be "
+                         f"{'[tokens, heads, head_dim]' if thd else '[seq, batch, heads, head_dim]'}, got shape "
+                         f"{tuple(query.shape)}")
+    if record is None or record.seq_len != total or (record.cu_seqlens is None) == thd:
+        record = BatchRecord(total, thd_cu_seqlens(packed_seq_params, query, sp_size) if thd else None)
+        if recordable:
+            records.add(record, *keys)
+    if thd:
+        return None, record.cu_seqlens
+    return record.derived(("padding", tuple(query.shape)),
+                          lambda: packed_document_ids(packed_seq_params, query, sp_size)), None
 
 
 def _cached_documents(packed_seq_params, attention_mask, query: torch.Tensor, sp_size: int) -> tuple:
-    """``(document_ids, cu_seqlens)`` for ``usp_attn`` from ``packed_seq_params`` or ``attention_mask`` (at most one);
-    derived once per batch. Local checks only: a ValueError is raised on every rank before any collective."""
+    """``(document_ids, cu_seqlens)`` for ``usp_attn`` from ``packed_seq_params`` or ``attention_mask`` (at most one),
+    looked up in the batch records (every layer of a step shares one). Local checks only: a ValueError is raised
+    on every rank before any collective."""
     if packed_seq_params is not None:
         if not all(hasattr(packed_seq_params, n) for n in ("qkv_format", "cu_seqlens_q", "cu_seqlens_q_padded")):
             raise TypeError(f"packed_seq_params must be megatron.core's PackedSeqParams (qkv_format, cu_seqlens_q, "
@@ -314,31 +347,12 @@ def _cached_documents(packed_seq_params, attention_mask, query: torch.Tensor, sp
         if attention_mask is not None:
             raise ValueError("USPAttention takes documents from packed_seq_params or from attention_mask, not both: "
                              "pass attention_mask=None with packed_seq_params")
-        tensors = (packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded)
-        source = packed_seq_params
-    elif attention_mask is not None:
+        if packed_seq_params.qkv_format not in PACKED_FORMATS:
+            raise ValueError(f"USPAttention supports packed_seq_params with qkv_format 'thd' (packed documents) or "
+                             f"'sbhd' (per-row padding), got {packed_seq_params.qkv_format!r}")
+        return _packed_documents(packed_seq_params, query, sp_size)
+    if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
-        tensors = (attention_mask,)
-        source = attention_mask
-    else:
-        if sp_size > 1:
-            documents.check_attention_documents(None, None, query.shape[0] * sp_size)
-        return None, None
-    key = (tuple(getattr(t, "_version", None) for t in tensors), tuple(query.shape), sp_size, query.device)
-    if _last_documents and _last_documents[0][1] == key and (
-            _last_documents[0][0] is source
-            or (isinstance(source, torch.Tensor) and documents.same_tensor(_last_documents[0][0], source))):
-        result = _last_documents[0][2]
-    else:
-        with plain_tensors():  # kept for the step's other layers: never an inference tensor (caching.py)
-            if packed_seq_params is None:
-                result = _mask_documents(attention_mask, query, sp_size)
-            elif packed_seq_params.qkv_format == "thd":
-                result = None, thd_cu_seqlens(packed_seq_params, query, sp_size)
-            else:
-                result = packed_document_ids(packed_seq_params, query, sp_size), None
-        _last_documents[:] = [(source, key, result)]
-    if attention_mask is not None and sp_size > 1:
-        documents.check_attention_documents(attention_mask, result[1], query.shape[0] * sp_size)
-    return result
+        return _mask_documents(attention_mask, query, sp_size)
+    return None, None

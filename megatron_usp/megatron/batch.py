@@ -2,7 +2,8 @@
 
 Batches with documents (see :mod:`.documents`) use the engine's document layout: packed THD rows
 (``PackedSeqParams(qkv_format="thd")``, global ``cu_seqlens``) always, sbhd batches with a causal document mask
-(``--reset-attention-mask``) when all rows share their documents. RoPE follows the tokens (:mod:`.rope`).
+(``--reset-attention-mask``) when all rows share their documents. The hook leaves the batch's record
+(:mod:`.batch_record`) under the tensors it returns; RoPE (:mod:`.rope`) and ``USPAttention`` look it up.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from ..groups import USPGroups
 from ..sharding import shard
 from . import documents
+from .batch_record import BatchRecord
 from .documents import _as_int_list, batch_documents, layout_cu_seqlens
-from .state import get_usp_groups, get_usp_ring_impl
+from .state import get_batch_records, get_usp_groups, get_usp_ring_impl, usp_is_initialized
 
 _PASS_THROUGH_PREFIXES = ("cu_seqlens", "max_seqlen")  # global packing metadata: never sharded
 
@@ -26,7 +28,7 @@ def _offsets_like(offsets: tuple, like) -> torch.Tensor:
     return torch.tensor(offsets, dtype=like.dtype, device=like.device).view(*like.shape[:-1], len(offsets))
 
 
-def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str) -> dict:
+def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str) -> tuple[dict, BatchRecord]:
     """A packed THD row ``[1, S]``: sharded with the document layout of :func:`documents.layout_cu_seqlens`;
     ``cu_seqlens`` is replaced by those offsets (padding folded in as documents) and ``cu_seqlens_padded`` by
     None, so that any ``PackedSeqParams`` built from the result describes the layout the tokens are in."""
@@ -46,12 +48,11 @@ def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str) -> dict:
         result["cu_seqlens"] = _offsets_like(layout, cu)
     if "cu_seqlens_padded" in batch:
         result["cu_seqlens_padded"] = None
-    documents.set_current(None)
     if groups.sp_size > 1:
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and not key.startswith(_PASS_THROUGH_PREFIXES):
                 result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=layout)
-    return result
+    return result, BatchRecord(tokens.shape[1], layout, rope_offsets=layout)
 
 
 def get_batch_on_this_usp_rank(
@@ -75,15 +76,28 @@ def get_batch_on_this_usp_rank(
     groups = groups or get_usp_groups()
     ring_impl = ring_impl or get_usp_ring_impl()
     if batch.get("cu_seqlens") is not None:
-        return _thd_batch(batch, groups, ring_impl)
-    ids = batch_documents(batch, eod_token)
-    cu = None if ids is None else documents.shared_cu_seqlens(ids)
-    documents.set_current(None if ids is None else documents.BatchDocuments(ids, cu))
-    result = dict(batch)
-    if "attention_mask" in batch or ids is not None:
-        result["attention_mask"] = ids
-    if groups.sp_size > 1:
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and key != "attention_mask" and not key.startswith(_PASS_THROUGH_PREFIXES):
-                result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=cu)
+        result, record = _thd_batch(batch, groups, ring_impl)
+        keys = [(result["cu_seqlens"], None)]
+    else:
+        ids = batch_documents(batch, eod_token)
+        cu = None if ids is None else documents.shared_cu_seqlens(ids)
+        result = dict(batch)
+        if "attention_mask" in batch or ids is not None:
+            result["attention_mask"] = ids
+        if groups.sp_size > 1:
+            for key, value in batch.items():
+                if isinstance(value, torch.Tensor) and key != "attention_mask" and not key.startswith(
+                        _PASS_THROUGH_PREFIXES):
+                    result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=cu)
+        seq_len = next((v.shape[1] for k, v in batch.items() if k != "attention_mask" and isinstance(v, torch.Tensor)
+                        and v.dim() >= 2), None)
+        record = BatchRecord(ids.shape[1] if ids is not None else seq_len or 0, cu)
+        keys = [] if ids is None else [(ids,)]
+    if isinstance(result.get("tokens"), torch.Tensor):
+        keys.append((result["tokens"],))  # the model-forward hook checks the mask it is given against the tokens
+    if usp_is_initialized():  # else no USPAttention or RoPE hook can run: nothing to record for
+        records = get_batch_records()
+        for key in keys:
+            if all(isinstance(tensor, torch.Tensor) or tensor is None for tensor in key):
+                records.add(record, *key)
     return result

@@ -1,4 +1,4 @@
-"""The documents of a Megatron batch: where they come from, which layout they imply, and the one record of them.
+"""The documents of a Megatron batch: where they come from and which layout they imply.
 
 Three sources, one result:
 
@@ -12,20 +12,14 @@ Document ids ``[b, s]`` whose rows are all equal (micro-batch 1, the long-contex
 documents: :func:`shared_cu_seqlens` turns them into offsets and the batch uses the balanced document layout;
 otherwise the ordinary row layout with ``document_ids``.
 
-State (the only module state of the batch path): megatron-core computes sbhd RoPE from the sequence length alone
-(``RotaryEmbedding.forward``, ``lru_cache``d), so the RoPE hook reads the layout of the current batch from
-:func:`current_layout`, set by the batch hook for every batch; it is read once per model forward, when GPTModel
-builds its rotary table, and that table travels with the batch (activation recomputation reuses it).
-``USPAttention`` checks the record against the documents it is handed (``attention_mask``) and raises if they
-disagree (a batch that bypassed the batch hook), so a stale record cannot go unnoticed.
+The batch hook derives a batch's documents once and leaves its record for RoPE and the attention
+(:mod:`.batch_record`); nothing here keeps state.
 
 Helpers of the batch hook and the attention: :func:`document_ids_from_cu_seqlens` (offsets -> ids),
 :func:`in_document_positions` (THD RoPE positions) and :func:`batch_documents` (the ids of an sbhd batch).
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -156,71 +150,6 @@ def shared_cu_seqlens(document_ids: torch.Tensor) -> Optional[Offsets]:
         return None
     starts = (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist()
     return (0, *starts, row.numel())
-
-
-@dataclass(frozen=True)
-class BatchDocuments:
-    """The documents of the current sbhd batch: ``document_ids [b, s]`` (what ``USPAttention`` is handed as
-    ``attention_mask``) and ``cu_seqlens`` (offsets when the batch is in the document layout, else None)."""
-
-    document_ids: torch.Tensor
-    cu_seqlens: Optional[Offsets]
-
-    @property
-    def seq_len(self) -> int:
-        return self.document_ids.shape[1]
-
-
-_current: Optional[BatchDocuments] = None
-_hooked: list = []  # weak references to the document ids of recent batches (still alive in autograd graphs)
-
-
-def set_current(record: Optional[BatchDocuments]) -> None:
-    """Called by the batch hook for every batch (None: a batch without documents)."""
-    global _current
-    _current = record
-    _hooked[:] = [ref for ref in _hooked if ref() is not None]
-    if record is not None:
-        _hooked.append(weakref.ref(record.document_ids))
-
-
-def current_layout(seq_len: int) -> Optional[Offsets]:
-    """The document offsets the current batch of ``seq_len`` tokens is sharded with, None for the row layout."""
-    if _current is None or _current.seq_len != seq_len:
-        return None
-    return _current.cu_seqlens
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when ``a`` and ``b`` are views of the same data (identity survives ``detach``, e.g. recomputation)."""
-    return (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr()
-            and a.stride() == b.stride())
-
-
-def _in_backward() -> bool:
-    """True inside an autograd backward pass (activation recomputation runs forward code there, long after the
-    batch hook moved on to later micro-batches)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is None or task() != -1
-
-
-def check_attention_documents(document_ids: Optional[torch.Tensor], cu_seqlens: Optional[Offsets],
-                              seq_len: int) -> None:
-    """ValueError unless RoPE and the token sharding of this batch followed ``cu_seqlens``, the layout of the
-    documents the attention was handed: in a forward pass the current batch's (:func:`current_layout`, the very
-    ids for the document layout); in a recomputation, ids the batch hook made. Local: raised on every rank
-    before any collective."""
-    if _in_backward():
-        ok = cu_seqlens is None or any(ref() is not None and same_tensor(ref(), document_ids) for ref in _hooked)
-    else:
-        ok = current_layout(seq_len) == cu_seqlens and (
-            cu_seqlens is None or same_tensor(_current.document_ids, document_ids))
-    if not ok:
-        raise ValueError(
-            "the documents handed to USPAttention (attention_mask) are not those of the batch the RoPE hook and the "
-            "token sharding followed: pass every batch through get_batch_on_this_usp_rank (megatron-core) or the "
-            "patched pretrain_gpt.py, and hand the model the attention_mask it returns"
-        )
 
 
 def document_ids_from_cu_seqlens(

@@ -15,7 +15,6 @@ from megatron.core import parallel_state
 
 from ..config import USPConfig
 from ..groups import USPGroups, grid_rank_lists, group_timeout
-from .documents import set_current
 from .rope import install_rope_hook
 from .state import (  # noqa: F401  (the grid's getters: megatron_usp.megatron and megatron_lm read them here)
     USPState,
@@ -103,9 +102,8 @@ def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
 
 
 def destroy_model_parallel() -> None:
-    """Reset megatron-core's groups and ours (and the documents of the last batch)."""
+    """Reset megatron-core's groups and ours (with the grid's batch records)."""
     set_state(None)
-    set_current(None)
     parallel_state.destroy_model_parallel()
 
 

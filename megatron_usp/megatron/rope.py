@@ -17,12 +17,11 @@ from typing import Callable
 
 import torch
 
-from ..caching import plain_tensors
 from ..patching import wrap
 from ..sharding import positions
-from . import documents
+from .batch_record import BatchRecord
 from .documents import _as_int_list, in_document_positions, layout_cu_seqlens
-from .state import get_usp_groups, get_usp_ring_impl, usp_is_initialized
+from .state import get_batch_records, get_usp_groups, get_usp_ring_impl, usp_is_initialized
 
 _FULL_POS_EMB = "_usp_full_pos_emb"  # attribute: the unsliced rotary table a sliced one came from
 
@@ -45,26 +44,17 @@ def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None)
     return sliced
 
 
-_last_rows_index: list = []  # [key, index]
-
-
 def document_layout_rows(emb: torch.Tensor) -> torch.Tensor:
-    """The sbhd rotary table ``emb [s_local, ...]`` for the current batch: unchanged in the row layout; for a batch
-    the hook put in the document layout (:func:`.documents.current_layout`), the rows of the positions held here
-    (row positions, as megatron-core's sbhd RoPE), taken from the unsliced table."""
+    """The sbhd rotary table ``emb [s_local, ...]`` for the batch the model is running (the record of
+    :meth:`.batch_record.BatchRecords.model_forward`): unchanged in the row layout; in the document layout the rows
+    of the positions held here (row positions, as megatron-core's sbhd RoPE), taken from the unsliced table."""
     full = getattr(emb, _FULL_POS_EMB, None)
     if full is None or not usp_is_initialized():
         return emb
-    cu = documents.current_layout(full.shape[0])
-    if cu is None:
+    record = get_batch_records().running
+    if record is None or record.cu_seqlens is None or record.seq_len != full.shape[0]:
         return emb
-    groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
-    key = (cu, full.shape[0], groups, ring_impl, full.device)
-    if not (_last_rows_index and _last_rows_index[0] == key):
-        with plain_tensors():  # kept for later batches: never an inference tensor (caching.py)
-            index = positions(full.shape[0], groups, ring_impl=ring_impl, cu_seqlens=cu).to(full.device)
-        _last_rows_index[:] = [key, index]
-    return full.index_select(0, _last_rows_index[1])
+    return full.index_select(0, record.held_positions(get_usp_groups(), get_usp_ring_impl(), full.device))
 
 
 def _hook_rotary_forward(cls) -> None:
@@ -90,9 +80,6 @@ def _hook_rotary_forward(cls) -> None:
     wrap(cls, "forward", hook, owner=__name__)
 
 
-_last_rope_index: list = []  # [cu_seqlens, key, index]
-
-
 @functools.lru_cache(maxsize=None)
 def _megatron_thd_rope_maps_exactly() -> bool:
     """Whether this megatron-core's THD RoPE uses global positions when ``freqs`` covers exactly
@@ -110,17 +97,27 @@ def _megatron_thd_rope_maps_exactly() -> bool:
     return not torch.allclose(out[1], out[0])  # the 2nd document's first token rotated by row 1: global
 
 
-def _thd_rope_index(cu_seqlens: torch.Tensor, seq_len: int, table_rows: int, groups, ring_impl: str,
+def _thd_rope_index(record: BatchRecord, table_rows: int, groups, ring_impl: str,
                     device: torch.device) -> torch.Tensor:
     """Rows of the rotary table for this rank's THD tokens (see :func:`usp_apply_rotary_pos_emb_thd`)."""
-    layout = layout_cu_seqlens(cu_seqlens, seq_len)  # what the batch hook sharded with (a fixed point)
-    held = positions(seq_len, groups, ring_impl=ring_impl, cu_seqlens=layout).to(device)
-    cu = _as_int_list("cu_seqlens", cu_seqlens)
-    if table_rows == cu[-1] and _megatron_thd_rope_maps_exactly():
+    held = record.held_positions(groups, ring_impl, device)
+    if table_rows == record.rope_offsets[-1] and _megatron_thd_rope_maps_exactly():
         index = held
     else:
-        index = in_document_positions(cu, seq_len, device=device)[held]
+        index = in_document_positions(record.rope_offsets, record.seq_len, device=device)[held]
     return index.clamp(max=table_rows - 1)  # only trailing padding can reach past max_seqlen
+
+
+def _thd_record(cu_seqlens: torch.Tensor, seq_len: int) -> BatchRecord:
+    """The record of the THD batch whose offsets RoPE is handed: the batch hook's, else derived here once (THD
+    metadata describes its layout: ``layout_cu_seqlens`` is what the hook shards with, a fixed point)."""
+    records = get_batch_records()
+    record = records.find(cu_seqlens, None)
+    if record is None or record.seq_len != seq_len or record.rope_offsets is None:
+        offsets = tuple(_as_int_list("cu_seqlens", cu_seqlens))
+        record = records.add(BatchRecord(seq_len, layout_cu_seqlens(offsets, seq_len), rope_offsets=offsets),
+                             cu_seqlens, None)
+    return record
 
 
 def usp_apply_rotary_pos_emb_thd(
@@ -134,14 +131,10 @@ def usp_apply_rotary_pos_emb_thd(
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
-    seq_len = t.shape[0] * groups.sp_size
-    key = (getattr(cu_seqlens, "_version", None), seq_len, freqs.shape[0], groups, ring_impl, t.device)
-    if _last_rope_index and _last_rope_index[0] is cu_seqlens and _last_rope_index[1] == key:
-        index = _last_rope_index[2]  # q and k of every layer share one index per step
-    else:
-        with plain_tensors():  # kept for the step's other layers: never an inference tensor (caching.py)
-            index = _thd_rope_index(cu_seqlens, seq_len, freqs.shape[0], groups, ring_impl, t.device)
-        _last_rope_index[:] = [cu_seqlens, key, index]
+    record = _thd_record(cu_seqlens, t.shape[0] * groups.sp_size)
+    table_rows = freqs.shape[0]
+    index = record.derived(("thd-rope", table_rows, groups, ring_impl, t.device),  # q, k of every layer share it
+                           lambda: _thd_rope_index(record, table_rows, groups, ring_impl, t.device))
     return _apply_rotary_pos_emb_bshd(
         t.unsqueeze(1), freqs[index], rotary_interleaved=config.rotary_interleaved,
         multi_latent_attention=config.multi_latent_attention, mscale=mscale,
@@ -205,11 +198,46 @@ def _hook_pos_emb_on_this_cp_rank(original: Callable) -> Callable:
     return get_pos_emb_on_this_cp_rank
 
 
+# model classes whose forward runs under the record of the batch it is handed (the rotary table is built inside)
+_MODEL_CLASSES = (
+    ("megatron.core.models.gpt.gpt_model", "GPTModel"),
+    ("megatron.core.models.mamba.mamba_model", "MambaModel"),
+)
+
+
+def _hook_model_forward(original: Callable) -> Callable:
+    """A model's ``forward(input_ids, position_ids, attention_mask, ..., packed_seq_params=...)`` run under the
+    record of the batch its ``attention_mask`` came from (:meth:`.batch_record.BatchRecords.model_forward`), so
+    the rotary table it builds is that batch's. Tokens the batch hook sharded in the document layout with another
+    mask (or none) raise ValueError before anything runs: attention would not follow their layout."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if not usp_is_initialized():
+            return original(self, *args, **kwargs)
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        records = get_batch_records()
+        mask, tokens = arguments.get("attention_mask"), arguments.get("input_ids")
+        record = records.find(mask) if isinstance(mask, torch.Tensor) else None
+        if arguments.get("packed_seq_params") is None and isinstance(tokens, torch.Tensor):
+            sharded_with = records.find(tokens)
+            if sharded_with is not None and sharded_with.cu_seqlens is not None and sharded_with is not record:
+                raise ValueError(
+                    "these tokens were sharded in the document layout, but the model is not handed their documents: "
+                    "pass the attention_mask that get_batch_on_this_usp_rank returned with them")
+        with records.model_forward(record):
+            return original(self, *args, **kwargs)
+
+    return forward
+
+
 def install_rope_hook() -> None:
     """Make megatron-core's rotary embeddings (RoPE, multimodal RoPE, YaRN) slice by the USP layout (every
     ring_impl; for zigzag this equals Megatron's own slicing, and it needs no pinned memory or CUDA; a batch in the
     document layout gets its own rows through the rotary classes' forward), and its THD
-    RoPE (``apply_rotary_pos_emb`` with ``cu_seqlens``) follow the USP layout with per-document positions.
+    RoPE (``apply_rotary_pos_emb`` with ``cu_seqlens``) follow the USP layout with per-document positions; GPTModel
+    and MambaModel run each forward under the record of the batch they are handed.
     Idempotent; both fall back to megatron-core's functions while USP is not initialized."""
     for module_name in _APPLY_ROPE_MODULES:  # rope_utils first: modules imported later take the hooked name
         if module_name == _APPLY_ROPE_MODULES[0] or module_name in sys.modules:
@@ -230,3 +258,10 @@ def install_rope_hook() -> None:
             continue
         if cls is not None:
             _hook_rotary_forward(cls)
+    for module_name, class_name in _MODEL_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            continue
+        if cls is not None and "forward" in cls.__dict__:
+            wrap(cls, "forward", _hook_model_forward, owner=__name__)

@@ -2,23 +2,26 @@
 
 Written only by :func:`.grid.initialize_model_parallel` (after it validated every setting) and
 :func:`.grid.destroy_model_parallel`; read by the batch hook (:mod:`.batch`), the RoPE hooks (:mod:`.rope`) and
-``USPAttention``, which megatron-core calls with signatures of its own and so cannot be handed the grid. A module
+``USPAttention``, which megatron-core calls with signatures of its own and so cannot be handed the grid; it holds
+the grid's batch records (:mod:`.batch_record`), which the batch hook writes and RoPE and the attention read. A module
 of its own so that the grid (which installs the RoPE hooks) and the hooks (which read the grid) do not import each
 other.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import USPConfig
 from ..groups import USPGroups
+from .batch_record import BatchRecords
 
 
 @dataclass(frozen=True)
 class USPState:
     groups: USPGroups
     config: USPConfig
+    records: BatchRecords = field(default_factory=BatchRecords)  # the batches of this grid (batch_record.py)
 
 
 _STATE: Optional[USPState] = None
@@ -53,6 +56,10 @@ def get_usp_ring_impl() -> str:
 
 def get_usp_attn_backend() -> str:
     return usp_state().config.backend
+
+
+def get_batch_records() -> BatchRecords:
+    return usp_state().records
 
 
 def get_usp_micro_q() -> Optional[int]:

@@ -354,7 +354,6 @@ def test_thd_hook_passes_through_without_the_usp_grid():
 def test_batch_hook_takes_reset_attention_mask_documents_from_eod(usp_grid_up, monkeypatch):
     """--reset-attention-mask --no-create-attention-mask-in-dataloader: documents from the tokenizer's EOD; with
     the dataloader's dense mask, from the mask (the EOD is then not needed)."""
-    from megatron_usp.megatron import documents
     from megatron_usp.sharding import positions
 
     training = types.ModuleType("megatron.training")
@@ -368,5 +367,4 @@ def test_batch_hook_takes_reset_attention_mask_documents_from_eod(usp_grid_up, m
     held = positions(16, usp_grid_up, ring_impl="zigzag", cu_seqlens=(0, 4, 11, 16))
     assert out["tokens"].tolist() == [tokens[0, held].tolist()]
     assert out["attention_mask"].tolist() == [[0] * 4 + [1] * 7 + [2] * 5]
-    assert documents.current_layout(16) == (0, 4, 11, 16)
-    documents.set_current(None)
+    assert state.get_batch_records().find(out["attention_mask"]).cu_seqlens == (0, 4, 11, 16)

@@ -16,7 +16,7 @@ from megatron_usp.groups import USPGroups
 from megatron_usp.patching import original_of  # noqa: E402
 from megatron_usp.config import USPConfig  # noqa: E402
 from megatron_usp.megatron import attention, batch as batch_mod, document_ids_from_cu_seqlens, packed_document_ids  # noqa: E402
-from megatron_usp.megatron import documents, rope as rope_mod, state  # noqa: E402
+from megatron_usp.megatron import batch_record, documents, rope as rope_mod, state  # noqa: E402
 from megatron_usp.sharding import positions  # noqa: E402
 
 
@@ -181,9 +181,10 @@ def test_dense_masks_that_are_not_causal_documents_are_refused(name, monkeypatch
 
 
 @pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])
-def test_batch_hook_reset_attention_mask_layouts(ring_impl):
+def test_batch_hook_reset_attention_mask_layouts(monkeypatch, ring_impl):
     """Rows with the same documents: the balanced document layout, attention_mask -> document ids; rows that differ:
-    the row layout. Dense mask and EOD tokens give the same batch."""
+    the row layout. Dense mask and EOD tokens give the same batch; the hook's record (found by the ids and the
+    sharded tokens it returned) holds the layout."""
     eod, seq, u, r = 7, 16, 2, 2
     row = torch.tensor([[1, 2, 3, 7, 4, 5, 6, 1, 2, 3, 7, 5, 4, 3, 2, 1]])
     for tokens in (row, torch.cat([row, row.flip(1)])):
@@ -193,55 +194,64 @@ def test_batch_hook_reset_attention_mask_layouts(ring_impl):
         for ring_rank in range(r):
             for ulysses_rank in range(u):
                 groups = fake_groups(u, r, ulysses_rank, ring_rank)
+                monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(u, r, ring_impl, "torch")))
                 local = batch_mod.get_batch_on_this_usp_rank(full, groups, ring_impl)
                 cu = (0, 4, 11, 16) if tokens.shape[0] == 1 else None
                 held = positions(seq, groups, ring_impl=ring_impl, cu_seqlens=cu)
                 assert torch.equal(local["tokens"], tokens[:, held]) and torch.equal(local["labels"], tokens[:, held] + 100)
                 assert torch.equal(local["position_ids"], position_ids[:, held])
                 assert torch.equal(local["attention_mask"], documents.documents_from_eod(tokens, eod))
-                assert documents.current_layout(seq) == cu
+                records = state.get_batch_records()
+                record = records.find(local["attention_mask"])
+                assert record is records.find(local["tokens"]) and record.cu_seqlens == cu and record.seq_len == seq
                 by_eod = batch_mod.get_batch_on_this_usp_rank({**full, "attention_mask": None}, groups, ring_impl,
                                                               eod_token=eod)
                 assert all(torch.equal(by_eod[k], local[k]) for k in local)
     plain = batch_mod.get_batch_on_this_usp_rank({**full, "attention_mask": _megatron_masks(tokens[:, :6], 99)[0]},
                                                  fake_groups(2, 1, 0, 0), ring_impl)  # plain causal: dropped
-    assert plain["attention_mask"] is None and documents.current_layout(6) is None
+    assert plain["attention_mask"] is None and state.get_batch_records().find(plain["tokens"]).cu_seqlens is None
 
 
 def _attention_documents(mask, query, sp_size=4, params=None):
     return attention._cached_documents(params, mask, query, sp_size)
 
 
-def test_attention_refuses_masks_it_cannot_honour_and_stale_documents():
+@pytest.fixture
+def records(monkeypatch):
+    """A 2 x 2 grid's state (no processes): the batch records the hook writes and the attention reads."""
+    monkeypatch.setattr(state, "_STATE", state.USPState(fake_groups(2, 2, 0, 0), USPConfig(2, 2, "zigzag", "torch")))
+    return state.get_batch_records()
+
+
+def test_attention_refuses_masks_it_cannot_honour_and_stale_documents(records):
     """Local checks in USPAttention (before usp_attn, so before any collective): a dense mask is refused per layer,
-    documents must be those of the batch the hook sharded (RoPE followed it), THD padding must be folded in."""
+    documents must be those the hook recorded and, in the document layout, a model forward must have run with
+    them (RoPE followed them); THD padding must be folded in."""
     seq, batch = 16, 1
     query = torch.zeros(seq // 4, batch, 2, 8)
     dense = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]
     with pytest.raises(ValueError, match="get_batch_on_this_usp_rank"):
         _attention_documents(dense, query)
     ids = torch.tensor([[0] * 5 + [1] * 11])
-    documents.set_current(documents.BatchDocuments(ids, (0, 5, 16)))
-    try:
-        assert _attention_documents(ids, query) == (None, (0, 5, 16))
-        assert _attention_documents(ids.detach(), query) == (None, (0, 5, 16))  # recomputation detaches
-        with pytest.raises(ValueError, match="not those of the batch"):
-            _attention_documents(None, query)  # a batch that bypassed the hook while RoPE used the documents
-        with pytest.raises(ValueError, match="not those of the batch"):
-            _attention_documents(ids.clone(), query)
-        with pytest.raises(ValueError, match=r"\[batch, seq_len\]"):
-            _attention_documents(ids[:, :8], query)
-    finally:
-        documents.set_current(None)
+    record = records.add(batch_record.BatchRecord(seq, (0, 5, 16)), ids)
     with pytest.raises(ValueError, match="not those of the batch"):
-        _attention_documents(ids, query)  # documents the hook never saw: RoPE used the row layout
+        _attention_documents(ids, query)  # the hook made them, but no model forward built their rotary table
+    with records.model_forward(record):
+        pass
+    assert _attention_documents(ids, query) == (None, (0, 5, 16))
+    assert _attention_documents(ids.detach(), query) == (None, (0, 5, 16))  # recomputation detaches
+    with pytest.raises(ValueError, match="not those of the batch"):
+        _attention_documents(ids.clone(), query)  # documents the hook never saw: RoPE used the row layout
+    with pytest.raises(ValueError, match=r"\[batch, seq_len\]"):
+        _attention_documents(ids[:, :8], query)
+    ids.add_(0)  # modified in place after the hook recorded it: stale
+    with pytest.raises(ValueError, match="not those of the batch"):
+        _attention_documents(ids, query)
     per_row = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
-    documents.set_current(documents.BatchDocuments(per_row, None))
-    try:
-        got = _attention_documents(per_row, torch.zeros(seq // 4, 2, 2, 8))
-        assert got[0] is per_row and got[1] is None
-    finally:
-        documents.set_current(None)
+    records.add(batch_record.BatchRecord(seq, None), per_row)
+    got = _attention_documents(per_row, torch.zeros(seq // 4, 2, 2, 8))
+    assert got[0] is per_row and got[1] is None  # the row layout: no model forward needed
+    assert _attention_documents(ids.clone(), torch.zeros(seq, batch, 2, 8), sp_size=1) == (None, (0, 5, 16))  # derived
     thd_query = torch.zeros(4, 2, 8)
     padded = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3, 9]), cu_seqlens_kv=torch.tensor([0, 3, 9]),
                              cu_seqlens_q_padded=torch.tensor([0, 4, 16]), cu_seqlens_kv_padded=torch.tensor([0, 4, 16]))
@@ -252,14 +262,17 @@ def test_attention_refuses_masks_it_cannot_honour_and_stale_documents():
         _attention_documents(ids, thd_query, params=padded)
 
 
-def test_recomputation_checks_documents_against_the_batches_the_hook_made():
+def test_recomputation_finds_the_documents_of_its_own_batch(records):
     """Activation recomputation runs attention inside backward, after the hook moved on to later micro-batches
-    (pipeline schedules): the documents must then be ids the hook made, whatever the current batch is."""
+    (pipeline schedules): the detached documents find the record of their own batch, whatever came later."""
     seq = 16
     query = torch.zeros(seq // 4, 1, 2, 8)
     older = torch.tensor([[0] * 5 + [1] * 11])
-    documents.set_current(documents.BatchDocuments(older, (0, 5, 16)))
-    documents.set_current(documents.BatchDocuments(torch.tensor([[0] * 9 + [1] * 7]), (0, 9, 16)))  # a later one
+    with records.model_forward(records.add(batch_record.BatchRecord(seq, (0, 5, 16)), older)):
+        pass
+    later = torch.tensor([[0] * 9 + [1] * 7])
+    with records.model_forward(records.add(batch_record.BatchRecord(seq, (0, 9, 16)), later)):
+        pass
     seen = []
 
     class Recompute(torch.autograd.Function):
@@ -275,13 +288,32 @@ def test_recomputation_checks_documents_against_the_batches_the_hook_made():
                 _attention_documents(older.clone(), query)
             return grad
 
-    try:
-        with pytest.raises(ValueError, match="not those of the batch"):
-            _attention_documents(older, query)  # in a forward pass: only the current batch's documents
-        Recompute.apply(torch.ones(1, requires_grad=True)).sum().backward()
-    finally:
-        documents.set_current(None)
+    Recompute.apply(torch.ones(1, requires_grad=True)).sum().backward()
     assert seen == [(None, (0, 5, 16)), (None, None)]
+    assert _attention_documents(later, query) == (None, (0, 9, 16))
+
+
+def test_model_forward_runs_under_the_record_of_its_mask(records):
+    """The model-forward hook: the rotary table of a forward is built for the batch whose mask the model is handed
+    (a batch hooked earlier runs with its own layout); tokens sharded in the document layout without their
+    documents raise before the model runs."""
+    seen = []
+    forward = rope_mod._hook_model_forward(
+        lambda self, input_ids, position_ids, attention_mask, packed_seq_params=None: seen.append(records.running))
+    first, second = torch.tensor([[0] * 5 + [1] * 11]), torch.tensor([[0] * 9 + [1] * 7])
+    tokens = torch.arange(4)[None]
+    a = records.add(batch_record.BatchRecord(16, (0, 5, 16)), first)
+    records.add(a, tokens)
+    b = records.add(batch_record.BatchRecord(16, (0, 9, 16)), second)
+    forward(None, tokens, None, first)
+    forward(None, None, None, second)
+    forward(None, None, None, None)
+    assert seen == [a, b, None] and a.model_ran and b.model_ran and records.running is None
+    for mask in (None, second, torch.zeros(1, 16)):
+        with pytest.raises(ValueError, match="get_batch_on_this_usp_rank returned"):
+            forward(None, tokens, None, mask)
+    forward(None, tokens, None, None, packed_seq_params=object())  # THD: documents travel in packed_seq_params
+    assert len(seen) == 4
 
 
 class _FakeGroup:
@@ -307,13 +339,13 @@ def test_sbhd_rope_follows_the_document_layout_of_the_batch(monkeypatch):
             cp_group = _FakeGroup(u * r)  # hashable: megatron-core's rotary forward is lru_cached
             row_layout = rope(seq, cp_group=cp_group)
             assert torch.equal(row_layout, full[positions(seq, groups, ring_impl="zigzag")])
-            documents.set_current(documents.BatchDocuments(torch.tensor([[0] * 5 + [1] * 11]), cu))
-            try:
+            records = state.get_batch_records()
+            with records.model_forward(batch_record.BatchRecord(seq, cu)):
                 held = positions(seq, groups, ring_impl="zigzag", cu_seqlens=cu)
                 assert torch.equal(rope(seq, cp_group=cp_group), full[held])
                 assert torch.equal(rope_mod.document_layout_rows(row_layout.clone()), row_layout)  # not ours: as is
-            finally:
-                documents.set_current(None)
+            with records.model_forward(batch_record.BatchRecord(seq, None)):
+                assert rope(seq, cp_group=cp_group) is row_layout  # the row layout: megatron-core's table
             assert rope(seq, cp_group=cp_group) is row_layout  # megatron-core's cached table again
             rope.forward.cache_clear()  # YaRN calls it on the instance
 
@@ -331,11 +363,10 @@ def test_thd_rope_hook_matches_megatron_single_rank(monkeypatch, ring_impl, exac
     t = torch.randn(seq, 3, 8)
     one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
     expected = _apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=one_rank)
-    monkeypatch.setattr(rope_mod, "get_usp_ring_impl", lambda: ring_impl)
     for ring_rank in range(r):
         for ulysses_rank in range(u):
             groups = fake_groups(u, r, ulysses_rank, ring_rank)
-            monkeypatch.setattr(rope_mod, "get_usp_groups", lambda g=groups: g)
+            monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(u, r, ring_impl, "torch")))
             held = positions(seq, groups, ring_impl=ring_impl, cu_seqlens=cu)  # THD rows: the document layout
             out = rope_mod.usp_apply_rotary_pos_emb_thd(t[held], freqs, config, cu)
             torch.testing.assert_close(out, expected[held], rtol=0, atol=1e-6)
