@@ -36,10 +36,10 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_usp.megatron import destroy_model_parallel, initialize_model_parallel, megatron_lm_cpu
+    from megatron_usp.megatron import cpu_standins, destroy_model_parallel, initialize_model_parallel
     from megatron_usp.megatron.specs import get_gpt_decoder_block_local_spec
 
-    megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA RNG calls (recompute) -> CPU
+    cpu_standins.install(megatron_lm=False)  # megatron-core's CUDA RNG calls (recompute) -> CPU
     initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
                               create_gloo_process_groups=False)
     model_parallel_cuda_manual_seed(1234)
@@ -85,10 +85,10 @@ def state_bytes_measured(rank, world_size, grids) -> list[dict]:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_usp.megatron import (
-        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
+        cpu_standins, destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel,
     )
 
-    megatron_lm_cpu.install(megatron_lm=False)
+    cpu_standins.install(megatron_lm=False)
     results = []
     for tp, u, r, distributed in grids:
         initialize_model_parallel(tp, 1, ulysses_degree=u, ring_degree=r, create_gloo_process_groups=False)
@@ -142,10 +142,10 @@ def pipeline_peak_bytes(rank, world_size, cases) -> list[int]:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_usp.megatron import (
-        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
+        cpu_standins, destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel,
     )
 
-    megatron_lm_cpu.install(megatron_lm=False)
+    cpu_standins.install(megatron_lm=False)
     shape = dict(SHAPE, num_layers=2 * SHAPE["num_layers"])
     peaks = []
     for pp, virtual_stages, micro_batches, first, last in cases:

@@ -110,16 +110,16 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
 def gpt_pipeline_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl="zigzag") -> dict:
     """PP=2 x USP: stage 0 holds the embedding and layer 1, stage 1 layer 2 and the head, run by megatron-core's
     own 1F1B schedule (``get_forward_backward_func``: its p2p activations and gradients) through the CPU stand-ins
-    of ``megatron_lm_cpu`` (a fresh rank pool: they stay installed in these processes)."""
+    of ``megatron_usp.megatron.cpu_standins`` (a fresh rank pool: they stay installed in these processes)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_usp.megatron import (
-        destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, get_usp_groups,
-        initialize_model_parallel, megatron_lm_cpu,
+        cpu_standins, destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, get_usp_groups,
+        initialize_model_parallel,
     )
 
-    megatron_lm_cpu.install(megatron_lm=False)
+    cpu_standins.install(megatron_lm=False)
     ref_losses, ref_grads, _, ref_weights = reference_run(rank, world_size)
     initialize_model_parallel(1, 2, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
                               create_gloo_process_groups=False)
@@ -362,7 +362,7 @@ def dense_mask_reference(batch_size: int) -> tuple[torch.Tensor, dict]:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     from megatron_usp.megatron import destroy_model_parallel, enable_cpu_mode, initialize_model_parallel
-    from megatron_usp.megatron.cpu_shim import _current_cuda_device_is_cpu
+    from megatron_usp.megatron.cpu_standins import _current_cuda_device_is_cpu
 
     enable_cpu_mode()
     initialize_model_parallel(1, 1, create_gloo_process_groups=False)
@@ -487,7 +487,7 @@ def gpt_recompute_parity(rank, world_size, ulysses_degree, ring_degree, ring_imp
     1 x 1 model without recompute (plain causal batch; packed THD documents for ``packed_modes``)."""
     import megatron.core.tensor_parallel.random as tp_random
 
-    from megatron_usp.megatron import megatron_lm_cpu
+    from megatron_usp.megatron import cpu_standins
     from megatron_usp.megatron.attention import USPAttention
 
     calls = []
@@ -496,8 +496,8 @@ def gpt_recompute_parity(rank, world_size, ulysses_degree, ring_degree, ring_imp
     # (the stand-in the Megatron-LM CPU rehearsal uses; enable_cpu_mode leaves it out)
     rng_fns = tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state
     if not torch.cuda.is_available():
-        tp_random._get_cuda_rng_state = megatron_lm_cpu._cpu_get_rng_state
-        tp_random._set_cuda_rng_state = megatron_lm_cpu._cpu_set_rng_state
+        tp_random._get_cuda_rng_state = cpu_standins._cpu_get_rng_state
+        tp_random._set_cuda_rng_state = cpu_standins._cpu_set_rng_state
 
     def counted(self, *args, **kwargs):
         calls.append(self.layer_number)
@@ -573,12 +573,12 @@ def feature_parity(feature, tp, ulysses_degree, ring_degree, ring_impls) -> list
     from megatron.core import parallel_state
 
     from megatron_usp.megatron import (
-        destroy_model_parallel, get_batch_on_this_usp_rank, get_usp_groups, initialize_model_parallel,
-        megatron_lm_cpu,
+        cpu_standins, destroy_model_parallel, get_batch_on_this_usp_rank, get_usp_groups,
+        initialize_model_parallel,
     )
 
     # MLASelfAttention allocates on torch.cuda.current_device() and, without TE, needs the mla-without-te stand-in
-    megatron_lm_cpu.install(megatron_lm=False)
+    cpu_standins.install(megatron_lm=False)
     initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
     reference = _feature_gpt(feature, tp)
     seen = {}

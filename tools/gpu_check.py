@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from megatron_usp.kernels import MathKernel, varlen  # noqa: E402
 from megatron_usp.kernels.varlen import Segments  # noqa: E402
 from megatron_usp.layout import check_seq_len  # noqa: E402
 from megatron_usp.simulate import RankProblem, monolithic_step, rank_step  # noqa: E402
+from megatron_usp.testing import random_segments  # noqa: E402
 
 from megatron_usp.document_mixes import LOGNORMAL_SIGMA, packed_row  # noqa: E402
 from megatron_usp.timing import peak_memory, time_rounds  # noqa: E402  (the benchmarks' one timing method)
@@ -143,21 +143,6 @@ def _randn(shape, dtype, device, seed):
 
 # ---- (a) kernel parity ----
 
-def random_segments(seed: int, causal: bool, count: int, max_len: int) -> Segments:
-    """Segments with every kind of emptiness (0 x 0; m x 0 and 0 x n when not causal) among random ones."""
-    rng = random.Random(seed)
-    lens = [(0, 0), (1, 1)] if causal else [(0, 0), (max_len // 2, 0), (0, max_len // 3), (1, max_len)]
-    while len(lens) < count:
-        n = rng.randint(1, max_len)
-        lens.append((n, n) if causal else (n, rng.randint(1, max_len)))
-    rng.shuffle(lens)
-    cu_q, cu_k = [0], [0]
-    for lq, lk in lens:
-        cu_q.append(cu_q[-1] + lq)
-        cu_k.append(cu_k[-1] + lk)
-    return Segments(tuple(cu_q), tuple(cu_k))
-
-
 def _parity_figures(errors: dict, tolerance: dict) -> tuple[str, str, dict]:
     fwd = max(errors["out"], errors["lse"])
     bwd = max(errors["dq"], errors["dk"], errors["dv"])
@@ -183,7 +168,9 @@ def kernel_parity(name: str, mode: str, causal: bool, sizes: Sizes, dtype, devic
         shapes = ((sizes.batch, sizes.seq, sizes.heads), (sizes.batch, seq_k, sizes.kv_heads))
         segments = None
     else:
-        segments = random_segments(17 + causal, causal, sizes.segments, sizes.max_segment)
+        longest = sizes.max_segment  # every kind of emptiness (0 x 0; m x 0 and 0 x n when not causal)
+        fixed = [(0, 0), (1, 1)] if causal else [(0, 0), (longest // 2, 0), (0, longest // 3), (1, longest)]
+        segments = random_segments(17 + causal, causal, sizes.segments, longest, fixed=fixed, min_len=1)
         shapes = ((sizes.batch, segments.cu_q[-1], sizes.heads), (sizes.batch, segments.cu_k[-1], sizes.kv_heads))
     q, g = (_randn((*shapes[0], sizes.head_dim), dtype, device, s) for s in (1, 4))
     k, v = (_randn((*shapes[1], sizes.head_dim), dtype, device, s) for s in (2, 3))

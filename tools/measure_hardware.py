@@ -151,13 +151,13 @@ def layer_seconds(device, dtype, hidden: int, heads: int, token_counts: list[int
     from megatron.core.transformer import TransformerConfig
 
     from megatron_usp.megatron import (
-        destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel, megatron_lm_cpu,
+        cpu_standins, destroy_model_parallel, get_gpt_layer_local_spec, initialize_model_parallel,
     )
 
     store = tempfile.NamedTemporaryFile(delete=False).name
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=0, world_size=1)
-    megatron_lm_cpu.install(megatron_lm=False)
+    cpu_standins.install(megatron_lm=False)
     initialize_model_parallel(1, 1, create_gloo_process_groups=False)
     per_layer = {}
     for count in token_counts:

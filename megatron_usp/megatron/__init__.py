@@ -2,7 +2,7 @@
 from .args import add_usp_args, validate_usp_args
 from .attention import USPAttention, packed_document_ids
 from .batch import get_batch_on_this_usp_rank
-from .cpu_shim import enable_cpu_mode
+from .cpu_standins import enable_cpu_mode
 from .documents import document_ids_from_cu_seqlens
 from .grid import (
     destroy_model_parallel,

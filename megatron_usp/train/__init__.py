@@ -8,8 +8,8 @@ gloo on CPU, NCCL on GPU (chosen automatically). Flags are named as in Megatron-
 rank of a USP group holds ``seq_length / (u*r)`` tokens of the same samples. The training machinery is
 megatron-core's: DistributedDataParallel, the (distributed, by default) optimizer and its parameter scheduler,
 the pipeline schedules (1F1B, interleaved, uneven stages), and dist_checkpointing, whose checkpoints
-(``--save/--load``) resume under another TP, PP, ulysses/ring degree or ring_impl. On CPU, ``megatron_lm_cpu``'s
-megatron-core stand-ins route its CUDA calls.
+(``--save/--load``) resume under another TP, PP, ulysses/ring degree or ring_impl. On CPU, the megatron-core stand-ins
+of ``megatron_usp.megatron.cpu_standins`` route its CUDA calls.
 
 Modules: :mod:`.args` (flags and every check, rank-independent: :func:`.args.configure`), :mod:`.data` (token
 streams, samples, the per-rank micro-batches), :mod:`.checkpoint` (crash-safe dist_checkpointing), :mod:`.loop`

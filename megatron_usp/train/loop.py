@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..megatron import (destroy_model_parallel, get_usp_groups, initialize_model_parallel, megatron_lm_cpu,
+from ..megatron import (cpu_standins, destroy_model_parallel, get_usp_groups, initialize_model_parallel,
                         optimizer_load)
 from ..config import USPConfig
 from ..megatron.specs import get_gpt_decoder_block_local_spec
@@ -174,7 +174,7 @@ def main(argv=None, configured: Optional[tuple] = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    standins = megatron_lm_cpu.install(megatron_lm=False)  # megatron-core's CUDA calls -> CPU; nothing with CUDA
+    standins = cpu_standins.install(megatron_lm=False)  # megatron-core's CUDA calls -> CPU; nothing with CUDA
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config=USPConfig.from_args(args),
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,

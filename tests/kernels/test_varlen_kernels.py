@@ -8,8 +8,6 @@ turn them into out 0, lse -inf and zero gradients. The reference is ``kernels.va
 the math kernel. GPU tests at the end run the real kernels when CUDA (and the package) are present.
 """
 import inspect
-import random
-import sys
 from typing import Optional, Tuple
 
 import pytest
@@ -23,6 +21,7 @@ from megatron_usp.kernels.te import MODULE as TE_MODULE
 from megatron_usp.kernels.te import TEFusedKernel
 from megatron_usp.kernels.torch_sdpa import TorchCPUKernel, TorchCUDAEfficientKernel, TorchCUDAFlashKernel
 from megatron_usp.kernels.varlen import Segments
+from megatron_usp.testing import random_segments
 from reference import relative_error
 from test_kernel_adapters import (
     SCALE,
@@ -429,21 +428,6 @@ def _install(monkeypatch, variant):
 VARIANTS = ["aten@flash", "aten@efficient", "fa2@2.6.3", "fa2@2.7", "fa2@2.8-custom-op", "fa2@2.5.9", "fa3@beta",
             "fa3@2.7.4", "fa3@main-custom-op", "te@1.12-padded", "te@2.4-ragged", "te@2.4-padded", "te@main-ragged",
             "te@main-padded"]
-
-
-def random_segments(seed: int, causal: bool, count: int = 9, max_len: int = 7) -> Segments:
-    """Segments with every kind of emptiness (0x0, and when not causal m x 0 and 0 x n) among non-empty ones."""
-    rng = random.Random(seed)
-    lens = [(0, 0), (3, 3), (1, 1)] if causal else [(0, 0), (4, 0), (0, 3), (1, 5), (6, 2)]
-    while len(lens) < count:
-        n = rng.randint(0, max_len)
-        lens.append((n, n) if causal else (n, rng.randint(0, max_len)))
-    rng.shuffle(lens)
-    cu_q, cu_k = [0], [0]
-    for lq, lk in lens:
-        cu_q.append(cu_q[-1] + lq)
-        cu_k.append(cu_k[-1] + lk)
-    return Segments(tuple(cu_q), tuple(cu_k))
 
 
 def _case(segments, kv_heads, dtype, heads=4, batch=2, d=8, device="cpu"):

@@ -1,5 +1,6 @@
 """The Megatron-LM CPU rehearsal without a Megatron-LM checkout: the harness's pure logic
-(tools/check_megatron_patch.py --train) and the device-mapping stand-in of megatron_usp.megatron.megatron_lm_cpu."""
+(tools/check_megatron_patch.py --train, megatron_usp.rehearsal: cases, probes, references) and the stand-ins of
+megatron_usp.megatron.cpu_standins."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -8,7 +9,11 @@ import pytest
 import torch
 
 from megatron_usp import patching
-from megatron_usp.megatron import megatron_lm_cpu
+from megatron_usp.megatron import cpu_standins
+from megatron_usp.rehearsal import probes, references
+from megatron_usp.rehearsal.cases import (MAX_LOGIT_LINE, MOCK_DATA, CaseResult, TrainCase, TrainRun,
+                                          distributed_optimizer_checkpoint, select_cases, train_cases,
+                                          train_model_args, usp_flags)
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_megatron_patch.py"
 
@@ -48,9 +53,9 @@ def test_parse_usp_probe(tool):
 
 
 def test_probe_line_format_is_what_the_harness_parses(tool):
-    line = f"{megatron_lm_cpu.USP_PROBE_PREFIX} grid: u=1 r=4 ring_impl=stripe; attention calls: 3"
+    line = f"{probes.USP_PROBE_PREFIX} grid: u=1 r=4 ring_impl=stripe; attention calls: 3"
     assert tool.parse_usp_probe(line) == ("u=1 r=4 ring_impl=stripe", 3)
-    assert tool.parse_usp_probe(megatron_lm_cpu.usp_probe_line(0)) == ("none", 0)  # no grid in this process
+    assert tool.parse_usp_probe(probes.usp_probe_line(0)) == ("none", 0)  # no grid in this process
 
 
 def test_compare_losses_ok_mismatch_missing_and_nan(tool):
@@ -72,10 +77,10 @@ def test_relative_difference_at_seven_digits(tool):
 
 
 def test_check_probe_requires_no_usp_in_the_baseline_and_the_grid_in_the_usp_run(tool):
-    case = tool.TrainCase("c", tool.TrainRun(1), tool.TrainRun(4, tool.usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag")
+    case = TrainCase("c", TrainRun(1), TrainRun(4, usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag")
 
     def result():
-        return tool.CaseResult("c", "ok")
+        return CaseResult("c", "ok")
 
     assert tool.check_probe(result(), case, ("none", 0), ("u=2 r=2 ring_impl=zigzag", 4)).status == "ok"
     for base, usp in ((("none", 0), ("u=2 r=2 ring_impl=zigzag", 0)),  # USP grid but no USP attention ran
@@ -85,8 +90,8 @@ def test_check_probe_requires_no_usp_in_the_baseline_and_the_grid_in_the_usp_run
         assert tool.check_probe(result(), case, base, usp).status == "FAILED"
 
 
-def test_cases_compare_like_with_like(tool):
-    cases = tool.train_cases(Path("/fixture"))
+def test_cases_compare_like_with_like():
+    cases = train_cases(Path("/fixture"))
     names = [case.name for case in cases]
     assert len(set(names)) == len(names) and not any("," in name for name in names)  # --cases splits on commas
     for name in ("u2 r2 zigzag", "u1 r4 stripe", "distributed optimizer u2 r2", "recompute full u2 r2", "PP=2 u2",
@@ -109,7 +114,7 @@ def test_cases_compare_like_with_like(tool):
             assert rest[:2] == ["--tensor-model-parallel-size", "2"] and "--use-cpu-initialization" in base
             rest = rest[2:]
         if case.name == "qk-clip bf16 u2 r2 vs no clip":  # the baseline's local attention cannot report max logits
-            assert rest[1:3] == ["--qk-clip", "--log-max-attention-logit"] and case.expect == tool.MAX_LOGIT_LINE
+            assert rest[1:3] == ["--qk-clip", "--log-max-attention-logit"] and case.expect == MAX_LOGIT_LINE
             rest = rest[:1] + rest[3:]
         assert rest == base, case.name  # same Megatron flags apart from the USP ones
         assert case.baseline.without == case.usp.without, case.name
@@ -123,40 +128,40 @@ def test_cases_compare_like_with_like(tool):
         assert case.baseline.nproc == base_parallel and case.usp.nproc == model_parallel * u * r, case.name
 
 
-def test_resume_cases_save_half_way_at_u2_r2_and_load_elsewhere(tool):
-    resume = [case for case in tool.train_cases(checkpoint=Path("/ck"), train_iters=6)
+def test_resume_cases_save_half_way_at_u2_r2_and_load_elsewhere():
+    resume = [case for case in train_cases(checkpoint=Path("/ck"), train_iters=6)
               if case.pre is not None and "--use-distributed-optimizer" not in case.pre.args]
     assert len(resume) == 2
     for case in resume:
         pre, usp = list(case.pre.args), list(case.usp.args)
-        assert case.first_iteration == 4 and case.baseline == tool.TrainRun(1)
-        assert pre[:6] == list(tool.usp_flags(2, 2)) and case.pre.nproc == 4
+        assert case.first_iteration == 4 and case.baseline == TrainRun(1)
+        assert pre[:6] == list(usp_flags(2, 2)) and case.pre.nproc == 4
         assert pre[6:] == ["--save", "/ck", "--save-interval", "3", "--exit-interval", "3"]
         assert usp[:2] == ["--load", "/ck"] and "--save" not in usp
     assert [case.grid for case in resume] == ["u=1 r=4 ring_impl=stripe", "none"]
-    assert resume[1].usp == tool.TrainRun(1, ("--load", "/ck"))
+    assert resume[1].usp == TrainRun(1, ("--load", "/ck"))
 
 
-def test_distributed_optimizer_resume_cases_save_and_load_with_it_in_their_own_folder(tool):
-    cases = [case for case in tool.train_cases(checkpoint=Path("/ck"), train_iters=6)
+def test_distributed_optimizer_resume_cases_save_and_load_with_it_in_their_own_folder():
+    cases = [case for case in train_cases(checkpoint=Path("/ck"), train_iters=6)
              if case.pre is not None and "--use-distributed-optimizer" in case.pre.args]
     assert [case.name for case in cases] == ["distributed optimizer save u2 r2 -> load u1 r4 stripe",
                                              "distributed optimizer save u2 r2 -> load without SP"]
-    assert tool.distributed_optimizer_checkpoint(Path("/ck")) == Path("/ck-distributed-optimizer")
+    assert distributed_optimizer_checkpoint(Path("/ck")) == Path("/ck-distributed-optimizer")
     for case in cases:
         pre, usp = list(case.pre.args), list(case.usp.args)
-        assert pre[:6] == list(tool.usp_flags(2, 2)) and case.pre.nproc == 4 and case.first_iteration == 4
+        assert pre[:6] == list(usp_flags(2, 2)) and case.pre.nproc == 4 and case.first_iteration == 4
         assert pre[pre.index("--save") + 1] == "/ck-distributed-optimizer" and "--exit-interval" in pre
         assert usp[:3] == ["--load", "/ck-distributed-optimizer", "--use-distributed-optimizer"]
-        assert case.baseline == tool.TrainRun(1, ("--use-distributed-optimizer",))
+        assert case.baseline == TrainRun(1, ("--use-distributed-optimizer",))
     assert [case.grid for case in cases] == ["u=1 r=4 ring_impl=stripe", "none"]
     assert cases[1].usp.nproc == 1 and "--ulysses-degree" not in cases[1].usp.args
 
 
-def test_tensor_parallel_and_mtp_cases(tool):
-    cases = {case.name: case for case in tool.train_cases()}
+def test_tensor_parallel_and_mtp_cases():
+    cases = {case.name: case for case in train_cases()}
     tp = cases["TP=2 u2"]
-    assert tp.baseline == tool.TrainRun(2, ("--tensor-model-parallel-size", "2"))
+    assert tp.baseline == TrainRun(2, ("--tensor-model-parallel-size", "2"))
     assert tp.usp.nproc == 4 and tp.grid == "u=2 r=1 ring_impl=zigzag"
     assert cases["TP=2 u2 vs 1 rank cpu initialization"].baseline.nproc == 1
     mtp = cases["MTP u2 r2 zigzag"]
@@ -165,44 +170,44 @@ def test_tensor_parallel_and_mtp_cases(tool):
         assert run.args[:3] == ("--mtp-num-layers", "1", "--calculate-per-token-loss")
 
 
-def test_attention_feature_cases(tool):
-    cases = {case.name: case for case in tool.train_cases()}
+def test_attention_feature_cases():
+    cases = {case.name: case for case in train_cases()}
     for kind in ("learnable", "off-by-one"):
         case = cases[f"softmax-type {kind} u2 r2"]
-        assert case.baseline == tool.TrainRun(1, ("--softmax-type", kind)) and case.grid == "u=2 r=2 ring_impl=zigzag"
+        assert case.baseline == TrainRun(1, ("--softmax-type", kind)) and case.grid == "u=2 r=2 ring_impl=zigzag"
     mla = cases["MLA u2 r2"]
     for run in (mla.baseline, mla.usp):
         assert run.args[:2] == ("--multi-latent-attention", "--no-rope-fusion")
         assert run.without == ("--group-query-attention",)  # Megatron asserts MLA excludes GQA
     assert mla.baseline.launcher == ("--mla-reference-attention",)
     clip = cases["qk-clip bf16 u2 r2 vs no clip"]
-    assert clip.baseline == tool.TrainRun(1, ("--bf16",)) and "--qk-clip" in clip.usp.args and clip.expect
+    assert clip.baseline == TrainRun(1, ("--bf16",)) and "--qk-clip" in clip.usp.args and clip.expect
     assert clip.rtol == cases["bf16 u2 r2"].rtol
 
 
 def test_launcher_command_leaves_out_the_runs_without_flags(tool):
-    run = tool.TrainRun(1, ("--x",), without=("--group-query-attention",))
-    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), run, tool.train_model_args())
+    run = TrainRun(1, ("--x",), without=("--group-query-attention",))
+    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), run, train_model_args())
     assert "--group-query-attention" not in command and "--num-query-groups" in command and command[-1] == "--x"
 
 
 def test_expected_report_lines_are_counted(tool):
     line = "megatron_lm_cpu: max attention logit: {:.6E}\n"
     output = "".join(line.format(value) for value in (1.5, 2.25))
-    ok = tool.check_expected(tool.CaseResult("c", "ok"), tool.MAX_LOGIT_LINE, output, 2)
+    ok = tool.check_expected(CaseResult("c", "ok"), MAX_LOGIT_LINE, output, 2)
     assert ok.status == "ok" and "2 lines" in ok.note and "2.250000E+00" in ok.note
-    short = tool.check_expected(tool.CaseResult("c", "ok"), tool.MAX_LOGIT_LINE, output, 3)
+    short = tool.check_expected(CaseResult("c", "ok"), MAX_LOGIT_LINE, output, 3)
     assert short.status == "FAILED" and "expected 3" in short.note
 
 
-def test_max_logit_report_line_is_what_the_harness_parses(tool):
+def test_max_logit_report_line_is_what_the_harness_parses():
     import re
 
-    assert re.fullmatch(tool.MAX_LOGIT_LINE, f"{megatron_lm_cpu.MAX_LOGIT_PREFIX}: 3.000000E+00")
+    assert re.fullmatch(MAX_LOGIT_LINE, f"{probes.MAX_LOGIT_PREFIX}: 3.000000E+00")
 
 
-def test_refused_cases_run_no_baseline_and_name_the_refusal(tool):
-    refused = {case.name: case for case in tool.train_cases() if case.refused is not None}
+def test_refused_cases_run_no_baseline_and_name_the_refusal():
+    refused = {case.name: case for case in train_cases() if case.refused is not None}
     assert set(refused) == {"MTP u2 r2 stripe refused", "MTP u2 r2 basic refused",
                             "MTP u2 r2 zigzag without per-token loss refused"}
     for case in refused.values():
@@ -253,14 +258,14 @@ def test_compare_from_a_later_iteration_and_probe_without_usp(tool):
     base = {1: 5.0, 2: 4.0, 3: 3.0}
     assert tool.compare_losses("c", base, {2: 4.0, 3: 3.0}, 3, 2e-6, first=2).status == "ok"
     assert tool.compare_losses("c", base, {3: 3.0}, 3, 2e-6, first=2).status == "FAILED"
-    case = tool.TrainCase("c", tool.TrainRun(1), tool.TrainRun(1, ("--load", "/ck")), "none")
-    assert tool.check_probe(tool.CaseResult("c", "ok"), case, ("none", 0), ("none", 0)).status == "ok"
-    bad = tool.check_probe(tool.CaseResult("c", "ok"), case, ("none", 0), ("u=2 r=2 ring_impl=zigzag", 4))
+    case = TrainCase("c", TrainRun(1), TrainRun(1, ("--load", "/ck")), "none")
+    assert tool.check_probe(CaseResult("c", "ok"), case, ("none", 0), ("none", 0)).status == "ok"
+    bad = tool.check_probe(CaseResult("c", "ok"), case, ("none", 0), ("u=2 r=2 ring_impl=zigzag", 4))
     assert bad.status == "FAILED"
 
 
-def test_only_bf16_has_its_own_looser_tolerance(tool):
-    cases = tool.train_cases(Path("/fixture"))
+def test_only_bf16_has_its_own_looser_tolerance():
+    cases = train_cases(Path("/fixture"))
     assert {case.name: case.rtol for case in cases if case.rtol is not None} == {
         "bf16 u2 r2": 1e-4, "qk-clip bf16 u2 r2 vs no clip": 1e-4}
     for bf16 in (case for case in cases if case.rtol is not None):
@@ -274,8 +279,8 @@ def test_undo_first_log_accumulation(tool):
     assert tool.undo_first_log_accumulation({4: 1.0}, 4) == {4: 1.0}
 
 
-def test_documents_cases_use_documents(tool):
-    cases = {case.name: case for case in tool.train_cases(Path("/fixture"))}
+def test_documents_cases_use_documents():
+    cases = {case.name: case for case in train_cases(Path("/fixture"))}
     reset = cases["reset-attention-mask u2 r2 zigzag"]
     assert "--reset-attention-mask" in reset.baseline.args and "--reset-position-ids" in reset.baseline.args
     assert reset.baseline.data[-2:] == ("--vocab-size", "20")  # NullTokenizer's EOD every 21 mock tokens
@@ -288,46 +293,46 @@ def test_documents_cases_use_documents(tool):
     assert data[data.index("--micro-batch-size") + 1] == "1"
 
 
-def test_thd_cases_skip_with_the_reason_without_a_fixture(tool):
-    thd = [case for case in tool.train_cases(None, "no transformers") if case.name.startswith("THD")]
+def test_thd_cases_skip_with_the_reason_without_a_fixture():
+    thd = [case for case in train_cases(None, "no transformers") if case.name.startswith("THD")]
     assert thd and all(case.skip == "no transformers" for case in thd)
-    assert all(case.skip is None for case in tool.train_cases(None) if not case.name.startswith("THD"))
+    assert all(case.skip is None for case in train_cases(None) if not case.name.startswith("THD"))
 
 
-def test_select_cases(tool):
-    cases = tool.train_cases()
-    assert tool.select_cases(cases, None) == cases
-    assert [c.name for c in tool.select_cases(cases, "PP=2 u2, U2 R2 zigzag")] == ["PP=2 u2", "u2 r2 zigzag"]
+def test_select_cases():
+    cases = train_cases()
+    assert select_cases(cases, None) == cases
+    assert [c.name for c in select_cases(cases, "PP=2 u2, U2 R2 zigzag")] == ["PP=2 u2", "u2 r2 zigzag"]
     with pytest.raises(SystemExit, match="unknown --cases"):
-        tool.select_cases(cases, "u3 r3")
+        select_cases(cases, "u3 r3")
 
 
-def test_model_args_are_deterministic_fp32_mock_data_on_gloo(tool):
-    args = tool.train_model_args(train_iters=6, seq_length=128)
+def test_model_args_are_deterministic_fp32_mock_data_on_gloo():
+    args = train_model_args(train_iters=6, seq_length=128)
     value = {name: args[i + 1] for i, name in enumerate(args[:-1]) if name.startswith("--")}
     assert value["--distributed-backend"] == "gloo" and value["--train-iters"] == "6"
     assert value["--seq-length"] == "128" and "--tokenizer-type" not in args  # the data flags come from the run
-    assert tool.MOCK_DATA[:3] == ("--mock-data", "--tokenizer-type", "NullTokenizer")
+    assert MOCK_DATA[:3] == ("--mock-data", "--tokenizer-type", "NullTokenizer")
     assert value["--attention-dropout"] == "0" and value["--hidden-dropout"] == "0"
     assert "--bf16" not in args and "--fp16" not in args
     assert int(value["--eval-interval"]) > 6 and value["--eval-iters"] == "0"
 
 
 def test_launcher_command_runs_the_script_through_the_stand_ins(tool):
-    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), tool.TrainRun(4, ("--x",)), ["--a", "1"])
+    command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), TrainRun(4, ("--x",)), ["--a", "1"])
     assert command[:6] == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
-    assert command[6:] == ["-m", "megatron_usp.megatron.megatron_lm_cpu", "/m/pretrain_gpt.py", "--a", "1",
-                           *tool.MOCK_DATA, "--x"]
-    run = tool.TrainRun(1, ("--x",), ("--sft",), ("--thd-reference-attention",))
+    assert command[6:] == ["-m", "megatron_usp.rehearsal", "/m/pretrain_gpt.py", "--a", "1",
+                           *MOCK_DATA, "--x"]
+    run = TrainRun(1, ("--x",), ("--sft",), ("--thd-reference-attention",))
     command = tool.launcher_command("/py", Path("/m/pretrain_gpt.py"), run, ["--a"])
-    assert command[6:] == ["-m", "megatron_usp.megatron.megatron_lm_cpu", "--thd-reference-attention",
+    assert command[6:] == ["-m", "megatron_usp.rehearsal", "--thd-reference-attention",
                            "/m/pretrain_gpt.py", "--a", "--sft", "--x"]
 
 
 def test_format_table_lists_every_case_and_the_notes(tool):
     ok = tool.compare_losses("u2 r2 zigzag", {1: 5.0, 2: 4.0}, {1: 5.0, 2: 4.0}, 2, 2e-6)
     bad = tool.compare_losses("u1 r4 stripe", {1: 5.0, 2: 4.0}, {1: 5.0, 2: 4.1}, 2, 2e-6)
-    skipped = tool.CaseResult("thd", "SKIP", note="no dataset")
+    skipped = CaseResult("thd", "SKIP", note="no dataset")
     table = tool.format_table([ok, bad, skipped], 2e-6)
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["case", "iters"] and set(lines[1].replace(" ", "")) == {"-"}
@@ -337,7 +342,7 @@ def test_format_table_lists_every_case_and_the_notes(tool):
 
 
 def test_cuda_devices_map_to_cpu_and_type_names_read_cuda():
-    mode = megatron_lm_cpu.CudaToCpu()
+    mode = cpu_standins.CudaToCpu()
     with mode:
         a = torch.ones(3, device="cuda")
         b = torch.empty(2, device=torch.device("cuda", 0))
@@ -353,7 +358,7 @@ def test_cuda_devices_map_to_cpu_and_type_names_read_cuda():
 
 
 def test_thd_reference_mask_is_causal_within_documents_and_trailing_tokens_form_one_more():
-    visible = ~megatron_lm_cpu.thd_reference_mask(torch.tensor([[0, 2, 5]], dtype=torch.int32), 7)[0, 0]
+    visible = ~references.thd_reference_mask(torch.tensor([[0, 2, 5]], dtype=torch.int32), 7)[0, 0]
     expected = torch.zeros(7, 7, dtype=torch.bool)
     for start, end in ((0, 2), (2, 5), (5, 7)):
         expected[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
@@ -362,13 +367,13 @@ def test_thd_reference_mask_is_causal_within_documents_and_trailing_tokens_form_
 
 def test_install_is_a_no_op_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert megatron_lm_cpu.install() == []
-    assert not megatron_lm_cpu._MODE and not patching.patched(owner=megatron_lm_cpu.__name__)
+    assert cpu_standins.install() == []
+    assert not cpu_standins._MODE and not patching.patched(owner=cpu_standins.__name__)
 
 
 def test_every_stand_in_is_documented():
-    doc = megatron_lm_cpu.__doc__
-    for name in megatron_lm_cpu.STANDINS:
+    doc = cpu_standins.__doc__
+    for name in cpu_standins.STANDINS:
         assert f"``{name}``" in doc, name
 
 
@@ -380,8 +385,8 @@ def test_helpers_make_command_names_this_interpreter(monkeypatch):
         out = "-I/inc/python -I/inc/pybind11" if "pybind11" in command else ".cpython-311-x86_64-linux-gnu.so"
         return type("Done", (), {"stdout": out + "\n", "returncode": 0})()
 
-    monkeypatch.setattr(megatron_lm_cpu.subprocess, "run", fake_run)
-    command = megatron_lm_cpu.helpers_make_command("/m/megatron/core/datasets", python="/venv/bin/python")
+    monkeypatch.setattr(cpu_standins.subprocess, "run", fake_run)
+    command = cpu_standins.helpers_make_command("/m/megatron/core/datasets", python="/venv/bin/python")
     assert command == ["make", "-C", "/m/megatron/core/datasets", "CPPFLAGS=-I/inc/python -I/inc/pybind11",
                        "LIBEXT=.cpython-311-x86_64-linux-gnu.so"]
     assert all(call[0] == "/venv/bin/python" for call in calls)
@@ -395,11 +400,11 @@ def test_mla_without_te_only_when_telinear_is_a_placeholder(monkeypatch):
     monkeypatch.setattr(patching, "_LEDGER", [])  # this test's patches only
     monkeypatch.setattr(mla, "HAVE_TE", True)
     monkeypatch.setattr(mla, "TELinear", type("TELinear", (), {}))  # a real TE class: left alone
-    assert not megatron_lm_cpu._mla_without_te() and mla.HAVE_TE
+    assert not cpu_standins._mla_without_te() and mla.HAVE_TE
     monkeypatch.setattr(mla, "TELinear", mock.MagicMock())  # megatron-core's placeholder without TE
-    assert megatron_lm_cpu._mla_without_te() and mla.HAVE_TE is False
-    assert patching.patched(owner=megatron_lm_cpu.__name__) == [(mla, "HAVE_TE")]
-    patching.undo_all(owner=megatron_lm_cpu.__name__)  # what uninstall() does: it puts it back
+    assert cpu_standins._mla_without_te() and mla.HAVE_TE is False
+    assert patching.patched(owner=cpu_standins.__name__) == [(mla, "HAVE_TE")]
+    patching.undo_all(owner=cpu_standins.__name__)  # what uninstall() does: it puts it back
     assert mla.HAVE_TE is True
 
 
@@ -413,10 +418,10 @@ def test_mla_reference_lets_local_attention_take_mlas_head_dims(monkeypatch):
         self.num_attention_heads_per_partition, self.hidden_size_per_partition = 4, 4 * 24
 
     monkeypatch.setattr(DotProductAttention, "__init__", fake_init)
-    megatron_lm_cpu.install_mla_reference_attention()
+    references.install_mla_reference_attention()
     attention = DotProductAttention.__new__(DotProductAttention)
     DotProductAttention.__init__(attention, softmax_scale=0.3, k_channels=24, v_channels=16)
     assert seen == {"softmax_scale": 0.3} and attention.hidden_size_per_partition == 4 * 16
     with pytest.raises(NotImplementedError, match="softmax_scale"):
         DotProductAttention.__init__(attention, k_channels=24, v_channels=16)
-    assert megatron_lm_cpu.MLA_REFERENCE_FLAG in megatron_lm_cpu.REFERENCES
+    assert references.MLA_REFERENCE_FLAG in references.REFERENCES

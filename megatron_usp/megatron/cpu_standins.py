@@ -1,26 +1,27 @@
-"""Rehearse a Megatron-LM checkout's ``pretrain_gpt.py`` on CPU/gloo: every CUDA stand-in in this one module.
+"""CPU stand-ins for the CUDA calls of megatron-core and Megatron-LM: every one in this module.
 
-    PYTHONPATH=MEGATRON_DIR:DEPS:REPO torchrun --nproc-per-node 4 -m megatron_usp.megatron.megatron_lm_cpu \\
-        MEGATRON_DIR/pretrain_gpt.py --distributed-backend gloo <megatron args>
+Nothing here is used when CUDA is available (:func:`install` returns ``[]``, :func:`enable_cpu_mode` ``False``, and
+neither changes anything). Two sets:
+
+* :func:`install` (:data:`STANDINS`, below): what Megatron-LM's training loop needs on CPU/gloo; the rehearsal
+  (:mod:`megatron_usp.rehearsal`: Megatron-LM's ``pretrain_gpt.py`` on CPU) installs all of them, the trainer
+  (``megatron_usp.train``) and CPU tests only :data:`CORE_STANDINS` (``install(megatron_lm=False)``).
+* :func:`enable_cpu_mode` (opt-in, public as ``megatron_usp.megatron.enable_cpu_mode``; :func:`disable_cpu_mode`
+  undoes it): just enough for a megatron-core GPTModel built from the USP specs to run on CPU/gloo.
+  RotaryEmbedding moves ``inv_freq`` to ``torch.cuda.current_device()`` on first use (in ``get_emb`` from 0.14, in
+  ``forward`` before): during that call the current device reads as the CPU. ``get_pos_emb_on_this_cp_rank`` pins
+  memory and calls ``.cuda()``: replaced by the USP RoPE hook (``rope.install_rope_hook``), which
+  ``initialize_model_parallel`` installs on every device. Megatron's local ``DotProductAttention`` allocates CUDA
+  buffers: USP specs replace it.
 
 Not stand-ins and not here: megatron-core's distributed-optimizer load gaps (over torch's Adam, which CPU runs use, and
 in fp32) are closed by ``megatron_lm.install()``, which the patched script calls, on every device
-(:mod:`.optimizer_load`).
+(:mod:`.optimizer_load`); the rehearsal's baseline references (:mod:`megatron_usp.rehearsal.references`).
 
-``--thd-reference-attention`` before the script path gives a run *without* USP a THD (packed, ``--sft``) attention
-on CPU (:func:`install_thd_reference_attention`: a reference for baselines, not a stand-in);
-``--mla-reference-attention`` lets Megatron's local attention take multi-latent attention's q/k and v head dims
-(:func:`install_mla_reference_attention`, likewise).
-
-The launcher installs the stand-ins (:func:`install`), then runs the script as ``__main__`` (``runpy``), so the
-training loop, DDP, optimizers, pipeline schedules, recompute and data pipeline are Megatron-LM's own. It is a
-rehearsal for the GPU run, not a CPU backend: nothing here is used when CUDA is available (:func:`install` returns
-``[]`` and changes nothing). ``tools/check_megatron_patch.py MEGATRON_DIR --train`` drives it.
-
-The stand-ins (:data:`STANDINS` holds the same list, printed by the launcher). None changes what the model computes
-from its inputs and weights: each maps a device, a stream, an event, a memory query, a compiler or an RNG *location*
-to the CPU. (Random draws come from one CPU generator where a GPU run has a CPU and a CUDA one: the initial weights
-are not a GPU run's, but they are the same in every CPU run compared.)
+The stand-ins of :func:`install` (:data:`STANDINS` holds the same list, printed by the rehearsal's launcher). None
+changes what the model computes from its inputs and weights: each maps a device, a stream, an event, a memory query,
+a compiler or an RNG *location* to the CPU. (Random draws come from one CPU generator where a GPU run has a CPU and a
+CUDA one: the initial weights are not a GPU run's, but they are the same in every CPU run compared.)
 
 ``cuda-to-cpu``
     A ``torch.overrides.TorchFunctionMode`` (the whole run is inside it): ``device="cuda"`` / ``"cuda:N"`` / an int
@@ -78,17 +79,15 @@ import functools
 import importlib.util
 import logging
 import os
-import runpy
 import subprocess
 import sys
 import types
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..patching import patch, undo_all
+from ..patching import patch, undo_all, wrap
 
 STANDINS: Dict[str, str] = {
     "cuda-to-cpu": "device='cuda'/int/torch.device('cuda') -> cpu in every torch call; Tensor.cuda()/pin_memory() "
@@ -111,7 +110,7 @@ STANDINS: Dict[str, str] = {
     "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
 }
 
-_SCRIPTS: List[str] = []  # the script main() runs as __main__
+_SCRIPTS: List[str] = []  # the scripts the rehearsal's launcher runs as __main__ (register_main_script)
 _MODE: List[TorchFunctionMode] = []
 _LM_INSTALLED: List[bool] = []
 
@@ -132,13 +131,14 @@ def _cuda_type_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _current_device_is_cpu():
-    current_device = torch.cuda.current_device
+def _current_cuda_device_is_cpu():
+    """``torch.cuda.current_device()`` reads as the CPU while the block runs."""
+    original = torch.cuda.current_device
     torch.cuda.current_device = lambda: torch.device("cpu")
     try:
         yield
     finally:
-        torch.cuda.current_device = current_device
+        torch.cuda.current_device = original
 
 
 class CudaToCpu(TorchFunctionMode):
@@ -149,7 +149,7 @@ class CudaToCpu(TorchFunctionMode):
         if func is torch.Tensor.backward or func is torch.autograd.backward:
             # a mode is off while its handler runs, so the whole backward pass runs without it: backward functions
             # that allocate on torch.cuda.current_device() (sequence parallelism's gather buffers) get the CPU
-            with _current_device_is_cpu():
+            with _current_cuda_device_is_cpu():
                 return func(*args, **kwargs)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
@@ -330,6 +330,12 @@ def _compile_helpers() -> None:
         sys.exit("megatron_lm_cpu: building megatron/core/datasets/helpers_cpp failed (pip install pybind11?)")
 
 
+def register_main_script(path: str | os.PathLike) -> None:
+    """``path`` runs as ``__main__`` under ``runpy`` (the rehearsal's launcher): spawned children do not re-run it
+    (``spawn-children``)."""
+    _SCRIPTS.append(os.path.abspath(path))
+
+
 def _children_skip_the_script(original: Callable) -> Callable:
     @functools.wraps(original)
     def get_preparation_data(name):
@@ -445,202 +451,32 @@ def uninstall() -> None:
     undo_all(owner=__name__)
 
 
-# ---------------------------------------------------------------------------------------------- launcher
+# ---------------------------------------------------------------------------------------------- enable_cpu_mode
+
+_CPU_MODE_OWNER = f"{__name__}.enable_cpu_mode"  # not install()'s: each undoes only its own patches
 
 
-def _check_megatron_source(script: Path) -> None:
-    """megatron.core and megatron.training must both come from the checkout that holds ``script``."""
-    import megatron.core
-    import megatron.training
-
-    checkout = script.resolve().parent
-    for module in (megatron.core, megatron.training):
-        if checkout not in Path(module.__file__).resolve().parents:
-            raise SystemExit(
-                f"megatron_lm_cpu: {module.__name__} comes from {module.__file__}, not from {checkout}: put the "
-                "checkout first on PYTHONPATH"
-            )
-
-
-# ---------------------------------------------------------------------------------------------- baseline reference
-
-THD_REFERENCE_FLAG = "--thd-reference-attention"
-
-
-def thd_reference_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """``[1, 1, total, total]`` bool mask, True where a query may NOT see a key: other document or a later token.
-    Tokens past ``cu_seqlens[-1]`` form one more document."""
-    bounds = cu_seqlens.reshape(-1).to(torch.long)
-    document = torch.bucketize(torch.arange(total), bounds[1:], right=True)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    same = document[:, None] == document[None, :]
-    return ~(causal & same)[None, None]
-
-
-def install_thd_reference_attention() -> None:
-    """NOT a stand-in: a reference for the baseline run of the packed (THD, ``--sft``) case only.
-
-    Megatron's local ``DotProductAttention`` refuses ``packed_seq_params`` (THD needs Transformer Engine, which does
-    not run on CPU). Here a THD call ``[t, heads, d]`` becomes one sbhd row ``[t, 1, heads, d]`` with the dense
-    per-document causal mask built from ``cu_seqlens_q`` (:func:`thd_reference_mask`): what TE's THD attention
-    computes. Refused while USP is active, so it can never serve the run it is compared with. Also hands
-    ``get_thd_batch_on_this_cp_rank`` 1-D ``cu_seqlens`` (below)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    from . import grid
-
-    original = DotProductAttention.forward
-
+def _on_cpu(original):
     @functools.wraps(original)
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-            return original(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        if grid.usp_is_initialized() and grid.get_usp_groups().sp_size > 1:
-            raise RuntimeError(f"{THD_REFERENCE_FLAG} is for runs without USP (the baseline)")
-        if packed_seq_params.cu_seqlens_q_padded is not None and not torch.equal(
-                packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q):
-            raise NotImplementedError(f"{THD_REFERENCE_FLAG}: padded cu_seqlens")
-        mask = thd_reference_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
-        out = original(self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, attn_mask_type,
-                       attention_bias, None)
-        return out.reshape(query.shape[0], -1)  # [t, 1, heads*d] -> [t, heads*d], as the THD path expects
+    def on_cpu(self, *args, **kwargs):
+        with _current_cuda_device_is_cpu():
+            return original(self, *args, **kwargs)
 
-    DotProductAttention.forward = forward
-
-    # Megatron-LM 0.16 hands get_thd_batch_on_this_cp_rank the collated cu_seqlens ([1, documents + 1] at micro-batch
-    # 1); its non-fused THD RoPE (rope_utils: ``freqs.size(0) == cu_seqlens[-1]``) needs them 1-D.
-    import megatron.core.utils as core_utils
-
-    original_thd_batch = core_utils.get_thd_batch_on_this_cp_rank
-
-    @functools.wraps(original_thd_batch)
-    def get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs):
-        def flat(offsets):
-            return None if offsets is None else offsets.reshape(-1)
-
-        return original_thd_batch(batch, flat(cu_seqlens), flat(cu_seqlens_padded), max_seqlen, *args, **kwargs)
-
-    core_utils.get_thd_batch_on_this_cp_rank = get_thd_batch_on_this_cp_rank
+    return on_cpu
 
 
-MLA_REFERENCE_FLAG = "--mla-reference-attention"
+def enable_cpu_mode() -> bool:
+    """Apply the CPU patches a megatron-core GPTModel needs (idempotent; :func:`disable_cpu_mode` undoes them).
+    Returns True when they are active, False on a CUDA machine."""
+    if torch.cuda.is_available():
+        return False
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    method = "get_emb" if hasattr(RotaryEmbedding, "get_emb") else "forward"  # feature, not version
+    wrap(RotaryEmbedding, method, _on_cpu, owner=_CPU_MODE_OWNER)
+    return True
 
 
-def install_mla_reference_attention() -> None:
-    """NOT a stand-in: a reference for the baseline run of the multi-latent-attention case only.
-
-    MLASelfAttention builds its core attention with TE's keywords ``k_channels`` (q/k head dim) and ``v_channels``
-    (v head dim); megatron-core 0.16's local ``DotProductAttention`` takes neither (TypeError) and sizes its output
-    ``kv_channels x heads``. Its forward is already per-head-dim agnostic (``baddbmm`` over q/k's dim, ``bmm`` over
-    v's) apart from that output view, and MLA passes its own ``softmax_scale`` (YaRN mscale). Here ``__init__`` takes
-    the two keywords and sizes the output ``v_channels x heads``: what TE's attention computes. Refused while USP is
-    active, so it can never serve the run it is compared with."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    from . import grid
-
-    original = DotProductAttention.__init__
-
-    @functools.wraps(original)
-    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
-        if grid.usp_is_initialized() and grid.get_usp_groups().sp_size > 1:
-            raise RuntimeError(f"{MLA_REFERENCE_FLAG} is for runs without USP (the baseline)")
-        original(self, *args, **kwargs)
-        if k_channels is not None and kwargs.get("softmax_scale") is None:
-            raise NotImplementedError(f"{MLA_REFERENCE_FLAG}: k_channels without softmax_scale")
-        if v_channels is not None:
-            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
-
-    DotProductAttention.__init__ = __init__
-
-
-REFERENCES = {THD_REFERENCE_FLAG: install_thd_reference_attention, MLA_REFERENCE_FLAG: install_mla_reference_attention}
-"""Launcher options (before the script path) that give a baseline run (no USP) a reference where Megatron's local
-attention has none on CPU."""
-
-
-USP_PROBE_PREFIX = "megatron_lm_cpu: USP"
-
-
-def _count_usp_attention_calls() -> Dict[str, int]:
-    """Probe (not a stand-in): count USPAttention forwards, so a harness can tell USP really ran."""
-    from .attention import USPAttention
-
-    calls = {"forward": 0}
-    original = USPAttention.forward
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        calls["forward"] += 1
-        return original(self, *args, **kwargs)
-
-    USPAttention.forward = forward
-    return calls
-
-
-MAX_LOGIT_PREFIX = "megatron_lm_cpu: max attention logit"
-
-
-def _report_max_attention_logit() -> None:
-    """Probe (not a stand-in): Megatron-LM sends the max attention logit of --qk-clip / --log-max-attention-logit only
-    to TensorBoard / W&B; print what ``clip_qk`` returns after every step (rank 0), so a harness can see it."""
-    import megatron.training.training as training
-
-    original = getattr(training, "clip_qk", None)
-    if original is None:
-        return
-
-    @functools.wraps(original)
-    def clip_qk(model, *args, **kwargs):
-        value = original(model, *args, **kwargs)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{MAX_LOGIT_PREFIX}: {value:.6E}", flush=True)
-        return value
-
-    _patch(training, "clip_qk", clip_qk)
-
-
-def usp_probe_line(calls: int) -> str:
-    """One line saying whether USP ran on this rank and on which grid."""
-    from . import grid
-
-    if not grid.usp_is_initialized():
-        return f"{USP_PROBE_PREFIX} grid: none; attention calls: {calls}"
-    groups = grid.get_usp_groups()
-    return (f"{USP_PROBE_PREFIX} grid: u={groups.ulysses_degree} r={groups.ring_degree} "
-            f"ring_impl={grid.get_usp_ring_impl()}; attention calls: {calls}")
-
-
-def main(argv: List[str]) -> None:
-    argv, references = list(argv), []
-    while argv and argv[0] in REFERENCES:
-        references.append(argv.pop(0))
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit(__doc__.split("\n\n")[1])
-    script = Path(argv[0])
-    if str(script.parent.resolve()) not in sys.path:
-        sys.path.insert(0, str(script.parent.resolve()))
-    names = install()
-    _check_megatron_source(script)
-    rank0 = os.environ.get("RANK", "0") == "0"
-    if rank0:
-        print("megatron_lm_cpu stand-ins:" if names else "megatron_lm_cpu: CUDA available, no stand-ins",
-              ", ".join(names), flush=True)
-    for flag in references:
-        REFERENCES[flag]()
-        if rank0:
-            print(f"megatron_lm_cpu: {flag} (baseline reference, not a stand-in)", flush=True)
-    calls = _count_usp_attention_calls()
-    _report_max_attention_logit()
-    sys.argv = [str(script)] + list(argv[1:])
-    _SCRIPTS.append(os.path.abspath(script))
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:  # also when Megatron exits early (--exit-interval)
-        if rank0:
-            print(usp_probe_line(calls["forward"]), flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def disable_cpu_mode() -> None:
+    """Undo :func:`enable_cpu_mode`."""
+    undo_all(owner=_CPU_MODE_OWNER)
