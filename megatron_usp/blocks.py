@@ -25,7 +25,7 @@ from .kernels.base import expand_kv_heads
 from .kernels.varlen import Segments, varlen_backward, varlen_forward
 from .layout import concat_ranges
 from .masks import AS_SCHEDULED, BlockMasker, plan_block
-from .merge import merge_partial, merge_rows
+from .merge import first_partial, merge_partial, merge_rows
 
 
 @dataclass(frozen=True)
@@ -260,11 +260,28 @@ def _work_max_logit(q: torch.Tensor, k: torch.Tensor, item: Work, softmax_scale:
                         for block in group.blocks]).amax(0)
 
 
+class TouchedRows:
+    """The q rows some partial result has reached (disjoint ``[start, stop)`` ranges): a block whose rows none has
+    reached writes its result instead of merging it (:func:`.merge.first_partial`)."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+
+    def first(self, rows: slice) -> bool:
+        """Whether no partial has reached ``rows``; records that one now has."""
+        start, stop = rows.start, rows.stop
+        fresh = all(stop <= a or b <= start for a, b in self._ranges)
+        self._ranges.append((start, stop))
+        return fresh
+
+
 def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Sequence[Work], kernel: AttentionKernel,
                    softmax_scale: float, out: torch.Tensor, lse: torch.Tensor,
-                   max_logit: Optional[torch.Tensor] = None) -> None:
-    """Compute ``work`` over ``q [b, n, h, d]`` and ``k, v [b, m, kv_h, d]``, merging into ``out``/``lse`` in place;
-    with ``max_logit [h]`` (fp32) also raise it to each head's largest visible scaled logit of these blocks."""
+                   max_logit: Optional[torch.Tensor] = None, touched: Optional[TouchedRows] = None) -> None:
+    """Compute ``work`` over ``q [b, n, h, d]`` and ``k, v [b, m, kv_h, d]``, merging into ``out``/``lse`` in place
+    (``out`` 0 and ``lse`` -inf where no partial has been; ``touched``, kept over the calls of one forward, lets a
+    row's first partial be written, not merged); with ``max_logit [h]`` (fp32) also raise it to each head's largest
+    visible scaled logit of these blocks."""
     for item in work:
         if max_logit is not None:
             torch.maximum(max_logit, _work_max_logit(q, k, item, softmax_scale), out=max_logit)
@@ -273,14 +290,19 @@ def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Sequ
             block_out, block_lse = (block_kernel or kernel).forward(
                 q[:, block.q], k[:, block.kv], v[:, block.kv], causal=causal, softmax_scale=softmax_scale, **kwargs
             )
-            out[:, block.q], lse[:, :, block.q] = merge_partial(out[:, block.q], lse[:, :, block.q], block_out,
-                                                                block_lse)
+            if touched is not None and touched.first(block.q):
+                out[:, block.q], lse[:, :, block.q] = first_partial(block_out, block_lse, out.dtype)
+            else:
+                out[:, block.q], lse[:, :, block.q] = merge_partial(out[:, block.q], lse[:, :, block.q], block_out,
+                                                                    block_lse)
             continue
         group = item[1]
         q_index, kv_index = group.indices(q.device)
         part_out, part_lse = varlen_forward(kernel, q.index_select(1, q_index), k.index_select(1, kv_index),
                                             v.index_select(1, kv_index), group.segments, causal=group.causal,
                                             softmax_scale=softmax_scale)
+        if touched is not None:
+            touched.first(slice(0, out.shape[1]))  # a group's rows are not tracked: later partials merge
         if group.q_rows_unique:
             merged_out, merged_lse = merge_partial(out.index_select(1, q_index), lse.index_select(2, q_index),
                                                    part_out, part_lse)

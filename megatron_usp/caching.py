@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -48,16 +49,18 @@ def plain_lru_cache(maxsize: int) -> Callable[[Callable[..., T]], Callable[..., 
 
 
 def layout_cache(function: Callable[..., T]) -> Callable[..., T]:
-    """Memoize a layout / schedule builder whose last argument is ``cu_seqlens`` (a tuple, or None): layouts depend
-    only on the grid and length, so they are built once, not once per layer per step. Keys with packed documents
-    change with every batch and their schedules hold per-piece indices: only the last few batches' are kept (a
-    batch's layers share one; a pipeline has a few micro-batches in flight). ``cache_clear()`` empties both."""
+    """Memoize a layout / schedule builder with a positional argument ``cu_seqlens`` (a tuple, or None): layouts
+    depend only on the grid and length, so they are built once, not once per layer per step. Keys with packed
+    documents change with every batch and their schedules hold per-piece indices: only the last few batches' are
+    kept (a batch's layers share one; a pipeline has a few micro-batches in flight). ``cache_clear()`` empties
+    both."""
     rows = plain_lru_cache(256)(function)
     documents = plain_lru_cache(8)(function)
+    where = list(inspect.signature(function).parameters).index("cu_seqlens")
 
     @functools.wraps(function)
     def cached(*args):
-        return (rows if args[-1] is None else documents)(*args)
+        return (rows if args[where] is None else documents)(*args)
 
     def cache_clear() -> None:
         rows.cache_clear()

@@ -46,6 +46,7 @@ def verify_usp_attn(
     causal: bool,
     softmax_scale: Optional[float] = None,
     cu_seqlens: Optional[CuSeqlens] = None,
+    document_layout: str = "local",
     document_ids: Optional[torch.Tensor] = None,
     window: Optional[Sequence[int]] = None,
     softmax_offset: Optional[torch.Tensor] = None,
@@ -58,8 +59,8 @@ def verify_usp_attn(
     name: str = "usp_attn",
 ) -> float:
     """Check ``out = usp_attn(q, k, v, groups, ...)`` (all ``[b, s_local, heads|kv_heads, d]``, ``v`` and ``out`` may
-    have another head dim (MLA); this rank's tokens in the layout of ``ring_impl`` / ``cu_seqlens``; the same
-    ``softmax_offset`` (attention sinks) when the call had one) on ``heads`` sampled query heads and ``rows`` sampled local query
+    have another head dim (MLA); this rank's tokens in the layout of ``ring_impl`` / ``cu_seqlens`` /
+    ``document_layout``; the same ``softmax_offset`` (attention sinks) when the call had one) on ``heads`` sampled query heads and ``rows`` sampled local query
     rows per rank. A collective over the SP grid: every rank calls it with the same arguments except the tensors.
 
     Raises ``RuntimeError`` on every rank naming ``name``, the grid and the error when some rank's rows differ by
@@ -86,7 +87,7 @@ def verify_usp_attn(
     sampled_heads = torch.randperm(n_heads, generator=gen)[:heads].tolist()
     picked = torch.randperm(s_local, generator=gen)[:max(rows - 2, 0)].tolist()
     local_rows = torch.tensor(sorted({0, s_local - 1, *picked})[:max(rows, 1)], dtype=torch.long)
-    held = positions(seq_len, groups, ring_impl=ring_impl, cu_seqlens=cu_seqlens)
+    held = positions(seq_len, groups, ring_impl=ring_impl, cu_seqlens=cu_seqlens, document_layout=document_layout)
     row_positions = held[local_rows]
 
     # CP is on: the ranks of the grid hold distinct positions
@@ -113,7 +114,8 @@ def verify_usp_attn(
     for head in sampled_heads:
         kv_head = head // group_size
         k_full, v_full = (unshard(x[:, :, kv_head].detach(), groups, dim=1, ring_impl=ring_impl,
-                                  cu_seqlens=cu_seqlens).cpu().double() for x in (k, v))
+                                  cu_seqlens=cu_seqlens, document_layout=document_layout).cpu().double()
+                           for x in (k, v))
         for b in range(batch):
             mask = visible
             if document_ids is not None:

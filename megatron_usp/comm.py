@@ -181,17 +181,25 @@ class RingExchanger:
         self.prev_rank = ring_ranks[(ring_rank - 1) % size]
         self._pending: Optional[tuple[list, torch.Tensor, torch.Tensor]] = None
 
-    def post(self, send: torch.Tensor) -> None:
+    def post(self, send: torch.Tensor, recv_rows: Optional[int] = None, dim: int = 2) -> None:
+        """Send ``send``; receive a tensor like it, or with ``recv_rows`` rows along ``dim`` (the senders' sizes
+        differ). An empty side is not posted: a ring step with nothing to pass moves nothing."""
         if self._pending is not None:
             raise RuntimeError("RingExchanger: wait() for the previous transfer before posting another")
         send = send.contiguous()
-        recv = torch.empty_like(send)
-        _record("ring_p2p", _nbytes(send))
-        ops = [
-            dist.P2POp(dist.isend, send, self.next_rank, self.group),
-            dist.P2POp(dist.irecv, recv, self.prev_rank, self.group),
-        ]
-        self._pending = (dist.batch_isend_irecv(ops), recv, send)
+        if recv_rows is None:
+            recv = torch.empty_like(send)
+        else:
+            shape = list(send.shape)
+            shape[dim] = recv_rows
+            recv = torch.empty(shape, dtype=send.dtype, device=send.device)
+        ops = []
+        if send.numel():
+            _record("ring_p2p", _nbytes(send))
+            ops.append(dist.P2POp(dist.isend, send, self.next_rank, self.group))
+        if recv.numel():
+            ops.append(dist.P2POp(dist.irecv, recv, self.prev_rank, self.group))
+        self._pending = (dist.batch_isend_irecv(ops) if ops else [], recv, send)
 
     def wait(self) -> torch.Tensor:
         if self._pending is None:

@@ -12,20 +12,22 @@ from typing import Any, Optional
 
 from .groups import check_degree
 from .kernels import check_backend_name
-from .layout import RING_IMPL_TABLE, check_ring_impl
+from .layout import RING_IMPL_TABLE, check_document_layout, check_ring_impl
 from .mqsp import check_micro_q
 
 # the Megatron / trainer flag of each field (from_args reports errors by them)
 FLAGS = {"ulysses_degree": "--ulysses-degree", "ring_degree": "--ring-degree", "ring_impl": "--usp-ring-impl",
          "backend": "--usp-attn-backend", "micro_q": "--usp-micro-q", "ulysses_inner": "--usp-ring-inner",
-         "check_every": "--usp-check"}
+         "check_every": "--usp-check", "document_layout": "--usp-document-layout"}
 
 
 @dataclass(frozen=True)
 class USPConfig:
     """``ulysses_degree`` x ``ring_degree`` ranks, ``ring_impl`` (:data:`.layout.RING_IMPL_TABLE`), the kernel
     ``backend`` name, ``micro_q`` (query rows per MQSP micro-chunk; None: all), ``ulysses_inner`` (Ulysses groups on
-    adjacent ranks), ``check_every`` (``--usp-check``: None off, 0 each layer's first call, N also every N-th)."""
+    adjacent ranks), ``check_every`` (``--usp-check``: None off, 0 each layer's first call, N also every N-th),
+    ``document_layout`` of packed documents (``local``: whole on one ring rank where they fit, ``split``: cut over
+    every rank; :mod:`.layout`)."""
 
     ulysses_degree: int = 1
     ring_degree: int = 1
@@ -34,6 +36,7 @@ class USPConfig:
     micro_q: Optional[int] = None
     ulysses_inner: bool = True
     check_every: Optional[int] = None
+    document_layout: str = "local"
 
     def __post_init__(self):
         check_degree("ulysses_degree", self.ulysses_degree)
@@ -41,6 +44,7 @@ class USPConfig:
         check_ring_impl(self.ring_impl)
         check_backend_name(self.backend)
         check_micro_q(self.micro_q)
+        check_document_layout(self.document_layout)
         if not isinstance(self.ulysses_inner, bool):
             raise TypeError(f"ulysses_inner must be a bool, got {type(self.ulysses_inner).__name__}")
         every = self.check_every
@@ -55,7 +59,8 @@ class USPConfig:
     @classmethod
     def from_args(cls, args: Any) -> "USPConfig":
         """From parsed Megatron-LM / trainer flags (``--ulysses-degree``, ``--ring-degree``, ``--usp-ring-impl``,
-        ``--usp-attn-backend``, ``--usp-micro-q``, ``--usp-ring-inner``, ``--usp-check``; absent ones take the
+        ``--usp-attn-backend``, ``--usp-micro-q``, ``--usp-ring-inner``, ``--usp-check``, ``--usp-document-layout``;
+        absent ones take the
         defaults); a bad value raises the dataclass's error with the field's name replaced by its flag."""
         defaults = {f.name: f.default for f in fields(cls)}
         values = dict(
@@ -66,6 +71,7 @@ class USPConfig:
             micro_q=getattr(args, "usp_micro_q", defaults["micro_q"]),
             ulysses_inner=not getattr(args, "usp_ring_inner", False),
             check_every=getattr(args, "usp_check", defaults["check_every"]),
+            document_layout=getattr(args, "usp_document_layout", defaults["document_layout"]),
         )
         try:
             config = cls(**values)

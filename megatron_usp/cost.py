@@ -7,10 +7,12 @@ block must visit all ``r`` ring ranks and come home (``r`` hops), and an all-to-
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .kernels import accumulation_dtype
-from .layout import check_ring_impl
+from .layout import check_ring_impl, ring_documents_of, ring_local
 from .ulysses import check_head_counts, kv_replication
 
 
@@ -37,8 +39,14 @@ def analytic_bytes_per_rank(
     ulysses_degree: int,
     ring_degree: int,
     ring_impl: str,
+    cu_seqlens: Optional[tuple[int, ...]] = None,
+    document_layout: str = "local",
+    ring_rank: int = 0,
 ) -> dict[str, int]:
-    """Bytes one rank sends in one forward + backward, per collective kind (keys as ``TrafficCounter``)."""
+    """Bytes one rank sends in one forward + backward, per collective kind (keys as ``TrafficCounter``). With
+    ring-local documents (``cu_seqlens``, ``document_layout="local"``, a pass-K/V impl) only the cut documents' rows
+    travel: ring rank ``ring_rank`` forwards every other rank's but one, ``r - 1`` times, and their gradients ``r``
+    times (:class:`.ring_local.RingDocuments` ``cut_tokens``)."""
     transport = check_ring_impl(ring_impl).transport
     check_head_counts(heads, kv_heads, ulysses_degree)
     element = torch.empty((), dtype=dtype).element_size()
@@ -58,6 +66,11 @@ def analytic_bytes_per_rank(
         if transport == "allgather":
             result["all_gather"] = 2 * (r - 1) * kv_block  # forward, and again in backward
             result["reduce_scatter"] = (r - 1) * dkv_block
+        elif cu_seqlens is not None and ring_local(ring_impl, document_layout):
+            travelling = ring_documents_of(tuple(cu_seqlens), r, ring_impl).cut_tokens
+            row, grad_row = kv_block // ring_tokens, dkv_block // ring_tokens
+            forwarded = sum(travelling) - travelling[(ring_rank + 1) % r]  # the next rank's rows never come back
+            result["ring_p2p"] = 2 * forwarded * row + sum(travelling) * grad_row
         else:
             result["ring_p2p"] = 2 * (r - 1) * kv_block + r * dkv_block
     return result

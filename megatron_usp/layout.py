@@ -21,7 +21,12 @@ instead of the row, so that a rank's causal work no longer depends on where docu
 
 Which chunks get the ``+1`` of a length the parts do not divide rotates from document to document, so every rank
 holds exactly ``seq_len / P`` tokens with no padding; documents shorter than the number of parts leave chunks
-empty. A rank's tokens are in position order.
+empty. A rank's tokens are in position order. That is the ``split`` document layout.
+
+The ``local`` document layout (the default, for the pass-K/V impls ``basic``, ``zigzag`` and ``stripe``) keeps a
+document whole on one ring rank where it fits and cuts only the others over the ring (:mod:`.ring_local`); ring
+rank ``j``'s positions are split into ``u`` contiguous slices, CP rank ``(j, k)`` holding slice ``k``. ``allgather``
+and ``mqsp`` read every ring rank's rows in their halves or chunks, so they keep the split layout.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+
+from .ring_local import RingDocuments, ring_documents, ring_rank_positions
 
 CuSeqlens = Union[torch.Tensor, Sequence[int]]
 
@@ -47,6 +54,11 @@ class RingImpl:
     name: str
     layout: str
     transport: str
+
+    @property
+    def ring_local_documents(self) -> bool:
+        """Whether the ``local`` document layout applies: pass-K/V schedules read any positions."""
+        return self.transport == "pass_kv"
 
     @property
     def chunks_per_rank(self) -> int:
@@ -72,6 +84,21 @@ RING_IMPL_TABLE = {impl.name: impl for impl in (
 RING_IMPLS = tuple(RING_IMPL_TABLE)
 RING_SCHEDULE_IMPLS = tuple(name for name, impl in RING_IMPL_TABLE.items() if impl.transport != "pass_q")
 ZIGZAG_LAYOUT_IMPLS = tuple(name for name, impl in RING_IMPL_TABLE.items() if impl.layout == "zigzag")
+
+
+DOCUMENT_LAYOUTS = ("local", "split")
+
+
+def check_document_layout(document_layout: str) -> str:
+    if document_layout not in DOCUMENT_LAYOUTS:
+        raise ValueError(f"unknown document_layout {document_layout!r}: choose 'local' (documents whole on one ring "
+                         "rank where they fit) or 'split' (every document cut over all ranks)")
+    return document_layout
+
+
+def ring_local(ring_impl: str, document_layout: str) -> bool:
+    """Whether documents of ``ring_impl`` use the ring-local layout under ``document_layout``."""
+    return check_document_layout(document_layout) == "local" and check_ring_impl(ring_impl).ring_local_documents
 
 
 def check_ring_impl(ring_impl: str) -> RingImpl:
@@ -170,12 +197,17 @@ def _document_positions(offsets: tuple[int, ...], sp_size: int, cp_rank: int, ri
     return concat_ranges(starts, stops)
 
 
+def ring_documents_of(offsets: tuple[int, ...], ring_degree: int, ring_impl: str) -> RingDocuments:
+    """The ring-local layout of ``offsets`` for ``ring_impl`` (cut documents zigzag, or contiguous for ``basic``)."""
+    return ring_documents(offsets, ring_degree, RING_IMPL_TABLE[ring_impl].layout != "contiguous")
+
+
 def global_positions(
     seq_len: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int, ring_impl: str,
-    *, cu_seqlens: Optional[CuSeqlens] = None,
+    *, cu_seqlens: Optional[CuSeqlens] = None, document_layout: str = "local",
 ) -> torch.Tensor:
     """LongTensor ``[seq_len // (u*r)]``: the global positions held by ``(ulysses_rank, ring_rank)``, in local order.
-    With ``cu_seqlens`` (document offsets of the row) the documents are split over the ranks (see above)."""
+    With ``cu_seqlens`` (document offsets of the row) the documents follow ``document_layout`` (see above)."""
     check_seq_len(seq_len, ulysses_degree, ring_degree, ring_impl)
     if not (0 <= ulysses_rank < ulysses_degree and 0 <= ring_rank < ring_degree):
         raise ValueError(
@@ -184,7 +216,12 @@ def global_positions(
     sp_size = ulysses_degree * ring_degree
     cp_rank = ring_rank * ulysses_degree + ulysses_rank
     if cu_seqlens is not None:
-        return _document_positions(check_cu_seqlens(cu_seqlens, seq_len), sp_size, cp_rank, ring_impl)
+        offsets = check_cu_seqlens(cu_seqlens, seq_len)
+        if ring_local(ring_impl, document_layout):
+            held = ring_rank_positions(ring_documents_of(offsets, ring_degree, ring_impl), ring_rank)
+            chunk = seq_len // sp_size
+            return held[ulysses_rank * chunk:(ulysses_rank + 1) * chunk]
+        return _document_positions(offsets, sp_size, cp_rank, ring_impl)
     layout = RING_IMPL_TABLE[ring_impl].layout
     if layout == "contiguous":
         chunk = seq_len // sp_size
@@ -199,24 +236,27 @@ def global_positions(
     return torch.arange(ring_rank + ring_degree * ulysses_rank, seq_len, sp_size)
 
 
-def _held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens) -> torch.Tensor:
+def _held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens,
+                       document_layout) -> torch.Tensor:
     return torch.cat([
         global_positions(seq_len, ulysses_degree, ring_degree, ulysses_rank, ring_rank, ring_impl,
-                         cu_seqlens=cu_seqlens)
+                         cu_seqlens=cu_seqlens, document_layout=document_layout)
         for ulysses_rank in range(ulysses_degree)
     ])
 
 
 def ring_positions(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str,
-                   *, cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
+                   *, cu_seqlens: Optional[CuSeqlens] = None, document_layout: str = "local") -> torch.Tensor:
     """Sorted global positions a ring rank holds after the Ulysses all-to-all (the ring-level layout)."""
-    return torch.sort(_held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens)).values
+    return torch.sort(_held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens,
+                                         document_layout)).values
 
 
 def gathered_order(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str,
-                   *, cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
+                   *, cu_seqlens: Optional[CuSeqlens] = None, document_layout: str = "local") -> torch.Tensor:
     """Permutation that sorts the tokens gathered by the Ulysses all-to-all (ulysses-rank order) by position.
 
     ``gathered[:, order]`` is in ring-level layout; ``torch.argsort(order)`` undoes it.
     """
-    return torch.argsort(_held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens))
+    return torch.argsort(_held_by_ring_rank(seq_len, ulysses_degree, ring_degree, ring_rank, ring_impl, cu_seqlens,
+                                            document_layout))

@@ -31,6 +31,16 @@ def merge_partial(
     return _infinite_logit_is_nan(out - weight * (out - block_out), torch.logaddexp(lse, block_lse))
 
 
+def first_partial(block_out: torch.Tensor, block_lse: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`merge_partial` makes of a row's first partial (onto 0 with lse -inf), without the merge:
+    ``block_out`` in ``dtype`` with rows that saw no key 0, rows with a NaN or +inf lse NaN."""
+    block_lse = block_lse.to(dtype)
+    rows = block_lse.transpose(1, 2).unsqueeze(-1)
+    out = torch.where(torch.isneginf(rows), 0.0, block_out.to(dtype))  # a kernel's empty rows may hold NaN
+    return out.masked_fill(torch.isnan(rows) | torch.isposinf(rows), float("nan")), block_lse
+
+
 def _infinite_logit_is_nan(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A row with lse = +inf saw an infinite logit: its softmax is NaN (inf - inf), so is its out, whatever a
     kernel wrote for it. Its lse stays +inf, as single-device kernels keep it: the backward then gives NaN exactly

@@ -49,14 +49,15 @@ class AttentionPlan:
 
 @layout_cache
 def attention_plan(seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, ring_impl: str,
-                   causal: bool, micro_q: Optional[int], cu_seqlens: Optional[tuple[int, ...]]) -> AttentionPlan:
+                   causal: bool, micro_q: Optional[int], cu_seqlens: Optional[tuple[int, ...]],
+                   document_layout: str = "local") -> AttentionPlan:
     """The cached plan of one call shape (``cu_seqlens``: validated offsets, or None; ``micro_q`` only matters for
-    pass-Q impls)."""
+    pass-Q impls, ``document_layout`` only with ``cu_seqlens``)."""
     impl = check_ring_impl(ring_impl)
     grid = (seq_len, ulysses_degree, ring_degree, ring_rank)
-    order = gathered_order(*grid, ring_impl, cu_seqlens=cu_seqlens)
+    order = gathered_order(*grid, ring_impl, cu_seqlens=cu_seqlens, document_layout=document_layout)
     if impl.transport == "pass_q":
         mqsp = MQSPPlan(*grid, causal, micro_q, cu_seqlens)
         return AttentionPlan(impl, *grid, causal, order, tuple(mqsp.positions), mqsp=mqsp)
-    schedule = build_schedule(ring_impl, *grid, causal, cu_seqlens)
+    schedule = build_schedule(ring_impl, *grid, causal, cu_seqlens, document_layout)
     return AttentionPlan(impl, *grid, causal, order, schedule.positions, schedule=schedule)

@@ -10,6 +10,10 @@ then sorted by position and the upper one reversed by chunks, so each block is a
 and nothing is re-sorted (key order does not matter to a fully visible block). Each step lists the blocks to
 compute: rows of q against rows of K/V, fully visible or causal. Causal blocks are always square, so top-left and
 bottom-right causal alignment coincide and every kernel agrees.
+
+With ring-local documents (``layout.py``'s ``local`` document layout) only the rows of cut documents travel: a
+schedule's ``travel`` names them per ring rank; the own step sees all own rows, every later step the travelling
+rows of the rank they came from, and a step whose sender holds none passes nothing.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ import torch
 from . import comm
 from .groups import USPGroups
 from .caching import cached_plain_property
-from .blocks import Block, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
+from .blocks import Block, TouchedRows, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
-from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_positions
+from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_documents_of, ring_local, ring_positions
 from .masks import BlockMasker
 from .merge import merge_sink, nan_query_rows, sink_gradient
 
@@ -50,11 +54,18 @@ class RingSchedule:
     transport: str  # "pass_kv" or "allgather"
     steps: tuple[Step, ...]
     positions: tuple[torch.Tensor, ...]
+    travel: Optional[tuple[torch.Tensor, ...]] = None  # pass_kv: the rows of each ring rank that travel (None: all)
+
+    @cached_plain_property
+    def _travelling_positions(self) -> tuple[torch.Tensor, ...]:
+        return tuple(held[rows] for held, rows in zip(self.positions, self.travel))
 
     def kv_positions(self, step: Step) -> torch.Tensor:
         """Global positions of the K/V rows ``step`` sees (what its blocks' kv ranges index)."""
         if step.gathered_half is None:
-            return self.positions[step.kv_rank]
+            if self.travel is None or step.kv_rank == self.steps[0].kv_rank:  # the own step sees every own row
+                return self.positions[step.kv_rank]
+            return self._travelling_positions[step.kv_rank]
         half = len(self.positions[0]) // 2
         rows = slice(step.gathered_half * half, (step.gathered_half + 1) * half)
         return torch.cat([held[rows] for held in self.positions])
@@ -109,33 +120,48 @@ def _allgather_steps(ring_degree: int, rank: int, n: int, causal: bool) -> tuple
     return Step(None, tuple(lower), 0), Step(None, tuple(upper), 1)
 
 
+def _travelling_rows(positions: tuple[torch.Tensor, ...], offsets: tuple[int, ...], ring_degree: int,
+                     ring_impl: str) -> tuple[torch.Tensor, ...]:
+    """Per ring rank, the rows (indices into its positions) of documents the ring-local layout cuts."""
+    owner = torch.tensor(ring_documents_of(offsets, ring_degree, ring_impl).owner, dtype=torch.long)
+    starts = torch.tensor(offsets[:-1], dtype=torch.long)
+    return tuple(torch.nonzero(owner[torch.searchsorted(starts, held, right=True) - 1] < 0).flatten()
+                 for held in positions)
+
+
 def build_schedule(
     ring_impl: str, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool,
-    cu_seqlens: Optional[tuple[int, ...]] = None,
+    cu_seqlens: Optional[tuple[int, ...]] = None, document_layout: str = "local",
 ) -> RingSchedule:
     """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid. With
-    ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout."""
+    ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout
+    ``document_layout``; ring-local documents stay home (only cut documents' rows travel)."""
     impl = check_ring_impl(ring_impl)
     if impl.transport not in ("pass_kv", "allgather"):  # usp_attn checked the name; this catches mqsp
         raise ValueError(f"ring_impl {ring_impl!r} has no ring schedule: choose one of {', '.join(RING_SCHEDULE_IMPLS)} "
                          "(mqsp passes Q: megatron_usp.mqsp)")
     n = seq_len // ring_degree
     transport = impl.transport if ring_degree > 1 else "pass_kv"  # r = 1: the local block of any impl
-    positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl, cu_seqlens=cu_seqlens)
+    positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl, cu_seqlens=cu_seqlens,
+                                     document_layout=document_layout)
                       for rank in range(ring_degree))
     if transport == "allgather":
         shells = _allgather_steps(ring_degree, ring_rank, n, causal)
     else:
         shells = tuple(Step(kv_rank, _pass_kv_blocks(impl.layout, ring_rank, kv_rank, n, causal))
                        for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree)))
-    schedule = RingSchedule(ring_impl, transport, shells, positions)
+    travel = None
+    if cu_seqlens is not None and transport == "pass_kv" and ring_degree > 1 and ring_local(ring_impl,
+                                                                                              document_layout):
+        travel = _travelling_rows(positions, cu_seqlens, ring_degree, ring_impl)
+    schedule = RingSchedule(ring_impl, transport, shells, positions, travel)
     if cu_seqlens is None:
         return schedule
     # documents: the same transports; each step's blocks are the visible pieces of its positions
     steps = tuple(Step(shell.kv_rank, tuple(position_blocks(positions[ring_rank], schedule.kv_positions(shell), causal,
                                                             cu_seqlens)), shell.gathered_half)
                   for shell in shells)
-    return RingSchedule(ring_impl, transport, steps, positions)
+    return RingSchedule(ring_impl, transport, steps, positions, travel)
 
 
 def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:
@@ -173,10 +199,11 @@ def ring_forward(
     batch, n, heads, head_dim = q.shape
     out = torch.zeros(batch, n, heads, head_dim, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, n), float("-inf"), dtype=acc, device=q.device)
+    touched = TouchedRows()
 
     def compute(step: Step, kv: torch.Tensor) -> None:
         work = _step_work(schedule, step, masker, kernel)
-        forward_blocks(q, kv[0], kv[1], work, kernel, softmax_scale, out, lse, max_logit)
+        forward_blocks(q, kv[0], kv[1], work, kernel, softmax_scale, out, lse, max_logit, touched)
 
     transport = _forward_allgather if schedule.transport == "allgather" else _forward_pass_kv
     transport(torch.stack([k, v]), schedule, ring_comm, compute)
@@ -184,17 +211,35 @@ def ring_forward(
     return out, lse
 
 
+def _travelling(schedule: RingSchedule, kv: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
+    """The own rows that travel (``kv[:, :, rows]``), every ring rank's count of them, and the own ring rank."""
+    own = schedule.steps[0].kv_rank
+    rows = schedule.travel[own].to(kv.device)
+    return kv.index_select(2, rows), [len(t) for t in schedule.travel], own
+
+
 def _forward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute) -> None:
-    """Pass K/V: each step computes on the K/V at hand while they travel on to the next ring rank."""
+    """Pass K/V: each step computes on the K/V at hand while they travel on to the next ring rank (with ring-local
+    documents: the own step on all own rows, while the travelling rows set off)."""
     steps = schedule.steps
     exchanger = ring_comm.exchanger() if len(steps) > 1 else None
+    if schedule.travel is None:
+        for index, step in enumerate(steps):
+            more = index + 1 < len(steps)
+            if more:
+                exchanger.post(kv)  # the next step's K/V travel while this step computes
+            compute(step, kv)
+            if more:
+                kv = exchanger.wait()
+        return
+    buffer, sizes, own = _travelling(schedule, kv)
     for index, step in enumerate(steps):
         more = index + 1 < len(steps)
         if more:
-            exchanger.post(kv)  # the next step's K/V travel while this step computes
-        compute(step, kv)
+            exchanger.post(buffer, recv_rows=sizes[(own - index - 1) % len(sizes)])
+        compute(step, kv if index == 0 else buffer)
         if more:
-            kv = exchanger.wait()
+            buffer = exchanger.wait()
 
 
 def _forward_allgather(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute) -> None:
@@ -242,6 +287,8 @@ def _backward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
         compute(steps[0], kv, dkv)
         return dkv
+    if schedule.travel is not None:
+        return _backward_pass_travelling(kv, schedule, ring_comm, compute, acc)
     kv_exchanger, dkv_exchanger = ring_comm.exchanger(), ring_comm.exchanger()
     for index, step in enumerate(steps):
         more = index + 1 < len(steps)
@@ -257,6 +304,33 @@ def _backward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.
         if more:
             kv = kv_exchanger.wait()
     return dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
+
+
+def _backward_pass_travelling(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute,
+                              acc: torch.dtype) -> torch.Tensor:
+    """:func:`_backward_pass_kv` with ring-local documents: the own step's dK/dV cover all own rows; only the
+    travelling rows' shares go round the ring, and come home summed over every rank after ``r`` sends."""
+    buffer, sizes, own = _travelling(schedule, kv)
+    ring = len(sizes)
+    rows = schedule.travel[own].to(kv.device)
+    kv_exchanger, dkv_exchanger = ring_comm.exchanger(), ring_comm.exchanger()
+    dkv_own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+    for index, step in enumerate(schedule.steps):
+        more = index + 1 < len(schedule.steps)
+        if more:
+            kv_exchanger.post(buffer, recv_rows=sizes[(own - index - 1) % ring])
+        if index == 0:
+            compute(step, kv, dkv_own)
+            dkv = dkv_own.index_select(2, rows)
+        else:
+            dkv = torch.zeros(buffer.shape, dtype=acc, device=kv.device)
+            compute(step, buffer, dkv)
+            dkv += dkv_exchanger.wait()  # the shares of the ranks before us for the same rows
+        dkv_exchanger.post(dkv, recv_rows=sizes[(own - index - 1) % ring])
+        if more:
+            buffer = kv_exchanger.wait()
+    dkv_own.index_copy_(2, rows, dkv_exchanger.wait())  # the travelling rows' shares of every rank, home
+    return dkv_own
 
 
 def _backward_allgather(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute,

@@ -11,12 +11,12 @@ from .layout import CuSeqlens, global_positions
 
 
 def positions(seq_len: int, groups: USPGroups, *, ring_impl: str = "zigzag",
-              cu_seqlens: Optional[CuSeqlens] = None) -> torch.LongTensor:
+              cu_seqlens: Optional[CuSeqlens] = None, document_layout: str = "local") -> torch.LongTensor:
     """Global positions of the tokens this rank holds, in local order (use them for RoPE). With ``cu_seqlens``
-    (document offsets of the row) the document layout (see ``layout.py``)."""
+    (document offsets of the row) the document layout ``document_layout`` (see ``layout.py``)."""
     return global_positions(
         seq_len, groups.ulysses_degree, groups.ring_degree, groups.ulysses_rank, groups.ring_rank, ring_impl,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, document_layout=document_layout,
     )
 
 
@@ -29,15 +29,16 @@ def _check_dim(x: torch.Tensor, dim: int) -> int:
 
 
 def shard(x: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl: str = "zigzag",
-          cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
+          cu_seqlens: Optional[CuSeqlens] = None, document_layout: str = "local") -> torch.Tensor:
     """The part of the full tensor ``x`` (sequence along ``dim``) that this rank holds. No communication."""
     dim = _check_dim(x, dim)
-    held = positions(x.shape[dim], groups, ring_impl=ring_impl, cu_seqlens=cu_seqlens)
+    held = positions(x.shape[dim], groups, ring_impl=ring_impl, cu_seqlens=cu_seqlens,
+                     document_layout=document_layout)
     return x.index_select(dim, held.to(x.device))
 
 
 def unshard(x_local: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl: str = "zigzag",
-            cu_seqlens: Optional[CuSeqlens] = None) -> torch.Tensor:
+            cu_seqlens: Optional[CuSeqlens] = None, document_layout: str = "local") -> torch.Tensor:
     """All-gather every rank's shard and restore sequence order (inverse of :func:`shard`). Differentiable:
     the gradient of a shard is the sum over ranks of the gradient at its positions."""
     dim = _check_dim(x_local, dim)
@@ -48,7 +49,7 @@ def unshard(x_local: torch.Tensor, groups: USPGroups, *, dim: int = 1, ring_impl
             held.append(
                 global_positions(
                     seq_len, groups.ulysses_degree, groups.ring_degree, ulysses_rank, ring_rank, ring_impl,
-                    cu_seqlens=cu_seqlens,
+                    cu_seqlens=cu_seqlens, document_layout=document_layout,
                 )
             )
     gathered = x_local

@@ -24,8 +24,13 @@ class _LoopbackExchanger:
     def __init__(self) -> None:
         self._pending: Optional[torch.Tensor] = None
 
-    def post(self, send: torch.Tensor) -> None:
-        self._pending = send
+    def post(self, send: torch.Tensor, recv_rows: Optional[int] = None, dim: int = 2) -> None:
+        if recv_rows is None or recv_rows == send.shape[dim]:
+            self._pending = send
+        else:  # senders of ring-local schedules hold different row counts
+            shape = list(send.shape)
+            shape[dim] = recv_rows
+            self._pending = torch.zeros(shape, dtype=send.dtype, device=send.device)
 
     def wait(self) -> torch.Tensor:
         received, self._pending = self._pending, None
@@ -69,6 +74,7 @@ class RankProblem:
     batch: int = 1
     micro_q: Optional[int] = None  # mqsp only
     cu_seqlens: Optional[tuple[int, ...]] = None  # packed documents: offsets [0, ..., seq_len] of the row
+    document_layout: str = "local"  # of packed documents (layout.py)
 
     def __post_init__(self) -> None:
         if self.cu_seqlens is not None:  # validated once, kept as a tuple of ints (hashable, cacheable)
@@ -77,7 +83,7 @@ class RankProblem:
     def plan(self, ring_rank: int) -> AttentionPlan:
         """What ring rank ``ring_rank`` runs (:func:`megatron_usp.plan.attention_plan`)."""
         return attention_plan(self.seq_len, self.ulysses_degree, self.ring_degree, ring_rank, self.ring_impl,
-                              self.causal, self.micro_q, self.cu_seqlens)
+                              self.causal, self.micro_q, self.cu_seqlens, self.document_layout)
 
 
 def _inputs(batch, tokens, heads, kv_heads, head_dim, dtype, device, seed=0):

@@ -113,6 +113,7 @@ def usp_attn(
     softmax_offset: Optional[torch.Tensor] = None,
     return_max_logit: bool = False,
     check_agreement: Optional[bool] = None,
+    document_layout: str = "local",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention over a sequence sharded across the ``u x r`` grid of ``groups``.
 
@@ -135,13 +136,15 @@ def usp_attn(
 
     Packed documents: ``cu_seqlens`` (offsets ``[0, ..., seq_len]`` of the documents of every row, the same on
     every rank) keeps attention inside each document AND means the tokens are in the document layout
-    (:func:`megatron_usp.shard` with the same ``cu_seqlens``), which balances the work of every ring step.
+    ``document_layout`` (:func:`megatron_usp.shard` with the same ``cu_seqlens`` and ``document_layout``):
+    ``"local"`` (default) keeps documents whole on one ring rank where they fit, so only the cut ones travel the
+    ring; ``"split"`` cuts every document over all ranks. Both balance the work of the ring.
 
     ``check_agreement`` (default: :func:`set_agreement_check`, on unless ``MEGATRON_USP_CHECK_AGREEMENT=0``): before
     the first collective, the ranks of the grid compare what they were called with, normalised so equivalent calls
     agree (dtype, device, q/k/v shapes, causal, ring_impl, softmax_scale as used, resolved kernel, window as it acts,
     document_ids and softmax_offset by value, mask_mod by code / closure / bound values, micro_q where MQSP uses it,
-    cu_seqlens: see :func:`describe_call`, :func:`agree`; one all-gather of 17 ints over ``groups.sp``, or over the
+    cu_seqlens: see :func:`describe_call`, :func:`agree`; one all-gather of 18 ints over ``groups.sp``, or over the
     ulysses then the ring group where ``groups`` has no ``sp``) and all raise the same ``ValueError`` naming the
     fields and ranks that disagree, or the rank whose own inputs were rejected, instead of hanging or computing
     garbage. Its cost is one
@@ -151,7 +154,8 @@ def usp_attn(
     check = _CHECK_AGREEMENT if check_agreement is None else bool(check_agreement)
     grid = (groups.ulysses_degree, groups.ring_degree) if isinstance(groups, USPGroups) else (1, 1)
     try:
-        config = USPConfig(*grid, ring_impl=ring_impl, backend=backend, micro_q=micro_q)
+        config = USPConfig(*grid, ring_impl=ring_impl, backend=backend, micro_q=micro_q,
+                           document_layout=document_layout)
     except (ValueError, TypeError) as error:
         if check and isinstance(groups, USPGroups) and groups.sp_size > 1:
             agree(groups, None, error)  # the peers learn that this rank gave up (they raise, none hangs)
@@ -202,12 +206,13 @@ def attend(
         agree(groups, describe_call(q, k, v, causal=causal, ring_impl=ring_impl, softmax_scale=softmax_scale,
                                     kernel=kernel, mask=mask, micro_q=micro_q, cu_seqlens=cu_seqlens,
                                     softmax_offset=softmax_offset, return_max_logit=return_max_logit,
-                                    ulysses_degree=groups.ulysses_degree))
+                                    ulysses_degree=groups.ulysses_degree, document_layout=config.document_layout))
     scale = float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
     q, k, v = (_pad_head_dim(x, width) for x in (q, k, v))  # zero columns: same logits, zero output columns
     seq_len = q.shape[1] * groups.sp_size
     plan = attention_plan(seq_len, groups.ulysses_degree, groups.ring_degree, groups.ring_rank, ring_impl, causal,
-                          acting_micro_q(ring_impl, micro_q, q.shape[1] * groups.ulysses_degree), cu_seqlens)
+                          acting_micro_q(ring_impl, micro_q, q.shape[1] * groups.ulysses_degree), cu_seqlens,
+                          config.document_layout)
     order = plan.order_on(q.device)
     k = replicate_kv_heads(k, groups.ulysses_degree)
     v = replicate_kv_heads(v, groups.ulysses_degree)
@@ -265,12 +270,13 @@ def set_agreement_check(enabled: bool) -> bool:
 
 
 AGREEMENT_FIELDS = ("dtype", "device", "q shape", "k shape", "v shape", "causal", "ring_impl", "softmax_scale",
-                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens", "softmax_offset",
-                    "return_max_logit")
+                    "kernel", "window", "document_ids", "mask_mod", "micro_q", "cu_seqlens", "document_layout",
+                    "softmax_offset", "return_max_logit")
 
 
 def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, micro_q, cu_seqlens,
-                  softmax_offset=None, return_max_logit=False, ulysses_degree: int = 1) -> dict:
+                  softmax_offset=None, return_max_logit=False, ulysses_degree: int = 1,
+                  document_layout: str = "local") -> dict:
     """What every rank of the grid must agree on, field -> value (validated inputs). Values are normalised, so
     equivalent calls agree: the scale as used, the window as it acts under ``causal``, ``micro_q`` only where MQSP
     uses it; tensors (``document_ids``, ``softmax_offset``) by their values and ``mask_mod`` by what it computes
@@ -292,6 +298,9 @@ def describe_call(q, k, v, *, causal, ring_impl, softmax_scale, kernel, mask, mi
         "mask_mod": None if mask.mask_mod is None else fingerprint(mask.mask_mod),
         "micro_q": acting_micro_q(ring_impl, micro_q, rows),
         "cu_seqlens": cu_seqlens,
+        # as it acts: only packed documents of an impl that can keep them ring-local follow it
+        "document_layout": (document_layout if cu_seqlens is not None
+                            and RING_IMPL_TABLE[ring_impl].ring_local_documents else None),
         "softmax_offset": None if softmax_offset is None else fingerprint(softmax_offset),
         "return_max_logit": return_max_logit,
     }
@@ -385,7 +394,7 @@ def _encode(value) -> int:
 def agree(groups: USPGroups, descriptor: Optional[dict], error: Optional[BaseException] = None) -> None:
     """Collective over the grid of ``groups``: compare every rank's ``descriptor`` (``describe_call``). Raises the
     same ``ValueError`` on every rank that is fine when some fields differ or some rank passes its local
-    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 17 ints over the
+    validation ``error`` (that rank gets no exception here and raises its own). One all-gather of 18 ints over the
     SP group (``groups.sp``; else one over the ulysses and one over the ring group); the readable values travel
     (``all_gather_object``) only when something is wrong."""
     if error is None:
@@ -416,5 +425,6 @@ def agree(groups: USPGroups, descriptor: Optional[dict], error: Optional[BaseExc
                                                        sorted(by_value.items(), key=lambda item: len(item[1]))))
     raise ValueError("usp_attn: the ranks of this sequence-parallel group disagree on their inputs — "
                      + "; ".join(differences) + ". Every rank of the ulysses x ring grid must call usp_attn with the "
-                     "same dtype, shapes, causal, ring_impl, softmax_scale, backend, masks, micro_q and cu_seqlens "
+                     "same dtype, shapes, causal, ring_impl, softmax_scale, backend, masks, micro_q, cu_seqlens and "
+                     "document_layout "
                      "(usp_attn(check_agreement=False) or MEGATRON_USP_CHECK_AGREEMENT=0 skips this check)")

@@ -92,7 +92,7 @@ def run_case(groups, config: dict, dtype) -> dict:
     causal, impl, scale = config["causal"], config["ring_impl"], config.get("softmax_scale")
     masks = mask_kwargs(config.get("mask"), config["batch"], config["seq_len"])
     cu_seqlens = config.get("cu_seqlens")
-    layout = dict(ring_impl=impl, cu_seqlens=cu_seqlens)
+    layout = dict(ring_impl=impl, cu_seqlens=cu_seqlens, document_layout=config.get("document_layout", "local"))
     reference_masks = dict(masks)
     if cu_seqlens is not None:  # documents, built independently of the library: id = number of offsets <= position
         ids = (torch.arange(config["seq_len"])[:, None] >= torch.tensor(cu_seqlens)[None, 1:-1]).sum(1)

@@ -31,3 +31,22 @@ def traffic(rank, world_size, ulysses_degree, ring_degree, configs) -> list[dict
         reports.append({"config": config, "sent": dict(counter.bytes_sent), "calls": dict(counter.calls),
                         "analytic": analytic})
     return reports
+
+
+def ring_local_traffic(rank, world_size, ring_degree, cu_seqlens, document_layout) -> dict:
+    """Ring p2p bytes this rank sent in one forward + backward of a packed row (zigzag, u = 1), and the analytic
+    count for its ring rank."""
+    groups = get_groups(1, ring_degree)
+    seq_len, batch, heads, head_dim = cu_seqlens[-1], 1, 2, 8
+    q, k, v, grad = make_inputs(0, batch, seq_len, heads, heads, head_dim, torch.float32)
+    layout = dict(ring_impl="zigzag", cu_seqlens=cu_seqlens, document_layout=document_layout)
+    local = [usp.shard(t, groups, **layout).float().requires_grad_() for t in (q, k, v)]
+    with count_traffic() as counter:
+        out = usp.usp_attn(*local, groups, causal=True, check_agreement=False, **layout)
+        out.backward(usp.shard(grad, groups, **layout).float())
+    analytic = analytic_bytes_per_rank(batch=batch, seq_len=seq_len, heads=heads, kv_heads=heads, head_dim=head_dim,
+                                       dtype=torch.float32, ulysses_degree=1, ring_degree=ring_degree,
+                                       ring_impl="zigzag", cu_seqlens=tuple(cu_seqlens),
+                                       document_layout=document_layout, ring_rank=groups.ring_rank)
+    return {"sent": counter.bytes_sent.get("ring_p2p", 0), "calls": counter.calls.get("ring_p2p", 0),
+            "analytic": analytic.get("ring_p2p", 0)}

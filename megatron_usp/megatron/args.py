@@ -6,7 +6,7 @@ import argparse
 from ..config import USPConfig
 from ..flags import nonnegative_int, positive_int
 from ..kernels import kernel_names
-from ..layout import RING_IMPLS, check_seq_len
+from ..layout import DOCUMENT_LAYOUTS, RING_IMPLS, check_seq_len
 from ..ulysses import check_head_counts
 from .refusals import check_refusals
 
@@ -28,6 +28,10 @@ def add_usp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="check each USP layer's output (one sampled head, a few query rows) against attention on "
                             "all-gathered K/V, and that CP is really on; stop on a mismatch. On each layer's first "
                             "call, and every N-th call if N >= 1 is given")
+    group.add_argument("--usp-document-layout", default="local", choices=list(DOCUMENT_LAYOUTS),
+                       help="packed documents (THD, --reset-attention-mask): local keeps each document whole on one "
+                            "ring rank where it fits (only cut documents travel the ring); split cuts every "
+                            "document over all ranks (allgather and mqsp always split)")
     group.add_argument("--usp-ring-inner", action="store_true",
                        help="put the ring group on adjacent ranks instead of the ulysses group")
     return parser

@@ -269,7 +269,8 @@ class USPAttention(MegatronModule):
             cp_size = (parallel_state.get_context_parallel_world_size() if self.cp_group is None
                        else dist.get_world_size(self.cp_group))
             verify_usp_attn(q, k, v, out, self.groups, ring_impl=self.ring_impl, causal=causal,
-                            softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, document_ids=document_ids,
+                            softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
+                            document_layout=self.config.document_layout, document_ids=document_ids,
                             window=_effective_window(self.window, causal), softmax_offset=self.softmax_offset,
                             seed=self._calls - 1, expected_sp_size=cp_size,
                             name=f"layer {self.layer_number}")

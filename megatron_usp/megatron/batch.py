@@ -16,7 +16,8 @@ from ..sharding import shard
 from . import documents
 from .batch_record import BatchRecord
 from .documents import _as_int_list, batch_documents, layout_cu_seqlens
-from .state import get_batch_records, get_usp_groups, get_usp_ring_impl, usp_is_initialized
+from .state import (get_batch_records, get_usp_document_layout, get_usp_groups, get_usp_ring_impl,
+                    usp_is_initialized)
 
 _PASS_THROUGH_PREFIXES = ("cu_seqlens", "max_seqlen")  # global packing metadata: never sharded
 
@@ -28,7 +29,7 @@ def _offsets_like(offsets: tuple, like) -> torch.Tensor:
     return torch.tensor(offsets, dtype=like.dtype, device=like.device).view(*like.shape[:-1], len(offsets))
 
 
-def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str) -> tuple[dict, BatchRecord]:
+def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str, document_layout: str) -> tuple[dict, BatchRecord]:
     """A packed THD row ``[1, S]``: sharded with the document layout of :func:`documents.layout_cu_seqlens`;
     ``cu_seqlens`` is replaced by those offsets (padding folded in as documents) and ``cu_seqlens_padded`` by
     None, so that any ``PackedSeqParams`` built from the result describes the layout the tokens are in."""
@@ -51,13 +52,14 @@ def _thd_batch(batch: dict, groups: USPGroups, ring_impl: str) -> tuple[dict, Ba
     if groups.sp_size > 1:
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and not key.startswith(_PASS_THROUGH_PREFIXES):
-                result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=layout)
+                result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=layout,
+                                    document_layout=document_layout)
     return result, BatchRecord(tokens.shape[1], layout, rope_offsets=layout)
 
 
 def get_batch_on_this_usp_rank(
     batch: dict, groups: Optional[USPGroups] = None, ring_impl: Optional[str] = None, *,
-    eod_token: Optional[int] = None,
+    eod_token: Optional[int] = None, document_layout: Optional[str] = None,
 ) -> dict:
     """Like Megatron's ``get_batch_on_this_cp_rank``: ``[batch, seq, ...]`` tensors -> this rank's tokens.
 
@@ -71,12 +73,14 @@ def get_batch_on_this_usp_rank(
       layout, otherwise the row layout. The returned ``attention_mask`` is None or the document ids ``[b, s]``
       (global, unsharded): hand it to the model, ``USPAttention`` reads it.
 
-    ``position_ids`` are sharded like tokens. Defaults come from ``initialize_model_parallel``.
+    ``position_ids`` are sharded like tokens. Documents follow ``document_layout`` (``local``: whole on one ring
+    rank where they fit, ``split``: cut over every rank). Defaults come from ``initialize_model_parallel``.
     """
     groups = groups or get_usp_groups()
     ring_impl = ring_impl or get_usp_ring_impl()
+    document_layout = document_layout or (get_usp_document_layout() if usp_is_initialized() else "local")
     if batch.get("cu_seqlens") is not None:
-        result, record = _thd_batch(batch, groups, ring_impl)
+        result, record = _thd_batch(batch, groups, ring_impl, document_layout)
         keys = [(result["cu_seqlens"], None)]
     else:
         ids = batch_documents(batch, eod_token)
@@ -88,7 +92,8 @@ def get_batch_on_this_usp_rank(
             for key, value in batch.items():
                 if isinstance(value, torch.Tensor) and key != "attention_mask" and not key.startswith(
                         _PASS_THROUGH_PREFIXES):
-                    result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=cu)
+                    result[key] = shard(value, groups, dim=1, ring_impl=ring_impl, cu_seqlens=cu,
+                                        document_layout=document_layout)
         seq_len = next((v.shape[1] for k, v in batch.items() if k != "attention_mask" and isinstance(v, torch.Tensor)
                         and v.dim() >= 2), None)
         record = BatchRecord(ids.shape[1] if ids is not None else seq_len or 0, cu)

@@ -56,10 +56,12 @@ class BatchRecord:
                 self._derived[key] = build()
         return self._derived[key]
 
-    def held_positions(self, groups: USPGroups, ring_impl: str, device: torch.device) -> torch.Tensor:
+    def held_positions(self, groups: USPGroups, ring_impl: str, document_layout: str,
+                       device: torch.device) -> torch.Tensor:
         """``[seq_len / sp_size]`` row positions of the tokens this rank holds in the record's layout."""
-        return self.derived(("held", groups, ring_impl, device), lambda: positions(
-            self.seq_len, groups, ring_impl=ring_impl, cu_seqlens=self.cu_seqlens).to(device))
+        return self.derived(("held", groups, ring_impl, document_layout, device), lambda: positions(
+            self.seq_len, groups, ring_impl=ring_impl, cu_seqlens=self.cu_seqlens,
+            document_layout=document_layout).to(device))
 
 
 class BatchRecords:

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 from ..config import USPConfig
 from ..groups import USPGroups, grid_rank_lists, group_timeout
+from ..patching import original_of
 from .rope import install_rope_hook
 from .state import (  # noqa: F401  (the grid's getters: megatron_usp.megatron and megatron_lm read them here)
     USPState,
@@ -39,6 +40,7 @@ def initialize_model_parallel(
     attn_backend: str = "auto",
     micro_q: Optional[int] = None,
     usp_check: Optional[int] = None,
+    document_layout: str = "local",
     config: Optional[USPConfig] = None,
     **kwargs,
 ) -> USPGroups:
@@ -46,9 +48,11 @@ def initialize_model_parallel(
     :class:`USPGroups`. The CP group stays the whole SP group (data slicing, RoPE, dp x cp reductions use it).
     ``micro_q``: query rows per MQSP micro-chunk (``ring_impl="mqsp"``). ``usp_check`` (``--usp-check``): None =
     off, 0 = USPAttention checks each layer's first call (:func:`megatron_usp.check.verify_usp_attn`), N = that and
-    every N-th call. Or ``config``: a :class:`USPConfig` (e.g. ``USPConfig.from_args(args)``) instead of those
+    every N-th call. ``document_layout`` of packed documents: ``local`` or ``split`` (:mod:`megatron_usp.layout`).
+    Or ``config``: a :class:`USPConfig` (e.g. ``USPConfig.from_args(args)``) instead of those
     keywords. Extra ``kwargs`` go to megatron-core unchanged."""
-    keywords = USPConfig(ulysses_degree, ring_degree, ring_impl, attn_backend, micro_q, ulysses_inner, usp_check)
+    keywords = USPConfig(ulysses_degree, ring_degree, ring_impl, attn_backend, micro_q, ulysses_inner, usp_check,
+                         document_layout)
     if config is not None and keywords != USPConfig():
         raise ValueError("initialize_model_parallel takes the USP settings as config=USPConfig(...) or as keywords, "
                          "not both")
@@ -62,7 +66,8 @@ def initialize_model_parallel(
     kwargs.pop("context_parallel_size", None)
     sp_size = ulysses_degree * ring_degree
     hierarchical = [ulysses_degree, ring_degree] if ulysses_inner and sp_size > 1 else None
-    parallel_state.initialize_model_parallel(
+    # megatron-core's own function, not Megatron-LM's hook around it (megatron_lm.py), which would land here again
+    original_of(parallel_state.initialize_model_parallel)(
         tensor_model_parallel_size,
         pipeline_model_parallel_size,
         context_parallel_size=sp_size,

@@ -42,7 +42,6 @@ VALIDATE_ARGS_MODULES = ("megatron.training.arguments", "megatron.training.initi
 BATCH_METADATA_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_group")
 
 _get_megatron_args: Optional[Callable[[], Any]] = None
-_inside_usp_grid = False
 
 
 def usp_requested(args: Any) -> bool:
@@ -156,9 +155,6 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def initialize_model_parallel(*args, **kwargs):
-        global _inside_usp_grid
-        if _inside_usp_grid:  # the USP grid itself calls megatron-core underneath
-            return original(*args, **kwargs)
         margs = _megatron_args()
         if not usp_requested(margs):
             return original(*args, **kwargs)
@@ -175,16 +171,7 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
         for name in ("hierarchical_context_parallel_sizes", "hybrid_context_parallel"):  # never silently dropped
             if arguments.pop(name, None):
                 raise ValueError(refusal("--" + name.replace("_", "-")).reason(margs))
-        _inside_usp_grid = True
-        try:
-            grid.initialize_model_parallel(
-                tp,
-                pp,
-                config=USPConfig.from_args(margs),
-                **arguments,
-            )
-        finally:
-            _inside_usp_grid = False
+        grid.initialize_model_parallel(tp, pp, config=USPConfig.from_args(margs), **arguments)
 
     return initialize_model_parallel
 

@@ -21,7 +21,8 @@ from ..patching import wrap
 from ..sharding import positions
 from .batch_record import BatchRecord
 from .documents import _as_int_list, in_document_positions, layout_cu_seqlens
-from .state import get_batch_records, get_usp_groups, get_usp_ring_impl, usp_is_initialized
+from .state import (get_batch_records, get_usp_document_layout, get_usp_groups, get_usp_ring_impl,
+                    usp_is_initialized)
 
 _FULL_POS_EMB = "_usp_full_pos_emb"  # attribute: the unsliced rotary table a sliced one came from
 
@@ -54,7 +55,8 @@ def document_layout_rows(emb: torch.Tensor) -> torch.Tensor:
     record = get_batch_records().running
     if record is None or record.cu_seqlens is None or record.seq_len != full.shape[0]:
         return emb
-    return full.index_select(0, record.held_positions(get_usp_groups(), get_usp_ring_impl(), full.device))
+    return full.index_select(0, record.held_positions(get_usp_groups(), get_usp_ring_impl(),
+                                                      get_usp_document_layout(), full.device))
 
 
 def _hook_rotary_forward(cls) -> None:
@@ -100,7 +102,7 @@ def _megatron_thd_rope_maps_exactly() -> bool:
 def _thd_rope_index(record: BatchRecord, table_rows: int, groups, ring_impl: str,
                     device: torch.device) -> torch.Tensor:
     """Rows of the rotary table for this rank's THD tokens (see :func:`usp_apply_rotary_pos_emb_thd`)."""
-    held = record.held_positions(groups, ring_impl, device)
+    held = record.held_positions(groups, ring_impl, get_usp_document_layout(), device)
     if table_rows == record.rope_offsets[-1] and _megatron_thd_rope_maps_exactly():
         index = held
     else:

@@ -54,6 +54,10 @@ def get_usp_ring_impl() -> str:
     return usp_state().config.ring_impl
 
 
+def get_usp_document_layout() -> str:
+    return usp_state().config.document_layout
+
+
 def get_usp_attn_backend() -> str:
     return usp_state().config.backend
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from megatron_usp.cost import block_pairs
 from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes
-from megatron_usp.layout import check_seq_len
+from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len
 from megatron_usp.plan import attention_plan
 from megatron_usp.planner.hardware import Hardware
 from megatron_usp.ulysses import check_head_counts, kv_replication
@@ -129,6 +129,11 @@ def kernel_efficiency(block: BlockShape, half_efficiency_tokens: float) -> float
     return keys / (keys + half_efficiency_tokens)
 
 
+def transport_of(ring_impl: str) -> str:
+    """How ``ring_impl`` moves data (its row of ``layout.RING_IMPL_TABLE``): pass_kv, allgather or pass_q."""
+    return RING_IMPL_TABLE[ring_impl].transport
+
+
 @functools.lru_cache(maxsize=4096)
 def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
     """``blocks[step][ring_rank]``: the kernel calls of each rank at each step, from the library's ring schedules."""
@@ -161,7 +166,7 @@ def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool,
 
 def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool):
     """Kernel calls per synchronised step and ring rank: ring steps (pass K/V) or MQSP micro-chunks (pass Q)."""
-    if config.ring_impl == "mqsp":
+    if transport_of(config.ring_impl) == "pass_q":
         return mqsp_chunk_blocks(seq_len, config.ulysses, config.ring, causal, config.micro_q)
     return schedule_blocks(config.ring_impl, seq_len, config.ulysses, config.ring, causal)
 
@@ -313,9 +318,9 @@ def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> floa
     kv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, dt)
     dkv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, ACCUMULATION_BYTES)
     dq_accumulator = q_bytes / dt * ACCUMULATION_BYTES
-    if config.ring_impl == "allgather" and config.ring > 1:
+    if transport_of(config.ring_impl) == "allgather" and config.ring > 1:
         return config.ring * (kv_block + dkv_block) + dq_accumulator  # gathered K/V and its fp32 gradient
-    if config.ring_impl == "mqsp" and config.ring > 1:
+    if transport_of(config.ring_impl) == "pass_q" and config.ring > 1:
         # backward of one chunk: gathered q, dout, out (r x the rank's rows) + their fp32 dq part, lse; local
         # fp32 dK/dV accumulators; the fp32 dq of the rank's rows
         gathered = config.ring * mqsp_query_bytes(shape, config)
@@ -380,13 +385,13 @@ def predict(
         kv_block = ring_kv_block_bytes(shape, tp, u, r, shape.dtype_bytes)
         dkv_block = ring_kv_block_bytes(shape, tp, u, r, ACCUMULATION_BYTES)
         prediction.ring_step_bytes = kv_block
-        if config.ring_impl == "mqsp":  # pass Q: per chunk, collectives the chunk's kernels wait for
+        if transport_of(config.ring_impl) == "pass_q":  # pass Q: per chunk, collectives the chunk's kernels wait for
             comm = mqsp_chunk_comm_ms(shape, config, gbps, latency)
             prediction.ring_comm_ms = prediction.ring_exposed_ms = len(steps) * comm
             prediction.ring_step_bytes = mqsp_query_bytes(shape, config)
             prediction.ring_step_comm_ms = comm
             prediction.ring_step_compute_ms = sum(fwd_steps) / len(steps)
-        elif config.ring_impl == "allgather":
+        elif transport_of(config.ring_impl) == "allgather":
             gather = (r - 1) * _transfer_ms(kv_block, gbps, latency)
             scatter = (r - 1) * _transfer_ms(dkv_block, gbps, latency)
             prediction.ring_comm_ms = prediction.ring_exposed_ms = 2 * gather + scatter  # gathered again in bwd

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from megatron_usp.layout import RING_IMPL_TABLE
+
 from megatron_usp.planner.job import JobPrediction, memory_breakdown
 from megatron_usp.planner.layer import Cluster, ModelShape, Prediction, load_imbalance
 
@@ -61,7 +63,7 @@ def explain(ranked: Sequence[Prediction], shape: ModelShape, cluster: Cluster) -
                      f"direction per rank, {best.a2a_ms:.2f} ms, not overlapped")
     if c.ring > 1:
         where = "spans nodes (IB)" if best.ring_link == "IB" else "stays inside a node (NVLink)"
-        if c.ring_impl == "allgather":
+        if RING_IMPL_TABLE[c.ring_impl].transport == "allgather":
             lines.append(f"ring of {c.ring} {where}: all-gather of {_mb(best.ring_step_bytes)} K/V per rank (twice) + "
                          f"fp32 dK/dV reduce-scatter, {best.ring_comm_ms:.2f} ms, not overlapped")
         else:

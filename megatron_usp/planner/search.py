@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_usp.layout import RING_IMPLS
+from megatron_usp.layout import RING_IMPL_TABLE, RING_IMPLS
 from megatron_usp.planner.hardware import Hardware
 from megatron_usp.planner.layer import Cluster, ModelShape, ParallelConfig, Prediction, predict
 
@@ -20,7 +20,8 @@ def impl_variants(ring_impls: Sequence[str], ring: int, micro_qs: Sequence[Optio
     """(ring_impl, micro_q) pairs to try; with r == 1 every impl runs the same local attention: the preferred one."""
     if ring == 1:
         return [(sorted(ring_impls, key=lambda i: IMPL_PREFERENCE.index(i) if i in IMPL_PREFERENCE else 99)[0], None)]
-    return [(impl, micro_q) for impl in ring_impls for micro_q in (micro_qs if impl == "mqsp" else (None,))]
+    return [(impl, micro_q) for impl in ring_impls
+            for micro_q in (micro_qs if RING_IMPL_TABLE[impl].transport == "pass_q" else (None,))]
 
 
 def enumerate_configs(

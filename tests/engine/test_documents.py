@@ -8,7 +8,7 @@ import torch
 
 from conftest import record_error
 from megatron_usp.blocks import position_blocks
-from megatron_usp.layout import RING_IMPLS, check_cu_seqlens, global_positions, ring_positions
+from megatron_usp.layout import RING_IMPL_TABLE, RING_IMPLS, check_cu_seqlens, global_positions, ring_positions
 
 IMPLS = ["basic", "zigzag", "stripe", "allgather", "mqsp"]
 # (world_size, ulysses_degree, ring_degree)
@@ -27,13 +27,26 @@ def document_mixes(seq_len: int, sp_size: int) -> dict[str, list[int]]:
     return {"one": [0, seq_len], "tiny": tiny, "edges": edges, "random": [0] + cuts + [seq_len]}
 
 
-def configs_for(sp_size: int, impl: str) -> list[dict]:
+def ring_local_mixes(seq_len: int, ring_degree: int) -> dict[str, list[int]]:
+    """Rows for the ring-local layout: every document local (one per ring rank, nothing travels), half of them
+    local (short ones beside one that must be cut)."""
+    capacity = seq_len // ring_degree
+    every_local = list(range(0, seq_len + 1, capacity))
+    half = [0, 1, 3, capacity - 1, seq_len]  # lengths 1, 2, capacity - 4, then one longer than a ring rank
+    return {"every_local": every_local, "long_and_short": sorted(set(half))}
+
+
+def configs_for(sp_size: int, impl: str, ring_degree: int = 1) -> list[dict]:
     seq_len = 6 * sp_size if sp_size > 1 else 12
     base = dict(batch=2, seq_len=seq_len, head_dim=8, ring_impl=impl, heads=4, kv_heads=2)
     configs = []
-    for name, cu in document_mixes(seq_len, sp_size).items():
+    mixes = {**document_mixes(seq_len, sp_size), **ring_local_mixes(seq_len, ring_degree)}
+    for name, cu in mixes.items():
         for causal in (True, False):
             configs.append(dict(base, cu_seqlens=cu, causal=causal, seed=len(configs), mix=name))
+    if RING_IMPL_TABLE[impl].ring_local_documents:  # today's layout stays exact when asked for
+        configs += [dict(base, cu_seqlens=mixes[name], causal=True, seed=30 + i, document_layout="split")
+                    for i, name in enumerate(("random", "tiny"))]
     random_mix = document_mixes(seq_len, sp_size)["random"]
     configs.append(dict(base, cu_seqlens=random_mix, causal=True, dtype="bfloat16", seed=20))
     configs.append(dict(base, cu_seqlens=random_mix, causal=True, mask="window", seed=21))
@@ -55,7 +68,7 @@ def test_documents_match_float64_reference(rank_pool, grid, impl):
     world_size, ulysses_degree, ring_degree = grid
     reports = rank_pool(world_size).run(
         "engine_cases:attention_matrix", ulysses_degree=ulysses_degree, ring_degree=ring_degree, ulysses_inner=True,
-        configs=configs_for(ulysses_degree * ring_degree, impl),
+        configs=configs_for(ulysses_degree * ring_degree, impl, ring_degree),
     )
     for rank_report in reports:
         for entry in rank_report:
@@ -65,21 +78,24 @@ def test_documents_match_float64_reference(rank_pool, grid, impl):
 
 @pytest.mark.parametrize("impl", RING_IMPLS)
 @pytest.mark.parametrize("ulysses_degree,ring_degree", [(1, 1), (2, 1), (1, 4), (2, 2), (4, 2), (2, 4)])
-def test_document_layout_partitions_the_row_evenly(impl, ulysses_degree, ring_degree):
+@pytest.mark.parametrize("document_layout", ["local", "split"])
+def test_document_layout_partitions_the_row_evenly(impl, ulysses_degree, ring_degree, document_layout):
     sp_size = ulysses_degree * ring_degree
     seq_len = 10 * sp_size
-    for name, cu in document_mixes(seq_len, sp_size).items():
-        held = [global_positions(seq_len, ulysses_degree, ring_degree, i, j, impl, cu_seqlens=cu)
+    for name, cu in {**document_mixes(seq_len, sp_size), **ring_local_mixes(seq_len, ring_degree)}.items():
+        held = [global_positions(seq_len, ulysses_degree, ring_degree, i, j, impl, cu_seqlens=cu,
+                                 document_layout=document_layout)
                 for j in range(ring_degree) for i in range(ulysses_degree)]
         assert all(len(h) == seq_len // sp_size for h in held), (name, [len(h) for h in held])
         assert torch.equal(torch.sort(torch.cat(held)).values, torch.arange(seq_len)), name
         assert all(torch.equal(h, torch.sort(h).values) for h in held)  # position order
 
 
-def test_document_layout_is_zigzag_per_document():
-    """CP rank i holds chunks i and 2P-1-i of every document; the remainders rotate over the documents."""
+def test_split_document_layout_is_zigzag_per_document():
+    """The split document layout: CP rank i holds chunks i and 2P-1-i of every document; the remainders rotate over the documents."""
     cu = [0, 9, 9, 10, 27, 40]  # lengths 9, 0, 1, 17, 13 with 2P = 4 parts
-    held = [global_positions(40, 2, 1, i, 0, "zigzag", cu_seqlens=cu).tolist() for i in range(2)]
+    held = [global_positions(40, 2, 1, i, 0, "zigzag", cu_seqlens=cu, document_layout="split").tolist()
+            for i in range(2)]
     # 2P = 4 chunks per document; the +1 of each remainder goes to chunk 0, 1, 2, 3 in turn:
     # doc 0 (9): [0,3) [3,5) [5,7) [7,9); doc 2 (1): [9,9) [9,10) ...; doc 3 (17): [10,14) [14,18) [18,23) [23,27);
     # doc 4 (13): [27,30) [30,33) [33,36) [36,40). Rank 0 takes chunks 0 and 3, rank 1 chunks 1 and 2.

@@ -29,9 +29,12 @@ def test_plan_holds_the_layout_and_the_schedule_of_its_transport(impl, cu_seqlen
         assert torch.equal(plan.order, gathered_order(seq_len, u, r, ring_rank, impl, cu_seqlens=cu_seqlens))
         pass_q = RING_IMPL_TABLE[impl].transport == "pass_q"
         assert (plan.mqsp is not None) == pass_q and (plan.schedule is not None) != pass_q
-        if plan.schedule is not None:  # a step sees one ring rank's rows, or one half of every rank's
-            for step in plan.schedule.steps:
+        if plan.schedule is not None:  # a step sees one ring rank's rows, or one half of every rank's; with
+            travel = plan.schedule.travel  # ring-local documents a later step only the cut documents' rows
+            for index, step in enumerate(plan.schedule.steps):
                 rows = seq_len // 2 if step.gathered_half is not None else seq_len // r
+                if travel is not None and index > 0:
+                    rows = len(travel[step.kv_rank])
                 assert len(plan.schedule.kv_positions(step)) == rows
 
 

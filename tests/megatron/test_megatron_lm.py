@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_usp.groups import USPGroups
 from megatron_usp.config import USPConfig
 from megatron_usp.megatron import USPAttention, grid, megatron_lm, state
+from megatron_usp.patching import original_of
 
 MEGATRON_ARGV = ["--num-attention-heads", "4", "--seq-length", "64", "--world-size", "8"]
 
@@ -195,7 +196,7 @@ def test_megatron_lm_init_builds_the_usp_grid(fake_megatron_lm, monkeypatch):
 
     def usp_grid(tp, pp, **kwargs):
         grid_calls.append((tp, pp, kwargs))
-        parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=4)  # as the real grid does
+        original_of(parallel_state.initialize_model_parallel)(tp, pp, context_parallel_size=4)  # as the grid does
 
     monkeypatch.setattr(grid, "initialize_model_parallel", usp_grid)
     megatron_lm.install(get_args=lambda: args)

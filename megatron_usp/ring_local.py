@@ -1,0 +1,209 @@
+"""Ring-local documents: a packed row's documents kept whole on one ring position where they fit.
+
+The ``split`` document layout (``layout.py``) cuts every document over all ``u*r`` ranks, so even a 128-token
+document travels the whole ring and becomes ``2r`` tiny pieces. The ``local`` layout gives each ring rank ``j`` (the
+``u`` ranks of one Ulysses group; after the all-to-all each holds all of ``j``'s tokens for its heads) a set of whole
+documents, and cuts only the documents that must be cut, per document over the ring as the split layout does:
+
+* every ring rank holds exactly ``S / r`` tokens (CP rank ``(j, k)`` the ``k``-th ``S / (u*r)`` of ring rank ``j``'s
+  positions, in position order), with no padding;
+* a local document never leaves its ring rank: only the cut documents' K/V travel the ring
+  (:class:`RingDocuments` ``travelling`` rows), and the local ones are one varlen call of the own step.
+
+The solver (:func:`ring_documents`) is deterministic and communication-free: every rank runs it on the same offsets.
+Documents are taken longest first; the ``k`` longest are cut (``k`` from the number that cannot fit on one ring rank
+upwards) and the rest placed longest first on the ring rank whose load (local work and local tokens, each over its
+even share) stays least, within its token capacity. Cut documents then fill each ring rank's remaining capacity with shares proportional to it, laid out
+zigzag per document (ring rank ``j`` takes a front piece ``j`` and the mirrored back piece; ``contiguous`` layouts
+take one piece in ring order). The ``k`` kept is the smallest found whose step-synchronous cost (:func:`step_cost`:
+the slowest rank's own step, local documents included, plus the cut documents' ring steps) is within ``TARGET`` of
+the ideal (doubling, then bisecting), else the cheapest tried.
+"""
+from __future__ import annotations
+
+import functools
+import heapq
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+TARGET = 1.03  # accept the first cut set whose modelled slowest rank is within 3 % of the ideal
+
+
+def causal_work(length: int) -> int:
+    """Score pairs of one causal document of ``length`` tokens."""
+    return length * (length + 1) // 2
+
+
+@dataclass(frozen=True)
+class RingDocuments:
+    """The ring-local layout of one row on ``ring_degree`` ring ranks.
+
+    ``ranges[j]``: the ``(start, stop)`` position ranges ring rank ``j`` holds, sorted; ``owner[d]``: the ring rank
+    holding document ``d`` whole, or -1 where it is cut; ``cut_tokens[j]``: how many of ``j``'s tokens belong to cut
+    documents (what travels the ring)."""
+
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
+    owner: tuple[int, ...]
+    cut_tokens: tuple[int, ...]
+
+    @property
+    def cut_documents(self) -> int:
+        return sum(o < 0 for o in self.owner)
+
+
+def _shares(lengths: Sequence[int], quotas: Sequence[int]) -> list[list[int]]:
+    """Split documents of ``lengths`` over bins with integer ``quotas`` (sum = sum of lengths): ``shares[d][j]``,
+    each document's shares proportional to the quotas, every bin's total exactly its quota."""
+    total = sum(lengths)
+    bins = len(quotas)
+    given = [0] * bins
+    shares, seen = [], 0
+    for length in lengths:
+        seen += length
+        want = [quota * seen / total - g for quota, g in zip(quotas, given)]  # what each bin is owed so far
+        room = [quota - g for quota, g in zip(quotas, given)]
+        share = [min(max(0, int(round(x))), r) for x, r in zip(want, room)]
+        excess = sum(share) - length
+        while excess != 0:  # settle rounding on the bins owed most (adding) or least (removing)
+            if excess < 0:
+                j = max((j for j in range(bins) if share[j] < room[j]), key=lambda j: (want[j] - share[j], -j))
+                share[j] += 1
+                excess += 1
+            else:
+                j = min((j for j in range(bins) if share[j] > 0), key=lambda j: (want[j] - share[j], j))
+                share[j] -= 1
+                excess -= 1
+        for j in range(bins):
+            given[j] += share[j]
+        shares.append(share)
+    return shares
+
+
+def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence[int],
+              shares: Sequence[Sequence[int]]) -> float:
+    """Modelled time of the ring's causal attention, step-synchronous: the slowest rank's own step (its local
+    documents and the own pieces of the cut ones) plus, for each of the ``r - 1`` ring steps, the slowest rank's
+    pairs with the pieces that arrive. A rank holding ``s_j`` of a cut document of ``L`` tokens sees ``(s_j / L)^2``
+    of its causal pairs at home and ``s_j s_i / L^2`` of them from rank ``i`` (zigzag halves keep both even);
+    ``even_work``: the causal pairs of the documents cut evenly (``1 / r^2`` of them in every step of every rank)."""
+    bins = len(local_work)
+    fractions = [([s / length for s in share], causal_work(length)) for length, share in zip(cut_lengths, shares)]
+    even = even_work / bins / bins
+    own = max(local_work[j] + sum(f[j] * f[j] * work for f, work in fractions) for j in range(bins)) + even
+    if not fractions:
+        return own + (bins - 1) * even
+    steps = sum(max(sum(f[j] * f[(j - s) % bins] * work for f, work in fractions) for j in range(bins))
+                for s in range(1, bins))
+    return own + steps + (bins - 1) * even
+
+
+def _even(total: int, bins: int, rotate: int = 0) -> list[int]:
+    """``total`` tokens as evenly as integers allow over ``bins``, the extra ones from bin ``rotate`` on."""
+    base, extra = divmod(total, bins)
+    return [base + ((j - rotate) % bins < extra) for j in range(bins)]
+
+
+def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capacity: int, cut_count: int):
+    """Cut the ``cut_count`` longest documents evenly over the ring, place the others longest first on the ring
+    rank with the least local work that has room (what the even shares leave of its capacity); documents that fit
+    nowhere are cut too and fill what remains, unevenly (they are the short ones). Returns (owner, local work,
+    documents cut evenly, their tokens per ring rank, the filler documents, their shares)."""
+    cut = list(order[:cut_count])
+    even = _even(sum(lengths[d] for d in cut), ring_degree)
+    room = [capacity - t for t in even]
+    owner, work, tokens, fillers = {}, [0] * ring_degree, [0] * ring_degree, []
+    heap = [(0, 0, j) for j in range(ring_degree)]  # (local work, local tokens, ring rank)
+    for d in order[cut_count:]:
+        length = lengths[d]
+        full = []
+        while heap and tokens[heap[0][2]] + length > room[heap[0][2]]:
+            full.append(heapq.heappop(heap))
+        if heap:
+            j = heapq.heappop(heap)[2]
+            owner[d] = j
+            work[j] += causal_work(length)
+            tokens[j] += length
+            heapq.heappush(heap, (work[j], tokens[j], j))
+        else:
+            fillers.append(d)
+        for item in full:
+            heapq.heappush(heap, item)
+    filler_shares = _shares([lengths[d] for d in fillers], [r - t for r, t in zip(room, tokens)]) if fillers else []
+    return owner, work, cut, even, fillers, filler_shares
+
+
+@functools.lru_cache(maxsize=64)
+def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = True) -> RingDocuments:
+    """The ring-local layout of the documents ``offsets`` (``[0, ..., S]``, ``S`` a multiple of ``ring_degree``)."""
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    capacity = offsets[-1] // ring_degree
+    order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
+    ideal = sum(causal_work(length) for length in lengths) / ring_degree
+    # a document longer than a ring rank, or with more work than a ring rank's share, is cut whatever else happens
+    must_cut = 0 if ring_degree == 1 else sum(lengths[d] > capacity or causal_work(lengths[d]) > ideal for d in order)
+    def trial(cut_count: int):
+        owner, work, cut, even, fillers, filler_shares = _plan(order, lengths, ring_degree, capacity, cut_count)
+        cost = step_cost(work, sum(causal_work(lengths[d]) for d in cut), [lengths[d] for d in fillers],
+                         filler_shares)
+        return cost, owner, cut, even, fillers, filler_shares
+
+    # cutting more documents balances better but moves more: the fewest cut within TARGET of the ideal, found by
+    # doubling the count past the longest that must be cut, then bisecting (the cost falls roughly as more are cut)
+    tried = {must_cut: trial(must_cut)}
+    low, step = must_cut, 1
+    while tried[low][0] > TARGET * ideal and low < len(order):
+        high = min(len(order), low + step)
+        tried[high] = trial(high)
+        if tried[high][0] <= TARGET * ideal:
+            while high - low > 1:
+                middle = (low + high) // 2
+                tried[middle] = trial(middle)
+                low, high = (middle, high) if tried[middle][0] > TARGET * ideal else (low, middle)
+            break
+        low, step = high, 2 * step
+    best = min(tried.values(), key=lambda result: result[0]) if all(
+        result[0] > TARGET * ideal for result in tried.values()) else tried[min(
+            count for count, result in tried.items() if result[0] <= TARGET * ideal)]
+    _, owner, cut, even, fillers, filler_shares = best
+    shares = _shares([lengths[d] for d in cut], even) if cut else []
+    return _layout(offsets, lengths, owner, dict(zip(cut + fillers, shares + filler_shares)), ring_degree, zigzag)
+
+
+def _layout(offsets, lengths, owner: dict, cut_shares: dict, ring_degree: int, zigzag: bool) -> RingDocuments:
+    ranges: list[list[tuple[int, int]]] = [[] for _ in range(ring_degree)]
+    for d, j in owner.items():
+        if lengths[d]:
+            ranges[j].append((offsets[d], offsets[d + 1]))
+    cut_tokens = [0] * ring_degree
+    for index, d in enumerate(sorted(cut_shares)):
+        share, start = cut_shares[d], offsets[d]
+        for j in range(ring_degree):
+            cut_tokens[j] += share[j]
+        if not zigzag:
+            for j in range(ring_degree):
+                if share[j]:
+                    ranges[j].append((start, start + share[j]))
+                start += share[j]
+            continue
+        # zigzag per document: front pieces in ring order, then the mirrored back pieces; which half gets the odd
+        # token alternates so that no ring rank collects every remainder
+        front = [(s + (index + j) % 2) // 2 for j, s in enumerate(share)]
+        for j in range(ring_degree):
+            if front[j]:
+                ranges[j].append((start, start + front[j]))
+            start += front[j]
+        for j in reversed(range(ring_degree)):
+            back = share[j] - front[j]
+            if back:
+                ranges[j].append((start, start + back))
+            start += back
+    owners = tuple(owner.get(d, -1) for d in range(len(lengths)))
+    return RingDocuments(tuple(tuple(sorted(r)) for r in ranges), owners, tuple(cut_tokens))
+
+
+def ring_rank_positions(documents: RingDocuments, ring_rank: int) -> torch.Tensor:
+    """Sorted global positions ring rank ``ring_rank`` holds."""
+    parts = [torch.arange(a, b) for a, b in documents.ranges[ring_rank]]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)

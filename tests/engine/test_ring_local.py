@@ -1,0 +1,87 @@
+"""Ring-local documents (``document_layout="local"``): documents whole on one ring rank where they fit, only the cut
+ones travel, every rank holds S / P tokens, the ring stays balanced, and the bytes sent are the analytic count.
+Exactness against the float64 reference is tests/engine/test_documents.py (every grid, both layouts)."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from megatron_usp.cost import analytic_bytes_per_rank, block_pairs, document_pairs
+from megatron_usp.document_mixes import packed_rows
+from megatron_usp.layout import ring_documents_of, ring_positions
+from megatron_usp.plan import attention_plan
+from megatron_usp.ring_local import ring_documents
+
+IMPLS = ["basic", "zigzag", "stripe"]
+
+
+def documents_of(cu: tuple[int, ...]) -> torch.Tensor:
+    return torch.searchsorted(torch.tensor(cu[1:-1]), torch.arange(cu[-1]), right=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ulysses_degree,ring_degree", [(1, 2), (2, 2), (1, 4), (2, 4)])
+def test_local_documents_stay_on_their_ring_rank_and_only_cut_ones_travel(impl, ulysses_degree, ring_degree):
+    seq_len = 64 * ulysses_degree * ring_degree
+    capacity = seq_len // ring_degree
+    rows = {"mixed": (0, 3, 10, 11, 20, 30 + capacity, seq_len - 7, seq_len),  # one longer than a ring rank
+            "every_local": tuple(range(0, seq_len + 1, capacity)),
+            "one_document": (0, seq_len)}
+    for name, cu in rows.items():
+        layout = ring_documents_of(cu, ring_degree, impl)
+        ids = documents_of(cu)
+        held = [ring_positions(seq_len, ulysses_degree, ring_degree, j, impl, cu_seqlens=cu) for j in range(ring_degree)]
+        assert all(len(h) == capacity for h in held)
+        for document, owner in enumerate(layout.owner):
+            if owner >= 0 and cu[document + 1] > cu[document]:
+                assert int((ids[held[owner]] == document).sum()) == cu[document + 1] - cu[document], (name, document)
+        cut = torch.tensor([o < 0 for o in layout.owner])
+        schedule = attention_plan(seq_len, ulysses_degree, ring_degree, 0, impl, True, None, cu).schedule
+        for j in range(ring_degree):
+            assert torch.equal(held[j][schedule.travel[j]], held[j][cut[ids[held[j]]]]), name
+            assert len(schedule.travel[j]) == layout.cut_tokens[j]
+        if name == "every_local":
+            assert layout.cut_documents == 0 and all(len(t) == 0 for t in schedule.travel)
+            assert all(not step.blocks for step in schedule.steps[1:])  # nothing arrives, nothing to compute
+        if name == "one_document":
+            assert layout.owner == (-1,) and all(len(t) == capacity for t in schedule.travel)
+    assert ring_documents_of(rows["mixed"], ring_degree, impl).owner[:2] != (-1, -1)  # short ones stay local
+
+
+def step_synchronous_cost(seq_len: int, ring_degree: int, cu: tuple[int, ...]) -> float:
+    """Sum over ring steps of the busiest rank's computed pairs, over the ideal (all visible pairs / r)."""
+    computed = [[sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in step.blocks)
+                 for step in attention_plan(seq_len, 1, ring_degree, j, "zigzag", True, None, cu).schedule.steps]
+                for j in range(ring_degree)]
+    total = document_pairs(cu)
+    assert sum(map(sum, computed)) == total  # exactly the visible pairs, each once
+    return sum(max(computed[j][s] for j in range(ring_degree)) for s in range(ring_degree)) / (total / ring_degree)
+
+
+@pytest.mark.parametrize("mix", ["dcp", "lognormal", "stdlib"])
+def test_ring_local_layout_keeps_the_ring_balanced(mix):
+    """The slowest rank's pairs, step by step as the executor runs them, stay within 5 % of the ideal (median over
+    rows) and 10 % (worst), at 2,048 tokens per rank on 4 ring ranks."""
+    ring_degree = 4
+    seq_len = 2048 * ring_degree
+    costs = []
+    for cu in packed_rows(mix, seq_len, 6, 0):
+        ring_documents.cache_clear()
+        costs.append(step_synchronous_cost(seq_len, ring_degree, cu))
+    assert statistics.median(costs) <= 1.05 and max(costs) <= 1.10, costs
+
+
+@pytest.mark.parametrize("document_layout", ["local", "split"])
+def test_ring_bytes_sent_are_the_analytic_count(rank_pool, document_layout):
+    """Counted p2p bytes per rank = the analytic count; the ring-local layout sends only the cut documents."""
+    cu = tuple(range(0, 161, 16)) + (256,)  # ten short documents stay local, one (96 > 64 a ring rank) is cut
+    reports = rank_pool(4).run("perf_cases:ring_local_traffic", ring_degree=4, cu_seqlens=cu,
+                               document_layout=document_layout)
+    for report in reports:
+        assert report["sent"] == report["analytic"] > 0, reports
+    if document_layout == "local":  # against every row travelling (fp32 K/V and dK/dV of 2 heads x 8 per token)
+        split = analytic_bytes_per_rank(batch=1, seq_len=256, heads=2, kv_heads=2, head_dim=8, dtype=torch.float32,
+                                        ulysses_degree=1, ring_degree=4, ring_impl="zigzag")["ring_p2p"]
+        assert sum(r["sent"] for r in reports) <= 0.5 * 4 * split  # 96 cut + 2 short fillers of 256
