@@ -91,8 +91,8 @@ DOCUMENT_LAYOUTS = ("local", "split")
 
 def check_document_layout(document_layout: str) -> str:
     if document_layout not in DOCUMENT_LAYOUTS:
-        raise ValueError(f"unknown document_layout {document_layout!r}: choose 'local' (documents whole on one ring "
-                         "rank where they fit) or 'split' (every document cut over all ranks)")
+        raise ValueError(f"document_layout {document_layout!r} is unknown: choose 'local' (documents whole on one "
+                         "ring rank where they fit) or 'split' (every document cut over all ranks)")
     return document_layout
 
 

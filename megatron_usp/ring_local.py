@@ -8,23 +8,25 @@ documents, and cuts only the documents that must be cut, per document over the r
 * every ring rank holds exactly ``S / r`` tokens (CP rank ``(j, k)`` the ``k``-th ``S / (u*r)`` of ring rank ``j``'s
   positions, in position order), with no padding;
 * a local document never leaves its ring rank: only the cut documents' K/V travel the ring
-  (:class:`RingDocuments` ``travelling`` rows), and the local ones are one varlen call of the own step.
+  (:class:`RingDocuments` ``cut_tokens``; ``ring.RingSchedule.travel``), and the local ones are computed in the
+  own step, in one varlen call per kind with the own pieces of the cut ones.
 
 The solver (:func:`ring_documents`) is deterministic and communication-free: every rank runs it on the same offsets.
-Documents are taken longest first; the ``k`` longest are cut (``k`` from the number that cannot fit on one ring rank
-upwards) and the rest placed longest first on the ring rank whose load (local work and local tokens, each over its
-even share) stays least, within its token capacity. Cut documents then fill each ring rank's remaining capacity with shares proportional to it, laid out
-zigzag per document (ring rank ``j`` takes a front piece ``j`` and the mirrored back piece; ``contiguous`` layouts
-take one piece in ring order). The ``k`` kept is the smallest found whose step-synchronous cost (:func:`step_cost`:
-the slowest rank's own step, local documents included, plus the cut documents' ring steps) is within ``TARGET`` of
-the ideal (doubling, then bisecting), else the cheapest tried.
+Documents are taken longest first. The ``k`` longest are cut evenly over the ring (``k`` at least the number longer
+than a ring rank or with more causal work than a ring rank's share); the others go longest first to the ring rank
+with the least local work that has room in what the even shares leave; documents that fit nowhere (short ones, at
+the end) are cut too and fill the remaining room unevenly. Cut documents are laid out zigzag per document (ring
+rank ``j`` takes a front piece ``j`` and the mirrored back piece; ``contiguous`` layouts take one piece in ring
+order). The ``k`` kept is the smallest found whose modelled step-synchronous cost (:func:`step_cost`: the slowest
+rank's own step, local documents included, plus the cut documents' ring steps) is within ``TARGET`` of the ideal
+(doubling, then bisecting), else the cheapest tried.
 """
 from __future__ import annotations
 
 import functools
 import heapq
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -29,7 +29,8 @@ import torch
 
 from megatron_usp.flags import nonnegative_int, positive_int  # noqa: E402
 from megatron_usp.kernels import resolve_kernel  # noqa: E402
-from megatron_usp.layout import RING_SCHEDULE_IMPLS, check_seq_len  # noqa: E402
+from megatron_usp.layout import (DOCUMENT_LAYOUTS, RING_SCHEDULE_IMPLS, check_seq_len, ring_documents_of,  # noqa: E402
+                                 ring_local)
 from megatron_usp.document_mixes import (  # noqa: E402
     LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA, UNIFORM_RANGE, document_source, packed_rows, source_detail, source_label,
 )
@@ -75,9 +76,77 @@ def base_record(args, mode: str, ring_impl: str, causal: bool, u: int, r: int) -
             "threads": torch.get_num_threads()}
 
 
-def problem(args, ring_impl: str, causal: bool, u: int, r: int, cu_seqlens=None) -> RankProblem:
+def problem(args, ring_impl: str, causal: bool, u: int, r: int, cu_seqlens=None,
+            document_layout: str = "local") -> RankProblem:
     return RankProblem(ring_impl, args.seq_len, args.heads, args.kv_heads, args.head_dim, u, r, causal, args.batch,
-                       cu_seqlens=cu_seqlens)
+                       cu_seqlens=cu_seqlens, document_layout=document_layout)
+
+
+def ring_bytes(args, ring_impl: str, u: int, r: int, cu: tuple[int, ...], document_layout: str) -> int:
+    """The ring's p2p bytes per rank of one forward + backward (analytic; tests check it against the counter): the
+    busiest ring rank's."""
+    return max(analytic_bytes_per_rank(
+        batch=args.batch, seq_len=len_of(cu), heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+        dtype=DTYPES[args.dtype], ulysses_degree=u, ring_degree=r, ring_impl=ring_impl, cu_seqlens=cu,
+        document_layout=document_layout, ring_rank=j).get("ring_p2p", 0) for j in range(r))
+
+
+def len_of(cu: tuple[int, ...]) -> int:
+    return cu[-1]
+
+
+def projection(args, ring_impl: str, u: int, r: int, cu: tuple[int, ...], layout: str) -> dict:
+    """``h100_projected_ms`` of the ring and ``h100_projected_efficiency`` (one GPU running the whole row, over P,
+    against it) for one row; empty where the model does not apply."""
+    ring = projected_ms(args, ring_impl, u, r, cu, layout)
+    if ring is None:
+        return {}
+    return {"h100_projected_ms": ring,
+            "h100_projected_efficiency": projected_ms(args, "zigzag", 1, 1, cu, layout) / (u * r) / ring}
+
+
+def layouts_of(args) -> list[tuple[str, str]]:
+    """(ring_impl, document_layout) pairs to measure: an impl that keeps the split layout whatever it is asked
+    (allgather, mqsp) is measured once, as split."""
+    return [(impl, layout) for impl in args.ring_impls for layout in args.document_layouts
+            if layout == "split" or ring_local(impl, layout)]
+
+
+def projected_ms(args, ring_impl: str, u: int, r: int, cu: tuple[int, ...], document_layout: str,
+                 gpu: str = "h100") -> float:
+    """The attention's fwd + bwd on one ring of ``gpu``s (the planner's preset: TFLOPS, kernel efficiency by block
+    keys, per-call overhead, NVLink bandwidth and latency), bf16, from the plan's pieces: each step lasts as long as
+    its slowest rank's kernels (one varlen call per kind) or its incoming transfer, whichever is longer. None for
+    pass-Q (mqsp), whose chunks this model does not cover."""
+    from megatron_usp.planner.hardware import PRESETS
+    from megatron_usp.planner.layer import BACKWARD_FLOPS_FACTOR, kernel_efficiency
+
+    hardware = PRESETS[gpu]
+    heads = args.heads // u
+    flops_per_pair = 4.0 * heads * args.head_dim * args.batch
+    from megatron_usp.ulysses import kv_replication
+
+    row_bytes = 2 * args.batch * args.kv_heads * kv_replication(args.kv_heads, u) // u * args.head_dim * 2  # K, V
+    plans = [attention_plan(len_of(cu), u, r, j, ring_impl, True, None, cu, document_layout) for j in range(r)]
+    if plans[0].schedule is None:
+        return None
+    total = 0.0
+    for factor, tflops, grad_rows in ((1.0, hardware.fwd_tflops, 0), (BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, 2)):
+        for index in range(r):
+            compute, transfer = [], []
+            for j, plan in enumerate(plans):
+                step = plan.schedule.steps[index]
+                kinds = {b.causal for b in step.blocks}
+                compute.append(sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal)
+                                   * flops_per_pair * factor / (tflops * 1e12 * kernel_efficiency(
+                                       (b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal),
+                                       hardware.half_efficiency_tokens)) for b in step.blocks) * 1e3
+                               + len(kinds) * hardware.kernel_overhead_us / 1e3)
+                rows = len(plan.schedule.kv_positions(step)) if index > 0 else 0
+                transfer.append(rows * row_bytes * (1 + grad_rows) / (hardware.intra_node_gbps * 1e9) * 1e3
+                                + (hardware.intra_latency_us / 1e3 if rows else 0.0))
+            total += max(max(compute), max(transfer))
+    return total
 
 
 def run_balance(args) -> list[dict]:
@@ -121,27 +190,38 @@ def old_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[
     return result
 
 
-def new_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...]) -> list[list[int]]:
-    """``[j][s]``: pairs of the pieces the engine computes with ``cu_seqlens`` (document layout)."""
+def new_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...],
+                        document_layout: str) -> list[list[int]]:
+    """``[j][s]``: pairs of the pieces the engine computes with ``cu_seqlens`` (document layout), step by step as
+    the executor runs them (ring-local: the own step holds the local documents)."""
     return [[sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in step.blocks)
-             for step in attention_plan(seq_len, u, r, j, ring_impl, True, None, cu).schedule.steps] for j in range(r)]
+             for step in attention_plan(seq_len, u, r, j, ring_impl, True, None, cu, document_layout).schedule.steps]
+            for j in range(r)]
 
 
-def row_balance(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...]) -> dict:
+def _visible_by_step(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...], layout_cu,
+                     document_layout: str) -> list[list[int]]:
+    """``[j][s]``: visible pairs of ring rank j's rows with the K/V rows its step s sees."""
+    plans = [attention_plan(seq_len, u, r, j, ring_impl, True, None, layout_cu, document_layout) for j in range(r)]
+    runs = [document_runs(p, cu) for p in plans[0].positions]
+    return [[run_pairs(runs[j], document_runs(plans[j].schedule.kv_positions(step), cu))
+             for step in plans[j].schedule.steps] for j in range(r)]
+
+
+def row_balance(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...], document_layout: str) -> dict:
     """Step-synchronous cost / ideal of one packed row on a u x r grid, old (global) and new (document) layout:
     from visible pairs (counted analytically per document from position runs) and from computed pairs."""
     total = document_pairs(cu)
     result = {"documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:]))}
     for name, layout_cu in (("old", None), ("new", cu)):
         positions = attention_plan(seq_len, u, r, 0, ring_impl, True, None, layout_cu).positions
-        runs = [document_runs(p, cu) for p in positions]
-        visible = [[run_pairs(runs[j], runs[(j - s) % r]) for s in range(r)] for j in range(r)]
+        visible = _visible_by_step(seq_len, u, r, ring_impl, cu, layout_cu, document_layout)
         if sum(map(sum, visible)) != total:
             raise AssertionError(f"{name} layout: visible pairs {sum(map(sum, visible))} != {total} of the row")
         if name == "old":
             computed = old_layout_computed(seq_len, u, r, ring_impl, cu, positions)
         else:
-            computed = new_layout_computed(seq_len, u, r, ring_impl, cu)
+            computed = new_layout_computed(seq_len, u, r, ring_impl, cu, document_layout)
         result[f"{name}_cost"] = step_synchronous_cost(visible)
         # computed work, each step as long as its busiest rank, over the same ideal (visible pairs / r)
         result[f"{name}_computed_cost"] = sum(max(computed[j][s] for j in range(r)) for s in range(r)) / (total / r)
@@ -170,12 +250,13 @@ def _balance_documents(args) -> list[dict]:
                     if world_size % u:
                         continue
                     r = world_size // u
-                    for ring_impl in args.ring_impls:
+                    for ring_impl, layout in layouts_of(args):
                         check_seq_len(seq_len, u, r, ring_impl)
                         started = time.perf_counter()
-                        per_row = [row_balance(seq_len, u, r, ring_impl, cu) for cu in rows]
+                        per_row = [row_balance(seq_len, u, r, ring_impl, cu, layout) for cu in rows]
                         record = {"mode": "balance", "documents": source_label(source),
                                   "documents_detail": source_detail(source), "ring_impl": ring_impl,
+                                  "document_layout": layout,
                                   "causal": True, "world_size": world_size, "ulysses_degree": u, "ring_degree": r,
                                   "seq_len": seq_len, "rows": len(rows), "seed": args.seed}
                         for key in ("old_cost", "new_cost", "old_computed_cost", "new_computed_cost",
@@ -184,6 +265,13 @@ def _balance_documents(args) -> list[dict]:
                             record[f"{key}_median"] = statistics.median(values)
                             record[f"{key}_worst"] = max(values)
                         record["new_pieces_equal_visible"] = all(row["new_pieces_equal_visible"] for row in per_row)
+                        # the planner's H100 model on the same rows (--heads / --kv-heads / --head-dim, bf16)
+                        projected = [projection(args, ring_impl, u, r, cu, layout) for cu in rows]
+                        record.update({key: statistics.median(p[key] for p in projected) for key in
+                                       ("h100_projected_ms", "h100_projected_efficiency") if key in projected[0]})
+                        record["ring_bytes_vs_split"] = statistics.median(
+                            ring_bytes(args, ring_impl, u, r, cu, layout)
+                            / max(1, ring_bytes(args, ring_impl, u, r, cu, "split")) for cu in rows)
                         record["documents_per_row"] = [row["documents"] for row in per_row]
                         record["max_document"] = [row["max_document"] for row in per_row]
                         record["per_row"] = {key: [row[key] for row in per_row] for key in
@@ -232,9 +320,10 @@ def run_simulate(args, device: torch.device) -> list[dict]:
     return records
 
 
-def _round_efficiency(rounds: list[dict], ring_impl: str, u: int, r: int) -> float:
-    """Median over rounds of (monolithic / P) / the round's slowest rank."""
-    return statistics.median(times["monolithic"] / (u * r) / max(times[(ring_impl, u, r, rank)] for rank in range(r))
+def _round_efficiency(rounds: list[dict], case: tuple, r: int) -> float:
+    """Median over rounds of (monolithic / P) / the round's slowest rank of ``case`` (ring_impl, u, r, layout)."""
+    u = case[1]
+    return statistics.median(times["monolithic"] / (u * r) / max(times[(*case, rank)] for rank in range(r))
                              for times in rounds)
 
 
@@ -253,45 +342,57 @@ def run_simulate_documents(args, device: torch.device) -> list[dict]:
             steps = {"monolithic": monolithic_step(problem(args, "zigzag", causal, 1, 1, cu), kernel, dtype, device)}
             cases = []
             for u, r in grids(args.world_size, args.heads, args.kv_heads, args.ulysses_degree):
-                for ring_impl in args.ring_impls:
+                for ring_impl, layout in layouts_of(args):
                     check_seq_len(args.seq_len, u, r, ring_impl)
-                    cases.append((ring_impl, u, r))
+                    cases.append((ring_impl, u, r, layout))
                     for rank in range(r):  # documents: no rank bounds the others, time them all
-                        steps[(ring_impl, u, r, rank)] = rank_step(problem(args, ring_impl, causal, u, r, cu), rank,
-                                                                   kernel, dtype, device)
+                        steps[(ring_impl, u, r, layout, rank)] = rank_step(
+                            problem(args, ring_impl, causal, u, r, cu, layout), rank, kernel, dtype, device)
             clocks = ("wall",) if device.type == "cuda" else ("wall", "cpu")
             by_clock = time_rounds_clocks(steps, args.repeats, args.warmup, device,
                                           tuple(dict.fromkeys((args.clock,) + clocks)))
             rounds = by_clock[args.clock]
-            for ring_impl, u, r in cases:
-                slowest = [max(times[(ring_impl, u, r, rank)] for rank in range(r)) for times in rounds]
-                record = records.setdefault((causal, ring_impl, u, r), {
+            for ring_impl, u, r, layout in cases:
+                case = (ring_impl, u, r, layout)
+                slowest = [max(times[(*case, rank)] for rank in range(r)) for times in rounds]
+                record = records.setdefault((causal, *case), {
                     **base_record(args, "simulate-rank", ring_impl, causal, u, r), "kernel": kernel.name,
+                    "document_layout": layout,
                     "documents": source_label(source), "documents_detail": source_detail(source),
                     "rows": len(rows), "seed": args.seed, "repeats": args.repeats, "clock": args.clock,
                     "per_row": []})
                 record["per_row"].append({
                     "documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:])),
+                    "cut_documents": (ring_documents_of(cu, r, ring_impl).cut_documents
+                                      if ring_local(ring_impl, layout) else len(cu) - 1),
+                    "ring_bytes_per_rank": ring_bytes(args, ring_impl, u, r, cu, layout),
+                    **projection(args, ring_impl, u, r, cu, layout),
+                    "ring_bytes_vs_split": (ring_bytes(args, ring_impl, u, r, cu, layout)
+                                            / max(1, ring_bytes(args, ring_impl, u, r, cu, "split"))),
                     "monolithic_ms": 1e3 * statistics.median(times["monolithic"] for times in rounds),
-                    "rank_ms": {str(rank): 1e3 * statistics.median(times[(ring_impl, u, r, rank)] for times in rounds)
+                    "rank_ms": {str(rank): 1e3 * statistics.median(times[(*case, rank)] for times in rounds)
                                 for rank in range(r)},
                     "time_ms": 1e3 * statistics.median(slowest),
                     "efficiency": statistics.median(times["monolithic"] / (u * r) / slow
                                                     for times, slow in zip(rounds, slowest)),
                     # noise on a shared machine only adds time: each step's best round, then the slowest rank
                     "efficiency_best_rounds": min(times["monolithic"] for times in rounds) / (u * r)
-                    / max(min(times[(ring_impl, u, r, rank)] for times in rounds) for rank in range(r)),
+                    / max(min(times[(*case, rank)] for times in rounds) for rank in range(r)),
                     "rounds_ms": {clock: [{"monolithic": 1e3 * times["monolithic"],
-                                           **{str(rank): 1e3 * times[(ring_impl, u, r, rank)] for rank in range(r)}}
+                                           **{str(rank): 1e3 * times[(*case, rank)] for rank in range(r)}}
                                           for times in clock_rounds] for clock, clock_rounds in by_clock.items()},
                 })
                 for clock, clock_rounds in by_clock.items():
                     if clock != args.clock:
-                        record["per_row"][-1][f"efficiency_{clock}_clock"] = _round_efficiency(clock_rounds,
-                                                                                               ring_impl, u, r)
+                        record["per_row"][-1][f"efficiency_{clock}_clock"] = _round_efficiency(clock_rounds, case, r)
     for record in records.values():
         per_row = record["per_row"]
-        record.update(monolithic_ms=statistics.median(x["monolithic_ms"] for x in per_row),
+        record.update(ring_bytes_per_rank=statistics.median(x["ring_bytes_per_rank"] for x in per_row),
+                      **{key: statistics.median(x[key] for x in per_row) for key in
+                         ("h100_projected_ms", "h100_projected_efficiency") if key in per_row[0]},
+                      ring_bytes_vs_split=statistics.median(x["ring_bytes_vs_split"] for x in per_row),
+                      cut_documents=statistics.median(x["cut_documents"] for x in per_row),
+                      monolithic_ms=statistics.median(x["monolithic_ms"] for x in per_row),
                       time_ms=statistics.median(x["time_ms"] for x in per_row),
                       efficiency=statistics.median(x["efficiency"] for x in per_row),
                       efficiency_worst=min(x["efficiency"] for x in per_row),
@@ -394,6 +495,78 @@ def run_multi_rank(args, device: torch.device) -> list[dict]:
     return records
 
 
+def run_multi_rank_documents(args, device: torch.device) -> list[dict]:
+    """fwd + bwd of ``usp_attn`` on packed rows (the first --documents source) on the launcher's ranks, split vs
+    ring-local document layout, interleaved rounds (each round: every case once, every rank starting together, a
+    case lasting as long as its slowest rank); per row the median over rounds, then the median and worst ratio
+    split / local over rows. Bytes: counted p2p bytes per rank (the busiest) and whether they equal the analytic
+    count."""
+    import torch.distributed as dist
+
+    import megatron_usp as usp
+    from megatron_usp.comm import count_traffic
+
+    dtype = DTYPES[args.dtype]
+    world = dist.get_world_size()
+    rows = packed_rows(args.documents[0], args.seq_len, args.rows, args.seed)
+    records = []
+    for u, r in grids(world, args.heads, args.kv_heads, args.ulysses_degree):
+        groups = usp.init_groups(u, r)
+        for ring_impl in args.ring_impls:
+            check_seq_len(args.seq_len, u, r, ring_impl)
+            per_row = []
+            for row_index, cu in enumerate(rows):
+                gen = torch.Generator().manual_seed(row_index)
+                full = [torch.randn(args.batch, args.seq_len, h, args.head_dim, generator=gen).to(device, dtype)
+                        for h in (args.heads, args.kv_heads, args.kv_heads, args.heads)]
+                steps, counted = {}, {}
+                for layout in ("split", "local"):
+                    where = dict(ring_impl=ring_impl, cu_seqlens=cu, document_layout=layout)
+                    q, k, v, dout = (usp.shard(x, groups, dim=1, **where).requires_grad_(i < 3)
+                                     for i, x in enumerate(full))
+
+                    def step(q=q, k=k, v=v, dout=dout, where=where) -> None:
+                        dist.barrier()
+                        usp.usp_attn(q, k, v, groups, causal=True, backend=args.backend, check_agreement=False,
+                                     **where).backward(dout)
+
+                    steps[layout] = step
+                    with count_traffic() as counter:
+                        step()
+                    analytic = analytic_bytes_per_rank(
+                        batch=args.batch, seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
+                        head_dim=args.head_dim, dtype=dtype, ulysses_degree=u, ring_degree=r, ring_impl=ring_impl,
+                        cu_seqlens=cu, document_layout=layout, ring_rank=groups.ring_rank).get("ring_p2p", 0)
+                    counted[layout] = (counter.bytes_sent.get("ring_p2p", 0), analytic)
+                # the split layout is the reference each round times first and last (time_rounds' "monolithic")
+                rounds = time_rounds({"monolithic": steps["split"], "local": steps["local"]}, args.repeats,
+                                     args.warmup, device)
+                rounds = [{"split": times["monolithic"], "local": times["local"]} for times in rounds]
+                names = list(rounds[0])
+                table = torch.tensor([[times[name] for name in names] for times in rounds], dtype=torch.float64)
+                dist.all_reduce(table, op=dist.ReduceOp.MAX)  # each case, each round: its slowest rank
+                sent = torch.tensor([[counted[name][0], counted[name][0] == counted[name][1]] for name in names],
+                                    dtype=torch.float64)
+                dist.all_reduce(sent[:, 0], op=dist.ReduceOp.MAX)
+                dist.all_reduce(sent[:, 1], op=dist.ReduceOp.MIN)
+                times = {name: statistics.median(table[:, i].tolist()) for i, name in enumerate(names)}
+                per_row.append({"documents": len(cu) - 1, "split_ms": 1e3 * times["split"],
+                                "local_ms": 1e3 * times["local"],
+                                "speedup": statistics.median((table[:, 0] / table[:, 1]).tolist()),
+                                "split_bytes_per_rank": int(sent[0, 0]), "local_bytes_per_rank": int(sent[1, 0]),
+                                "bytes_counted_equal_analytic": bool(sent[:, 1].min() == 1)})
+            record = {**base_record(args, "multi-rank", ring_impl, True, u, r), "backend": dist.get_backend(),
+                      "documents": source_label(args.documents[0]),
+                      "documents_detail": source_detail(args.documents[0]), "rows": len(rows), "seed": args.seed,
+                      "per_row": per_row}
+            for key in ("split_ms", "local_ms", "speedup", "split_bytes_per_rank", "local_bytes_per_rank"):
+                record[key] = statistics.median(row[key] for row in per_row)
+            record["speedup_worst"] = min(row["speedup"] for row in per_row)
+            record["bytes_counted_equal_analytic"] = all(row["bytes_counted_equal_analytic"] for row in per_row)
+            records.append(record)
+    return records
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -447,14 +620,21 @@ def run_memory(args) -> list[dict]:
 COLUMNS = {
     "memory": ["ring_impl", "micro_q", "seq_len", "ring_degree", "input_mib", "peak_mib"],
     "balance": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "max_over_mean"],
-    "balance-documents": ["documents", "world_size", "ulysses_degree", "ring_degree", "seq_len", "old_cost_median",
+    "balance-documents": ["documents", "document_layout", "world_size", "ulysses_degree", "ring_degree", "seq_len",
+                          "old_cost_median",
                           "old_cost_worst", "new_cost_median", "new_cost_worst", "old_computed_cost_median",
-                          "old_computed_cost_worst", "new_computed_cost_median"],
+                          "old_computed_cost_worst", "new_computed_cost_median", "new_computed_cost_worst",
+                          "ring_bytes_vs_split", "h100_projected_ms", "h100_projected_efficiency"],
     "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                       "efficiency", "tflops_per_rank"],
-    "simulate-rank-documents": ["documents", "ring_impl", "causal", "ulysses_degree", "ring_degree", "seq_len", "rows",
-                                "kernel", "threads", "clock", "monolithic_ms", "time_ms", "efficiency", "efficiency_worst",
-                                "efficiency_best_rounds", "efficiency_cpu_clock"],
+    "simulate-rank-documents": ["documents", "document_layout", "ring_impl", "ulysses_degree", "ring_degree",
+                                "seq_len", "rows", "cut_documents", "clock", "monolithic_ms", "time_ms", "efficiency",
+                                "efficiency_worst", "efficiency_best_rounds", "efficiency_cpu_clock",
+                                "ring_bytes_per_rank", "ring_bytes_vs_split", "h100_projected_ms",
+                                "h100_projected_efficiency"],
+    "multi-rank-documents": ["documents", "ring_impl", "ulysses_degree", "ring_degree", "seq_len", "rows",
+                             "split_ms", "local_ms", "speedup", "speedup_worst", "local_bytes_per_rank",
+                             "split_bytes_per_rank", "bytes_counted_equal_analytic"],
     "multi-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                    "efficiency", "tflops_per_rank", "bytes_per_rank", "bytes_analytic", "bytes_ratio"],
 }
@@ -503,8 +683,9 @@ def plot(records: list[dict], mode: str, path: str) -> None:
     if mode == "balance-documents":
         plot_balance_documents(records, path)
         return
-    metric = "max_over_mean" if mode == "balance" else "efficiency"
-    labels = [f"{r['ring_impl']}\n{'causal' if r['causal'] else 'full'} {r['ulysses_degree']}x{r['ring_degree']}"
+    metric = {"balance": "max_over_mean", "multi-rank-documents": "speedup"}.get(mode, "efficiency")
+    labels = [f"{r['ring_impl']} {r.get('document_layout', '')}\n{'causal' if r['causal'] else 'full'} "
+              f"{r['ulysses_degree']}x{r['ring_degree']}" + (f" S={r['seq_len']}" if "documents" in r else "")
               for r in records]
     figure, axis = plt.subplots(figsize=(max(6, 0.8 * len(records)), 4))
     axis.bar(range(len(records)), [r[metric] for r in records], color="tab:blue")
@@ -521,30 +702,38 @@ def plot(records: list[dict], mode: str, path: str) -> None:
 
 
 def plot_balance_documents(records: list[dict], path: str) -> None:
-    """One panel per document source: old (global zigzag) vs new (document) layout, median bars, worst ticks."""
+    """One panel per document source: the global zigzag layout (documents as a mask) and each document layout
+    measured (split, ring-local), median bars, worst ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sources = list(dict.fromkeys(r["documents"] for r in records))
-    figure, axes = plt.subplots(len(sources), 1, figsize=(max(7, 0.55 * len(records) / len(sources) + 3),
-                                                          3.2 * len(sources)), squeeze=False)
+    layouts = list(dict.fromkeys(r.get("document_layout", "split") for r in records))
+    bars = [("old", layouts[0], "tab:red", "global zigzag (documents as a mask)")] + [
+        ("new", layout, color, f"document layout {layout}")
+        for layout, color in zip(layouts, ("tab:blue", "tab:green"))]
+    width = 0.8 / len(bars)
+    points = list(dict.fromkeys((r["world_size"], r["ulysses_degree"], r["ring_degree"], r["seq_len"]) for r in records))
+    figure, axes = plt.subplots(len(sources), 1, figsize=(max(7, 0.7 * len(points) + 3), 3.2 * len(sources)),
+                                squeeze=False)
     for axis, source in zip(axes[:, 0], sources):
-        rows = [r for r in records if r["documents"] == source]
-        x = torch.arange(len(rows), dtype=torch.float64)
-        for offset, layout, color, label in ((-0.2, "old", "tab:red", "global zigzag (documents as a mask)"),
-                                             (0.2, "new", "tab:blue", "document layout (cu_seqlens)")):
-            axis.bar((x + offset).tolist(), [r[f"{layout}_cost_median"] for r in rows], width=0.4, color=color,
+        for index, (key, layout, color, label) in enumerate(bars):
+            chosen = {(r["world_size"], r["ulysses_degree"], r["ring_degree"], r["seq_len"]): r for r in records
+                      if r["documents"] == source and r.get("document_layout", "split") == layout}
+            x = [i + (index - (len(bars) - 1) / 2) * width for i, point in enumerate(points) if point in chosen]
+            axis.bar(x, [chosen[p][f"{key}_cost_median"] for p in points if p in chosen], width=width, color=color,
                      alpha=0.8, label=f"{label}: median")
-            axis.scatter((x + offset).tolist(), [r[f"{layout}_cost_worst"] for r in rows], marker="_", s=120,
-                         color="black", zorder=3, label="worst row" if layout == "new" else None)
+            axis.scatter(x, [chosen[p][f"{key}_cost_worst"] for p in points if p in chosen], marker="_", s=80,
+                         color="black", zorder=3, label="worst row" if index == len(bars) - 1 else None)
         axis.axhline(1.0, color="gray", linewidth=1, linestyle="--")
         axis.axhline(1.05, color="tab:green", linewidth=1, linestyle=":", label="target 1.05 (median)")
-        axis.set_xticks(x.tolist(), [f"P={r['world_size']} {r['ulysses_degree']}x{r['ring_degree']}\n"
-                                     f"S={r['seq_len'] // 1024}K" for r in rows], fontsize=7)
+        axis.set_xticks(range(len(points)), [f"P={w} {u}x{r}\nS={s // 1024}K" for w, u, r, s in points], fontsize=7)
         axis.set_ylabel("step cost / ideal")
-        axis.set_title(f"{source}: {rows[0]['rows']} packed rows per point, causal ring (pass K/V), visible pairs",
+        axis.set_yscale("log")
+        rows = next(r["rows"] for r in records if r["documents"] == source)
+        axis.set_title(f"{source}: {rows} packed rows per point, causal ring (pass K/V), pairs per step",
                        fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=7, loc="upper left")
@@ -563,8 +752,9 @@ def check_flags_apply(parser: argparse.ArgumentParser, args: argparse.Namespace)
         "--world-sizes": balance_documents,
         "--ulysses-degrees": balance_documents,
         "--micro-q": args.mode == "memory",
-        "--rows": bool(args.documents) and args.mode in ("balance", "simulate-rank"),
-        "--documents": args.mode in ("balance", "simulate-rank"),
+        "--rows": bool(args.documents) and args.mode in ("balance", "simulate-rank", "multi-rank"),
+        "--documents": args.mode in ("balance", "simulate-rank", "multi-rank"),
+        "--document-layouts": bool(args.documents) and args.mode in ("balance", "simulate-rank"),
         "--world-size": not balance_documents,
     }
     for flag, applies_here in applies.items():
@@ -644,9 +834,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "--documents: the row lengths (default 32768 131072)")
     parser.add_argument("--documents", nargs="+", default=None, metavar="SOURCE",
                         help="packed documents: stdlib (the Python standard library's .py files, bytes/4 tokens), "
-                             f"lognormal (median {LOGNORMAL_MEDIAN}, sigma {LOGNORMAL_SIGMA}), uniform "
-                             f"({UNIFORM_RANGE[0]}..{UNIFORM_RANGE[1]}) or a file of lengths, one per line. balance: "
-                             "old vs document layout per source; simulate-rank: the first source")
+                             f"lognormal (median {LOGNORMAL_MEDIAN}, sigma {LOGNORMAL_SIGMA}), dcp (Megatron-LM's "
+                             f"dynamic-CP benchmark mix), uniform ({UNIFORM_RANGE[0]}..{UNIFORM_RANGE[1]}) or a file "
+                             "of lengths, one per line. balance: old vs document layout per source; simulate-rank "
+                             "and multi-rank: the first source")
+    parser.add_argument("--document-layouts", nargs="+", choices=list(DOCUMENT_LAYOUTS), default=None,
+                        help="balance / simulate-rank --documents: the document layouts to compare (default: split "
+                             "local; multi-rank --documents always times both)")
     parser.add_argument("--rows", type=positive_int, default=None,
                         help="packed rows per point (default: balance 8, simulate-rank 2)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the packed rows")
@@ -672,6 +866,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seq_len = args.seq_len or 8192
     if args.seq_lens is None:
         args.seq_lens = [32768, 131072] if args.documents else [2048, 4096, 8192, 16384]
+    args.document_layouts = args.document_layouts or ["split", "local"]
     if args.rows is None:
         args.rows = 8 if args.mode == "balance" else 2
     args.world_sizes, args.ulysses_degrees = args.world_sizes or [4, 8, 16], args.ulysses_degrees or [1, 2]
@@ -703,7 +898,7 @@ def main(argv=None) -> list[dict]:
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         leader = dist.get_rank() == 0
-        records = run_multi_rank(args, device)
+        records = run_multi_rank_documents(args, device) if args.documents else run_multi_rank(args, device)
         dist.destroy_process_group()
     elif args.mode == "simulate-rank" and args.documents:
         records = run_simulate_documents(args, device)
@@ -718,8 +913,7 @@ def main(argv=None) -> list[dict]:
     if leader:
         print(f"{args.mode} on {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
               f", {torch.get_num_threads()} threads):")
-        table_mode = f"{args.mode}-documents" if args.mode in ("balance", "simulate-rank") and args.documents \
-            else args.mode
+        table_mode = f"{args.mode}-documents" if args.documents else args.mode
         print(markdown_table(records, table_mode), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

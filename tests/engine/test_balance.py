@@ -115,8 +115,9 @@ def test_bench_balance_documents_json_and_png(tmp_path):
                                     "--world-sizes", "4", "--ulysses-degrees", "1", "2", "--rows", "2",
                                     "--json", str(json_path), "--png", str(png_path)])
     assert json.loads(json_path.read_text()) == records
-    assert [(r["documents"], r["ulysses_degree"], r["ring_degree"]) for r in records] == [
-        ("lognormal", 1, 4), ("lognormal", 2, 2), ("lengths.txt", 1, 4), ("lengths.txt", 2, 2)]
+    assert [(r["documents"], r["ulysses_degree"], r["ring_degree"], r["document_layout"]) for r in records] == [
+        (source, u, 4 // u, layout) for source in ("lognormal", "lengths.txt") for u in (1, 2)
+        for layout in ("split", "local")]
     for record in records:
         assert record["new_pieces_equal_visible"] and record["rows"] == 2
         assert record["new_cost_median"] <= record["new_cost_worst"] <= 1.10, record

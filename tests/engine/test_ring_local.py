@@ -85,3 +85,13 @@ def test_ring_bytes_sent_are_the_analytic_count(rank_pool, document_layout):
         split = analytic_bytes_per_rank(batch=1, seq_len=256, heads=2, kv_heads=2, head_dim=8, dtype=torch.float32,
                                         ulysses_degree=1, ring_degree=4, ring_impl="zigzag")["ring_p2p"]
         assert sum(r["sent"] for r in reports) <= 0.5 * 4 * split  # 96 cut + 2 short fillers of 256
+
+
+def test_an_unknown_document_layout_is_refused_where_it_enters():
+    from megatron_usp.config import USPConfig
+    from megatron_usp.layout import global_positions
+
+    with pytest.raises(ValueError, match="document_layout 'whole' is unknown: choose 'local'"):
+        USPConfig(document_layout="whole")
+    with pytest.raises(ValueError, match="document_layout"):
+        global_positions(16, 1, 2, 0, 0, "zigzag", cu_seqlens=(0, 5, 16), document_layout="whole")

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
 from megatron_usp.megatron import add_usp_args, validate_usp_args  # noqa: E402
+from megatron_usp.config import USPConfig  # noqa: E402
 
 
 def parse(*argv, **defaults):
@@ -30,6 +31,10 @@ def test_defaults_and_flags_parse():
     assert validate_usp_args(args).context_parallel_size == 8 and args.usp_ring_inner
     args = parse("--ring-degree", "4", "--usp-ring-impl", "mqsp", "--usp-micro-q", "256")
     assert validate_usp_args(args).context_parallel_size == 4 and args.usp_micro_q == 256
+    assert USPConfig.from_args(parse()).document_layout == "local"
+    assert USPConfig.from_args(parse("--usp-document-layout", "split")).document_layout == "split"
+    with pytest.raises(ValueError, match="--usp-document-layout"):
+        USPConfig.from_args(argparse.Namespace(usp_document_layout="whole"))
 
 
 def test_flags_are_an_extra_args_provider():

@@ -128,6 +128,26 @@ def test_batch_hook_shards_thd_rows_with_the_document_layout(ring_impl, cu, padd
         assert local["cu_seqlens"] is full["cu_seqlens"]
 
 
+@pytest.mark.parametrize("document_layout", ["local", "split"])
+def test_batch_hook_follows_the_grids_document_layout(monkeypatch, document_layout):
+    """The grid's --usp-document-layout decides how the hook shards documents (and the record RoPE reads): short
+    documents of a THD row stay on one ring rank with local, are cut over every rank with split."""
+    seq, u, r = 32, 1, 2
+    cu = [0, 5, 10, 15, 32]
+    full = _thd_batch(seq, cu)
+    for ring_rank in range(r):
+        groups = fake_groups(u, r, 0, ring_rank)
+        monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(u, r, "zigzag", "torch",
+                                                                              document_layout=document_layout)))
+        local = batch_mod.get_batch_on_this_usp_rank(full, groups, "zigzag")
+        held = positions(seq, groups, ring_impl="zigzag", cu_seqlens=cu, document_layout=document_layout)
+        assert torch.equal(local["tokens"][0], held)
+        record = state.get_batch_records().find(local["cu_seqlens"], None)
+        assert torch.equal(record.held_positions(groups, "zigzag", document_layout, torch.device("cpu")), held)
+        whole = [d for d in range(len(cu) - 1) if set(range(cu[d], cu[d + 1])) <= set(held.tolist())]
+        assert (len(whole) > 0) == (document_layout == "local"), (document_layout, held.tolist())
+
+
 def test_batch_hook_thd_rejections():
     groups = fake_groups(2, 2, 1, 0)
     full = _thd_batch(16, [0, 5, 10, 15])

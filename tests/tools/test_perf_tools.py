@@ -165,7 +165,8 @@ def test_bench_simulate_rank_documents(tmp_path, one_thread):
                                     "--repeats", "1", "--warmup", "0", "--ring-impls", "zigzag", "mqsp",
                                     "--dtype", "float32", "--threads", "1", "--json", str(json_path)])
     assert json.loads(json_path.read_text()) == records
-    assert [r["ring_impl"] for r in records] == ["zigzag", "mqsp"]
+    assert [(r["ring_impl"], r["document_layout"]) for r in records] == [("zigzag", "split"), ("zigzag", "local"),
+                                                                          ("mqsp", "split")]  # mqsp keeps split
     for record in records:
         assert record["documents"] == "lengths.txt" and record["dtype"] == "float32" and len(record["per_row"]) == 2
         assert record["efficiency"] > 0 and record["efficiency_worst"] <= record["efficiency"]
