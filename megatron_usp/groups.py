@@ -83,6 +83,10 @@ class USPGroups:
             if problem is not None:
                 raise ValueError(f"USPGroups.from_groups: the ulysses and ring groups do not form a ulysses x ring grid: "
                                  f"{problem}. Build them with megatron_usp.init_groups or groups.grid_rank_lists")
+            if groups.ring_degree > 1 and dist.get_backend(ring) == "nccl":
+                # NCCL wants every rank of a group in its first batched P2P call; ring-local documents post only
+                # the sides that move something, so the ring's communicator is set up here, by all of it at once
+                dist.barrier(group=ring)
         return groups
 
 

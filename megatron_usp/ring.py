@@ -18,14 +18,14 @@ rows of the rank they came from, and a step whose sender holds none passes nothi
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from . import comm
 from .groups import USPGroups
-from .caching import cached_plain_property
+from .caching import cached_plain_property, plain_tensors
 from .blocks import Block, TouchedRows, backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_documents_of, ring_local, ring_positions
@@ -55,6 +55,14 @@ class RingSchedule:
     steps: tuple[Step, ...]
     positions: tuple[torch.Tensor, ...]
     travel: Optional[tuple[torch.Tensor, ...]] = None  # pass_kv: the rows of each ring rank that travel (None: all)
+    _travel_on: dict = field(default_factory=dict, repr=False)
+
+    def travel_on(self, ring_rank: int, device: torch.device) -> torch.Tensor:
+        """:attr:`travel` of ``ring_rank`` on ``device`` (copied once per device)."""
+        if (ring_rank, device) not in self._travel_on:
+            with plain_tensors():
+                self._travel_on[ring_rank, device] = self.travel[ring_rank].to(device)
+        return self._travel_on[ring_rank, device]
 
     @cached_plain_property
     def _travelling_positions(self) -> tuple[torch.Tensor, ...]:
@@ -214,8 +222,7 @@ def ring_forward(
 def _travelling(schedule: RingSchedule, kv: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
     """The own rows that travel (``kv[:, :, rows]``), every ring rank's count of them, and the own ring rank."""
     own = schedule.steps[0].kv_rank
-    rows = schedule.travel[own].to(kv.device)
-    return kv.index_select(2, rows), [len(t) for t in schedule.travel], own
+    return kv.index_select(2, schedule.travel_on(own, kv.device)), [len(t) for t in schedule.travel], own
 
 
 def _forward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute) -> None:
@@ -312,7 +319,7 @@ def _backward_pass_travelling(kv: torch.Tensor, schedule: RingSchedule, ring_com
     travelling rows' shares go round the ring, and come home summed over every rank after ``r`` sends."""
     buffer, sizes, own = _travelling(schedule, kv)
     ring = len(sizes)
-    rows = schedule.travel[own].to(kv.device)
+    rows = schedule.travel_on(own, kv.device)
     kv_exchanger, dkv_exchanger = ring_comm.exchanger(), ring_comm.exchanger()
     dkv_own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
     for index, step in enumerate(schedule.steps):

@@ -74,10 +74,15 @@ def get_batch_on_this_usp_rank(
       (global, unsharded): hand it to the model, ``USPAttention`` reads it.
 
     ``position_ids`` are sharded like tokens. Documents follow ``document_layout`` (``local``: whole on one ring
-    rank where they fit, ``split``: cut over every rank). Defaults come from ``initialize_model_parallel``.
+    rank where they fit, ``split``: cut over every rank); with the grid up it must be the grid's (its attention and
+    RoPE follow that one). Defaults come from ``initialize_model_parallel``.
     """
     groups = groups or get_usp_groups()
     ring_impl = ring_impl or get_usp_ring_impl()
+    if usp_is_initialized() and document_layout is not None and document_layout != get_usp_document_layout():
+        raise ValueError(f"document_layout={document_layout!r}, but the grid's attention and RoPE follow "
+                         f"{get_usp_document_layout()!r}: set it once, in initialize_model_parallel(document_layout=...) "
+                         "(--usp-document-layout)")
     document_layout = document_layout or (get_usp_document_layout() if usp_is_initialized() else "local")
     if batch.get("cu_seqlens") is not None:
         result, record = _thd_batch(batch, groups, ring_impl, document_layout)

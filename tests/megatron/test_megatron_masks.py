@@ -146,6 +146,9 @@ def test_batch_hook_follows_the_grids_document_layout(monkeypatch, document_layo
         assert torch.equal(record.held_positions(groups, "zigzag", document_layout, torch.device("cpu")), held)
         whole = [d for d in range(len(cu) - 1) if set(range(cu[d], cu[d + 1])) <= set(held.tolist())]
         assert (len(whole) > 0) == (document_layout == "local"), (document_layout, held.tolist())
+        other = "split" if document_layout == "local" else "local"
+        with pytest.raises(ValueError, match="initialize_model_parallel"):  # never a layout RoPE would not follow
+            batch_mod.get_batch_on_this_usp_rank(full, groups, "zigzag", document_layout=other)
 
 
 def test_batch_hook_thd_rejections():
