@@ -12,7 +12,7 @@ from megatron_usp.layout import RING_IMPL_TABLE, RING_IMPLS, check_cu_seqlens, g
 
 IMPLS = ["basic", "zigzag", "stripe", "allgather", "mqsp"]
 # (world_size, ulysses_degree, ring_degree)
-GRIDS = [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 1, 4), (4, 4, 1), (8, 2, 4)]
+GRIDS = [(2, 1, 2), (2, 2, 1), (3, 1, 3), (4, 2, 2), (4, 1, 4), (4, 4, 1), (8, 2, 4)]
 
 
 def document_mixes(seq_len: int, sp_size: int) -> dict[str, list[int]]:
