@@ -45,10 +45,8 @@ def _infinite_logit_is_nan(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.
     """A row with lse = +inf saw an infinite logit: its softmax is NaN (inf - inf), so is its out, whatever a
     kernel wrote for it. Its lse stays +inf, as single-device kernels keep it: the backward then gives NaN exactly
     where theirs does (the infinite key's entries), not in every gradient row the query touches."""
-    infinite = torch.isposinf(lse)
-    if not infinite.any():
-        return out, lse
-    return out.masked_fill(infinite.transpose(1, 2).unsqueeze(-1), float("nan")), lse
+    # unconditional: asking whether any row is infinite would make the host wait for the device at every merge
+    return out.masked_fill(torch.isposinf(lse).transpose(1, 2).unsqueeze(-1), float("nan")), lse
 
 
 def merge_rows(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 from conftest import record_error
 from megatron_usp.kernels import MathKernel, TorchCPUKernel
 from megatron_usp.kernels.varlen import Segments, varlen_backward, varlen_forward
-from megatron_usp.merge import merge_partial, merge_rows
+from megatron_usp.merge import first_partial, merge_partial, merge_rows
 
 IMPLS = ["basic", "zigzag", "stripe", "allgather", "mqsp"]
 TIMEOUT = 60
@@ -86,6 +86,14 @@ def test_merge_propagates_nan_and_keeps_empty_rows_zero():
     rows_out, rows_lse = out.clone(), lse.clone()
     merge_rows(rows_out, rows_lse, block_out, block_lse, torch.arange(4))
     assert torch.isnan(rows_out[0, :2]).all() and rows_out[0, 2].item() == 0.0 and torch.isnan(rows_out[0, 3]).all()
+    # a kernel that writes a finite out for a row with an infinite logit: the merge, and a row's first partial
+    # (written, not merged), still make it NaN; their empty rows 0, whatever the kernel left there
+    finite_out = torch.tensor([[[[5.0]], [[6.0]], [[7.0]], [[8.0]]]])
+    for merged, merged_lse in (merge_partial(out, lse, finite_out, block_lse),
+                               first_partial(finite_out, block_lse, torch.float32)):
+        assert torch.isnan(merged[0, 3]).all() and torch.isposinf(merged_lse[0, 0, 3])
+    first, first_lse = first_partial(block_out, block_lse, torch.float32)
+    assert first[0, 2].item() == 0.0 and torch.isnan(first[0, 0]).all() and first[0, 1].item() == 6.0
 
 
 def test_nan_and_inf_propagate_like_single_device_sdpa(rank_pool):
