@@ -637,3 +637,48 @@ def feature_parity(feature, tp, ulysses_degree, ring_degree, ring_impls) -> list
         report.append({"ring_impl": ring_impl, **errors})
         destroy_model_parallel()
     return report
+
+
+def gpt_hybrid_cp_parity(rank, world_size, ulysses_degree, ring_degree) -> dict:
+    """megatron-core's hybrid CP (``hybrid_context_parallel``): a sample handed its own CP group
+    (``PackedSeqParams(qkv_format="sbhd", local_cp_size, cp_group)``, as ``get_batch_on_this_hybrid_cp_rank``
+    builds it) runs USP on that group's sub-grid: on the whole DP x CP group (4 ranks) and on each hybrid group of 2
+    (each half of the ranks runs the sample), losses and gradients equal the 1 x 1 model's."""
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_usp.megatron import (
+        destroy_model_parallel, get_batch_on_this_usp_rank, get_gpt_layer_local_spec, initialize_model_parallel,
+    )
+    from megatron_usp.megatron.grid import usp_groups_of_cp_group
+
+    ref_losses, ref_grads, _, _ = reference_run(rank, world_size)
+    initialize_model_parallel(1, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                              create_gloo_process_groups=False, hybrid_context_parallel=True)
+    model = build_gpt(get_gpt_layer_local_spec, 1, context_parallel_size=ulysses_degree * ring_degree)
+    dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    report = {}
+    for local_cp_size in (dist.get_world_size(dp_cp), 2):
+        model.zero_grad(set_to_none=True)
+        cp_group = parallel_state.get_hybrid_data_context_parallel_groups(group_size=local_cp_size)
+        groups = usp_groups_of_cp_group(cp_group)
+        full = make_batch()
+        batch = get_batch_on_this_usp_rank(full, groups)
+        offsets = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=offsets, cu_seqlens_kv=offsets,
+                                 cu_seqlens_q_padded=offsets, cu_seqlens_kv_padded=offsets, max_seqlen_q=SEQ,
+                                 max_seqlen_kv=SEQ, local_cp_size=local_cp_size, cp_group=cp_group)
+        losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=params)
+        losses.sum().backward()
+        full_losses = usp.unshard(losses.detach(), groups, dim=1)
+        copies = dist.get_world_size(dp_cp) // local_cp_size  # each hybrid group of this size ran the sample
+        worst = 0.0
+        for name, param in model.named_parameters():
+            grad = param.grad.detach().clone()
+            dist.all_reduce(grad, group=dp_cp)  # what Megatron's DDP does with hybrid CP: sum over dp x cp
+            worst = max(worst, relative_error(grad / copies, ref_grads[name]))
+        report[local_cp_size] = {"loss": relative_error(full_losses, ref_losses), "grad": worst,
+                                 "degrees": (groups.ulysses_degree, groups.ring_degree)}
+        assert report[local_cp_size]["loss"] <= 1e-5 and worst <= 1e-5, report
+    destroy_model_parallel()
+    return report

@@ -14,6 +14,7 @@ see :func:`.grid.usp_groups_for`; the grid's own groups when none is handed. Set
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -39,7 +40,8 @@ from ..usp import attend
 from . import documents
 from .documents import check_packed_offsets, document_ids_from_cu_seqlens, layout_cu_seqlens
 from .batch_record import BatchRecord
-from .grid import usp_groups_for
+from ..groups import USPGroups
+from .grid import usp_groups_for, usp_groups_of_cp_group
 from .state import get_batch_records, usp_state
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
@@ -185,6 +187,7 @@ class USPAttention(MegatronModule):
         # the CP group megatron-core handed this layer (None: parallel_state's), for --usp-check's size check
         self.cp_group = getattr(handed, "cp", None)
         self.config = state.config  # ring_impl, backend, micro_q, --usp-check: validated once, by the grid
+        self._configs = {}  # the grid's settings at the degrees of each hybrid CP sub-grid this layer ran on
         self.ring_impl = self.config.ring_impl
         # The agreement check (usp_attn's cross-rank comparison of inputs, one small all-gather) runs on this
         # layer's first call only: every rank of the SP group makes that call, so the choice is the same on every
@@ -244,13 +247,14 @@ class USPAttention(MegatronModule):
             raise ValueError("USPAttention does not support attention_bias yet")
         packed = packed_seq_params is not None
         causal = _is_causal(self.attn_mask_type if attn_mask_type is None else attn_mask_type, packed)
-        document_ids, cu_seqlens = _cached_documents(packed_seq_params, attention_mask, query, self.groups.sp_size)
+        groups, config = self._grid_of(packed_seq_params)
+        document_ids, cu_seqlens = _cached_documents(packed_seq_params, attention_mask, query, groups.sp_size)
         thd = packed and packed_seq_params.qkv_format == "thd"
         q, k, v = (x.unsqueeze(0) if thd else x.transpose(0, 1) for x in (query, key, value))
         out = attend(
             q, k, v,
-            self.groups,
-            self.config,
+            groups,
+            config,
             causal=causal,
             softmax_scale=self.softmax_scale,
             window=_effective_window(self.window, causal),
@@ -266,9 +270,10 @@ class USPAttention(MegatronModule):
             self.current_max_attn_logits = (max_logit if self.current_max_attn_logits is None
                                             else torch.maximum(self.current_max_attn_logits, max_logit))
         if self._check_due():
-            cp_size = (parallel_state.get_context_parallel_world_size() if self.cp_group is None
+            cp_size = (groups.sp_size if groups is not self.groups  # a hybrid CP sample: its own group's size
+                       else parallel_state.get_context_parallel_world_size() if self.cp_group is None
                        else dist.get_world_size(self.cp_group))
-            verify_usp_attn(q, k, v, out, self.groups, ring_impl=self.ring_impl, causal=causal,
+            verify_usp_attn(q, k, v, out, groups, ring_impl=self.ring_impl, causal=causal,
                             softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
                             document_layout=self.config.document_layout, document_ids=document_ids,
                             window=_effective_window(self.window, causal), softmax_offset=self.softmax_offset,
@@ -277,6 +282,24 @@ class USPAttention(MegatronModule):
         if thd:
             return out[0].reshape(query.shape[0], -1)
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
+
+    def _grid_of(self, packed_seq_params) -> tuple:
+        """``(groups, config)`` of this call: the layer's, or for a sample megatron-core's hybrid CP hands its own CP
+        group (``packed_seq_params.cp_group``, ``local_cp_size``) that group's sub-grid, with the grid's settings
+        at its degrees."""
+        cp_group = getattr(packed_seq_params, "cp_group", None)
+        local_cp_size = getattr(packed_seq_params, "local_cp_size", None)
+        if cp_group is None and local_cp_size is None:
+            return self.groups, self.config
+        if cp_group is None and local_cp_size != 1:
+            raise ValueError(f"packed_seq_params.local_cp_size={local_cp_size} without its cp_group: build "
+                             "PackedSeqParams as megatron-core's get_batch_on_this_hybrid_cp_rank does")
+        groups = usp_groups_of_cp_group(cp_group) if cp_group is not None else USPGroups.single()
+        degrees = (groups.ulysses_degree, groups.ring_degree)
+        if degrees not in self._configs:
+            self._configs[degrees] = dataclasses.replace(self.config, ulysses_degree=degrees[0],
+                                                         ring_degree=degrees[1])
+        return groups, self._configs[degrees]
 
     def _check_due(self) -> bool:
         self._calls += 1

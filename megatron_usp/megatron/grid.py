@@ -8,6 +8,7 @@ checks them against the CP group megatron-core hands the layer.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from .state import (  # noqa: F401  (the grid's getters: megatron_usp.megatron a
     get_usp_ring_impl,
     set_state,
     usp_is_initialized,
+    usp_state,
 )
 
 
@@ -81,7 +83,8 @@ def initialize_model_parallel(
         groups = USPGroups.from_groups(ulysses, ring, sp=parallel_state.get_context_parallel_group())
     else:
         groups = _ring_inner_groups(ulysses_degree, ring_degree)
-    set_state(USPState(groups, config))
+    hybrid = _hybrid_grids(config) if kwargs.get("hybrid_context_parallel") else {}
+    set_state(USPState(groups, config, hybrid=hybrid))
     install_rope_hook()  # RoPE must follow the USP layout for every ring_impl
     return groups
 
@@ -104,6 +107,65 @@ def _ring_inner_groups(ulysses_degree: int, ring_degree: int) -> USPGroups:
             group = dist.new_group(rank_list, timeout=timeout)
             ring_group = group if me in rank_list else ring_group
     return USPGroups.from_groups(ulysses_group, ring_group, sp=parallel_state.get_context_parallel_group())
+
+
+def hybrid_degrees(config: USPConfig, size: int) -> tuple[int, int]:
+    """The (ulysses, ring) degrees USP runs on a hybrid CP group of ``size`` ranks: Ulysses inner, as many as the
+    grid's ``ulysses_degree`` and ``size`` share (the heads allow the grid's, so they allow a divisor of it), the
+    rest a ring."""
+    ulysses = math.gcd(config.ulysses_degree, size)
+    return ulysses, size // ulysses
+
+
+def _hybrid_grids(config: USPConfig) -> dict:
+    """A ulysses x ring grid in every hybrid DP x CP group megatron-core made (``hybrid_context_parallel``: blocks of
+    2, 4, ... consecutive ranks of each DP x CP group, and the whole group), keyed by its sorted ranks; every rank
+    creates every group in the same order. Returns this rank's grids."""
+    dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    timeout = group_timeout(dp_cp) or group_timeout()
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, tuple(dist.get_process_group_ranks(dp_cp)))
+    me, mine = dist.get_rank(), {}
+    for ranks in sorted(set(every)):
+        sizes = [2 ** i for i in range(1, int(math.log2(len(ranks))))] + [len(ranks)]  # as megatron-core's
+        for size in sizes:
+            ulysses_degree, ring_degree = hybrid_degrees(config, size)
+            for start in range(0, len(ranks), size):
+                block = list(ranks[start:start + size])
+                ulysses_lists, ring_lists = grid_rank_lists(block, ulysses_degree, ring_degree,
+                                                            ulysses_inner=True)
+                found = {}
+                for kind, lists in (("ulysses", ulysses_lists), ("ring", ring_lists)):
+                    for rank_list in lists:
+                        group = dist.new_group(rank_list, timeout=timeout)
+                        if me in rank_list:
+                            found[kind] = group
+                if me in block:
+                    sp = parallel_state.get_hybrid_data_context_parallel_groups(group_size=size)
+                    mine[tuple(sorted(block))] = USPGroups.from_groups(found["ulysses"], found["ring"], sp=sp,
+                                                                        check=False)
+    return mine
+
+
+def usp_groups_of_cp_group(cp_group) -> USPGroups:
+    """The :class:`USPGroups` that run attention over ``cp_group``: the grid's for its CP group (or None), a single
+    rank for a group of one, else the sub-grid of that hybrid CP group (``hybrid_context_parallel``). ValueError
+    for any other group: USP cannot place tokens over ranks it has no grid for."""
+    groups = get_usp_groups()
+    if cp_group is None or cp_group.size() == 1 and groups.sp_size == 1:
+        return groups
+    if cp_group.size() == 1:
+        return USPGroups.single()
+    ranks = _ranks(cp_group)
+    if groups.sp is not None and ranks == _ranks(groups.sp):
+        return groups
+    hybrid = usp_state().hybrid.get(ranks)
+    if hybrid is None:
+        raise ValueError(f"the CP group of ranks {list(ranks)} is neither the USP grid's sequence-parallel group nor "
+                         "a hybrid CP group it has a sub-grid for: build the model after "
+                         "megatron_usp.megatron.initialize_model_parallel (with hybrid_context_parallel=True for "
+                         "megatron-core's hybrid CP groups)")
+    return hybrid
 
 
 def destroy_model_parallel() -> None:

@@ -22,7 +22,7 @@ from ..sharding import positions
 from .batch_record import BatchRecord
 from .documents import _as_int_list, in_document_positions, layout_cu_seqlens
 from .state import (get_batch_records, get_usp_document_layout, get_usp_groups, get_usp_ring_impl,
-                    usp_is_initialized)
+                    usp_is_initialized, usp_state)
 
 _FULL_POS_EMB = "_usp_full_pos_emb"  # attribute: the unsliced rotary table a sliced one came from
 
@@ -31,8 +31,13 @@ def usp_pos_emb_on_this_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None)
     """Drop-in for megatron's ``get_pos_emb_on_this_cp_rank``: the rotary rows of the positions held here in the
     row layout. The unsliced table rides along as an attribute (megatron-core caches this result per length):
     :func:`document_layout_rows` re-selects rows for a batch in the document layout. ``cp_group`` (the CP group
-    megatron-core gives its rotary embedding) must be the grid's SP group: the layout is the grid's."""
+    megatron-core gives its rotary embedding) must be the grid's SP group: the layout is the grid's; or, with
+    megatron-core's hybrid CP, a hybrid group the grid has a sub-grid for (its sample's layout is the sub-grid's)."""
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
+    if cp_group is not None and usp_state().hybrid:
+        from .grid import usp_groups_of_cp_group  # the grid installs this hook: imported when first needed
+
+        groups = usp_groups_of_cp_group(cp_group)  # a hybrid CP group's sub-grid (megatron-core's hybrid CP)
     if cp_group is not None and cp_group.size() != groups.sp_size:
         raise ValueError(f"the rotary embedding's CP group has {cp_group.size()} ranks, the USP grid's "
                          f"sequence-parallel group {groups.sp_size} (ulysses {groups.ulysses_degree} x ring "

@@ -22,6 +22,8 @@ class USPState:
     groups: USPGroups
     config: USPConfig
     records: BatchRecords = field(default_factory=BatchRecords)  # the batches of this grid (batch_record.py)
+    # megatron-core's hybrid (dynamic) CP: this rank's sub-grid of every hybrid DP x CP group it is in, by ranks
+    hybrid: dict = field(default_factory=dict)
 
 
 _STATE: Optional[USPState] = None

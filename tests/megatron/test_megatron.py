@@ -168,3 +168,17 @@ def test_sequence_parallel_torch_norm_marks_its_weights():
                                              pp_rank=0)
     assert block.layer_norm is SequenceParallelTorchNorm and len(block.layer_specs) == 3
     assert block.layer_specs[0].submodules.input_layernorm is SequenceParallelTorchNorm
+
+
+@pytest.mark.parametrize("ulysses_degree,ring_degree", [(2, 1), (1, 2)])
+def test_hybrid_context_parallel_samples_run_on_their_groups_sub_grid(fresh_rank_pool, ulysses_degree, ring_degree):
+    """megatron-core's hybrid CP on 4 ranks (CP 2 x DP 2): a sample handed the whole DP x CP group runs on a 4-rank
+    sub-grid, one handed a hybrid group of 2 on that pair; both equal the 1 x 1 model."""
+    reports = fresh_rank_pool(4).run("megatron_cases:gpt_hybrid_cp_parity", timeout=300,
+                                     ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+    for size, entry in reports[0].items():
+        record_error(f"gpt hybrid CP u{ulysses_degree} r{ring_degree} group {size} loss", entry["loss"])
+        record_error(f"gpt hybrid CP u{ulysses_degree} r{ring_degree} group {size} grad", entry["grad"])
+    # Ulysses inner as far as the grid's degree goes, the rest a ring
+    assert reports[0][4]["degrees"] == (ulysses_degree, 4 // ulysses_degree)
+    assert reports[0][2]["degrees"] == (ulysses_degree, 2 // ulysses_degree)
