@@ -123,7 +123,9 @@ def attention_fit(device, dtype, heads: int, head_dim: int, lengths: list[int], 
         "half_efficiency_tokens": max(0.0, fwd_c / fwd_b),
         "kernel_overhead_us": max(0.0, (fwd_a + bwd_a) / 2 * 1e6),
         "largest_block_tflops": [largest / forward[-1] / 1e12, 2.5 * largest / backward[-1] / 1e12],
-        "causal_fraction": causal / (forward[-1] + backward[-1]),
+        # a causal square never needs more than the full block: a ratio above 1 is another process's load on a
+        # shared machine, not the kernel; the planner gets at most 1 (the raw samples stay in "samples")
+        "causal_fraction": min(1.0, causal / (forward[-1] + backward[-1])),
         "samples": {"lengths": lengths, "forward_s": forward, "backward_s": backward},
     }
 

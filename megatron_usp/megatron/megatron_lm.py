@@ -168,9 +168,8 @@ def _wrap_initialize_model_parallel(original: Callable) -> Callable:
                 f"context_parallel_size={cp} but --ulysses-degree x --ring-degree = {sp_size}: validate_usp_args did "
                 "not run; call megatron_usp.megatron.megatron_lm.install() before Megatron validates its arguments"
             )
-        for name in ("hierarchical_context_parallel_sizes", "hybrid_context_parallel"):  # never silently dropped
-            if arguments.pop(name, None):
-                raise ValueError(refusal("--" + name.replace("_", "-")).reason(margs))
+        if arguments.pop("hierarchical_context_parallel_sizes", None):  # never silently dropped
+            raise ValueError(refusal("--hierarchical-context-parallel-sizes").reason(margs))
         grid.initialize_model_parallel(tp, pp, config=USPConfig.from_args(margs), **arguments)
 
     return initialize_model_parallel
@@ -203,6 +202,10 @@ def install(get_args: Optional[Callable[[], Any]] = None) -> None:
     for module in holders:
         wrap(module, "validate_args", _wrap_validate_args, owner=__name__)
     wrap(parallel_state, "initialize_model_parallel", _wrap_initialize_model_parallel, owner=__name__)
+    import megatron.core.utils as core_utils
+
+    if hasattr(core_utils, "get_batch_on_this_cp_rank"):  # get_batch_on_this_hybrid_cp_rank calls it by this name
+        wrap(core_utils, "get_batch_on_this_cp_rank", wrap_get_batch_on_this_cp_rank, owner=__name__)
     fix_distributed_optimizer_load()  # megatron-core's distributed-optimizer --load gaps (any device)
 
 
@@ -240,16 +243,18 @@ def _eod_token(batch: Dict[str, Any]) -> Optional[int]:
     return int(get_tokenizer().eod)
 
 
-def get_batch_on_this_rank(batch: Dict[str, Any]) -> Dict[str, Any]:
+def get_batch_on_this_rank(batch: Dict[str, Any], cp_group=None) -> Dict[str, Any]:
     """This rank's tokens of a ``[batch, seq, ...]`` batch under USP (see :func:`get_batch_on_this_usp_rank`);
     metadata entries pass through, packed THD rows get the offsets of their document layout in ``cu_seqlens``
-    (``cu_seqlens_padded`` None), a dense ``attention_mask`` becomes None or document ids. Key order is kept."""
+    (``cu_seqlens_padded`` None), a dense ``attention_mask`` becomes None or document ids. Key order is kept.
+    ``cp_group``: the CP group of a hybrid-CP sample (its sub-grid's layout), None for the grid's."""
     sequences = {key: value for key, value in batch.items()
                  if key not in BATCH_METADATA_KEYS or key in ("cu_seqlens", "cu_seqlens_padded")}
     if sequences.get("cu_seqlens") is None:
         sequences.pop("cu_seqlens", None)
         sequences.pop("cu_seqlens_padded", None)
-    sharded = get_batch_on_this_usp_rank(sequences, eod_token=_eod_token(batch))
+    groups = None if cp_group is None else grid.usp_groups_of_cp_group(cp_group)
+    sharded = get_batch_on_this_usp_rank(sequences, groups, eod_token=_eod_token(batch))
     return {key: sharded[key] if key in sharded else value for key, value in batch.items()}
 
 
@@ -264,8 +269,10 @@ def wrap_get_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
             return megatron_fn(batch, *args, **kwargs)
         arguments = signature.bind(batch, *args, **kwargs).arguments
         if arguments.get("is_hybrid_cp"):
-            raise ValueError(refusal("--hybrid-context-parallel").reason(None))
-        return get_batch_on_this_rank(batch)
+            raise ValueError("this Megatron-LM's hybrid-CP batch path (get_batch_on_this_cp_rank(is_hybrid_cp=True), "
+                             "after core_v0.16) is not supported under USP yet: drop --hybrid-context-parallel; "
+                             "core_v0.16.1's hybrid CP (a cp_group per sample) is")
+        return get_batch_on_this_rank(batch, arguments.get("cp_group"))  # a hybrid-CP sample's own group
 
     return mark(get_batch_on_this_cp_rank, megatron_fn)
 

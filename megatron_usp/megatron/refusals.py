@@ -83,11 +83,6 @@ REFUSALS = (
         lambda a: bool(_get(a, "hierarchical_context_parallel_sizes")),
         lambda a: "--hierarchical-context-parallel-sizes conflicts with USP: use --ulysses-degree/--ring-degree"),
     Refusal(
-        "--hybrid-context-parallel",
-        lambda a: bool(_get(a, "hybrid_context_parallel", False)),
-        lambda a: "--hybrid-context-parallel conflicts with --ulysses-degree/--ring-degree: drop it or set both "
-                  "degrees to 1"),
-    Refusal(
         "--use-legacy-models",
         lambda a: bool(_get(a, "use_legacy_models", False)),
         lambda a: "--use-legacy-models conflicts with --ulysses-degree/--ring-degree: drop it or set both degrees to 1"),

@@ -133,6 +133,17 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
         cases.append(TrainCase(f"THD --sft {grid}", TrainRun(1, per_token, sft, ("--thd-reference-attention",)),
                                TrainRun(4, per_token + usp_flags(u, r, impl), sft), f"u={u} r={r} ring_impl={impl}",
                                skip=None if sft_fixture is not None else sft_skip))
+    # Megatron's hybrid (dynamic) CP on 4 ranks = CP 2 x DP 2: each packed row's conversations (40-56 tokens) are
+    # rerouted over DP x CP and run on CP groups of 2 or 4 (--max-seqlen-per-dp-cp-rank 32), USP on each group's
+    # sub-grid; the baseline runs the same rows on 1 rank
+    # (Megatron-LM 0.16's hybrid data iterator is not a RerunDataIterator: its rerun machine must be off)
+    hybrid = per_token + ("--hybrid-context-parallel", "--max-seqlen-per-dp-cp-rank", "32", "--dataloader-type",
+                          "single", "--rerun-mode", "disabled")
+    for grid, (u, r, impl) in (("u2 zigzag", (2, 1, "zigzag")), ("r2 stripe", (1, 2, "stripe"))):
+        cases.append(TrainCase(f"THD --sft hybrid CP {grid} x DP 2",
+                               TrainRun(1, per_token, sft, ("--thd-reference-attention",)),
+                               TrainRun(4, hybrid + usp_flags(u, r, impl), sft), f"u={u} r={r} ring_impl={impl}",
+                               skip=None if sft_fixture is not None else sft_skip))
     # bf16: measured 1.3e-5 relative (u2 r2 vs 1 rank, 6 iterations); layout bugs show 1e-3 and more
     cases.append(TrainCase("bf16 u2 r2", TrainRun(1, ("--bf16",)), TrainRun(4, ("--bf16",) + usp_flags(2, 2)),
                            "u=2 r=2 ring_impl=zigzag", rtol=1e-4))

@@ -254,7 +254,6 @@ TRIGGERS = {
     "--context-parallel-size": dict(context_parallel_size=2),
     "--cp-comm-type": dict(cp_comm_type=["a2a"]),
     "--hierarchical-context-parallel-sizes": dict(hierarchical_context_parallel_sizes=[2, 2]),
-    "--hybrid-context-parallel": dict(hybrid_context_parallel=True),
     "--use-legacy-models": dict(use_legacy_models=True),
     "--attention-backend local": dict(attention_backend="local"),
     "--reset-attention-mask / --sft / --dataloader-inter-document-masking with PP > 2 or virtual stages":

@@ -176,14 +176,19 @@ def test_install_without_megatron_lm_names_the_fix(monkeypatch):
 # ---------------------------------------------------------------------------------------------- grid
 
 
-def megatron_lm_style_init():
-    """The call megatron.training.initialize makes (positional TP, PP, VPP; keywords for the rest)."""
+def megatron_lm_style_init_keywords() -> dict:
+    """What this megatron-core's initialize_model_parallel accepts beyond the old keywords (Megatron-LM of the same
+    release passes it)."""
     import inspect
 
-    # what this megatron-core's initialize_model_parallel accepts (Megatron-LM of the same release passes it)
-    extra = ({"hybrid_context_parallel": False} if "hybrid_context_parallel" in inspect.signature(
+    return ({"hybrid_context_parallel": False} if "hybrid_context_parallel" in inspect.signature(
         getattr(parallel_state.initialize_model_parallel, "__wrapped__", parallel_state.initialize_model_parallel)
     ).parameters else {})
+
+
+def megatron_lm_style_init():
+    """The call megatron.training.initialize makes (positional TP, PP, VPP; keywords for the rest)."""
+    extra = megatron_lm_style_init_keywords()
     parallel_state.initialize_model_parallel(
         2, 1, None, context_parallel_size=4, hierarchical_context_parallel_sizes=None,
         order="tp-cp-ep-dp-pp", create_gloo_process_groups=True, **extra,
@@ -205,6 +210,7 @@ def test_megatron_lm_init_builds_the_usp_grid(fake_megatron_lm, monkeypatch):
         config=USPConfig(ulysses_degree=2, ring_degree=2, ring_impl="stripe", ulysses_inner=False, backend="auto",
                          micro_q=None, check_every=None),
         virtual_pipeline_model_parallel_size=None, order="tp-cp-ep-dp-pp", create_gloo_process_groups=True,
+        **megatron_lm_style_init_keywords(),  # forwarded to the grid, which hands it to megatron-core
     ))]
     # the grid's own megatron-core call reaches megatron-core, not the wrapper again
     assert fake_megatron_lm.recorded["megatron_core"] == [((2, 1), {"context_parallel_size": 4})]

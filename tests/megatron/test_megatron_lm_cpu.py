@@ -116,6 +116,12 @@ def test_cases_compare_like_with_like():
         if case.name == "qk-clip bf16 u2 r2 vs no clip":  # the baseline's local attention cannot report max logits
             assert rest[1:3] == ["--qk-clip", "--log-max-attention-logit"] and case.expect == MAX_LOGIT_LINE
             rest = rest[:1] + rest[3:]
+        data_parallel = 1
+        if "hybrid CP" in case.name:  # Megatron's hybrid CP spans DP x CP: 2 DP replicas, flags only it reads
+            hybrid = ["--hybrid-context-parallel", "--max-seqlen-per-dp-cp-rank", "32", "--dataloader-type", "single",
+                      "--rerun-mode", "disabled"]
+            assert rest[1:1 + len(hybrid)] == hybrid, case.name
+            rest, data_parallel = rest[:1] + rest[1 + len(hybrid):], 2
         assert rest == base, case.name  # same Megatron flags apart from the USP ones
         assert case.baseline.without == case.usp.without, case.name
         assert f"u={u} r={r} ring_impl={usp[usp.index('--usp-ring-impl') + 1]}" == case.grid
@@ -125,7 +131,8 @@ def test_cases_compare_like_with_like():
 
         model_parallel = size("--pipeline-model-parallel-size", usp) * size("--tensor-model-parallel-size", usp)
         base_parallel = size("--pipeline-model-parallel-size", base) * size("--tensor-model-parallel-size", base)
-        assert case.baseline.nproc == base_parallel and case.usp.nproc == model_parallel * u * r, case.name
+        assert case.baseline.nproc == base_parallel and case.usp.nproc == model_parallel * u * r * data_parallel, \
+            case.name
 
 
 def test_resume_cases_save_half_way_at_u2_r2_and_load_elsewhere():

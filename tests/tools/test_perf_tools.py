@@ -199,7 +199,7 @@ def test_measure_hardware_writes_a_file_the_planner_reads(tmp_path):
     for name in ("fwd_tflops", "bwd_tflops", "gemm_tflops", "memory_gbps", "intra_node_gbps", "optimizer_ns_per_param",
                  "layer_overhead_us"):
         assert 0 < hardware[name] < float("inf"), name
-    assert 0 < hardware["causal_fraction"] < 1.5 and hardware["comm_overlaps_compute"] is False
+    assert 0 < hardware["causal_fraction"] <= 1.0 and hardware["comm_overlaps_compute"] is False
     assert {kind for kind, _, _ in record["measured"]["link_samples"][0]} == {
         "send/recv", "all_gather", "reduce_scatter", "all_to_all", "all_reduce"}
     args = planner.build_parser().parse_args(["--gpu", "cpu", "--hardware", str(out)])
