@@ -117,11 +117,16 @@ def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capaci
     room = [capacity - t for t in even]
     owner, work, tokens, fillers = {}, [0] * ring_degree, [0] * ring_degree, []
     heap = [(0, 0, j) for j in range(ring_degree)]  # (local work, local tokens, ring rank)
-    for d in order[cut_count:]:
+    rest = [d for d in order[cut_count:] if lengths[d]]
+    owner.update((d, 0) for d in order[cut_count:] if not lengths[d])  # an empty document is whole anywhere
+    shortest = lengths[rest[-1]] if rest else 0  # longest first: no later document is shorter
+    for d in rest:
         length = lengths[d]
         full = []
         while heap and tokens[heap[0][2]] + length > room[heap[0][2]]:
-            full.append(heapq.heappop(heap))
+            item = heapq.heappop(heap)
+            if room[item[2]] - tokens[item[2]] >= shortest:  # a rank no document left can fit leaves the heap
+                full.append(item)
         if heap:
             j = heapq.heappop(heap)[2]
             owner[d] = j
