@@ -209,6 +209,7 @@ def global_positions(
     """LongTensor ``[seq_len // (u*r)]``: the global positions held by ``(ulysses_rank, ring_rank)``, in local order.
     With ``cu_seqlens`` (document offsets of the row) the documents follow ``document_layout`` (see above)."""
     check_seq_len(seq_len, ulysses_degree, ring_degree, ring_impl)
+    check_document_layout(document_layout)  # refused even where no documents would read it
     if not (0 <= ulysses_rank < ulysses_degree and 0 <= ring_rank < ring_degree):
         raise ValueError(
             f"rank (ulysses {ulysses_rank}, ring {ring_rank}) is outside the {ulysses_degree} x {ring_degree} grid"

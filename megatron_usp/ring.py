@@ -219,31 +219,28 @@ def ring_forward(
     return out, lse
 
 
-def _travelling(schedule: RingSchedule, kv: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
-    """The own rows that travel (``kv[:, :, rows]``), every ring rank's count of them, and the own ring rank."""
+def _travelling(schedule: RingSchedule, kv: torch.Tensor):
+    """``(own rows that travel, the travelling row indices, a function owner -> its travelling row count)``: all
+    rows (``kv`` itself, no copy) unless the schedule is ring-local."""
+    if schedule.travel is None:
+        return kv, None, lambda owner: None  # every rank sends all its rows: like-shaped buffers
     own = schedule.steps[0].kv_rank
-    return kv.index_select(2, schedule.travel_on(own, kv.device)), [len(t) for t in schedule.travel], own
+    rows = schedule.travel_on(own, kv.device)
+    sizes = [len(t) for t in schedule.travel]
+    return kv.index_select(2, rows), rows, lambda owner: sizes[owner % len(sizes)]
 
 
 def _forward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute) -> None:
-    """Pass K/V: each step computes on the K/V at hand while they travel on to the next ring rank (with ring-local
-    documents: the own step on all own rows, while the travelling rows set off)."""
+    """Pass K/V: each step computes on the K/V at hand while they travel on to the next ring rank. The own step
+    sees every own row; with ring-local documents only the travelling rows set off (and arrive)."""
     steps = schedule.steps
     exchanger = ring_comm.exchanger() if len(steps) > 1 else None
-    if schedule.travel is None:
-        for index, step in enumerate(steps):
-            more = index + 1 < len(steps)
-            if more:
-                exchanger.post(kv)  # the next step's K/V travel while this step computes
-            compute(step, kv)
-            if more:
-                kv = exchanger.wait()
-        return
-    buffer, sizes, own = _travelling(schedule, kv)
+    buffer, _, rows_of = _travelling(schedule, kv)
+    own = steps[0].kv_rank
     for index, step in enumerate(steps):
         more = index + 1 < len(steps)
-        if more:
-            exchanger.post(buffer, recv_rows=sizes[(own - index - 1) % len(sizes)])
+        if more:  # the next step's K/V travel while this step computes
+            exchanger.post(buffer, recv_rows=rows_of(own - index - 1))
         compute(step, kv if index == 0 else buffer)
         if more:
             buffer = exchanger.wait()
@@ -288,55 +285,35 @@ def ring_backward(
 def _backward_pass_kv(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute,
                       acc: torch.dtype) -> torch.Tensor:
     """Pass K/V as in the forward; each step's dK/dV share follows the K/V it belongs to around the ring, summing
-    the shares of the ranks it passes, and is home after r sends. Returns this rank's dK/dV ``[2, ...]``."""
+    the shares of the ranks it passes, and is home after r sends. With ring-local documents the own step's dK/dV
+    cover every own row and only the travelling rows' shares go round. Returns this rank's dK/dV ``[2, ...]``."""
     steps = schedule.steps
+    dkv_own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
     if len(steps) == 1:  # ring degree 1: the own K/V only, nothing travels
-        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-        compute(steps[0], kv, dkv)
-        return dkv
-    if schedule.travel is not None:
-        return _backward_pass_travelling(kv, schedule, ring_comm, compute, acc)
+        compute(steps[0], kv, dkv_own)
+        return dkv_own
+    buffer, rows, rows_of = _travelling(schedule, kv)
+    own = steps[0].kv_rank
     kv_exchanger, dkv_exchanger = ring_comm.exchanger(), ring_comm.exchanger()
     for index, step in enumerate(steps):
         more = index + 1 < len(steps)
         if more:
-            kv_exchanger.post(kv)
-        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-        compute(step, kv, dkv)
-        # dkv now holds this step's share for the K/V of rank step.kv_rank; the buffer arriving from the
-        # previous rank carries the shares of the ranks before us for the same K/V.
-        if index > 0:
-            dkv += dkv_exchanger.wait()
-        dkv_exchanger.post(dkv)
-        if more:
-            kv = kv_exchanger.wait()
-    return dkv_exchanger.wait()  # after r sends, the buffer for our own K/V is home
-
-
-def _backward_pass_travelling(kv: torch.Tensor, schedule: RingSchedule, ring_comm: comm.RingComm, compute,
-                              acc: torch.dtype) -> torch.Tensor:
-    """:func:`_backward_pass_kv` with ring-local documents: the own step's dK/dV cover all own rows; only the
-    travelling rows' shares go round the ring, and come home summed over every rank after ``r`` sends."""
-    buffer, sizes, own = _travelling(schedule, kv)
-    ring = len(sizes)
-    rows = schedule.travel_on(own, kv.device)
-    kv_exchanger, dkv_exchanger = ring_comm.exchanger(), ring_comm.exchanger()
-    dkv_own = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-    for index, step in enumerate(schedule.steps):
-        more = index + 1 < len(schedule.steps)
-        if more:
-            kv_exchanger.post(buffer, recv_rows=sizes[(own - index - 1) % ring])
+            kv_exchanger.post(buffer, recv_rows=rows_of(own - index - 1))
         if index == 0:
             compute(step, kv, dkv_own)
-            dkv = dkv_own.index_select(2, rows)
+            dkv = dkv_own if rows is None else dkv_own.index_select(2, rows)
         else:
             dkv = torch.zeros(buffer.shape, dtype=acc, device=kv.device)
             compute(step, buffer, dkv)
-            dkv += dkv_exchanger.wait()  # the shares of the ranks before us for the same rows
-        dkv_exchanger.post(dkv, recv_rows=sizes[(own - index - 1) % ring])
+            # the buffer arriving from the previous rank carries the shares of the ranks before us for these rows
+            dkv += dkv_exchanger.wait()
+        dkv_exchanger.post(dkv, recv_rows=rows_of(own - index - 1))
         if more:
             buffer = kv_exchanger.wait()
-    dkv_own.index_copy_(2, rows, dkv_exchanger.wait())  # the travelling rows' shares of every rank, home
+    home = dkv_exchanger.wait()  # after r sends, the shares of every rank for our own (travelling) rows
+    if rows is None:
+        return home
+    dkv_own.index_copy_(2, rows, home)
     return dkv_own
 
 

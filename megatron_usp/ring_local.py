@@ -101,10 +101,10 @@ def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence
     return own + steps + (bins - 1) * even
 
 
-def _even(total: int, bins: int, rotate: int = 0) -> list[int]:
-    """``total`` tokens as evenly as integers allow over ``bins``, the extra ones from bin ``rotate`` on."""
+def _even(total: int, bins: int) -> list[int]:
+    """``total`` tokens as evenly as integers allow over ``bins``, the extra ones on the first bins."""
     base, extra = divmod(total, bins)
-    return [base + ((j - rotate) % bins < extra) for j in range(bins)]
+    return [base + (j < extra) for j in range(bins)]
 
 
 def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capacity: int, cut_count: int):

@@ -91,6 +91,13 @@ def ring_bytes(args, ring_impl: str, u: int, r: int, cu: tuple[int, ...], docume
         document_layout=document_layout, ring_rank=j).get("ring_p2p", 0) for j in range(r))
 
 
+def ring_traffic(args, ring_impl: str, u: int, r: int, cu: tuple[int, ...], layout: str) -> dict:
+    """``ring_bytes_per_rank`` of ``layout`` and its ratio to the split layout's, for one row."""
+    sent = ring_bytes(args, ring_impl, u, r, cu, layout)
+    split = sent if layout == "split" else ring_bytes(args, ring_impl, u, r, cu, "split")
+    return {"ring_bytes_per_rank": sent, "ring_bytes_vs_split": sent / max(1, split)}
+
+
 def len_of(cu: tuple[int, ...]) -> int:
     return cu[-1]
 
@@ -270,8 +277,7 @@ def _balance_documents(args) -> list[dict]:
                         record.update({key: statistics.median(p[key] for p in projected) for key in
                                        ("h100_projected_ms", "h100_projected_efficiency") if key in projected[0]})
                         record["ring_bytes_vs_split"] = statistics.median(
-                            ring_bytes(args, ring_impl, u, r, cu, layout)
-                            / max(1, ring_bytes(args, ring_impl, u, r, cu, "split")) for cu in rows)
+                            ring_traffic(args, ring_impl, u, r, cu, layout)["ring_bytes_vs_split"] for cu in rows)
                         record["documents_per_row"] = [row["documents"] for row in per_row]
                         record["max_document"] = [row["max_document"] for row in per_row]
                         record["per_row"] = {key: [row[key] for row in per_row] for key in
@@ -365,10 +371,8 @@ def run_simulate_documents(args, device: torch.device) -> list[dict]:
                     "documents": len(cu) - 1, "max_document": max(b - a for a, b in zip(cu, cu[1:])),
                     "cut_documents": (ring_documents_of(cu, r, ring_impl).cut_documents
                                       if ring_local(ring_impl, layout) else len(cu) - 1),
-                    "ring_bytes_per_rank": ring_bytes(args, ring_impl, u, r, cu, layout),
+                    **ring_traffic(args, ring_impl, u, r, cu, layout),
                     **projection(args, ring_impl, u, r, cu, layout),
-                    "ring_bytes_vs_split": (ring_bytes(args, ring_impl, u, r, cu, layout)
-                                            / max(1, ring_bytes(args, ring_impl, u, r, cu, "split"))),
                     "monolithic_ms": 1e3 * statistics.median(times["monolithic"] for times in rounds),
                     "rank_ms": {str(rank): 1e3 * statistics.median(times[(*case, rank)] for times in rounds)
                                 for rank in range(r)},
