@@ -91,6 +91,19 @@ def position_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causa
     return blocks if cu_seqlens is None else _coalesce(blocks)
 
 
+def own_blocks(positions: torch.Tensor, causal: bool, cu_seqlens: Sequence[int]) -> list[Block]:
+    """The blocks of rows against themselves (a ring rank's own step) with documents: the rows are sorted by
+    position, so each document's rows are consecutive and ONE square, causal in row order exactly when causal in
+    position order, however many runs of positions it holds (a zigzag document's two halves: one call, not three)."""
+    positions = positions.cpu()
+    if len(positions) == 0:
+        return []
+    document = torch.searchsorted(torch.tensor(cu_seqlens), positions, right=True) - 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(document[1:] != document[:-1]).flatten() + 1])
+    stops = torch.cat([starts[1:], torch.tensor([len(positions)])])
+    return [Block(a, b, a, b, causal) for a, b in zip(starts.tolist(), stops.tolist())]
+
+
 def _coalesce(blocks: list[Block]) -> list[Block]:
     """Join fully visible blocks that share their kv rows and have adjacent q rows (then: share q rows, adjacent kv
     rows): the two runs a rank holds of one document are adjacent rows, so a step's pieces of a document against

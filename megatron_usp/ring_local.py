@@ -15,9 +15,9 @@ The solver (:func:`ring_documents`) is deterministic and communication-free: eve
 Documents are taken longest first. The ``k`` longest are cut evenly over the ring (``k`` at least the number longer
 than a ring rank or with more causal work than a ring rank's share); the others go longest first to the ring rank
 with the least local work that has room in what the even shares leave; documents that fit nowhere (short ones, at
-the end) are cut too and fill the remaining room unevenly. Cut documents are laid out zigzag per document (ring
-rank ``j`` takes a front piece ``j`` and the mirrored back piece; ``contiguous`` layouts take one piece in ring
-order). The ``k`` kept is the smallest found whose modelled step-synchronous cost (:func:`step_cost`: the slowest
+the end) are cut too and fill the remaining room in ring order, each over the fewest ring ranks. Cut documents are
+laid out zigzag per document (ring rank ``j`` takes a front piece ``j`` and the mirrored back piece; ``contiguous``
+layouts take one piece in ring order). The ``k`` kept is the smallest found whose modelled step-synchronous cost (:func:`step_cost`: the slowest
 rank's own step, local documents included, plus the cut documents' ring steps) is within ``TARGET`` of the ideal
 (doubling, then bisecting), else the cheapest tried.
 """
@@ -83,6 +83,24 @@ def _shares(lengths: Sequence[int], quotas: Sequence[int]) -> list[list[int]]:
     return shares
 
 
+def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[list[int]]:
+    """Documents of ``lengths`` laid one after another into ``rooms`` (free tokens per ring rank, in ring order):
+    ``shares[d][j]``. Each takes consecutive ring ranks, so a ring rank boundary cuts at most one of them: a
+    short filler meets one or two ring ranks, not all of them (fewer pieces, each larger)."""
+    left, j, shares = list(rooms), 0, []
+    for length in lengths:
+        share, need = [0] * len(rooms), length
+        while need:
+            while left[j] == 0:
+                j += 1
+            take = min(need, left[j])
+            share[j] += take
+            left[j] -= take
+            need -= take
+        shares.append(share)
+    return shares
+
+
 def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence[int],
               shares: Sequence[Sequence[int]]) -> float:
     """Modelled time of the ring's causal attention, step-synchronous: the slowest rank's own step (its local
@@ -110,8 +128,8 @@ def _even(total: int, bins: int) -> list[int]:
 def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capacity: int, cut_count: int):
     """Cut the ``cut_count`` longest documents evenly over the ring, place the others longest first on the ring
     rank with the least local work that has room (what the even shares leave of its capacity); documents that fit
-    nowhere are cut too and fill what remains, unevenly (they are the short ones). Returns (owner, local work,
-    documents cut evenly, their tokens per ring rank, the filler documents, their shares)."""
+    nowhere are cut too and fill what remains in ring order (they are the short ones; :func:`_pour`). Returns
+    (owner, local work, documents cut evenly, their tokens per ring rank, the filler documents, their shares)."""
     cut = list(order[:cut_count])
     even = _even(sum(lengths[d] for d in cut), ring_degree)
     room = [capacity - t for t in even]
@@ -137,7 +155,7 @@ def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capaci
             fillers.append(d)
         for item in full:
             heapq.heappush(heap, item)
-    filler_shares = _shares([lengths[d] for d in fillers], [r - t for r, t in zip(room, tokens)]) if fillers else []
+    filler_shares = _pour([lengths[d] for d in fillers], [r - t for r, t in zip(room, tokens)]) if fillers else []
     return owner, work, cut, even, fillers, filler_shares
 
 

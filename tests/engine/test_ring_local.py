@@ -95,3 +95,32 @@ def test_an_unknown_document_layout_is_refused_where_it_enters():
         USPConfig(document_layout="whole")
     with pytest.raises(ValueError, match="document_layout"):
         global_positions(16, 1, 2, 0, 0, "zigzag", cu_seqlens=(0, 5, 16), document_layout="whole")
+
+
+@pytest.mark.parametrize("document_layout", ["local", "split"])
+def test_the_own_step_is_one_block_per_document(document_layout):
+    """A rank's own rows against themselves: each document it holds is ONE square (a zigzag document's two halves
+    included), not one per run of positions: fewer kernel calls and merges."""
+    cu = packed_rows("dcp", 8192, 1, 0)[0]
+    for ring_rank in range(4):
+        plan = attention_plan(8192, 1, 4, ring_rank, "zigzag", True, None, cu, document_layout)
+        held = documents_of(cu)[plan.schedule.positions[ring_rank]]
+        own = plan.schedule.steps[0].blocks
+        assert len(own) == len(torch.unique(held)) and all(b.causal for b in own)
+        assert [(b.q_start, b.q_stop) for b in own] == [(b.kv_start, b.kv_stop) for b in own]
+
+
+def test_documents_that_fit_nowhere_fill_the_room_in_ring_order():
+    """The short documents left over are poured into the remaining room one after another: each meets consecutive
+    ring ranks, and a ring rank boundary cuts at most one of them."""
+    from megatron_usp.ring_local import _pour
+
+    rooms = [5, 0, 7, 3]
+    shares = _pour([4, 3, 6, 2], rooms)
+    assert [sum(s) for s in shares] == [4, 3, 6, 2]
+    assert [sum(column) for column in zip(*shares)] == rooms
+    for share in shares:
+        ranks = [j for j, s in enumerate(share) if s]
+        assert len(ranks) == 1 or all(rooms[j] == 0 for j in range(ranks[0] + 1, ranks[-1])
+                                      if j not in ranks), share
+    assert shares == [[4, 0, 0, 0], [1, 0, 2, 0], [0, 0, 5, 1], [0, 0, 0, 2]]
