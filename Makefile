@@ -40,7 +40,7 @@ demo: install
 	echo "demo wall time (training + comparison): $$(( $$(date +%s) - start )) s"
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) *.egg-info .pytest_cache
 
 # One unattended run on one H100/H200 (<= 8 min): kernel parity (dense + varlen), simulate-rank efficiency, packed
 # rows, peak memory per rank; ends with a summary table. Smoke test on CPU: $(PY) tools/gpu_check.py --device cpu --tiny
@@ -48,13 +48,31 @@ clean:
 gpu-check: install
 	$(PY) tools/gpu_check.py
 
-# Not in CI: rerun the Megatron tests against older megatron-core releases, one venv each.
-COMPAT_VERSIONS ?= 0.13.1 0.14.0 0.15.0
+# The newest megatron-core line (0.17+ need Python >= 3.12; torch 2.13.0 for 3.12 is the registry's CUDA build, which
+# runs on CPU with gloo): every Megatron-facing test (tests/megatron: adapter, Megatron-LM glue, masks, RoPE,
+# trainer, patches) on it. .ci/run runs it after `make test`.
+PYTHON_LATEST ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python)
+MCORE_LATEST ?= 0.19.2
+VENV_LATEST := .venv-latest
+$(VENV_LATEST)/.installed: setup.py
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(VENV_LATEST)/bin/python -m pip install -q megatron-core==$(MCORE_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q -e ".[test,megatron,demo]"
+	touch $@
+
+.PHONY: test-latest
+test-latest: $(VENV_LATEST)/.installed
+	$(VENV_LATEST)/bin/python -m pytest -q tests/megatron
+
+# Not in CI: rerun the Megatron tests against other megatron-core releases, one venv each (0.17+ on Python 3.12).
+COMPAT_VERSIONS ?= 0.13.1 0.14.0 0.15.0 0.17.1 0.18.2
 .PHONY: test-compat
 test-compat:
 	@for version in $(COMPAT_VERSIONS); do \
 		venv=.venv-mcore-$$version; \
-		test -x $$venv/bin/python || $(PYTHON) -m venv $$venv || exit 1; \
+		case $$version in 0.1[3-6].*) python=$(PYTHON);; *) python=$(PYTHON_LATEST);; esac; \
+		test -x $$venv/bin/python || $$python -m venv $$venv || exit 1; \
 		$$venv/bin/python -m pip install -q torch==$(TORCH_VERSION) megatron-core==$$version einops -e ".[test]" || exit 1; \
 		echo "== megatron-core $$version =="; \
 		$$venv/bin/python -m pytest -q tests/megatron/test_megatron.py tests/megatron/test_megatron_args.py tests/megatron/test_megatron_masks.py \

@@ -13,7 +13,7 @@ import functools
 import importlib
 import inspect
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -128,14 +128,21 @@ def _thd_record(cu_seqlens: torch.Tensor, seq_len: int) -> BatchRecord:
 
 
 def usp_apply_rotary_pos_emb_thd(
-    t: torch.Tensor, freqs: torch.Tensor, config, cu_seqlens: torch.Tensor, mscale: float = 1.0
+    t: torch.Tensor, freqs: torch.Tensor, config, cu_seqlens: torch.Tensor, mscale: float = 1.0,
+    mla_rotary_interleaved: Optional[bool] = None,
 ) -> torch.Tensor:
     """RoPE for this rank's THD tokens ``t [t_local, heads, d]`` of a packed row of ``t_local * sp_size`` tokens
     sharded by the USP layout; ``freqs [max_seqlen, 1, 1, d]`` (unsliced), ``cu_seqlens`` global (padded offsets
     when given, as megatron-core passes them). Angles are those megatron-core's THD RoPE gives on one rank:
     positions restart at every document; when ``freqs`` covers exactly ``cu_seqlens[-1]`` tokens (its "exact
-    mapping" mode) the global positions are used instead."""
+    mapping" mode) the global positions are used instead. ``mla_rotary_interleaved`` (megatron-core 0.19's
+    argument; None: ``config.multi_latent_attention``, what older releases read) interleaves as MLA does."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    interleaved = config.multi_latent_attention if mla_rotary_interleaved is None else mla_rotary_interleaved
+    # the release's own name for it: mla_rotary_interleaved (0.19), multi_latent_attention before
+    takes = inspect.signature(_apply_rotary_pos_emb_bshd).parameters
+    name = "mla_rotary_interleaved" if "mla_rotary_interleaved" in takes else "multi_latent_attention"
 
     groups, ring_impl = get_usp_groups(), get_usp_ring_impl()
     record = _thd_record(cu_seqlens, t.shape[0] * groups.sp_size)
@@ -143,8 +150,8 @@ def usp_apply_rotary_pos_emb_thd(
     index = record.derived(("thd-rope", table_rows, groups, ring_impl, t.device),  # q, k of every layer share it
                            lambda: _thd_rope_index(record, table_rows, groups, ring_impl, t.device))
     return _apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1), freqs[index], rotary_interleaved=config.rotary_interleaved,
-        multi_latent_attention=config.multi_latent_attention, mscale=mscale,
+        t.unsqueeze(1), freqs[index], rotary_interleaved=config.rotary_interleaved, mscale=mscale,
+        **{name: interleaved},
     ).squeeze(1)
 
 
@@ -169,8 +176,8 @@ _ROTARY_CLASSES = (
 
 def _hook_apply_rotary_pos_emb(original: Callable) -> Callable:
     """megatron-core's ``apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, ...)`` with THD rows
-    (``cu_seqlens`` given) placed by the USP layout; every argument it does not read (``cp_group``, newer releases'
-    ``mla_rotary_interleaved``, ...) is forwarded untouched, and without ``cu_seqlens`` or USP the original runs."""
+    (``cu_seqlens`` given) placed by the USP layout, interleaved as MLA asks (0.19's ``mla_rotary_interleaved``);
+    ``cp_group`` is the grid's; without ``cu_seqlens`` or USP every argument goes to the original untouched."""
     signature = inspect.signature(original)
     cu_index = list(signature.parameters).index("cu_seqlens")
 
@@ -183,7 +190,8 @@ def _hook_apply_rotary_pos_emb(original: Callable) -> Callable:
             bound.apply_defaults()
             arguments = bound.arguments
             return usp_apply_rotary_pos_emb_thd(arguments["t"], arguments["freqs"], arguments["config"],
-                                                arguments["cu_seqlens"], arguments.get("mscale", 1.0))
+                                                arguments["cu_seqlens"], arguments.get("mscale", 1.0),
+                                                arguments.get("mla_rotary_interleaved"))
         return original(*args, **kwargs)
 
     return apply_rotary_pos_emb

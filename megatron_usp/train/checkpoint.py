@@ -87,7 +87,10 @@ def load_checkpoint(args, model, optimizer, scheduler) -> int:
                   flush=True)
         return 0
     directory = checkpoint_dir(args.load, iteration)
-    if not (directory / "common.pt").is_file():
+    # iter_N exists only once every rank finished writing it (renamed from iter_N.partial); its metadata.json is
+    # dist_checkpointing's own mark of a checkpoint (common.pt is not: megatron-core 0.19 keeps the common state
+    # elsewhere)
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise ValueError(f"--load {args.load}: no complete checkpoint for iteration {iteration} ({directory})")
     common = dist_checkpointing.load_common_state_dict(str(directory))
     for name, saved in common["model_shape"].items():

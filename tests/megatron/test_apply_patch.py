@@ -1,5 +1,6 @@
 """tools/apply_megatron_patch.py on small fake Megatron-LM checkouts made here (no network, no Megatron-LM)."""
 import difflib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,37 @@ def test_shipped_patch_sets_are_valid_and_touch_pretrain_gpt(patch_set):
         assert result.returncode == 0, result.stderr
         touched += [line.split("\t")[2] for line in result.stdout.splitlines()]
     assert "pretrain_gpt.py" in touched
+
+
+# Megatron-LM releases the shipped sets are for (MAJOR.MINOR picks the set; main is the next release in development).
+# Run against a real Megatron-LM clone when one is at MEGATRON_LM_REPO (a git repository with these tags), e.g. the
+# mirror `fetch github:NVIDIA/Megatron-LM` gives; skipped without one (CI has none).
+RELEASES = {"core_v0.16.1": "core_v0.16.1", "core_v0.17.1": "core_v0.17.1", "core_v0.18.2": "core_v0.18.2",
+            "core_v0.19.0": "core_v0.19.0", "main": "core_v0.20.0"}
+MEGATRON_LM_REPO = Path(os.environ.get("MEGATRON_LM_REPO", "/work/.mirror/NVIDIA+Megatron-LM/repo"))
+
+
+@pytest.mark.parametrize("ref", list(RELEASES))
+def test_each_release_takes_its_patch_set_and_still_compiles(tmp_path, ref):
+    """On a worktree of the real release: --check picks the set for its MAJOR.MINOR and says it applies; applying
+    it leaves every patched file compiling, and --check then says it is applied."""
+    if not (MEGATRON_LM_REPO / "HEAD").exists() and not (MEGATRON_LM_REPO / ".git").exists():
+        pytest.skip(f"no Megatron-LM clone at {MEGATRON_LM_REPO} (set MEGATRON_LM_REPO)")
+    if subprocess.run(["git", "-C", str(MEGATRON_LM_REPO), "rev-parse", "--verify", "-q", ref],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{MEGATRON_LM_REPO} has no {ref}")
+    checkout = tmp_path / "Megatron-LM"
+    git("worktree", "add", "-f", "--detach", str(checkout), ref, cwd=MEGATRON_LM_REPO)
+    try:
+        code, out = run_tool(checkout, REPO / "patches", "--check")
+        assert code == 1 and f"patch set {REPO / 'patches' / RELEASES[ref]} (exact match" in out, out
+        code, out = run_tool(checkout, REPO / "patches")
+        assert code == 0, out
+        touched = subprocess.run(["git", "diff", "--name-only"], cwd=checkout, capture_output=True, text=True)
+        for name in touched.stdout.split():
+            compile((checkout / name).read_text(), name, "exec")
+        assert "pretrain_gpt.py" in touched.stdout.split()
+        code, out = run_tool(checkout, REPO / "patches", "--check")
+        assert code == 0 and "applied" in out, out
+    finally:
+        git("worktree", "remove", "--force", str(checkout), cwd=MEGATRON_LM_REPO)

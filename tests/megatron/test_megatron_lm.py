@@ -4,6 +4,7 @@ Megatron-LM's ``megatron.training`` is not in the megatron-core pip package: its
 same call shapes (validate_args(args, defaults), get_args()). Specs are real megatron-core specs.
 """
 import argparse
+import dataclasses
 import inspect
 import sys
 import types
@@ -258,10 +259,13 @@ def test_layer_and_block_and_mtp_specs_get_usp_attention(usp_grid_up):
         MultiTokenPredictionLayerSubmodules,
     )
 
-    field = next(f for f in MultiTokenPredictionLayerSubmodules.__dataclass_fields__ if "layer" in f)
+    fields = MultiTokenPredictionLayerSubmodules.__dataclass_fields__
+    field = next(f for f in fields if "layer" in f and "norm" not in f)  # transformer_layer / mtp_model_layer
+    required = {name: None for name, f in fields.items()  # 0.19 makes its norms required fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     mtp = MultiTokenPredictionBlockSubmodules(layer_specs=[ModuleSpec(
         module=MultiTokenPredictionLayer,
-        submodules=MultiTokenPredictionLayerSubmodules(**{field: get_gpt_layer_local_spec()}),
+        submodules=MultiTokenPredictionLayerSubmodules(**{**required, field: get_gpt_layer_local_spec()}),
     )])
     assert megatron_lm.substitute_core_attention(mtp) == 1
     assert core_attention_of(getattr(mtp.layer_specs[0].submodules, field)) is USPAttention
@@ -335,7 +339,12 @@ def test_batch_hook_shards_megatron_019_thd_batches_with_the_document_layout(usp
 def test_thd_hook_replaces_transformer_engine_partitioning(usp_grid_up):
     """Megatron-LM <= 0.16 sends --sft batches to get_thd_batch_on_this_cp_rank (Transformer Engine's indices):
     under USP the document layout and PackedSeqParams with the layout offsets; Megatron's function otherwise."""
-    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+    import megatron.core.utils as core_utils
+
+    if not hasattr(core_utils, "get_thd_batch_on_this_cp_rank"):
+        pytest.skip("this megatron-core has no get_thd_batch_on_this_cp_rank: its THD batches go through "
+                    "get_batch_on_this_cp_rank with cu_seqlens in the batch (the hook tested above)")
+    get_thd_batch_on_this_cp_rank = core_utils.get_thd_batch_on_this_cp_rank
 
     from megatron_usp.sharding import positions
 

@@ -395,6 +395,36 @@ def test_thd_rope_hook_matches_megatron_single_rank(monkeypatch, ring_impl, exac
             torch.testing.assert_close(out, expected[held], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mla", [False, True], ids=["rope", "mla-interleaved"])
+def test_thd_rope_hook_interleaves_as_mla_asks(monkeypatch, mla):
+    """MLA's RoPE interleaves: megatron-core 0.19 says so per call (``mla_rotary_interleaved=True``), older releases
+    through ``config.multi_latent_attention``; the USP THD RoPE gives what the release's own function gives on one
+    rank (on 0.19 the config says the opposite, so only the argument can make it right)."""
+    import inspect
+
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = original_of(rope_utils.apply_rotary_pos_emb)
+    per_call = "mla_rotary_interleaved" in inspect.signature(original).parameters
+    kwargs = {"mla_rotary_interleaved": mla} if per_call else {}
+    config = SimpleNamespace(rotary_interleaved=False, multi_latent_attention=(not mla) if per_call else mla,
+                             apply_rope_fusion=False)
+    seq, u, r = 32, 2, 2
+    cu = torch.tensor([0, 7, 20, 24, 32], dtype=torch.int32)
+    freqs, t = torch.randn(13, 1, 1, 8), torch.randn(seq, 3, 8)
+    one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
+    expected = original(t, freqs, config, cu_seqlens=cu, cp_group=one_rank, **kwargs)
+    hooked = rope_mod._hook_apply_rotary_pos_emb(original)
+    monkeypatch.setattr(rope_mod, "usp_is_initialized", lambda: True)
+    for ring_rank in range(r):
+        for ulysses_rank in range(u):
+            groups = fake_groups(u, r, ulysses_rank, ring_rank)
+            monkeypatch.setattr(state, "_STATE", state.USPState(groups, USPConfig(u, r, "zigzag", "torch")))
+            held = positions(seq, groups, ring_impl="zigzag", cu_seqlens=cu)
+            out = hooked(t[held], freqs, config, cu_seqlens=cu, cp_group=one_rank, **kwargs)
+            torch.testing.assert_close(out, expected[held], rtol=0, atol=1e-6)
+
+
 def test_apply_rope_hook_falls_back_without_usp(monkeypatch):
     """megatron-core's modules call apply_rotary_pos_emb by their own name: after the hook they reach the USP THD
     RoPE only with cu_seqlens while USP is initialized, else megatron-core's function."""

@@ -191,7 +191,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tm
     torchrun(2, [*grid, "--train-iters", "4", "--loss-csv", str(tmp_path / "killed.csv")],
              script=REPO / "tests" / "trainer_crash.py", env={"KILL_AT_ITERATION": "3"}, expect_failure=True)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    assert (save / "iter_0000002" / "common.pt").is_file() and (save / "iter_0000003.partial").is_dir()
+    assert (save / "iter_0000002" / "metadata.json").is_file() and (save / "iter_0000003.partial").is_dir()
     assert not (save / "iter_0000003").exists()
     killed = losses(tmp_path / "killed.csv")
     assert sorted(killed) == [1, 2, 3], killed  # iteration 3 ran, its checkpoint did not complete
@@ -200,7 +200,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tm
     torchrun(2, [*grid, "--train-iters", "4", "--load", str(save), "--loss-csv", str(resumed_csv)])
     resumed = losses(resumed_csv)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert (save / "iter_0000003" / "common.pt").is_file() and not (save / "iter_0000003.partial").exists()
+    assert (save / "iter_0000003" / "metadata.json").is_file() and not (save / "iter_0000003.partial").exists()
     assert sorted(resumed) == [1, 2, 3, 4] and resumed[2] == killed[2]
     assert abs(resumed[3] - killed[3]) <= 1e-6 * killed[3], (resumed, killed)
 
