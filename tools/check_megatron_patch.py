@@ -49,8 +49,10 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megatron_usp.rehearsal.cases import (CaseResult, TrainCase, TrainRun, distributed_optimizer_checkpoint,
-                                          select_cases, train_cases, train_model_args)
+from megatron_usp.megatron.megatron_lm import HYBRID_CP_REFUSAL  # noqa: E402  (imports megatron.core)
+from megatron_usp.rehearsal.cases import (MTP_LOCAL_NORMALIZATION_RTOL, CaseResult, TrainCase, TrainRun,
+                                          distributed_optimizer_checkpoint, select_cases, train_cases,
+                                          train_model_args)
 
 REPO = Path(__file__).resolve().parent.parent
 USP_ARGV = ["--ulysses-degree", "2", "--ring-degree", "2", "--num-layers", "2", "--hidden-size", "64",
@@ -255,8 +257,19 @@ def train(options, env: Dict[str, str]) -> int:
     for folder in (checkpoint, distributed_optimizer_checkpoint(checkpoint)):
         shutil.rmtree(folder, ignore_errors=True)  # the resume cases load what this run saves
 
+    # the checkout's MTP loss weighs each CP rank's tokens by its own rolled count (0.19): see the constant
+    mtp_source = options.megatron_dir / "megatron" / "core" / "transformer" / "multi_token_prediction.py"
+    mtp_rtol = (MTP_LOCAL_NORMALIZATION_RTOL
+                if mtp_source.is_file() and "original_num_tokens" in mtp_source.read_text() else None)
+
+    # the checkout shards hybrid-CP batches through get_batch_on_this_cp_rank(is_hybrid_cp=...): USP refuses that
+    utils_source = options.megatron_dir / "megatron" / "core" / "utils.py"
+    signature = re.search(r"def get_batch_on_this_cp_rank\((.*?)\):", utils_source.read_text(), re.S) \
+        if utils_source.is_file() else None
+    hybrid_refused = HYBRID_CP_REFUSAL if signature and "is_hybrid_cp" in signature.group(1) else None
+
     def all_cases(fixture: Optional[Path] = None, why: str = "no SFT fixture") -> List[TrainCase]:
-        return train_cases(fixture, why, checkpoint, options.train_iters)
+        return train_cases(fixture, why, checkpoint, options.train_iters, mtp_rtol, hybrid_refused)
 
     cases = select_cases(all_cases(), options.cases)
     sft_env = env

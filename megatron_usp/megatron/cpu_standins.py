@@ -68,6 +68,11 @@ CUDA one: the initial weights are not a GPU run's, but they are the same in ever
     ``multi_latent_attention.py`` imports them and sets ``HAVE_TE = True``; MLASelfAttention's
     ``isinstance(self.linear_proj, TELinear)`` then raises TypeError. When ``TELinear`` is not a type its
     ``HAVE_TE`` becomes False (the local spec builds no TE layer; the branch only concerns TE fp8 / fp4).
+``moe-router-without-te``
+    megatron-core's MoE router gating (``moe_utils.RouterGatingLinearFunction``, 0.16) tests
+    ``te_general_gemm is not None``, a name ``moe_utils`` binds only when Transformer Engine imports: without TE
+    every MoE forward raises ``NameError``. Where the name is missing it is bound to None, so the router takes its
+    own torch matmul path (the same math).
 ``helpers-cpp-build``
     ``compile_helpers`` runs Megatron's ``make`` with this interpreter's pybind11 includes and extension suffix
     (the Makefile calls ``python3``, which pyenv may resolve to the checkout's ``.python-version``).
@@ -92,7 +97,8 @@ from ..patching import patch, undo_all, wrap
 STANDINS: Dict[str, str] = {
     "cuda-to-cpu": "device='cuda'/int/torch.device('cuda') -> cpu in every torch call; Tensor.cuda()/pin_memory() "
                    "return the tensor; pin_memory=True -> False; torch.cuda.current_device() is the CPU during "
-                   "backward (the mode is off there)",
+                   "backward (the mode is off there); all_to_all_single split sizes given as tensors -> lists "
+                   "(MoE's dispatcher makes them numpy only off CUDA tensors)",
     "tensor-type-names": "Tensor.type() answers 'torch.cuda.*Tensor' (clip_grads and optimizers check the names)",
     "torch.cuda-runtime": "current_device -> 0; set_device/synchronize/empty_cache no-ops; inert Stream/Event; "
                           "memory queries -> 0",
@@ -107,6 +113,8 @@ STANDINS: Dict[str, str] = {
     "spawn-children": "spawned children (dist_checkpointing's Manager) do not re-run the script without the stand-ins",
     "mla-without-te": "multi_latent_attention.HAVE_TE = False when its TELinear is a MagicMock placeholder (no TE): "
                       "isinstance(linear_proj, TELinear) would raise",
+    "moe-router-without-te": "moe_utils.te_general_gemm = None where TE never bound it: the MoE router's "
+                             "`te_general_gemm is not None` test raised NameError; it takes its torch matmuls",
     "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
 }
 
@@ -164,6 +172,21 @@ class CudaToCpu(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu") + tuple(args[2:])
         return func(*args, **kwargs)
+
+
+def _split_sizes_as_lists(original: Callable) -> Callable:
+    """``all_to_all_single`` taking tensor split sizes: MoE's alltoall dispatcher keeps them as tensors and makes
+    them numpy arrays only off CUDA tensors (``moe_utils.maybe_move_tensor_to_cpu``); a CPU tensor is no list of
+    ints for c10d. Patched on ``torch.distributed`` (the backward runs outside the mode)."""
+    @functools.wraps(original)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if torch.is_tensor(output_split_sizes):
+            output_split_sizes = output_split_sizes.tolist()
+        if torch.is_tensor(input_split_sizes):
+            input_split_sizes = input_split_sizes.tolist()
+        return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    return all_to_all_single
 
 
 # ---------------------------------------------------------------------------------------------- torch.cuda
@@ -349,7 +372,7 @@ def _children_skip_the_script(original: Callable) -> Callable:
 
 
 CORE_STANDINS = ("cuda-to-cpu", "tensor-type-names", "torch.cuda-runtime", "cuda-rng-is-cpu-rng",
-                 "no-kernel-compilation", "mla-without-te")
+                 "no-kernel-compilation", "mla-without-te", "moe-router-without-te")
 """The stand-ins megatron-core alone needs (its DDP, optimizers, pipeline schedules, RNG tracker, checkpointing):
 what the trainer (``megatron_usp.train``) installs. The others concern Megatron-LM's ``megatron.training``."""
 
@@ -388,7 +411,9 @@ def _install_core() -> None:
     logging.getLogger(tp_random.__name__).addFilter(_SameGeneratorWarning())
     # mla-without-te (megatron-core's MLA: the trainer and the tests build it too)
     _mla_without_te()
+    _moe_router_without_te()
     # cuda-to-cpu, tensor-type-names
+    _patch(torch.distributed, "all_to_all_single", _split_sizes_as_lists(torch.distributed.all_to_all_single))
     mode = CudaToCpu()
     mode.__enter__()
     _MODE.append(mode)
@@ -404,9 +429,12 @@ def _install_megatron_lm() -> None:
                    "enable_batch_invariant_mode"):
             setattr(stub, fn, _noop)
         sys.modules.setdefault(name, stub)
-    import megatron.legacy.fused_kernels as fused_kernels
-
-    _patch(fused_kernels, "load", _noop)
+    try:
+        import megatron.legacy.fused_kernels as fused_kernels
+    except ImportError:  # Megatron-LM 0.19+ has no megatron.legacy: nothing to build
+        fused_kernels = None
+    if fused_kernels is not None:
+        _patch(fused_kernels, "load", _noop)
     # initialize-without-cuda, warmup-jit-rng
     import megatron.training.initialize as initialize
     import megatron.training.training as training
@@ -441,6 +469,18 @@ def _mla_without_te() -> bool:
         _patch(mla, "HAVE_TE", False)
         return True
     return False
+
+
+def _moe_router_without_te() -> bool:
+    """The ``moe-router-without-te`` stand-in; True when it applied. megatron-core's MoE router gating
+    (``moe_utils.RouterGatingLinearFunction``) tests ``te_general_gemm is not None``, a name bound only when
+    Transformer Engine imports (``NameError`` without TE): bound to None, the router takes its own torch matmuls."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if "te_general_gemm" in vars(moe_utils):
+        return False
+    _patch(moe_utils, "te_general_gemm", None)
+    return True
 
 
 def uninstall() -> None:

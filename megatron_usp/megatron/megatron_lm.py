@@ -25,12 +25,13 @@ import torch
 from megatron.core import parallel_state
 
 from ..config import USPConfig
-from ..patching import mark, undo_all, wrap
+from ..patching import mark, original_of, undo_all, wrap
 from . import grid
 from .args import add_usp_args, validate_usp_args
 from .batch import get_batch_on_this_usp_rank
 from .refusals import refusal
 from .specs import substitute_core_attention
+from .moe import fix_router_loss_scaling
 from .optimizer_load import fix_distributed_optimizer_load
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -125,11 +126,27 @@ def restore_max_logit_flags(args: Any, held: Dict[str, Any]) -> None:
         setattr(args, name, value)
 
 
+HYBRID_CP_REFUSAL = ("this Megatron-LM's hybrid-CP batch path (get_batch_on_this_cp_rank(is_hybrid_cp=True), "
+                     "after core_v0.16) is not supported under USP yet: drop --hybrid-context-parallel; "
+                     "core_v0.16.1's hybrid CP (a cp_group per sample) is")
+
+
+def hybrid_cp_batches_by_flag() -> bool:
+    """Whether this megatron-core shards hybrid-CP batches through ``get_batch_on_this_cp_rank(is_hybrid_cp=...)``
+    (after 0.16), which USP does not take yet (0.16.1 hands each sample its own ``cp_group``, which it does)."""
+    import megatron.core.utils as core_utils
+
+    function = getattr(core_utils, "get_batch_on_this_cp_rank", None)
+    return function is not None and "is_hybrid_cp" in inspect.signature(original_of(function)).parameters
+
+
 def _wrap_validate_args(original: Callable) -> Callable:
     @functools.wraps(original)
     def validate_args(args, *rest, **kwargs):
         if not usp_requested(args):
             return original(args, *rest, **kwargs)
+        if getattr(args, "hybrid_context_parallel", False) and hybrid_cp_batches_by_flag():
+            raise ValueError(HYBRID_CP_REFUSAL)  # before training, on every rank
         validate_usp_args(args)  # sets context_parallel_size = u*r before Megatron derives the DP size
         held = hold_max_logit_flags(args)
         try:
@@ -207,6 +224,7 @@ def install(get_args: Optional[Callable[[], Any]] = None) -> None:
     if hasattr(core_utils, "get_batch_on_this_cp_rank"):  # get_batch_on_this_hybrid_cp_rank calls it by this name
         wrap(core_utils, "get_batch_on_this_cp_rank", wrap_get_batch_on_this_cp_rank, owner=__name__)
     fix_distributed_optimizer_load()  # megatron-core's distributed-optimizer --load gaps (any device)
+    fix_router_loss_scaling()  # megatron-core 0.16's MoE router losses under --calculate-per-token-loss and CP
 
 
 def uninstall() -> None:
@@ -269,9 +287,7 @@ def wrap_get_batch_on_this_cp_rank(megatron_fn: Callable) -> Callable:
             return megatron_fn(batch, *args, **kwargs)
         arguments = signature.bind(batch, *args, **kwargs).arguments
         if arguments.get("is_hybrid_cp"):
-            raise ValueError("this Megatron-LM's hybrid-CP batch path (get_batch_on_this_cp_rank(is_hybrid_cp=True), "
-                             "after core_v0.16) is not supported under USP yet: drop --hybrid-context-parallel; "
-                             "core_v0.16.1's hybrid CP (a cp_group per sample) is")
+            raise ValueError(HYBRID_CP_REFUSAL)
         return get_batch_on_this_rank(batch, arguments.get("cp_group"))  # a hybrid-CP sample's own group
 
     return mark(get_batch_on_this_cp_rank, megatron_fn)

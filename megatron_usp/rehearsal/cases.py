@@ -14,6 +14,8 @@ import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .sft_fixture import LEGACY_MARK
+
 MOCK_DATA = ("--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128")
 
 
@@ -83,14 +85,25 @@ def usp_flags(ulysses: int, ring: int, ring_impl: str = "zigzag") -> Tuple[str, 
 
 def sft_data_args(fixture: Path) -> Tuple[str, ...]:
     """Megatron-LM's packed THD path: --sft on the fixture's jsonl and tokenizer (see :mod:`.sft_fixture`), rows of
-    128 tokens, one row per micro-batch (Megatron packs only with micro-batch 1); SFTTokenizer is a legacy tokenizer."""
-    return ("--sft", "--legacy-tokenizer", "--tokenizer-type", "SFTTokenizer", "--tokenizer-model", str(fixture / "tokenizer"),
+    128 tokens, one row per micro-batch (Megatron packs only with micro-batch 1); SFTTokenizer is a legacy tokenizer
+    where the fixture found it there (Megatron-LM <= 0.18)."""
+    legacy = ("--legacy-tokenizer",) if (fixture / LEGACY_MARK).exists() else ()
+    return ("--sft", *legacy, "--tokenizer-type", "SFTTokenizer", "--tokenizer-model", str(fixture / "tokenizer"),
             "--data-path", str(fixture / "sft.jsonl"), "--split", "100,0,0", "--seq-length", "128",
             "--max-position-embeddings", "128", "--micro-batch-size", "1", "--no-create-attention-mask-in-dataloader")
 
 
+MTP_LOCAL_NORMALIZATION_RTOL = 1e-5
+"""The MTP case's tolerance where Megatron-LM weighs each CP rank's MTP tokens by its own ``original / rolled``
+token count (0.19's ``process_mtp_loss`` under --calculate-per-token-loss): the rank holding the sequence's end
+lost one token to the roll, so its tokens weigh ``T_local / (T_local - 1)`` where one rank weighs all
+``T / (T - 1)``; stock CP differs from 1 rank the same way (measured under USP: 3.3e-6 by iteration 6; 2e-7 on
+0.16.1, which normalizes globally)."""
+
+
 def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixture",
-                checkpoint: Path = Path("checkpoint"), train_iters: int = 6) -> List[TrainCase]:
+                checkpoint: Path = Path("checkpoint"), train_iters: int = 6,
+                mtp_rtol: Optional[float] = None, hybrid_refused: Optional[str] = None) -> List[TrainCase]:
     """Baseline (no SP) vs USP with the same Megatron flags; every USP run uses 4 ranks. The packed THD (--sft) cases
     need ``sft_fixture`` (made by :mod:`.sft_fixture`), else they are skipped with ``sft_skip``. The resume
     cases save to ``checkpoint`` at u=2 r=2 after half the iterations and load it on another grid and without SP:
@@ -140,6 +153,11 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
     hybrid = per_token + ("--hybrid-context-parallel", "--max-seqlen-per-dp-cp-rank", "32", "--dataloader-type",
                           "single", "--rerun-mode", "disabled")
     for grid, (u, r, impl) in (("u2 zigzag", (2, 1, "zigzag")), ("r2 stripe", (1, 2, "stripe"))):
+        if hybrid_refused:  # a checkout whose hybrid CP shards by get_batch_on_this_cp_rank(is_hybrid_cp=...)
+            cases.append(TrainCase(f"THD --sft hybrid CP {grid} x DP 2 refused", None,
+                                   TrainRun(4, hybrid + usp_flags(u, r, impl), sft), "none", refused=hybrid_refused,
+                                   skip=None if sft_fixture is not None else sft_skip))
+            continue
         cases.append(TrainCase(f"THD --sft hybrid CP {grid} x DP 2",
                                TrainRun(1, per_token, sft, ("--thd-reference-attention",)),
                                TrainRun(4, hybrid + usp_flags(u, r, impl), sft), f"u={u} r={r} ring_impl={impl}",
@@ -156,7 +174,7 @@ def train_cases(sft_fixture: Optional[Path] = None, sft_skip: str = "no SFT fixt
     cases.append(TrainCase("save u2 r2 -> load without SP", TrainRun(1), TrainRun(1, load), "none", pre=save,
                            first_iteration=half + 1))
     cases += distributed_optimizer_resume_cases(distributed_optimizer_checkpoint(checkpoint), train_iters)
-    cases += tensor_parallel_cases() + mtp_cases() + attention_feature_cases()
+    cases += tensor_parallel_cases() + mtp_cases(mtp_rtol) + attention_feature_cases()
     return cases
 
 
@@ -202,7 +220,9 @@ def tensor_parallel_cases() -> List[TrainCase]:
     tp2 = ("--tensor-model-parallel-size", "2")
     return [
         TrainCase("TP=2 u2", TrainRun(2, tp2), TrainRun(4, tp2 + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"),
-        TrainCase("TP=2 u2 vs 1 rank cpu initialization", TrainRun(1, CPU_INIT),
+        # Megatron-LM 0.16's CPU initialization gives TP=2 the 1-rank weights, 0.19's does not (TP=2 without USP
+        # differs from 1 rank there too): the baseline is TP=2 without USP
+        TrainCase("TP=2 u2 cpu initialization", TrainRun(2, tp2 + CPU_INIT),
                   TrainRun(4, tp2 + CPU_INIT + usp_flags(2, 1)), "u=2 r=1 ring_impl=zigzag"),
     ]
 
@@ -210,7 +230,7 @@ def tensor_parallel_cases() -> List[TrainCase]:
 MTP = ("--mtp-num-layers", "1", "--calculate-per-token-loss")
 
 
-def mtp_cases() -> List[TrainCase]:
+def mtp_cases(rtol: Optional[float] = None) -> List[TrainCase]:
     """Multi-token prediction (one MTP layer): megatron-core's ``roll_tensor`` shifts labels and tokens across CP
     ranks assuming Megatron's zigzag layout. u=2 r=2 zigzag has it and must match the 1-rank run; stripe and basic do
     not, and validate_usp_args refuses them before training (measured before the refusal: stripe differed by 1.4e-4,
@@ -221,7 +241,8 @@ def mtp_cases() -> List[TrainCase]:
     refusal = "--mtp-num-layers with --usp-ring-impl {}"
     without_per_token = MTP[:2] + usp_flags(2, 2)
     return [
-        TrainCase("MTP u2 r2 zigzag", TrainRun(1, MTP), TrainRun(4, MTP + usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag"),
+        TrainCase("MTP u2 r2 zigzag", TrainRun(1, MTP), TrainRun(4, MTP + usp_flags(2, 2)), "u=2 r=2 ring_impl=zigzag",
+                  rtol=rtol),
         TrainCase("MTP u2 r2 stripe refused", None, TrainRun(4, MTP + usp_flags(2, 2, "stripe")), "none",
                   refused=refusal.format("stripe")),
         TrainCase("MTP u2 r2 basic refused", None, TrainRun(4, MTP + usp_flags(2, 2, "basic")), "none",
@@ -263,6 +284,21 @@ def attention_feature_cases() -> List[TrainCase]:
     no_gqa = ("--group-query-attention",)  # MLA excludes it (Megatron asserts)
     cases.append(TrainCase("MLA u2 r2", TrainRun(1, MLA, launcher=("--mla-reference-attention",), without=no_gqa),
                            TrainRun(4, MLA + zigzag, without=no_gqa), "u=2 r=2 ring_impl=zigzag"))
+    # MoE (top-2 of 4 experts, alltoall dispatcher, load-balancing loss): routing is per token, the router's
+    # statistics are summed over the tp_cp group (the USP grid); with --calculate-per-token-loss megatron-core 0.16
+    # scales the router losses 1 / CP (megatron_usp.megatron.moe fixes it). EP 2 keeps its own expert init, so its
+    # baseline is EP 2 x DP 2 without SP.
+    moe = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
+           "--moe-aux-loss-coeff", "1e-2", "--disable-bias-linear")
+    per_token_loss = ("--calculate-per-token-loss",)
+    ep2 = ("--expert-model-parallel-size", "2")
+    cases += [
+        TrainCase("MoE u2 r2", TrainRun(1, moe), TrainRun(4, moe + zigzag), "u=2 r=2 ring_impl=zigzag"),
+        TrainCase("MoE per-token loss u2 r2", TrainRun(1, moe + per_token_loss),
+                  TrainRun(4, moe + per_token_loss + zigzag), "u=2 r=2 ring_impl=zigzag"),
+        TrainCase("MoE EP=2 u2 r2 vs EP=2 DP=2", TrainRun(2, moe + ep2), TrainRun(4, moe + ep2 + zigzag),
+                  "u=2 r=2 ring_impl=zigzag"),
+    ]
     qk_clip = ("--qk-clip", "--log-max-attention-logit")
     bf16 = ("--bf16",)  # Megatron's clip_qk reaches the layers through model.module.module (Float16Module)
     cases.append(TrainCase("qk-clip bf16 u2 r2 vs no clip", TrainRun(1, bf16), TrainRun(4, bf16 + qk_clip + zigzag),

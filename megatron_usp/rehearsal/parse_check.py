@@ -49,8 +49,11 @@ def main() -> None:
     arguments.get_device_arch_version = lambda: 9
     print("stand-in: get_device_arch_version() -> 9 (no CUDA here)")
     import megatron.training.initialize as initialize
+
+    # the name initialize_megatron calls (Megatron-LM <= 0.16), else arguments' own (0.19: parse_and_validate_args)
+    holder = initialize if callable(getattr(initialize, "validate_args", None)) else arguments
     with contextlib.redirect_stdout(io.StringIO()):  # Megatron prints every argument
-        initialize.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+        holder.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     print("Megatron-LM validate_args via install(): world", args.world_size, "cp", args.context_parallel_size,
           "dp", args.data_parallel_size)
     assert args.data_parallel_size == args.world_size // 4

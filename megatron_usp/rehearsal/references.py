@@ -61,10 +61,13 @@ def install_thd_reference_attention() -> None:
     DotProductAttention.forward = forward
 
     # Megatron-LM 0.16 hands get_thd_batch_on_this_cp_rank the collated cu_seqlens ([1, documents + 1] at micro-batch
-    # 1); its non-fused THD RoPE (rope_utils: ``freqs.size(0) == cu_seqlens[-1]``) needs them 1-D.
+    # 1); its non-fused THD RoPE (rope_utils: ``freqs.size(0) == cu_seqlens[-1]``) needs them 1-D. Later releases have
+    # no such function (get_batch_on_this_cp_rank takes the batch's cu_seqlens).
     import megatron.core.utils as core_utils
 
-    original_thd_batch = core_utils.get_thd_batch_on_this_cp_rank
+    original_thd_batch = getattr(core_utils, "get_thd_batch_on_this_cp_rank", None)
+    if original_thd_batch is None:
+        return
 
     @functools.wraps(original_thd_batch)
     def get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs):

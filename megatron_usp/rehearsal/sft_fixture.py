@@ -16,6 +16,8 @@ import sys
 import types
 from pathlib import Path
 
+LEGACY_MARK = "legacy-tokenizer"  # in the fixture folder when the checkout's SFTTokenizer is a legacy tokenizer
+
 
 def main() -> None:
     out, seq = Path(sys.argv[1]), int(sys.argv[2])
@@ -32,7 +34,12 @@ def main() -> None:
     tokenizer.add_special_tokens(special)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>",
                             pad_token="<SPECIAL_233>").save_pretrained(out / "tokenizer")
-    from megatron.training.tokenizer.sft_tokenizer import SFTTokenizer
+    try:  # Megatron-LM <= 0.18: a legacy tokenizer (--legacy-tokenizer); later releases keep it in megatron.core
+        from megatron.training.tokenizer.sft_tokenizer import SFTTokenizer
+        (out / LEGACY_MARK).write_text("SFTTokenizer is in megatron.training.tokenizer: pass --legacy-tokenizer\n")
+    except ImportError:
+        from megatron.core.tokenizers.text.libraries.sft_tokenizer import SFTTokenizer
+        (out / LEGACY_MARK).unlink(missing_ok=True)
     sft = SFTTokenizer(str(out / "tokenizer"), "nemotron-h-aligned")
     rng = random.Random(1234)
 

@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=True,
                        help="always untied in this trainer (default on, unlike Megatron-LM); "
                             "--no-untie-embeddings-and-output-weights is refused")
+    moe = parser.add_argument_group("mixture of experts (megatron-core's MoE layer in every layer)")
+    moe.add_argument("--num-experts", type=positive_int, default=None, help="experts per MoE layer (default: dense MLP)")
+    moe.add_argument("--moe-router-topk", type=positive_int, default=None, help="experts per token (default 2)")
+    moe.add_argument("--moe-ffn-hidden-size", type=positive_int, default=None, help="default: --ffn-hidden-size")
+    moe.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default=None,
+                     help="default alltoall")
+    moe.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"], default=None,
+                     help="default aux_loss")
+    moe.add_argument("--moe-aux-loss-coeff", type=nonnegative_float, default=None,
+                     help="load-balancing loss coefficient (default 0.0, as Megatron-LM)")
+    moe.add_argument("--expert-model-parallel-size", type=positive_int, default=None,
+                     help="experts sharded over this many ranks (default 1)")
     train = parser.add_argument_group("training")
     train.add_argument("--micro-batch-size", type=positive_int, default=1)
     train.add_argument("--global-batch-size", type=positive_int, default=None, help="default: micro batch x DP size")
@@ -98,8 +110,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.num_query_groups is None:
         raise ValueError("--group-query-attention needs --num-query-groups")
     check_model_args(args)
+    check_moe_args(args)
     check_run_args(args)
     return args
+
+
+MOE_DEFAULTS = {"moe_router_topk": 2, "moe_token_dispatcher_type": "alltoall",
+                "moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.0,
+                "expert_model_parallel_size": 1}
+
+
+def check_moe_args(args: argparse.Namespace) -> None:
+    """MoE flags only beside --num-experts (refused alone, never ignored), then their defaults and divisibility."""
+    given = [name for name in (*MOE_DEFAULTS, "moe_ffn_hidden_size") if getattr(args, name) is not None]
+    if args.num_experts is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --num-experts (this model has a dense MLP)")
+        args.expert_model_parallel_size = 1
+        return
+    for name, default in MOE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    if not args.disable_bias_linear:
+        raise ValueError("--num-experts needs --disable-bias-linear: megatron-core's local experts (SequentialMLP) "
+                         "add their bias in place on a view autograd forbids (a RuntimeError in the first step)")
+    if args.moe_router_topk > args.num_experts:
+        raise ValueError(f"--moe-router-topk {args.moe_router_topk} exceeds --num-experts {args.num_experts}")
+    if args.num_experts % args.expert_model_parallel_size:
+        raise ValueError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+                         f"{args.expert_model_parallel_size} (each expert rank holds the same number of experts)")
+    if args.moe_ffn_hidden_size % args.tensor_model_parallel_size:
+        raise ValueError(f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by "
+                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -165,6 +208,11 @@ def check_batch_args(args: argparse.Namespace) -> None:
                          f"{args.pipeline_model_parallel_size}: change them, or give the end stages their own counts "
                          "(--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers)")
     args.data_parallel_size = args.world_size // model_parallel
+    stage_ranks = args.world_size // args.pipeline_model_parallel_size
+    if stage_ranks % (args.tensor_model_parallel_size * args.expert_model_parallel_size):
+        raise ValueError(f"--expert-model-parallel-size {args.expert_model_parallel_size} x --tensor-model-parallel-"
+                         f"size {args.tensor_model_parallel_size} does not divide the {stage_ranks} ranks of a "
+                         "pipeline stage (megatron-core shards the experts over them)")
     per_step = args.micro_batch_size * args.data_parallel_size
     args.global_batch_size = args.global_batch_size or per_step
     if args.global_batch_size % per_step:

@@ -13,7 +13,7 @@ CHECKPOINT_TRACKER = "latest_checkpointed_iteration.txt"
 # Arguments that fix the model's parameters: a checkpoint only loads into the same values.
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "vocab_size", "max_position_embeddings", "tensor_model_parallel_size", "swiglu", "normalization",
-                    "disable_bias_linear")
+                    "disable_bias_linear", "num_experts", "moe_ffn_hidden_size")
 
 
 def checkpoint_dir(directory: str, iteration: int) -> Path:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..megatron import (cpu_standins, destroy_model_parallel, get_usp_groups, initialize_model_parallel,
+from ..megatron import (cpu_standins, destroy_model_parallel, get_usp_groups, initialize_model_parallel, moe,
                         optimizer_load)
 from ..config import USPConfig
 from ..megatron.specs import get_gpt_decoder_block_local_spec
@@ -42,6 +42,12 @@ def build_model(args) -> list:
     interleaved = {} if virtual is None else dict(virtual_pipeline_model_parallel_size=virtual,
                                                   overlap_p2p_comm=True, batch_p2p_comm=False)
     swiglu = dict(gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False) if args.swiglu else {}
+    experts = {} if args.num_experts is None else dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        expert_model_parallel_size=args.expert_model_parallel_size, moe_grouped_gemm=False,
+    )
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -55,17 +61,20 @@ def build_model(args) -> list:
         use_cpu_initialization=True, perform_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        **swiglu, **interleaved, **recompute,
+        **swiglu, **experts, **interleaved, **recompute,
     )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer,
     )
+    if args.num_experts is not None:
+        moe.fix_router_loss_scaling()  # megatron-core 0.16: router losses 1 / CP as strong under per-token loss
     chunks = []
     for vp_stage in ([None] if virtual is None else range(virtual)):
         # as Megatron-LM: each pipeline stage draws its layers from its own seed (each virtual stage too)
         torch.manual_seed(args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + 10000 * (vp_stage or 0))
         model = GPTModel(
-            config=config, transformer_layer_spec=get_gpt_decoder_block_local_spec(config, vp_stage=vp_stage),
+            config=config, transformer_layer_spec=get_gpt_decoder_block_local_spec(
+                config, vp_stage=vp_stage, num_experts=args.num_experts, moe_grouped_gemm=False),
             vocab_size=args.vocab_size, max_sequence_length=args.max_position_embeddings,
             position_embedding_type="rope", share_embeddings_and_output_weights=False,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -79,6 +88,14 @@ def build_model(args) -> list:
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [chunk.no_sync for chunk in chunks]
     return chunks
+
+
+def moe_description(args) -> str:
+    if args.num_experts is None:
+        return ""
+    return (f", MoE {args.num_experts} experts top-{args.moe_router_topk} ({args.moe_token_dispatcher_type}, "
+            f"{args.moe_router_load_balancing_type} x {args.moe_aux_loss_coeff}) over EP "
+            f"{args.expert_model_parallel_size}")
 
 
 def megatron_optimizer(args, model: list):
@@ -178,7 +195,7 @@ def main(argv=None, configured: Optional[tuple] = None) -> None:
     initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, config=USPConfig.from_args(args),
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        create_gloo_process_groups=False,
+        expert_model_parallel_size=args.expert_model_parallel_size, create_gloo_process_groups=False,
     )
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -194,7 +211,8 @@ def main(argv=None, configured: Optional[tuple] = None) -> None:
         print(f"> {stream.description}\n> GPT: {args.num_layers} layers, hidden {args.hidden_size}, "
               f"{args.num_attention_heads} heads / {args.num_query_groups} query groups, vocab {args.vocab_size}, "
               f"{'bf16' if args.bf16 else 'fp32'}, {args.normalization}{', SwiGLU' if args.swiglu else ''}"
-              f"{', no linear biases' if args.disable_bias_linear else ''}; ~{params / 1e6:.2f}M parameters on "
+              f"{', no linear biases' if args.disable_bias_linear else ''}"
+              f"{moe_description(args)}; ~{params / 1e6:.2f}M parameters on "
               "pipeline stage 0\n"
               f"> grid: world {args.world_size} = TP {args.tensor_model_parallel_size}"
               f"{' (sequence parallel)' if args.sequence_parallel else ''} x PP {args.pipeline_model_parallel_size}"

@@ -118,6 +118,33 @@ def test_usp_validation_runs_before_megatron_derives_the_data_parallel_size(fake
     assert (args.context_parallel_size, args.data_parallel_size) == (4, 2)
 
 
+@pytest.mark.parametrize("batch_path", ["cp_group per sample", "is_hybrid_cp flag"])
+def test_hybrid_context_parallel_is_refused_where_batches_take_the_is_hybrid_cp_flag(fake_megatron_lm, monkeypatch,
+                                                                                      batch_path):
+    """--hybrid-context-parallel: core_v0.16.1 hands each sample its cp_group (USP runs it on a sub-grid); later
+    releases shard by get_batch_on_this_cp_rank(is_hybrid_cp=...), refused before Megatron validates (found by the
+    function's signature)."""
+    import megatron.core.utils as core_utils
+
+    def per_sample(batch, cp_group=None):
+        return batch
+
+    def by_flag(batch, is_hybrid_cp, cp_group=None, hybrid_cp_group_func=None, use_per_sequence_balancing=False):
+        return batch
+
+    monkeypatch.setattr(core_utils, "get_batch_on_this_cp_rank", per_sample if batch_path.startswith("cp") else by_flag)
+    megatron_lm.install(get_args=lambda: None)
+    args = parse(["--ulysses-degree", "2", "--ring-degree", "2"])
+    args.hybrid_context_parallel = True
+    if batch_path.startswith("cp"):
+        fake_megatron_lm.arguments.validate_args(args, {})
+        assert fake_megatron_lm.calls == [4]
+        return
+    with pytest.raises(ValueError, match="drop --hybrid-context-parallel"):
+        fake_megatron_lm.arguments.validate_args(args, {})
+    assert fake_megatron_lm.calls == []  # before Megatron's own validation
+
+
 def test_install_is_idempotent_and_uninstall_restores(fake_megatron_lm):
     megatron_lm.install(get_args=lambda: None)
     wrapped = fake_megatron_lm.arguments.validate_args
