@@ -73,6 +73,10 @@ CUDA one: the initial weights are not a GPU run's, but they are the same in ever
     ``te_general_gemm is not None``, a name ``moe_utils`` binds only when Transformer Engine imports: without TE
     every MoE forward raises ``NameError``. Where the name is missing it is bound to None, so the router takes its
     own torch matmul path (the same math).
+``inference-linears-without-te``
+    Megatron-LM main's ``tensor_parallel.inference_layers`` subclasses TE's linears, placeholders without TE, so
+    ``is_inference_column_parallel_linear`` (called by MTP's constructor) raises in ``isinstance``; without TE no
+    such layer exists, and it answers False.
 ``helpers-cpp-build``
     ``compile_helpers`` runs Megatron's ``make`` with this interpreter's pybind11 includes and extension suffix
     (the Makefile calls ``python3``, which pyenv may resolve to the checkout's ``.python-version``).
@@ -115,6 +119,8 @@ STANDINS: Dict[str, str] = {
                       "isinstance(linear_proj, TELinear) would raise",
     "moe-router-without-te": "moe_utils.te_general_gemm = None where TE never bound it: the MoE router's "
                              "`te_general_gemm is not None` test raised NameError; it takes its torch matmuls",
+    "inference-linears-without-te": "is_inference_column_parallel_linear -> False where the inference linears "
+                                    "subclass TE placeholders (Megatron-LM main; MTP's constructor calls it)",
     "helpers-cpp-build": "compile_helpers runs make with this interpreter's pybind11 includes and suffix",
 }
 
@@ -372,7 +378,7 @@ def _children_skip_the_script(original: Callable) -> Callable:
 
 
 CORE_STANDINS = ("cuda-to-cpu", "tensor-type-names", "torch.cuda-runtime", "cuda-rng-is-cpu-rng",
-                 "no-kernel-compilation", "mla-without-te", "moe-router-without-te")
+                 "no-kernel-compilation", "mla-without-te", "moe-router-without-te", "inference-linears-without-te")
 """The stand-ins megatron-core alone needs (its DDP, optimizers, pipeline schedules, RNG tracker, checkpointing):
 what the trainer (``megatron_usp.train``) installs. The others concern Megatron-LM's ``megatron.training``."""
 
@@ -412,6 +418,7 @@ def _install_core() -> None:
     # mla-without-te (megatron-core's MLA: the trainer and the tests build it too)
     _mla_without_te()
     _moe_router_without_te()
+    _inference_linears_without_te()
     # cuda-to-cpu, tensor-type-names
     _patch(torch.distributed, "all_to_all_single", _split_sizes_as_lists(torch.distributed.all_to_all_single))
     mode = CudaToCpu()
@@ -480,6 +487,28 @@ def _moe_router_without_te() -> bool:
     if "te_general_gemm" in vars(moe_utils):
         return False
     _patch(moe_utils, "te_general_gemm", None)
+    return True
+
+
+def _inference_linears_without_te() -> bool:
+    """The ``inference-linears-without-te`` stand-in; True when it applied. Where megatron-core has
+    ``tensor_parallel.inference_layers`` (Megatron-LM main, 0.20 dev) its inference linears subclass TE's, which are
+    placeholders without TE, and ``is_inference_column_parallel_linear`` (MTP's constructor calls it) raises in
+    ``isinstance``: without TE no such layer can exist, so it answers False (patched where MTP imported it too)."""
+    try:
+        import megatron.core.tensor_parallel.inference_layers as layers
+    except ImportError:
+        return False
+    name = "is_inference_column_parallel_linear"
+    classes = [getattr(layers, cls, None) for cls in ("InferenceColumnParallelLinear",
+                                                     "InferenceLayerNormColumnParallelLinear")]
+    if not hasattr(layers, name) or all(isinstance(cls, type) for cls in classes):
+        return False
+    import megatron.core.transformer.multi_token_prediction as mtp
+
+    for holder in (layers, mtp):
+        if hasattr(holder, name):
+            _patch(holder, name, lambda module: False)
     return True
 
 
