@@ -682,3 +682,28 @@ def gpt_hybrid_cp_parity(rank, world_size, ulysses_degree, ring_degree) -> dict:
         assert report[local_cp_size]["loss"] <= 1e-5 and worst <= 1e-5, report
     destroy_model_parallel()
     return report
+
+
+def expert_groups_with_and_without_usp(rank, world_size, ulysses_degree, ring_degree, expert_model_parallel_size):
+    """The expert-parallel groups megatron-core builds under the USP grid and with its own CP of the same size:
+    ``{name: (this rank's group ranks, ...)}`` for both."""
+    from megatron.core import parallel_state
+
+    from megatron_usp.megatron import destroy_model_parallel, initialize_model_parallel
+
+    def groups() -> dict:
+        return {name: tuple(dist.get_process_group_ranks(getter()))
+                for name, getter in (("ep", parallel_state.get_expert_model_parallel_group),
+                                     ("expert_dp", parallel_state.get_expert_data_parallel_group),
+                                     ("expert_tp_ep", parallel_state.get_expert_tensor_and_model_parallel_group))}
+
+    initialize_model_parallel(1, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                              expert_model_parallel_size=expert_model_parallel_size, create_gloo_process_groups=False)
+    usp = groups()
+    destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=ulysses_degree * ring_degree,
+                                             expert_model_parallel_size=expert_model_parallel_size,
+                                             create_gloo_process_groups=False)
+    megatron = groups()
+    parallel_state.destroy_model_parallel()
+    return {"usp": usp, "megatron": megatron}

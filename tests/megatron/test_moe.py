@@ -44,3 +44,16 @@ def test_the_fix_scales_the_gradient_not_the_logged_loss():
         wrapped(moe._RouterStub(size), activation, 0.5, torch.tensor(2.0), "load_balancing_loss", None,
                 valid_token_count=3)
     assert seen == [(0.5, 2.0, 3), (2.0, 8.0, 3)]
+
+
+@pytest.mark.parametrize("ulysses_degree,ring_degree,expert_model_parallel_size", [(2, 2, 2), (1, 4, 4), (2, 1, 2)])
+def test_expert_groups_are_megatron_cores_own(fresh_rank_pool, ulysses_degree, ring_degree,
+                                              expert_model_parallel_size):
+    """The grid passes expert_model_parallel_size to megatron-core: its expert-parallel, expert-data-parallel and
+    expert TP x EP groups are those megatron-core builds without USP for the same CP size (on 4 ranks)."""
+    reports = fresh_rank_pool(4).run("megatron_cases:expert_groups_with_and_without_usp", timeout=120,
+                                     ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                     expert_model_parallel_size=expert_model_parallel_size)
+    for report in reports:
+        assert report["usp"] == report["megatron"], report
+        assert len(report["usp"]["ep"]) == expert_model_parallel_size
