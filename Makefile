@@ -51,7 +51,8 @@ gpu-check: install
 # The newest megatron-core line (0.17+ need Python >= 3.12; torch 2.13.0 for 3.12 is the registry's CUDA build, which
 # runs on CPU with gloo): every Megatron-facing test (tests/megatron: adapter, Megatron-LM glue, masks, RoPE,
 # trainer, patches) on it. .ci/run runs it after `make test`.
-PYTHON_LATEST ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python)
+# a pyenv 3.12 first (pyenv's python3.12 shim refuses to run unless 3.12 is the selected version), else python3.12
+PYTHON_LATEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 MCORE_LATEST ?= 0.19.2
 VENV_LATEST := .venv-latest
 $(VENV_LATEST)/.installed: setup.py
