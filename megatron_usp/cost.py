@@ -13,6 +13,7 @@ import torch
 
 from .kernels import accumulation_dtype
 from .layout import check_ring_impl, ring_documents_of, ring_local
+from .ring_local import PIECE_PAIRS
 from .ulysses import check_head_counts, kv_replication
 
 
@@ -139,6 +140,19 @@ def document_pairs(cu_seqlens, causal: bool = True) -> int:
     """All visible pairs of a packed row: sum of L (L + 1) / 2 (causal) or L^2 over its documents."""
     lengths = torch.as_tensor(cu_seqlens, dtype=torch.long).diff()
     return int((lengths * (lengths + 1) // 2).sum() if causal else (lengths * lengths).sum())
+
+
+def piece_work(blocks) -> int:
+    """What the executor's pieces ``blocks`` cost, in pairs: their pairs plus :data:`.ring_local.PIECE_PAIRS` for
+    each non-empty piece (one kernel call, or one segment of a varlen call)."""
+    return sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) + PIECE_PAIRS
+               for b in blocks if b.q_stop > b.q_start and b.kv_stop > b.kv_start)
+
+
+def document_work(cu_seqlens) -> int:
+    """:func:`piece_work` of monolithic attention over packed documents: one causal piece per document."""
+    lengths = torch.as_tensor(cu_seqlens, dtype=torch.long).diff()
+    return document_pairs(cu_seqlens) + PIECE_PAIRS * int((lengths > 0).sum())
 
 
 def step_synchronous_cost(pairs) -> float:

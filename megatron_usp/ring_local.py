@@ -17,9 +17,12 @@ than a ring rank or with more causal work than a ring rank's share); the others 
 with the least local work that has room in what the even shares leave; documents that fit nowhere (short ones, at
 the end) are cut too and fill the remaining room in ring order, each over the fewest ring ranks. Cut documents are
 laid out zigzag per document (ring rank ``j`` takes a front piece ``j`` and the mirrored back piece; ``contiguous``
-layouts take one piece in ring order). The ``k`` kept is the smallest found whose modelled step-synchronous cost (:func:`step_cost`: the slowest
-rank's own step, local documents included, plus the cut documents' ring steps) is within ``TARGET`` of the ideal
-(doubling, then bisecting), else the cheapest tried.
+layouts take one piece in ring order). The ``k`` kept is the cheapest by the modelled step-synchronous cost
+(:func:`step_cost`: the slowest rank's own step, local documents included, plus the cut documents' ring steps, each
+kernel piece counted with its fixed cost :data:`PIECE_PAIRS`), the fewest cut as soon as one is within ``TARGET`` of
+the ideal. Cutting more documents balances the ring but makes more, smaller pieces: the fixed cost per piece is what
+stops it (docs/measurements.md: on Megatron's dynamic-CP mix at 2,048 tokens per rank, P = 4, 6.2 documents per
+row cut by pairs alone, 4.3 with the piece cost).
 """
 from __future__ import annotations
 
@@ -31,6 +34,11 @@ from typing import Sequence
 import torch
 
 TARGET = 1.03  # accept the first cut set whose modelled slowest rank is within 3 % of the ideal
+# What one kernel piece (a call, or a segment of a varlen call) costs beyond its pairs, in pairs: half a 128 x 128
+# tile. GPU flash kernels compute whole 128-row tiles; the CPU flash kernel's fixed cost per call, forward + backward
+# with its merge, is ~0.2 ms here (~13K pairs at ~68 pairs / us). Half a tile keeps the ring's pairs within 5 % of
+# the ideal on Megatron's dynamic-CP mix at P = 4 while cutting the fewest documents that balance it.
+PIECE_PAIRS = 64 * 128
 
 
 def causal_work(length: int) -> int:
@@ -102,21 +110,26 @@ def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[list[int]]:
 
 
 def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence[int],
-              shares: Sequence[Sequence[int]]) -> float:
+              shares: Sequence[Sequence[int]], even_count: int = 0) -> float:
     """Modelled time of the ring's causal attention, step-synchronous: the slowest rank's own step (its local
     documents and the own pieces of the cut ones) plus, for each of the ``r - 1`` ring steps, the slowest rank's
     pairs with the pieces that arrive. A rank holding ``s_j`` of a cut document of ``L`` tokens sees ``(s_j / L)^2``
     of its causal pairs at home and ``s_j s_i / L^2`` of them from rank ``i`` (zigzag halves keep both even);
-    ``even_work``: the causal pairs of the documents cut evenly (``1 / r^2`` of them in every step of every rank)."""
+    ``even_work``: the causal pairs of the ``even_count`` documents cut evenly (``1 / r^2`` of them in every step of
+    every rank). Every piece adds :data:`PIECE_PAIRS` (``local_work`` holds its local documents' already)."""
     bins = len(local_work)
-    fractions = [([s / length for s in share], causal_work(length)) for length, share in zip(cut_lengths, shares)]
-    even = even_work / bins / bins
-    own = max(local_work[j] + sum(f[j] * f[j] * work for f, work in fractions) for j in range(bins)) + even
-    if not fractions:
-        return own + (bins - 1) * even
-    steps = sum(max(sum(f[j] * f[(j - s) % bins] * work for f, work in fractions) for j in range(bins))
-                for s in range(1, bins))
-    return own + steps + (bins - 1) * even
+    even = even_work / bins / bins + even_count * PIECE_PAIRS
+    own = list(local_work)
+    ring = [[0.0] * bins for _ in range(bins)]  # ring[s][j]: rank j's work with the pieces of rank j - s
+    for length, share in zip(cut_lengths, shares):  # a filler meets few ring ranks: only those are visited
+        work = causal_work(length)
+        held = [(j, s / length) for j, s in enumerate(share) if s]
+        for j, f in held:
+            own[j] += f * f * work + PIECE_PAIRS
+            for i, g in held:
+                if i != j:
+                    ring[(j - i) % bins][j] += f * g * work + PIECE_PAIRS
+    return max(own) + even + sum(max(step) for step in ring[1:]) + (bins - 1) * even
 
 
 def _even(total: int, bins: int) -> list[int]:
@@ -148,7 +161,7 @@ def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capaci
         if heap:
             j = heapq.heappop(heap)[2]
             owner[d] = j
-            work[j] += causal_work(length)
+            work[j] += causal_work(length) + PIECE_PAIRS
             tokens[j] += length
             heapq.heappush(heap, (work[j], tokens[j], j))
         else:
@@ -165,32 +178,41 @@ def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = Tr
     lengths = [b - a for a, b in zip(offsets, offsets[1:])]
     capacity = offsets[-1] // ring_degree
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
-    ideal = sum(causal_work(length) for length in lengths) / ring_degree
+    work_of = [causal_work(length) for length in lengths]
     # a document longer than a ring rank, or with more work than a ring rank's share, is cut whatever else happens
-    must_cut = 0 if ring_degree == 1 else sum(lengths[d] > capacity or causal_work(lengths[d]) > ideal for d in order)
+    must_cut = 0 if ring_degree == 1 else sum(
+        lengths[d] > capacity or work_of[d] > sum(work_of) / ring_degree for d in order)
+    ideal = (sum(work_of) + PIECE_PAIRS * sum(length > 0 for length in lengths)) / ring_degree
+
     def trial(cut_count: int):
         owner, work, cut, even, fillers, filler_shares = _plan(order, lengths, ring_degree, capacity, cut_count)
-        cost = step_cost(work, sum(causal_work(lengths[d]) for d in cut), [lengths[d] for d in fillers],
-                         filler_shares)
+        cost = step_cost(work, sum(work_of[d] for d in cut), [lengths[d] for d in fillers], filler_shares,
+                         even_count=len(cut))
         return cost, owner, cut, even, fillers, filler_shares
 
-    # cutting more documents balances better but moves more: the fewest cut within TARGET of the ideal, found by
-    # doubling the count past the longest that must be cut, then bisecting (the cost falls roughly as more are cut)
+    # Cutting more documents balances better but makes more pieces: the cost falls, then rises. Counts past the
+    # ones that must be cut are tried doubling (the fewest within TARGET of the ideal wins at once), then the
+    # cheapest one's neighbourhood is bisected.
     tried = {must_cut: trial(must_cut)}
-    low, step = must_cut, 1
-    while tried[low][0] > TARGET * ideal and low < len(order):
-        high = min(len(order), low + step)
-        tried[high] = trial(high)
-        if tried[high][0] <= TARGET * ideal:
-            while high - low > 1:
-                middle = (low + high) // 2
-                tried[middle] = trial(middle)
-                low, high = (middle, high) if tried[middle][0] > TARGET * ideal else (low, middle)
-            break
-        low, step = high, 2 * step
-    best = min(tried.values(), key=lambda result: result[0]) if all(
-        result[0] > TARGET * ideal for result in tried.values()) else tried[min(
-            count for count, result in tried.items() if result[0] <= TARGET * ideal)]
+    count, step = must_cut, 1
+    while tried[count][0] > TARGET * ideal and count < len(order):
+        count = min(len(order), count + step)
+        tried[count] = trial(count)
+        step *= 2
+    if tried[count][0] > TARGET * ideal:
+        counts = sorted(tried)
+        at = min(range(len(counts)), key=lambda i: (tried[counts[i]][0], counts[i]))
+        low, high = counts[max(0, at - 1)], counts[min(len(counts) - 1, at + 1)]
+        while high - low > 2:  # discrete ternary search on the bracket around the cheapest
+            left, right = low + (high - low) // 3, high - (high - low) // 3
+            for c in (left, right):
+                if c not in tried:
+                    tried[c] = trial(c)
+            low, high = (low, right) if tried[left][0] <= tried[right][0] else (left, high)
+        for c in range(low, high + 1):
+            if c not in tried:
+                tried[c] = trial(c)
+    best = min(tried.values(), key=lambda result: result[0])
     _, owner, cut, even, fillers, filler_shares = best
     shares = _shares([lengths[d] for d in cut], even) if cut else []
     return _layout(offsets, lengths, owner, dict(zip(cut + fillers, shares + filler_shares)), ring_degree, zigzag)

@@ -38,7 +38,8 @@ from megatron_usp.plan import attention_plan  # noqa: E402
 from megatron_usp.timing import CLOCKS, peak_memory, time_rounds, time_rounds_clocks  # noqa: E402
 from megatron_usp.simulate import RankProblem, attention_pairs, monolithic_step, rank_step  # noqa: E402
 from megatron_usp.cost import (analytic_bytes_per_rank, attention_flops, block_pairs, document_pairs,  # noqa: E402
-                                document_runs, run_pairs, step_synchronous_cost, visible_pairs)
+                                document_runs, document_work, piece_work, run_pairs, step_synchronous_cost,
+                                visible_pairs)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
@@ -198,12 +199,16 @@ def old_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[
 
 
 def new_layout_computed(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...],
-                        document_layout: str) -> list[list[int]]:
+                        document_layout: str, pieces: bool = False) -> list[list[int]]:
     """``[j][s]``: pairs of the pieces the engine computes with ``cu_seqlens`` (document layout), step by step as
-    the executor runs them (ring-local: the own step holds the local documents)."""
+    the executor runs them (ring-local: the own step holds the local documents); with ``pieces`` each piece's
+    fixed cost too (:func:`megatron_usp.cost.piece_work`)."""
+    steps = [attention_plan(seq_len, u, r, j, ring_impl, True, None, cu, document_layout).schedule.steps
+             for j in range(r)]
+    if pieces:
+        return [[piece_work(step.blocks) for step in rank_steps] for rank_steps in steps]
     return [[sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in step.blocks)
-             for step in attention_plan(seq_len, u, r, j, ring_impl, True, None, cu, document_layout).schedule.steps]
-            for j in range(r)]
+             for step in rank_steps] for rank_steps in steps]
 
 
 def _visible_by_step(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...], layout_cu,
@@ -235,6 +240,11 @@ def row_balance(seq_len: int, u: int, r: int, ring_impl: str, cu: tuple[int, ...
         result[f"{name}_computed_over_visible"] = sum(map(sum, computed)) / total
         if name == "new":
             result["new_pieces_equal_visible"] = computed == visible
+            # what the executor's time follows: each step's pairs plus a fixed cost per kernel piece, against the
+            # monolithic run's (one piece per document) over r
+            timed = new_layout_computed(seq_len, u, r, ring_impl, cu, document_layout, pieces=True)
+            result["new_piece_cost"] = sum(max(timed[j][s] for j in range(r)) for s in range(r)) / (
+                document_work(cu) / r)
     return result
 
 
@@ -267,7 +277,7 @@ def _balance_documents(args) -> list[dict]:
                                   "causal": True, "world_size": world_size, "ulysses_degree": u, "ring_degree": r,
                                   "seq_len": seq_len, "rows": len(rows), "seed": args.seed}
                         for key in ("old_cost", "new_cost", "old_computed_cost", "new_computed_cost",
-                                    "old_computed_over_visible", "new_computed_over_visible"):
+                                    "new_piece_cost", "old_computed_over_visible", "new_computed_over_visible"):
                             values = [row[key] for row in per_row]
                             record[f"{key}_median"] = statistics.median(values)
                             record[f"{key}_worst"] = max(values)
@@ -281,7 +291,8 @@ def _balance_documents(args) -> list[dict]:
                         record["documents_per_row"] = [row["documents"] for row in per_row]
                         record["max_document"] = [row["max_document"] for row in per_row]
                         record["per_row"] = {key: [row[key] for row in per_row] for key in
-                                             ("old_cost", "new_cost", "old_computed_cost", "new_computed_cost")}
+                                             ("old_cost", "new_cost", "old_computed_cost", "new_computed_cost",
+                                              "new_piece_cost")}
                         record["seconds"] = time.perf_counter() - started
                         records.append(record)
     return records
@@ -628,7 +639,7 @@ COLUMNS = {
                           "old_cost_median",
                           "old_cost_worst", "new_cost_median", "new_cost_worst", "old_computed_cost_median",
                           "old_computed_cost_worst", "new_computed_cost_median", "new_computed_cost_worst",
-                          "ring_bytes_vs_split", "h100_projected_ms", "h100_projected_efficiency"],
+                          "new_piece_cost_median", "new_piece_cost_worst", "ring_bytes_vs_split", "h100_projected_ms", "h100_projected_efficiency"],
     "simulate-rank": ["ring_impl", "causal", "ulysses_degree", "ring_degree", "kernel", "monolithic_ms", "time_ms",
                       "efficiency", "tflops_per_rank"],
     "simulate-rank-documents": ["documents", "document_layout", "ring_impl", "ulysses_degree", "ring_degree",

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from megatron_usp.cost import analytic_bytes_per_rank, block_pairs, document_pairs
+from megatron_usp.cost import analytic_bytes_per_rank, block_pairs, document_pairs, document_work, piece_work
 from megatron_usp.document_mixes import packed_rows
 from megatron_usp.layout import ring_documents_of, ring_positions
 from megatron_usp.plan import attention_plan
@@ -50,13 +50,17 @@ def test_local_documents_stay_on_their_ring_rank_and_only_cut_ones_travel(impl, 
     assert ring_documents_of(rows["mixed"], ring_degree, impl).owner[:2] != (-1, -1)  # short ones stay local
 
 
-def step_synchronous_cost(seq_len: int, ring_degree: int, cu: tuple[int, ...]) -> float:
-    """Sum over ring steps of the busiest rank's computed pairs, over the ideal (all visible pairs / r)."""
+def step_synchronous_cost(seq_len: int, ring_degree: int, cu: tuple[int, ...], pieces: bool) -> float:
+    """Sum over ring steps of the busiest rank's work, over the ideal (monolithic work / r): computed pairs, and
+    with ``pieces`` each kernel piece's fixed cost too (``cost.piece_work``: what the executor's time follows)."""
+    steps = [attention_plan(seq_len, 1, ring_degree, j, "zigzag", True, None, cu).schedule.steps
+             for j in range(ring_degree)]
     computed = [[sum(block_pairs(b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in step.blocks)
-                 for step in attention_plan(seq_len, 1, ring_degree, j, "zigzag", True, None, cu).schedule.steps]
-                for j in range(ring_degree)]
-    total = document_pairs(cu)
-    assert sum(map(sum, computed)) == total  # exactly the visible pairs, each once
+                 for step in rank_steps] for rank_steps in steps]
+    assert sum(map(sum, computed)) == document_pairs(cu)  # exactly the visible pairs, each once
+    if pieces:
+        computed = [[piece_work(step.blocks) for step in rank_steps] for rank_steps in steps]
+    total = document_work(cu) if pieces else document_pairs(cu)
     return sum(max(computed[j][s] for j in range(ring_degree)) for s in range(ring_degree)) / (total / ring_degree)
 
 
@@ -69,8 +73,32 @@ def test_ring_local_layout_keeps_the_ring_balanced(mix):
     costs = []
     for cu in packed_rows(mix, seq_len, 6, 0):
         ring_documents.cache_clear()
-        costs.append(step_synchronous_cost(seq_len, ring_degree, cu))
+        costs.append(step_synchronous_cost(seq_len, ring_degree, cu, pieces=False))
     assert statistics.median(costs) <= 1.05 and max(costs) <= 1.10, costs
+
+
+@pytest.mark.parametrize("mix, fewer", [("dcp", 3), ("lognormal", 1)])
+def test_counting_each_piece_cuts_fewer_documents_and_costs_less(mix, fewer, monkeypatch):
+    """With each kernel piece's fixed cost in its model the solver cuts fewer documents, and the ring's work
+    counted with that cost (pairs + ``PIECE_PAIRS`` per piece) is never above the pairs-only choice, and lower on
+    ``fewer`` of 6 rows or more at P = 8 (short documents, dcp, gain most)."""
+    from megatron_usp import ring_local
+    from megatron_usp.plan import attention_plan
+
+    ring_degree, seq_len = 8, 2048 * 8
+
+    def layout(cu, piece_pairs):
+        monkeypatch.setattr(ring_local, "PIECE_PAIRS", piece_pairs)
+        ring_documents.cache_clear()
+        attention_plan.cache_clear()
+        return (step_synchronous_cost(seq_len, ring_degree, cu, pieces=True),
+                ring_documents(cu, ring_degree).cut_documents)
+
+    rows = packed_rows(mix, seq_len, 6, 0)
+    counted = [layout(cu, ring_local.PIECE_PAIRS) for cu in rows]
+    pairs_only = [layout(cu, 0) for cu in rows]
+    assert all(c[0] <= p[0] + 1e-9 and c[1] <= p[1] for c, p in zip(counted, pairs_only)), (counted, pairs_only)
+    assert sum(c[0] < p[0] - 0.01 for c, p in zip(counted, pairs_only)) >= fewer, (counted, pairs_only)
 
 
 @pytest.mark.parametrize("document_layout", ["local", "split"])
