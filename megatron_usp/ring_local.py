@@ -21,8 +21,8 @@ layouts take one piece in ring order). The ``k`` kept is the cheapest by the mod
 (:func:`step_cost`: the slowest rank's own step, local documents included, plus the cut documents' ring steps, each
 kernel piece counted with its fixed cost :data:`PIECE_PAIRS`), the fewest cut as soon as one is within ``TARGET`` of
 the ideal. Cutting more documents balances the ring but makes more, smaller pieces: the fixed cost per piece is what
-stops it (docs/measurements.md: on Megatron's dynamic-CP mix at 2,048 tokens per rank, P = 4, 6.2 documents per
-row cut by pairs alone, 4.3 with the piece cost).
+stops it (on Megatron's dynamic-CP mix at 2,048 tokens per rank, P = 4: 6.2 documents per row cut by pairs alone,
+4.3 with the piece cost).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[list[int]]:
 
 
 def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence[int],
-              shares: Sequence[Sequence[int]], even_count: int = 0) -> float:
+              shares: Sequence[Sequence[int]], even_count: int) -> float:
     """Modelled time of the ring's causal attention, step-synchronous: the slowest rank's own step (its local
     documents and the own pieces of the cut ones) plus, for each of the ``r - 1`` ring steps, the slowest rank's
     pairs with the pieces that arrive. A rank holding ``s_j`` of a cut document of ``L`` tokens sees ``(s_j / L)^2``
@@ -179,10 +179,10 @@ def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = Tr
     capacity = offsets[-1] // ring_degree
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     work_of = [causal_work(length) for length in lengths]
+    work_share = sum(work_of) / ring_degree
     # a document longer than a ring rank, or with more work than a ring rank's share, is cut whatever else happens
-    must_cut = 0 if ring_degree == 1 else sum(
-        lengths[d] > capacity or work_of[d] > sum(work_of) / ring_degree for d in order)
-    ideal = (sum(work_of) + PIECE_PAIRS * sum(length > 0 for length in lengths)) / ring_degree
+    must_cut = 0 if ring_degree == 1 else sum(lengths[d] > capacity or work_of[d] > work_share for d in order)
+    ideal = work_share + PIECE_PAIRS * sum(length > 0 for length in lengths) / ring_degree
 
     def trial(cut_count: int):
         owner, work, cut, even, fillers, filler_shares = _plan(order, lengths, ring_degree, capacity, cut_count)
@@ -192,7 +192,7 @@ def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = Tr
 
     # Cutting more documents balances better but makes more pieces: the cost falls, then rises. Counts past the
     # ones that must be cut are tried doubling (the fewest within TARGET of the ideal wins at once), then the
-    # cheapest one's neighbourhood is bisected.
+    # bracket around the cheapest is narrowed by ternary search.
     tried = {must_cut: trial(must_cut)}
     count, step = must_cut, 1
     while tried[count][0] > TARGET * ideal and count < len(order):

@@ -83,7 +83,6 @@ def test_counting_each_piece_cuts_fewer_documents_and_costs_less(mix, fewer, mon
     counted with that cost (pairs + ``PIECE_PAIRS`` per piece) is never above the pairs-only choice, and lower on
     ``fewer`` of 6 rows or more at P = 8 (short documents, dcp, gain most)."""
     from megatron_usp import ring_local
-    from megatron_usp.plan import attention_plan
 
     ring_degree, seq_len = 8, 2048 * 8
 
