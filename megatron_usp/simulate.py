@@ -21,16 +21,22 @@ from .ulysses import check_head_counts, kv_replication
 
 
 class _LoopbackExchanger:
-    def __init__(self) -> None:
+    def __init__(self, received: dict) -> None:
         self._pending: Optional[torch.Tensor] = None
+        self._received = received
 
     def post(self, send: torch.Tensor, recv_rows: Optional[int] = None, dim: int = 2) -> None:
         if recv_rows is None or recv_rows == send.shape[dim]:
             self._pending = send
-        else:  # senders of ring-local schedules hold different row counts
-            shape = list(send.shape)
-            shape[dim] = recv_rows
-            self._pending = torch.zeros(shape, dtype=send.dtype, device=send.device)
+            return
+        # senders of ring-local schedules hold different row counts. A real receive allocates with torch.empty
+        # (no fill); a buffer of that shape made once stands in for it, so the timing holds no fill either.
+        shape = list(send.shape)
+        shape[dim] = recv_rows
+        key = (tuple(shape), send.dtype, send.device)
+        if key not in self._received:
+            self._received[key] = torch.zeros(shape, dtype=send.dtype, device=send.device)
+        self._pending = self._received[key]
 
     def wait(self) -> torch.Tensor:
         received, self._pending = self._pending, None
@@ -43,12 +49,13 @@ class LoopbackRingComm:
     def __init__(self, ring_degree: int) -> None:
         self.ring_degree = ring_degree
         self.rank = 0
+        self._received: dict = {}  # shape, dtype, device -> the buffer standing in for a receive of that shape
 
     def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
         return x
 
     def exchanger(self) -> _LoopbackExchanger:
-        return _LoopbackExchanger()
+        return _LoopbackExchanger(self._received)
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.cat([x] * self.ring_degree, dim=dim)
