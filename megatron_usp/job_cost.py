@@ -271,8 +271,11 @@ def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
 
 
 def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
-    """Memory per GPU of the stage that needs the most (states + in-flight activations)."""
-    return max((stage_memory(shape, cfg, stage) for stage in range(cfg.pp)), key=lambda memory: memory.total)
+    """Memory per GPU of the stage that needs the most (states + in-flight activations). Only stages 0, 1 and the
+    last are looked at: the middle stages 1..PP-2 hold the same layers and parameters, and the in-flight count
+    falls with the stage in both schedules, so stage 1 needs at least what any other middle stage needs."""
+    stages = sorted({0, min(1, cfg.pp - 1), cfg.pp - 1})
+    return max((stage_memory(shape, cfg, stage) for stage in stages), key=lambda memory: memory.total)
 
 
 def uneven_stages_reason(num_layers: int, pp: int, first: Optional[int], last: Optional[int],

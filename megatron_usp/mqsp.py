@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .blocks import backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks
+from .blocks import backward_blocks, forward_blocks, group_blocks, plan_work, position_blocks, position_runs
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import ring_positions
 from .masks import AttentionMask, BlockMasker
@@ -38,17 +38,25 @@ class MQSPPlan:
     """Everything one rank needs to run MQSP for a sequence length and grid (built once, reused per layer)."""
 
     def __init__(self, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool,
-                 micro_q: Optional[int], cu_seqlens: Optional[tuple[int, ...]] = None):
+                 micro_q: Optional[int], cu_seqlens: Optional[tuple[int, ...]] = None,
+                 shared: Optional["MQSPPlan"] = None):
+        """``shared``: another ring rank's plan of the same call shape, whose positions and gathered queries (the
+        same on every rank) this one reuses (a cost model building every rank's plan)."""
         grid = (seq_len, ulysses_degree, ring_degree)
         self.ring_degree = ring_degree
-        self.positions = tuple(ring_positions(*grid, rank, "mqsp", cu_seqlens=cu_seqlens) for rank in range(ring_degree))
+        self.positions = shared.positions if shared is not None else tuple(
+            ring_positions(*grid, rank, "mqsp", cu_seqlens=cu_seqlens) for rank in range(ring_degree))
         self.kv_positions = self.positions[ring_rank]
         n = len(self.kv_positions)
         self.micro_q = min(micro_q or n, n)
         self.chunks = [slice(start, min(start + self.micro_q, n)) for start in range(0, n, self.micro_q)]
-        self.gathered_positions = [torch.cat([p[rows] for p in self.positions]) for rows in self.chunks]
-        self.blocks = [position_blocks(q_pos, self.kv_positions, causal, cu_seqlens)
-                       for q_pos in self.gathered_positions]
+        if shared is not None:
+            self.gathered_positions, self._q_runs = shared.gathered_positions, shared._q_runs
+        else:
+            self.gathered_positions = [torch.cat([p[rows] for p in self.positions]) for rows in self.chunks]
+            self._q_runs = [position_runs(q_pos, cu_seqlens) for q_pos in self.gathered_positions]
+        self.blocks = [position_blocks(q_pos, self.kv_positions, causal, cu_seqlens, q_runs)
+                       for q_pos, q_runs in zip(self.gathered_positions, self._q_runs)]
         self.grouped = [group_blocks(blocks) for blocks in self.blocks]
 
 

@@ -113,6 +113,31 @@ def _pass_kv_blocks(layout: str, rank: int, kv_rank: int, n: int, causal: bool) 
     return BLOCK_RULES[layout](rank, kv_rank, n)
 
 
+def pass_kv_step_classes(ring_impl: str, seq_len: int, ring_degree: int,
+                         causal: bool) -> tuple[tuple[tuple[tuple[Block, ...], int], ...], ...]:
+    """Without documents, per pass-K/V step ``s``: the distinct block lists the ring ranks run and how many ranks
+    run each, in O(r) (what a cost model needs, without building r schedules of r steps). Step 0: every rank its
+    own square; step s >= 1: ranks s..r-1 see a lower kv rank, ranks 0..s-1 a higher one, and every rule of
+    :data:`BLOCK_RULES` depends on the two ranks only through their order."""
+    layout, n = check_ring_impl(ring_impl).layout, seq_len // ring_degree
+    own = (((_pass_kv_blocks(layout, 0, 0, n, causal), ring_degree),),)
+    below, above = _pass_kv_blocks(layout, 1, 0, n, causal), _pass_kv_blocks(layout, 0, 1, n, causal)
+    if below == above:  # non-causal: every rank the same
+        return own + tuple(((below, ring_degree),) for _ in range(1, ring_degree))
+    return own + tuple(((below, ring_degree - s), (above, s)) for s in range(1, ring_degree))
+
+
+def allgather_step_classes(seq_len: int, ring_degree: int,
+                           causal: bool) -> tuple[tuple[tuple[Block, ...], int], ...]:
+    """Without documents, the all-gather schedule as one step (its steps are buffers, not synchronised): each
+    ring rank's blocks over both gathered halves, equal lists counted once."""
+    n, counts = seq_len // ring_degree, {}
+    for rank in range(ring_degree):
+        blocks = tuple(block for step in _allgather_steps(ring_degree, rank, n, causal) for block in step.blocks)
+        counts[blocks] = counts.get(blocks, 0) + 1
+    return tuple(counts.items())
+
+
 def _allgather_steps(ring_degree: int, rank: int, n: int, causal: bool) -> tuple[Step, ...]:
     """Blocks over the gathered halves. The lower buffer holds ring chunks 0..r-1 in order, the upper buffer
     ring chunks 2r-1..r (rank i's upper half is chunk 2r-1-i). q rows [0, c) are chunk ``rank``, rows [c, n) are

@@ -201,7 +201,7 @@ def elementwise_gbps(hardware: dict, layer_s: float, tokens: int, hidden: int, h
     gemm = 3 * 2.0 * tokens * layer_parameter_count(shape, JobConfig(), norms=False) / (hardware["gemm_tflops"] * 1e12)
     # the planner's own kernel model for the layer's one causal block (u = r = 1)
     machine = replace(PRESETS["cpu"], **hardware)
-    blocks, flops_per_pair = (((((tokens, tokens, True),),),)), 4.0 * hidden
+    blocks, flops_per_pair = (((((tokens, tokens, True),), 1),),), 4.0 * hidden  # one step, one rank
     attention = (sum(step_compute_ms(blocks, flops_per_pair, machine.fwd_tflops, machine))
                  + sum(step_compute_ms(blocks, flops_per_pair * BACKWARD_FLOPS_FACTOR, machine.bwd_tflops, machine))) / 1e3
     rest = layer_s - gemm - attention - hardware["layer_overhead_us"] / 1e6

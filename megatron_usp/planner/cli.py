@@ -12,7 +12,7 @@ from megatron_usp.flags import auto_or, comma_list, none_or, nonnegative_float, 
 from megatron_usp.layout import RING_IMPLS
 from megatron_usp.planner.comparison import compare, compare_job, format_compare, load_bench_records
 from megatron_usp.planner.hardware import PRESETS, Hardware, hardware_from_args
-from megatron_usp.planner.job import DEFAULT_RESERVE_GIB, RECOMPUTE_CHOICES, plan_job, smallest_change
+from megatron_usp.planner.job import DEFAULT_KEEP, DEFAULT_RESERVE_GIB, RECOMPUTE_CHOICES, plan_job, smallest_change
 from megatron_usp.planner.layer import DTYPE_BYTES, Cluster, ModelShape, Prediction
 from megatron_usp.planner.report import (
     explain, explain_job, format_infeasible, format_job_table, format_table, megatron_lm_command, trainer_command,
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="attention-only planning (no --ffn-hidden): memory taken by weights, gradients, optimizer, "
                          "workspace (default: half of the GPU); whole-job planning computes them (--reserve-gib)")
     out = parser.add_argument_group("output")
-    out.add_argument("--top", type=positive_int, default=10)
+    out.add_argument("--top", type=positive_int, default=10,
+                     help="jobs to show; the whole-job search predicts at least these exactly (branch and bound)")
+    out.add_argument("--exhaustive", action="store_true",
+                     help="whole job: predict every job exactly instead of bounding (same ranking, slower)")
     out.add_argument("--json", metavar="PATH", help="write every prediction (and infeasible reasons) as JSON")
     out.add_argument("--compare", metavar="BENCH_JSON",
                      help="rank-correlate predictions with tools/bench_attention.py records (per layer) or "
@@ -200,7 +203,7 @@ def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hard
                   distributed_optimizers={"auto": (True, False), "on": (True,), "off": (False,)}[args.distributed_optimizer],
                   micro_batches=list(dict.fromkeys(args.micro_batch_sizes)),
                   global_batch=args.global_batch_size or 0, reserve_gib=args.reserve_gib, micro_qs=micro_qs,
-                  virtual_stages=virtual_stages)
+                  virtual_stages=virtual_stages, keep=None if args.exhaustive else max(args.top, DEFAULT_KEEP))
     ranked, infeasible = plan_job(shape, cluster, hardware, **search)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
     print(f"GPT {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.heads} heads ({kv}) x {shape.head_dim}, "

@@ -5,6 +5,7 @@ and seconds per iteration (:func:`predict_job`), the job search (:func:`job_choi
 (:func:`states_floor`) and the smallest change that fits (:func:`smallest_change`)."""
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from megatron_usp.planner.layer import (
 from megatron_usp.planner.search import IMPL_PREFERENCE, _divisors, impl_variants
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
+DEFAULT_KEEP = 10  # jobs predicted exactly, fastest first (plan_job's branch and bound)
 DEFAULT_RESERVE_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
 OPTIMIZER_BYTES_PER_PARAM = 32  # fused Adam: read grad, master, 2 moments; write master, 2 moments, the parameter
 ELEMENTWISE_PASSES = 3  # a saved activation is written in the forward, read and its gradient written in the backward
@@ -83,6 +85,11 @@ class JobPrediction:
     def config(self) -> ParallelConfig:
         return self.attention.config
 
+    @property
+    def exact(self) -> bool:
+        """False: the times are lower bounds (plan_job predicted this job only well enough to rank it out)."""
+        return self.attention.exact
+
     def label(self) -> str:
         return f"{self.attention.config.label()} {self.job.label()}"
 
@@ -96,19 +103,32 @@ def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
                      first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers)
 
 
+def _attention_grid(config: ParallelConfig, choice: JobChoice) -> ParallelConfig:
+    # the attention grid sees PP as more replicas: TP and the SP group are placed the same way
+    return replace(config, dp=choice.dp * choice.pp)
+
+
+def attention_prediction(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig,
+                         choice: JobChoice, bound: bool = False) -> Prediction:
+    """One layer's attention for ``choice``'s micro-batch (the same for every choice of PP, DP, recompute and
+    optimizer: :func:`plan_job` computes it once per grid and micro-batch size)."""
+    return predict(replace(shape, micro_batch=choice.micro_batch), cluster, hardware, _attention_grid(config, choice),
+                   check=False, bound=bound)
+
+
 def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
-                reserve_gib: float = DEFAULT_RESERVE_GIB) -> JobPrediction:
+                reserve_gib: float = DEFAULT_RESERVE_GIB, attention: Optional[Prediction] = None) -> JobPrediction:
     """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
     (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
-    + the DP x CP gradient reduction."""
+    + the DP x CP gradient reduction. ``attention``: the layer's :func:`attention_prediction` when the caller
+    has it (it depends on the grid and the micro-batch size only)."""
     mb_shape = replace(shape, micro_batch=choice.micro_batch)
     gpt, job = gpt_shape(mb_shape), job_config(config, choice)
-    # the attention grid sees PP as more replicas: TP and the SP group are placed the same way
-    grid = replace(config, dp=choice.dp * choice.pp)
-    reason = check_job(gpt, job) or feasibility_reason(mb_shape, cluster, grid)
+    reason = check_job(gpt, job) or feasibility_reason(mb_shape, cluster, _attention_grid(config, choice))
     if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
         reason = f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}"
-    attention = predict(mb_shape, cluster, hardware, grid, check=False)
+    if attention is None:
+        attention = attention_prediction(shape, cluster, hardware, config, choice)
     result = JobPrediction(attention, choice, budget_gib=hardware.gpu_memory_gib - reserve_gib)
     if reason:
         result.feasible, result.reason = False, reason
@@ -262,10 +282,17 @@ def plan_job(
     reserve_gib: float = DEFAULT_RESERVE_GIB,
     virtual_stages: Optional[Sequence[int]] = (1,),
     micro_qs: Sequence[Optional[int]] = (None,),
+    keep: Optional[int] = DEFAULT_KEEP,
 ) -> tuple[list[JobPrediction], list[JobPrediction]]:
-    """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world."""
+    """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world.
+
+    Branch and bound: every job is first predicted with its grid's O(1) lower bound of the attention
+    (``predict(bound=True)``; memory and feasibility do not depend on the attention, so they are exact), then
+    jobs are predicted exactly in the order of their bounds until ``keep`` exact ones are faster than the next
+    bound: the first ``keep`` of the ranking are those of the exhaustive search (``keep=None``), the rest follow
+    with lower bounds only (``exact`` False)."""
     global_batch = global_batch or cluster.world
-    feasible, infeasible = [], []
+    bounded, infeasible = [], []
     for tp in tp_choices:
         if cluster.world % tp or cluster.gpus_per_node % tp:
             continue
@@ -280,12 +307,44 @@ def plan_job(
                         if not inner and (u == 1 or sp // u == 1):
                             continue
                         config = ParallelConfig(tp, u, sp // u, impl, 1, inner, micro_q)
+                        reason = feasibility_reason(shape, cluster, replace(config, dp=rest))
+                        if reason:  # the grid itself cannot run: one entry for all its choices
+                            infeasible.append(JobPrediction(Prediction(config), choices[0] if choices else JobChoice(),
+                                                            feasible=False, reason=reason))
+                            continue
+                        attention: dict[int, Prediction] = {}  # per micro-batch size
                         for choice in choices:
-                            p = predict_job(shape, cluster, hardware, config, choice, reserve_gib)
-                            (feasible if p.feasible else infeasible).append(p)
-    feasible.sort(key=lambda p: (round(p.iteration_s, 9), p.memory_gib, IMPL_PREFERENCE.index(p.config.ring_impl)
-                                 if p.config.ring_impl in IMPL_PREFERENCE else len(IMPL_PREFERENCE)))
-    return feasible, infeasible
+                            if choice.micro_batch not in attention:
+                                attention[choice.micro_batch] = attention_prediction(
+                                    shape, cluster, hardware, config, choice, bound=keep is not None)
+                            p = predict_job(shape, cluster, hardware, config, choice, reserve_gib,
+                                            attention[choice.micro_batch])
+                            (bounded if p.feasible else infeasible).append(p)
+    if keep is None:
+        return sorted(bounded, key=_rank_key), infeasible
+    bounded.sort(key=lambda p: p.iteration_s)
+    exact: list[JobPrediction] = []
+    fastest: list[float] = []  # the exact times so far, as a max-heap of the fastest ``keep`` (negated)
+    attention: dict[tuple, Prediction] = {}
+    for index, p in enumerate(bounded):
+        if len(fastest) >= keep and p.iteration_s > -fastest[0]:
+            break
+        key = (p.config, p.job.micro_batch)
+        if key not in attention:
+            attention[key] = attention_prediction(shape, cluster, hardware, p.config, p.job)
+        p = predict_job(shape, cluster, hardware, p.config, p.job, reserve_gib, attention[key])
+        exact.append(p)
+        heapq.heappush(fastest, -p.iteration_s)
+        if len(fastest) > keep:
+            heapq.heappop(fastest)
+    else:
+        index = len(bounded)
+    return sorted(exact, key=_rank_key) + bounded[index:], infeasible
+
+
+def _rank_key(p: JobPrediction) -> tuple:
+    return (round(p.iteration_s, 9), p.memory_gib, IMPL_PREFERENCE.index(p.config.ring_impl)
+            if p.config.ring_impl in IMPL_PREFERENCE else len(IMPL_PREFERENCE))
 
 
 def states_floor(shape: ModelShape, cluster: Cluster) -> Optional[tuple[float, int, int]]:

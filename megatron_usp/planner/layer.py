@@ -12,7 +12,8 @@ from typing import Optional
 from megatron_usp.cost import block_pairs
 from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes
 from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len
-from megatron_usp.plan import attention_plan
+from megatron_usp.mqsp import MQSPPlan
+from megatron_usp.ring import allgather_step_classes, pass_kv_step_classes
 from megatron_usp.planner.hardware import Hardware
 from megatron_usp.ulysses import check_head_counts, kv_replication
 
@@ -112,6 +113,7 @@ class Prediction:
     ring_step_bytes: float = 0.0  # K/V block per step (pass K/V) or per rank (allgather)
     ring_step_compute_ms: float = 0.0  # mean forward compute per ring step
     ring_step_comm_ms: float = 0.0  # forward K/V transfer per step
+    exact: bool = True  # False: every time a lower bound (predict(bound=True))
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -134,38 +136,45 @@ def transport_of(ring_impl: str) -> str:
     return RING_IMPL_TABLE[ring_impl].transport
 
 
+StepWork = tuple[tuple[tuple[BlockShape, ...], int], ...]  # one step: (a rank's kernel calls, how many ranks)
+
+
+def _shapes(blocks) -> tuple[BlockShape, ...]:
+    return tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in blocks)
+
+
 @functools.lru_cache(maxsize=4096)
-def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
-    """``blocks[step][ring_rank]``: the kernel calls of each rank at each step, from the library's ring schedules."""
-    schedules = [attention_plan(seq_len, ulysses, ring, rank, ring_impl, causal, None, None).schedule
-                 for rank in range(ring)]
-    if schedules[0].transport == "allgather":  # its steps are buffers, not synchronised ring steps: one step
-        return (tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal)
-                            for step in sched.steps for b in step.blocks) for sched in schedules),)
-    return tuple(
-        tuple(
-            tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in sched.steps[step].blocks)
-            for sched in schedules
-        )
-        for step in range(len(schedules[0].steps))
-    )
+def schedule_blocks(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool) -> tuple[StepWork, ...]:
+    """Per ring step, the distinct kernel-call lists of the ring ranks and how many ranks run each, from the
+    library's ring schedules (``megatron_usp.ring``: the same blocks the executor runs; O(r) per grid).
+    All-gather is one step: its steps are buffers, not synchronised ring steps."""
+    if transport_of(ring_impl) == "allgather" and ring > 1:
+        return (tuple((_shapes(blocks), count) for blocks, count in allgather_step_classes(seq_len, ring, causal)),)
+    impl = ring_impl if transport_of(ring_impl) == "pass_kv" else "zigzag"  # r = 1: the local block of any impl
+    return tuple(tuple((_shapes(blocks), count) for blocks, count in step)
+                 for step in pass_kv_step_classes(impl, seq_len, ring, causal))
 
 
 @functools.lru_cache(maxsize=1024)
-def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool,
-                      micro_q: Optional[int]) -> tuple[tuple[tuple[BlockShape, ...], ...], ...]:
-    """``blocks[chunk][ring_rank]``: MQSP's kernel calls per micro-chunk (gathered queries x own K/V), from the
-    library's plan; the chunk's collectives make the ranks wait for each other, like ring steps."""
-    plans = [attention_plan(seq_len, ulysses, ring, rank, "mqsp", causal, micro_q, None).mqsp for rank in range(ring)]
-    return tuple(
-        tuple(tuple((b.q_stop - b.q_start, b.kv_stop - b.kv_start, b.causal) for b in plan.blocks[chunk])
-              for plan in plans)
-        for chunk in range(len(plans[0].chunks))
-    )
+def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool, micro_q: Optional[int]) -> tuple[StepWork, ...]:
+    """Per MQSP micro-chunk, the distinct kernel-call lists of the ring ranks (gathered queries x own K/V) and how
+    many ranks run each, from the library's plan; the chunk's collectives make the ranks wait for each other,
+    like ring steps."""
+    first = MQSPPlan(seq_len, ulysses, ring, 0, causal, micro_q)
+    plans = [first] + [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q, shared=first) for rank in range(1, ring)]
+    return tuple(_step_work(_shapes(plan.blocks[chunk]) for plan in plans) for chunk in range(len(plans[0].chunks)))
 
 
-def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool):
-    """Kernel calls per synchronised step and ring rank: ring steps (pass K/V) or MQSP micro-chunks (pass Q)."""
+def _step_work(rank_blocks) -> StepWork:
+    counts: dict = {}
+    for blocks in rank_blocks:
+        counts[blocks] = counts.get(blocks, 0) + 1
+    return tuple(counts.items())
+
+
+def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool) -> tuple[StepWork, ...]:
+    """Kernel calls per synchronised step (ring steps with pass K/V, MQSP micro-chunks with pass Q), as distinct
+    per-rank lists with the number of ranks running each."""
     if transport_of(config.ring_impl) == "pass_q":
         return mqsp_chunk_blocks(seq_len, config.ulysses, config.ring, causal, config.micro_q)
     return schedule_blocks(config.ring_impl, seq_len, config.ulysses, config.ring, causal)
@@ -175,16 +184,14 @@ def load_imbalance(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal
                    micro_q: Optional[int] = None) -> float:
     """Critical-path work / mean work per ring rank, ranks stepping together (the slowest rank sets each step)."""
     steps = attention_blocks(ParallelConfig(1, ulysses, ring, ring_impl, micro_q=micro_q), seq_len, causal)
-    work = [[sum(block_pairs(*b) for b in rank_blocks) for rank_blocks in step] for step in steps]
-    critical = sum(max(step) for step in work)
-    mean = sum(sum(step) for step in work) / ring
+    critical = sum(max(sum(block_pairs(*b) for b in blocks) for blocks, _ in step) for step in steps)
+    mean = sum(count * sum(block_pairs(*b) for b in blocks) for step in steps for blocks, count in step) / ring
     return critical / mean
 
 
-def step_compute_ms(
-    steps: tuple[tuple[tuple[BlockShape, ...], ...], ...], flops_per_pair: float, tflops: float, hardware: "Hardware"
-) -> list[float]:
+def step_compute_ms(steps: tuple[StepWork, ...], flops_per_pair: float, tflops: float, hardware: "Hardware") -> list[float]:
     """Per step, the slowest rank's kernel time: pairs x FLOPs / (TFLOPS x efficiency) + per-call overhead."""
+    @functools.lru_cache(maxsize=None)
     def rank_ms(blocks: tuple[BlockShape, ...]) -> float:
         return sum(
             (b[0] * b[1] * hardware.causal_fraction if b[2] else block_pairs(*b)) * flops_per_pair
@@ -192,7 +199,7 @@ def step_compute_ms(
             + hardware.kernel_overhead_us / 1e3
             for b in blocks
         )
-    return [max(rank_ms(blocks) for blocks in step) for step in steps]
+    return [max(rank_ms(blocks) for blocks, _ in step) for step in steps]
 
 
 def kv_heads_per_tp_rank_after_replication(shape: ModelShape, tp: int, ulysses: int) -> int:
@@ -320,7 +327,7 @@ def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> floa
     dq_accumulator = q_bytes / dt * ACCUMULATION_BYTES
     if transport_of(config.ring_impl) == "allgather" and config.ring > 1:
         return config.ring * (kv_block + dkv_block) + dq_accumulator  # gathered K/V and its fp32 gradient
-    if transport_of(config.ring_impl) == "pass_q" and config.ring > 1:
+    if transport_of(config.ring_impl) == "pass_q":
         # backward of one chunk: gathered q, dout, out (r x the rank's rows) + their fp32 dq part, lse; local
         # fp32 dK/dV accumulators; the fp32 dq of the rank's rows
         gathered = config.ring * mqsp_query_bytes(shape, config)
@@ -336,6 +343,32 @@ def memory_gib(shape: ModelShape, config: ParallelConfig) -> float:
     return ((shape.num_layers or 1) * per_layer + attention_transient_bytes(shape, config)) / GIB
 
 
+def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair: float, tflops: float,
+                      hardware: Hardware, synchronised_steps: int) -> float:
+    """A lower bound of :func:`step_compute_ms`'s sum, in O(1): a step lasts at least as long as its mean rank, so
+    the sum is at least the visible pairs' cost spread evenly over the ring ranks, each at the kernel efficiency of
+    the longest block the transport makes (a ring rank's K/V rows; all-gather: the sequence), plus one call per
+    synchronised step. A causal square of side m holds m(m+1)/2 pairs and costs m^2 x causal_fraction =
+    (2 pairs - m) x fraction; the sides of the squares add up to at most the sequence (they lie on the diagonal),
+    or r x the sequence for stripe (each step's squares hold each row once), and the squares hold at most
+    (n + 1) / 2 x that many pairs (n: a ring rank's rows, the longest side): whatever the squares, the cost is at
+    least ``visible + min(0, 2 fraction - 1) x those pairs - fraction x the sides``, and never below
+    ``min(1, fraction) x visible``."""
+    seq, rows = shape.seq_len, shape.seq_len // config.ring
+    keys = seq if transport_of(config.ring_impl) == "allgather" else rows
+    if shape.causal:
+        visible, fraction = seq * (seq + 1) / 2, hardware.causal_fraction
+        sides = seq * (config.ring if RING_IMPL_TABLE[config.ring_impl].layout == "stripe" else 1)
+        square_pairs = min(visible, (rows + 1) / 2 * sides)
+        cost = max(visible + min(0.0, 2 * fraction - 1) * square_pairs - fraction * sides,
+                   min(1.0, fraction) * visible)
+    else:
+        cost = seq * seq
+    efficiency = kernel_efficiency((rows, keys, shape.causal), hardware.half_efficiency_tokens)
+    return (cost / config.ring * flops_per_pair / (tflops * 1e12 * efficiency) * 1e3
+            + synchronised_steps * hardware.kernel_overhead_us / 1e3)
+
+
 def predict(
     shape: ModelShape,
     cluster: Cluster,
@@ -344,9 +377,12 @@ def predict(
     *,
     other_memory_gib: Optional[float] = None,
     check: bool = True,
+    bound: bool = False,
 ) -> Prediction:
-    """Predicted ms per layer (fwd + bwd) of ``config``; ``check=False`` skips the feasibility rules."""
-    prediction = Prediction(config)
+    """Predicted ms per layer (fwd + bwd) of ``config``; ``check=False`` skips the feasibility rules. ``bound``:
+    a lower bound of every time instead, in O(1) (no schedule built; memory exact): what a search uses to skip
+    grids that cannot win (``Prediction.exact`` False)."""
+    prediction = Prediction(config, exact=not bound)
     if check:
         reason = feasibility_reason(shape, cluster, config)
         if reason:
@@ -355,13 +391,21 @@ def predict(
     intra_peers, inter_peers, ring_crosses = placement(cluster, config)
 
     # attention compute, from the schedules
-    steps = attention_blocks(config, shape.seq_len, shape.causal)
     heads_per_rank = shape.heads / (tp * u)
     flops_per_pair = 4.0 * shape.micro_batch * heads_per_rank * shape.head_dim
-    fwd_steps = step_compute_ms(steps, flops_per_pair, hardware.fwd_tflops, hardware)
-    bwd_steps = step_compute_ms(steps, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, hardware)
+    if bound:
+        transport = transport_of(config.ring_impl) if r > 1 else "pass_kv"
+        steps = [()] * {"pass_kv": r, "allgather": 1,  # pass Q: its micro-chunks
+                        "pass_q": -(-(shape.seq_len // r) // mqsp_rows(shape.seq_len, config))}[transport]
+        fwd_steps = [_compute_bound_ms(shape, config, flops_per_pair, hardware.fwd_tflops, hardware, len(steps))]
+        bwd_steps = [_compute_bound_ms(shape, config, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops,
+                                       hardware, len(steps))]
+    else:
+        steps = attention_blocks(config, shape.seq_len, shape.causal)
+        fwd_steps = step_compute_ms(steps, flops_per_pair, hardware.fwd_tflops, hardware)
+        bwd_steps = step_compute_ms(steps, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, hardware)
+        prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal, config.micro_q)
     prediction.compute_ms = sum(fwd_steps) + sum(bwd_steps)
-    prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal, config.micro_q)
 
     # Ulysses all-to-all
     prediction.kv_replication = kv_replication(shape.kv_heads // tp, u)
@@ -400,17 +444,19 @@ def predict(
         else:
             kv_ms = _transfer_ms(kv_block, gbps, latency)
             both = max if hardware.comm_overlaps_compute else (lambda c, comm: c + comm)
-            fwd_ms = sum(both(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
-            bwd_ms, bwd_comm = 0.0, 0.0
-            for s, c in enumerate(bwd_steps):  # K/V for the next step and dK/dV of the previous share the link
-                moving = (kv_block if s < r - 1 else 0.0) + (dkv_block if s > 0 else 0.0)
-                comm = _transfer_ms(moving, gbps, latency)
-                bwd_ms += both(c, comm)
-                bwd_comm += comm
+            # K/V for the next step and dK/dV of the previous share the link in the backward
+            bwd_comms = [_transfer_ms((kv_block if s < r - 1 else 0.0) + (dkv_block if s > 0 else 0.0), gbps, latency)
+                         for s in range(r)]
+            bwd_comm = sum(bwd_comms)
             last_dkv_home = _transfer_ms(dkv_block, gbps, latency)
-            bwd_ms += last_dkv_home
             prediction.ring_comm_ms = (r - 1) * kv_ms + bwd_comm + last_dkv_home
-            prediction.ring_exposed_ms = fwd_ms + bwd_ms - prediction.compute_ms
+            if bound:  # overlapped: at least the last dK/dV hop home; else every transfer (compute-independent)
+                prediction.ring_exposed_ms = (last_dkv_home if hardware.comm_overlaps_compute
+                                              else prediction.ring_comm_ms)
+            else:
+                fwd_ms = sum(both(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
+                bwd_ms = sum(both(c, comm) for c, comm in zip(bwd_steps, bwd_comms)) + last_dkv_home
+                prediction.ring_exposed_ms = fwd_ms + bwd_ms - prediction.compute_ms
             prediction.ring_step_comm_ms = kv_ms
             prediction.ring_step_compute_ms = sum(fwd_steps) / r
 

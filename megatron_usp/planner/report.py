@@ -161,7 +161,8 @@ def format_job_table(ranked: Sequence[JobPrediction], top: Optional[int] = None)
     header = f"{'#':>3}  {'grid':<72} {'s/iter':>8} {'layer ms':>9} {'bubble':>7} {'grad':>6} {'GiB':>6}"
     lines = [header, "-" * len(header)]
     for i, p in enumerate(ranked[:top] if top else ranked, 1):
-        lines.append(f"{i:>3}  {p.label():<72} {p.iteration_s:>8.2f} {p.layer_ms:>9.1f} "
+        at_least = "" if p.exact else ">="
+        lines.append(f"{i:>3}  {p.label():<72} {at_least:>2}{p.iteration_s:>6.2f} {p.layer_ms:>9.1f} "
                      f"{p.bubble_ms / 1e3:>6.1f}s {p.grad_sync_ms / 1e3:>5.1f}s {p.memory_gib:>6.1f}")
     return "\n".join(lines)
 
@@ -184,6 +185,7 @@ def explain_job(ranked: Sequence[JobPrediction], shape: ModelShape) -> list[str]
     if best.job.recompute != "none" and not any(p.job.recompute == "none" for p in ranked):
         lines.append(f"recompute {best.job.recompute}: no job without recompute fits")
     elif cheaper:
-        lines.append(f"best with recompute {cheaper[0].job.recompute}: {cheaper[0].iteration_s:.2f} s/iteration, "
+        lines.append(f"best with recompute {cheaper[0].job.recompute}: {'' if cheaper[0].exact else '>= '}"
+                     f"{cheaper[0].iteration_s:.2f} s/iteration, "
                      f"{cheaper[0].memory_gib:.1f} GiB")
     return lines

@@ -1,0 +1,130 @@
+"""The planner answers in seconds: every shortcut it takes gives what the exhaustive computation gives.
+
+O(r) ring-step classes = the r schedules of the library; MQSP plans sharing one rank's positions = plans built
+alone; job memory from three stages = from every stage; the O(1) attention bound <= the exact prediction; the
+branch-and-bound ranking = the exhaustive ranking; the 405B / 128K / 128 H100 job answers in a generous bound.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from megatron_usp import planner as plan
+from megatron_usp.job_cost import JobConfig, job_memory, stage_memory
+from megatron_usp.mqsp import MQSPPlan
+from megatron_usp.plan import attention_plan
+from megatron_usp.planner.layer import _shapes, _step_work
+
+H100 = plan.PRESETS["h100"]
+LLAMA70B = plan.ModelShape(heads=64, kv_heads=8, head_dim=128, hidden=8192, seq_len=262144, num_layers=80,
+                           ffn_hidden=28672, vocab=128256)
+LLAMA8B = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, hidden=4096, seq_len=131072, num_layers=32,
+                          ffn_hidden=14336, vocab=128256)
+LLAMA405B = plan.ModelShape(heads=128, kv_heads=8, head_dim=128, hidden=16384, seq_len=131072, num_layers=126,
+                            ffn_hidden=53248, vocab=128256)
+
+
+def _exhaustive_steps(impl: str, seq_len: int, u: int, r: int, causal: bool):
+    schedules = [attention_plan(seq_len, u, r, rank, impl, causal, None, None).schedule for rank in range(r)]
+    if schedules[0].transport == "allgather":
+        return (_step_work(tuple(x for step in s.steps for x in _shapes(step.blocks)) for s in schedules),)
+    return tuple(_step_work(_shapes(s.steps[index].blocks) for s in schedules) for index in range(len(schedules[0].steps)))
+
+
+@pytest.mark.parametrize("impl", ["basic", "zigzag", "stripe", "allgather"])
+@pytest.mark.parametrize("ring", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_step_classes_are_the_schedules_of_every_rank(impl, ring, causal):
+    for u in (1, 2):
+        seq_len = 2 * ring * u * 6
+        fast = plan.schedule_blocks(impl, seq_len, u, ring, causal)
+        assert [sorted(step) for step in fast] == [sorted(step) for step in _exhaustive_steps(impl, seq_len, u, ring,
+                                                                                              causal)]
+        assert all(sum(count for _, count in step) == ring for step in fast)
+
+
+@pytest.mark.parametrize("ring,micro_q", [(2, None), (4, 8), (5, 6)])
+def test_mqsp_plans_sharing_positions_are_the_plans_built_alone(ring, micro_q):
+    seq_len = 2 * ring * 2 * 12
+    first = MQSPPlan(seq_len, 2, ring, 0, True, micro_q)
+    for rank in range(ring):
+        alone = MQSPPlan(seq_len, 2, ring, rank, True, micro_q)
+        shared = MQSPPlan(seq_len, 2, ring, rank, True, micro_q, shared=first)
+        assert shared.blocks == alone.blocks
+        assert all((a == b).all() for a, b in zip(shared.gathered_positions, alone.gathered_positions))
+
+
+@pytest.mark.parametrize("pp,first,last,vpp,recompute", [
+    (1, None, None, 1, "none"), (2, None, None, 1, "full"), (4, None, None, 2, "selective"), (8, None, None, 1, "none"),
+    (5, 9, 7, 1, "none"), (6, 4, 4, 1, "full"), (3, 1, None, 1, "none"), (16, None, None, 5, "none"),
+])
+@pytest.mark.parametrize("micro_batches", [1, 3, 64])
+def test_job_memory_from_three_stages_is_the_max_over_every_stage(pp, first, last, vpp, recompute, micro_batches):
+    gpt = plan.gpt_shape(replace(LLAMA70B, seq_len=32768))
+    job = JobConfig(tp=2, pp=pp, ulysses=2, ring=2, dp=2, recompute=recompute, micro_batches=micro_batches,
+                    sequence_parallel=True, virtual_stages=vpp, first_stage_layers=first, last_stage_layers=last)
+    every = max((stage_memory(gpt, job, stage) for stage in range(pp)), key=lambda memory: memory.total)
+    assert job_memory(gpt, job) == every
+
+
+@pytest.mark.parametrize("hardware", ["h100", "cpu", "low-fraction"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq_len", [65536, 4096])
+def test_the_attention_bound_is_below_every_exact_prediction(hardware, causal, seq_len):
+    machine = replace(H100, causal_fraction=0.3) if hardware == "low-fraction" else plan.PRESETS[hardware]
+    shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=seq_len, causal=causal)
+    cluster = plan.Cluster(8, 4)
+    configs = plan.enumerate_configs(cluster, [1, 2, 8], plan.RING_IMPLS, 1, (True, False), (None, 4096))
+    assert len(configs) > 40
+    ratios = []
+    for config in configs:
+        if plan.feasibility_reason(shape, cluster, config):
+            continue
+        exact = plan.predict(shape, cluster, machine, config, check=False)
+        bound = plan.predict(shape, cluster, machine, config, check=False, bound=True)
+        assert not bound.exact and exact.exact
+        for name in ("compute_ms", "a2a_ms", "ring_exposed_ms", "tp_ms", "total_ms"):
+            assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
+        assert bound.memory_gib == exact.memory_gib
+        ratios.append(bound.total_ms / exact.total_ms)
+    assert sorted(ratios)[len(ratios) // 2] > 0.75  # tight enough to prune: a bound of 0 would prune nothing
+
+
+@pytest.mark.parametrize("shape,nodes,seq_len", [
+    (LLAMA70B, 4, 262144),
+    (LLAMA70B, 8, 65536),
+    (LLAMA8B, 2, 131072),
+    (LLAMA8B, 2, 524288),
+])
+def test_branch_and_bound_ranks_as_the_exhaustive_search(shape, nodes, seq_len):
+    shape, cluster = replace(shape, seq_len=seq_len), plan.Cluster(8, nodes)
+    search = dict(tp_choices=[1, 2, 4, 8], micro_qs=(None, 8192))
+    exhaustive, infeasible = plan.plan_job(shape, cluster, H100, keep=None, **search)
+    exact_of = {p.label(): p for p in exhaustive}
+    assert len(exhaustive) > 5
+    for keep in (3, 10):
+        bounded, infeasible_bounded = plan.plan_job(shape, cluster, H100, keep=keep, **search)
+        assert len(bounded) == len(exhaustive)
+        top = [(p.label(), p.iteration_s, p.memory_gib) for p in exhaustive[:keep]]
+        assert [(p.label(), p.iteration_s, p.memory_gib) for p in bounded[:keep]] == top
+        assert all(p.exact for p in bounded[:keep])
+        if keep == 3:  # the bound prunes: some jobs were never predicted exactly
+            assert not all(p.exact for p in bounded)
+        # the rest carry lower bounds of their exact times, and the same memory
+        for p in bounded[keep:]:
+            assert p.iteration_s <= exact_of[p.label()].iteration_s * (1 + 1e-12)
+            assert p.memory_gib == exact_of[p.label()].memory_gib
+        assert sorted(p.reason for p in infeasible) == sorted(p.reason for p in infeasible_bounded)
+
+
+def test_the_405b_job_on_128_h100_answers_in_seconds(capsys):
+    start = time.perf_counter()
+    status = plan.main(["--heads", "128", "--kv-heads", "8", "--head-dim", "128", "--hidden", "16384",
+                        "--num-layers", "126", "--ffn-hidden", "53248", "--vocab", "128256", "--seq-len", "131072",
+                        "--gpus-per-node", "8", "--nodes", "16", "--gpu", "h100"])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert elapsed < 60, f"{elapsed:.1f} s"  # ~4 s on this 2-core machine; 300 s without an answer before
+    assert status == 1 and "no feasible configuration" in out and "fits with 32 nodes" in out
