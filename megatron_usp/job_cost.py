@@ -17,7 +17,10 @@ Activations of one layer for one micro-batch on one rank, ``T = s·b / (u·r)`` 
   inverse all-to-all (the projection's input). Selective recompute keeps only the checkpoint's inputs (q and k
   after RoPE, the QKV output v is a view of) and its output;
 * MLP: fc1's output (2F with a gated unit) and the activation's output F, both /t (unfused GLU: 2F more;
-  unfused torch RMSNorm: its normalized input, h, more).
+  unfused torch RMSNorm: its normalized input, h, more). A MoE layer (every layer, ``num_experts`` > 0) instead:
+  the router's and dispatcher's bookkeeping and, per routed token copy (top-k), its dispatched input and its
+  expert's fc1 / activation outputs (:func:`moe_activation_bytes`); experts split over EP, their optimizer state
+  over the expert-data-parallel group DP x CP / EP.
 
 Full recompute keeps, per checkpointed chunk, its input T·h·e (and the rotary table once); ``block`` recomputes the
 first ``recompute_num_layers`` layers of a stage, ``uniform`` checkpoints chunks of that many layers. The last stage
@@ -67,6 +70,14 @@ class GPTShape:
     # fallbacks megatron-core uses on CPU: torch RMSNorm also keeps its normalized input (h), and the unfused GLU
     # keeps silu's output and ``x_linear + offset`` (2 x ffn more)
     fused_kernels: bool = True
+    # mixture of experts in every layer (megatron-core's MoE layer, alltoall dispatcher, expert TP = TP): 0 = dense
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden: int = 0
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
 
 
 @dataclass(frozen=True)
@@ -87,10 +98,16 @@ class JobConfig:
     # others split the rest evenly (None: an even split)
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    ep: int = 1  # expert parallelism (MoE): the experts of a layer split over EP ranks of the DP x CP ranks
 
     @property
     def cp(self) -> int:
         return self.ulysses * self.ring
+
+    @property
+    def expert_dp(self) -> int:
+        """megatron-core's expert-data-parallel size (expert TP = TP): the DP x CP ranks over EP."""
+        return self.dp * self.cp // self.ep
 
 
 @dataclass
@@ -119,6 +136,22 @@ def _kv_heads_after_a2a(shape: GPTShape, cfg: JobConfig) -> float:
     return per_tp * kv_replication(per_tp, cfg.ulysses) / cfg.ulysses
 
 
+def moe_activation_bytes(shape: GPTShape, cfg: JobConfig) -> float:
+    """Bytes one MoE layer saves (router, dispatcher, experts), one micro-batch, one rank. The alltoall dispatcher
+    gathers the CP rank's tokens over TP, and over EP each rank's experts receive as many token copies as it sends
+    (top-k of its tokens; exact summed over the EP group, balanced routing per rank): the dispatched tokens (the
+    experts' fc1 input, k·T·h), fc1's output (2F with a gated unit) and the activation's work (F x 2 fused, 4
+    with megatron-core's unfused GLU and the routing probabilities it applies there), F over expert TP = TP; the
+    router's fp32 logits, scores and probabilities (3·E per token), the routing map (E bools) and the top-k
+    indices, permutation and probabilities (3 int64 + 2 fp32 per copy)."""
+    e, k, widths = shape.dtype_bytes, shape.moe_topk, shape.moe_ffn_hidden / cfg.tp
+    tokens = shape.micro_batch * shape.seq_len / cfg.cp
+    copies = k * tokens
+    glu = (2 if shape.gated_mlp else 1) + ((4 if shape.gated_mlp else 2) if not shape.fused_kernels else 2)
+    router = tokens * (3 * shape.num_experts * FP32 + shape.num_experts) + copies * (3 * 8 + 2 * FP32)
+    return copies * shape.hidden * e + copies * widths * glu * e + router
+
+
 def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "none") -> dict[str, float]:
     """Bytes one transformer layer saves for backward, one micro-batch, one rank, without full recompute."""
     e, t, u, r, d = shape.dtype_bytes, cfg.tp, cfg.ulysses, cfg.ring, shape.head_dim
@@ -132,7 +165,7 @@ def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "no
     parts = {
         "norms": norm_copies * tokens * shape.hidden * e / sp + 2 * stats * tokens / sp * FP32,
         "rope": 4 * tokens * d * e,
-        "mlp": tokens * shape.ffn_hidden / t * e * mlp_widths,
+        "mlp": moe_activation_bytes(shape, cfg) if shape.moe else tokens * shape.ffn_hidden / t * e * mlp_widths,
     }
     out = tokens * n * d * e  # the projection's input, before the output all-to-all
     qk_rope = tokens * (n + g) * d * e
@@ -229,15 +262,35 @@ def in_flight(cfg: JobConfig, stage: int) -> int:
     return max(1, min(warmup + 1, cfg.micro_batches * cfg.virtual_stages))
 
 
-def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True) -> float:
-    """Parameters of one transformer layer on one TP rank (the norms replicated)."""
+def expert_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
+    """Parameters of ONE expert's MLP on one rank (expert TP = TP); 0 for a dense model."""
+    if not shape.moe:
+        return 0.0
+    fc1 = shape.moe_ffn_hidden * (2 if shape.gated_mlp else 1)
+    count = (shape.hidden * fc1 + shape.moe_ffn_hidden * shape.hidden) / cfg.tp
+    return count + ((fc1 / cfg.tp + shape.hidden) if shape.bias else 0)
+
+
+def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True, experts: bool = True) -> float:
+    """Parameters of one transformer layer on one TP rank (the norms replicated); a MoE layer's router
+    (replicated) and, with ``experts``, the experts this EP rank holds (``num_experts / EP``)."""
     t, h, d = cfg.tp, shape.hidden, shape.head_dim
     widths = (shape.heads + 2 * shape.kv_heads) * d
-    fc1 = shape.ffn_hidden * (2 if shape.gated_mlp else 1)
-    count = (h * widths + shape.heads * d * h + h * fc1 + shape.ffn_hidden * h) / t
-    if shape.bias:
-        count += (widths + fc1) / t + 2 * h
+    count = (h * widths + shape.heads * d * h) / t + (widths / t + h if shape.bias else 0)
+    if shape.moe:
+        count += h * shape.num_experts + (shape.num_experts // cfg.ep * expert_parameter_count(shape, cfg)
+                                          if experts else 0)
+    else:
+        fc1 = shape.ffn_hidden * (2 if shape.gated_mlp else 1)
+        count += (h * fc1 + shape.ffn_hidden * h) / t + (fc1 / t + h if shape.bias else 0)
     return count + (2 * (1 if shape.rmsnorm else 2) * h if norms else 0)
+
+
+def layer_active_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
+    """Parameters one token meets per layer on one rank (a MoE layer: the router and top-k experts): its GEMM FLOPs
+    per token are twice this forward."""
+    return layer_parameter_count(shape, cfg, norms=False, experts=False) + shape.moe_topk * expert_parameter_count(
+        shape, cfg)
 
 
 def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
@@ -252,11 +305,15 @@ def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
 
 
 def state_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
-    """Parameters (model dtype), fp32 main gradients, Adam state (fp32 master unless fp32 params, 2 moments)."""
+    """Parameters (model dtype), fp32 main gradients, Adam state (fp32 master unless fp32 params, 2 moments); the
+    distributed optimizer shards the dense parameters' state over DP x CP, the experts' over the expert-data-parallel
+    group (DP x CP / EP)."""
     count = parameter_count(shape, cfg, stage)
+    experts = stage_layers(shape, cfg, stage) * shape.num_experts // cfg.ep * expert_parameter_count(shape, cfg)
     per_param = 2 * FP32 + (FP32 if shape.dtype_bytes != FP32 else 0)
-    shards = cfg.dp * cfg.cp if cfg.distributed_optimizer else 1
-    return {"params": count * shape.dtype_bytes, "grads": count * FP32, "optimizer": count * per_param / shards}
+    dense_shards, expert_shards = (cfg.dp * cfg.cp, cfg.expert_dp) if cfg.distributed_optimizer else (1, 1)
+    optimizer = ((count - experts) / dense_shards + experts / expert_shards) * per_param
+    return {"params": count * shape.dtype_bytes, "grads": count * FP32, "optimizer": optimizer}
 
 
 def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
@@ -323,6 +380,17 @@ def check_job(shape: GPTShape, cfg: JobConfig) -> str:
         if cfg.micro_batches % cfg.pp:  # megatron-core: micro-batch groups of PP, no partial group
             return (f"{cfg.micro_batches} micro-batches not a multiple of PP {cfg.pp} "
                     "(megatron-core's interleaved schedule)")
-    if shape.ffn_hidden % cfg.tp:
+    if shape.ffn_hidden % cfg.tp and not shape.moe:
         return f"ffn hidden {shape.ffn_hidden} not divisible by TP {cfg.tp}"
+    if shape.moe:
+        if shape.num_experts % cfg.ep:
+            return f"{shape.num_experts} experts not divisible by EP {cfg.ep}"
+        if (cfg.dp * cfg.cp) % cfg.ep:
+            return f"EP {cfg.ep} does not divide DP {cfg.dp} x CP {cfg.cp} (megatron-core: expert TP x EP divides TP x CP x DP)"
+        if shape.moe_ffn_hidden % cfg.tp:
+            return f"MoE ffn hidden {shape.moe_ffn_hidden} not divisible by expert TP = TP {cfg.tp}"
+        if cfg.tp > 1 and not cfg.sequence_parallel:
+            return "MoE with TP > 1 needs sequence parallelism (megatron-core)"
+    elif cfg.ep > 1:
+        return f"EP {cfg.ep} without experts"
     return ""

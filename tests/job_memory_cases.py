@@ -9,7 +9,8 @@ SHAPE = dict(num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn_hidd
              micro_batch=1)
 
 
-def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict, sequence_parallel: bool = False):
+def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict, sequence_parallel: bool = False,
+                  moe: dict = None):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -21,7 +22,14 @@ def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict, s
         use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, tensor_model_parallel_size=tp,
-        context_parallel_size=cp, sequence_parallel=sequence_parallel, **extra, **recompute)
+        context_parallel_size=cp, sequence_parallel=sequence_parallel, **extra, **recompute,
+        **(dict(moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, **moe) if moe else {}))
+
+
+def moe_saved_bytes(rank, world_size, grids) -> list[list[int]]:
+    """:func:`saved_bytes` for grids ``(tp, ulysses, ring, expert_parallel, cases)`` whose cases carry a third entry,
+    megatron-core's MoE settings (``num_moe_experts``, ``moe_router_topk``, ``moe_ffn_hidden_size``, ...)."""
+    return [_saved_bytes(tp, u, r, "zigzag", cases, ep) for tp, u, r, ep, cases in grids]
 
 
 def saved_bytes(rank, world_size, grids) -> list[list[int]]:
@@ -32,7 +40,7 @@ def saved_bytes(rank, world_size, grids) -> list[list[int]]:
     return [_saved_bytes(tp, u, r, impl, cases) for tp, u, r, impl, cases in grids]
 
 
-def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]:
+def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases, expert_parallel: int = 1) -> list[int]:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -41,7 +49,7 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]
 
     cpu_standins.install(megatron_lm=False)  # megatron-core's CUDA RNG calls (recompute) -> CPU
     initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
-                              create_gloo_process_groups=False)
+                              create_gloo_process_groups=False, expert_model_parallel_size=expert_parallel)
     model_parallel_cuda_manual_seed(1234)
     cp = ulysses_degree * ring_degree
     shape = SHAPE
@@ -50,12 +58,15 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases) -> list[int]
     tokens = torch.randint(0, shape["vocab"], (shape["micro_batch"], local), generator=gen)
     positions = torch.arange(local).expand(shape["micro_batch"], local).contiguous()  # sizes only matter here
     measured = []
-    for gated, recompute in cases:
+    for gated, recompute, *moe in cases:
         torch.manual_seed(1)
         recompute = dict(recompute)
-        config = _model_config(shape, tp, cp, gated, recompute, recompute.pop("sequence_parallel", False))
+        config = _model_config(shape, tp, cp, gated, recompute, recompute.pop("sequence_parallel", False),
+                               dict(moe[0], expert_model_parallel_size=expert_parallel) if moe else None)
+        experts = dict(num_experts=moe[0]["num_moe_experts"], moe_grouped_gemm=False) if moe else {}
         model = GPTModel(config=config,
-                         transformer_layer_spec=get_gpt_decoder_block_local_spec(config), vocab_size=shape["vocab"],
+                         transformer_layer_spec=get_gpt_decoder_block_local_spec(config, **experts),
+                         vocab_size=shape["vocab"],
                          max_sequence_length=shape["seq_len"], position_embedding_type="rope",
                          share_embeddings_and_output_weights=False)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -3,10 +3,13 @@ attention, CPU, gloo) saves for backward, counted with ``torch.autograd.graph.sa
 storage (parameters excluded), vs the memory model, under each recompute mode, TP, Ulysses and ring; +-10 %."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from job_memory_cases import SHAPE
-from megatron_usp.job_cost import GPTShape, JobConfig, job_memory, stage_activation_bytes, stage_memory, state_bytes
+from megatron_usp.job_cost import (GPTShape, JobConfig, job_memory, layer_active_parameter_count, layer_parameter_count,
+                                   stage_activation_bytes, stage_memory, state_bytes)
 
 NONE, SELECTIVE = {}, dict(recompute_granularity="selective")
 FULL_UNIFORM = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -134,3 +137,63 @@ def test_pipeline_peak_matches_megatron_schedules(fresh_rank_pool, capsys):
                          memory.activations, size, (memory.activations - size) / size))
     report_and_check(capsys, "\npeak activation bytes per pipeline rank under megatron-core's schedule (predicted, "
                      "measured):", rows)
+
+
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=96, moe_router_load_balancing_type="aux_loss",
+           moe_aux_loss_coeff=0.01)
+SP = dict(sequence_parallel=True)
+# (tp, u, r, EP, [(gated SwiGLU + RMSNorm, recompute kwargs, MoE settings)]); one 2-rank pool runs them all
+MOE_GRIDS = [
+    (1, 1, 1, 1, [(True, NONE, MOE), (True, SELECTIVE, MOE), (True, NONE, dict(MOE, moe_router_topk=1, moe_router_pre_softmax=True))]),
+    (1, 1, 1, 2, [(True, NONE, MOE)]),
+    (1, 2, 1, 2, [(True, NONE, MOE)]),
+    (1, 1, 2, 1, [(True, NONE, dict(MOE, num_moe_experts=8, moe_router_topk=4))]),
+    (2, 1, 1, 1, [(True, SP, MOE)]),
+]
+
+
+def test_moe_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
+    """A megatron-core MoE layer (local spec, SequentialMLP experts, alltoall dispatcher) vs job_cost: bytes saved
+    for backward summed over the ranks (over an EP group each rank's experts get what the routing sends them; the
+    sum is what every rank sends: top-k of its tokens), against the model's per-rank figure x ranks; +-10 % for the
+    whole model and for the MoE layers' own part (the MoE model minus the same model with a dense MLP)."""
+    grids = [(tp, u, r, ep, [case for moe_case in cases for case in (moe_case, moe_case[:2])])
+             for tp, u, r, ep, cases in MOE_GRIDS]  # each MoE case, then the same model dense
+    measured = fresh_rank_pool(2).run("job_memory_cases:moe_saved_bytes", timeout=300, grids=grids)
+    rows = []
+    for index, (tp, u, r, ep, cases) in enumerate(MOE_GRIDS):
+        for case, (gated, recompute, moe) in enumerate(cases):
+            dense = GPTShape(**SHAPE, dtype_bytes=4, gated_mlp=gated, rmsnorm=gated, bias=not gated,
+                             fused_kernels=False)
+            shape = replace(dense, num_experts=moe["num_moe_experts"], moe_topk=moe["moe_router_topk"],
+                            moe_ffn_hidden=moe["moe_ffn_hidden_size"])
+            config = JobConfig(tp=tp, ulysses=u, ring=r, dp=2 // (tp * u * r), ep=ep,
+                               recompute=recompute.get("recompute_granularity", "none"),
+                               sequence_parallel=recompute.get("sequence_parallel", False))
+            predicted = 2 * sum(stage_activation_bytes(shape, config, 0).values())
+            predicted_dense = 2 * sum(stage_activation_bytes(dense, replace(config, ep=1), 0).values())
+            size, size_dense = (measured[0][index][2 * case + i] + measured[1][index][2 * case + i] for i in (0, 1))
+            label = (f"TP={tp} u={u} r={r} EP={ep} {moe['num_moe_experts']} experts top-{moe['moe_router_topk']} "
+                     f"recompute {config.recompute}")
+            rows.append((label, predicted, size, (predicted - size) / size))
+            rows.append(("  its MoE layers minus dense MLPs", predicted - predicted_dense, size - size_dense,
+                         (predicted - predicted_dense - size + size_dense) / (size - size_dense)))
+    report_and_check(capsys, "\nMoE model activation bytes, both ranks (predicted by megatron_usp.job_cost, "
+                     "measured):", rows, header=True)
+
+
+def test_moe_states_shard_experts_over_ep():
+    shape = GPTShape(num_layers=4, hidden=1024, heads=8, kv_heads=8, head_dim=128, ffn_hidden=4096, vocab=1000,
+                     seq_len=4096, num_experts=8, moe_topk=2, moe_ffn_hidden=512)
+    one = 1024 * 512 * 3  # a SwiGLU expert: fc1 (2 x 512) + fc2
+    dense = JobConfig(dp=8, ep=1)
+    sharded = JobConfig(dp=8, ep=4)
+    assert layer_parameter_count(shape, sharded) == pytest.approx(layer_parameter_count(shape, dense) - 6 * one)
+    states, states_ep = state_bytes(shape, dense, 0), state_bytes(shape, sharded, 0)
+    assert states["params"] - states_ep["params"] == pytest.approx(4 * 6 * one * 2)
+    # the distributed optimizer shards expert states over DP x CP / EP = 2 instead of 8
+    experts_ep = 4 * 2 * one
+    rest = states_ep["params"] / 2 - experts_ep
+    assert states_ep["optimizer"] == pytest.approx((rest / 8 + experts_ep / 2) * 12)
+    assert layer_active_parameter_count(shape, sharded) == pytest.approx(
+        layer_parameter_count(shape, sharded, norms=False, experts=False) + 2 * one)
