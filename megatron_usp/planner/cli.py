@@ -14,6 +14,9 @@ from megatron_usp.planner.comparison import compare, compare_job, format_compare
 from megatron_usp.planner.hardware import PRESETS, Hardware, hardware_from_args
 from megatron_usp.planner.job import DEFAULT_KEEP, DEFAULT_RESERVE_GIB, RECOMPUTE_CHOICES, plan_job, smallest_change
 from megatron_usp.planner.layer import DTYPE_BYTES, Cluster, ModelShape, Prediction
+from megatron_usp.planner.models import (
+    DEFAULT_MOE_TOPK, DEFAULT_VOCAB, FFN_RATIO, MODELS, check_moe_flags, fill_model_flags,
+)
 from megatron_usp.planner.report import (
     explain, explain_job, format_infeasible, format_job_table, format_table, megatron_lm_command, trainer_command,
 )
@@ -26,18 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=sorted(MODELS), default=None,
+                       help="a published model's shape (flags given beside it win)")
     model.add_argument("--heads", type=positive_int, help="attention heads")
     model.add_argument("--kv-heads", type=positive_int, help="K/V heads (query groups); default = heads")
-    model.add_argument("--head-dim", type=positive_int, default=128)
+    model.add_argument("--head-dim", type=positive_int, default=None, help="default 128")
     model.add_argument("--hidden", type=positive_int, default=None, help="hidden size (default: heads x head_dim)")
-    model.add_argument("--num-layers", type=positive_int, default=None, help="layers, for the memory check (default: 1)")
+    model.add_argument("--num-layers", type=positive_int, default=None,
+                       help="layers: plans the whole job (--ffn-hidden and --vocab default to printed assumptions); "
+                            "with --attention-only, the layers of its memory check")
+    model.add_argument("--attention-only", action="store_true",
+                       help="plan the attention grid alone (TP, u, r, impl), not the whole job")
     model.add_argument("--seq-len", type=positive_int, help="tokens per sequence")
     model.add_argument("--micro-batch", type=positive_int, default=1)
     model.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     model.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    job = parser.add_argument_group("whole job (given --ffn-hidden and --vocab: plan PP, recompute, optimizer, batch)")
-    job.add_argument("--ffn-hidden", type=positive_int, default=None, help="MLP hidden size; turns on whole-job planning")
-    job.add_argument("--vocab", type=positive_int, default=None, help="vocabulary size (untied input and output embeddings)")
+    job = parser.add_argument_group("whole job (given --num-layers: plan PP, recompute, optimizer, batch, EP)")
+    job.add_argument("--ffn-hidden", type=positive_int, default=None,
+                     help=f"MLP hidden size (default: {FFN_RATIO} x hidden, rounded to 256)")
+    job.add_argument("--vocab", type=positive_int, default=None,
+                     help=f"vocabulary size, untied input and output embeddings (default {DEFAULT_VOCAB})")
     job.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True, help="gated MLP (SwiGLU)")
     job.add_argument("--rmsnorm", action=argparse.BooleanOptionalAction, default=True, help="RMSNorm (else LayerNorm)")
     job.add_argument("--pp", type=auto_or(positive_int), default="auto", help="pipeline stages: 'auto' (every divisor of the layers) or a number")
@@ -50,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--global-batch-size", type=positive_int, default=None, help="sequences per iteration (default: GPUs)")
     job.add_argument("--reserve-gib", type=nonnegative_float, default=DEFAULT_RESERVE_GIB,
                      help="memory per GPU kept for the CUDA context, NCCL, fragmentation")
+    moe = parser.add_argument_group("mixture of experts (every layer: megatron-core's MoE layer, alltoall dispatcher)")
+    moe.add_argument("--num-experts", type=positive_int, default=None, help="routed experts per layer")
+    moe.add_argument("--moe-topk", type=positive_int, default=None, help=f"experts per token (default {DEFAULT_MOE_TOPK})")
+    moe.add_argument("--moe-ffn-hidden", type=positive_int, default=None, help="each expert's MLP width (default: --ffn-hidden)")
+    moe.add_argument("--ep", type=auto_or(positive_int), default="auto",
+                     help="expert-parallel size: 'auto' (every divisor of the experts and DP x CP) or a number")
     grid = parser.add_argument_group("cluster and grid")
     grid.add_argument("--gpus-per-node", type=positive_int, default=None,
                       help="default 8 (planning) or each record's world size (--compare)")
@@ -143,22 +160,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     {**{k: v for k, v in row.items() if k != "config"}, "flags": row["config"].flags()}
                     for row in result["rows"]]}, handle, indent=2)
         return 0
+    assumptions = fill_model_flags(args, parser)
+    check_moe_flags(args, parser)
+    args.head_dim = args.head_dim or 128
     if args.heads is None or args.seq_len is None:
-        parser.error("--heads and --seq-len are required (or --compare BENCH_JSON)")
+        parser.error("--heads (or --model) and --seq-len are required (or --compare BENCH_JSON)")
     check_plan_args(parser, args, hardware)
     shape = ModelShape(heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                        seq_len=args.seq_len, hidden=args.hidden or 0, num_layers=args.num_layers,
                        micro_batch=args.micro_batch, dtype=args.dtype, causal=args.causal,
                        ffn_hidden=args.ffn_hidden or 0, vocab=args.vocab or 0, gated_mlp=args.swiglu,
-                       rmsnorm=args.rmsnorm)
+                       rmsnorm=args.rmsnorm, num_experts=args.num_experts or 0, moe_topk=args.moe_topk or 0,
+                       moe_ffn_hidden=args.moe_ffn_hidden or 0)
+    whole_job = args.num_layers is not None and not args.attention_only
     cluster = Cluster(args.gpus_per_node or 8, args.nodes)
-    tp = args.tp or ("auto" if args.ffn_hidden else 1)
+    tp = args.tp or ("auto" if whole_job else 1)
     tp_choices = _divisors(cluster.gpus_per_node) if tp == "auto" else [tp]
     impls, micro_qs = list(dict.fromkeys(args.ring_impls)), list(dict.fromkeys(args.micro_q))
     virtual_stages = None if args.virtual_stages == "auto" else [args.virtual_stages]
     orders = {"ulysses-inner": (True,), "ring-inner": (False,), "both": (True, False)}[args.order]
-    if args.ffn_hidden:
-        return main_job(args, shape, cluster, hardware, tp_choices, impls, orders, micro_qs, virtual_stages)
+    if whole_job:
+        return main_job(args, shape, cluster, hardware, tp_choices, impls, orders, micro_qs, virtual_stages,
+                        assumptions)
+    if args.num_experts is not None:
+        parser.error("--num-experts plans a whole job: drop --attention-only (the attention grid has no experts)")
     ranked, infeasible = plan(shape, cluster, hardware, tp_choices=tp_choices, ring_impls=impls, dp=args.dp,
                               orders=orders, other_memory_gib=args.other_memory_gib, micro_qs=micro_qs)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
@@ -182,8 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in format_infeasible(infeasible):
             print("  " + line)
         if not ranked and any(p.reason.startswith("memory:") for p in infeasible):
-            print("  (attention-only planning: no recompute, no PP, half the GPU for the rest; pass --ffn-hidden, "
-                  "--vocab and --num-layers to plan the whole job)")
+            print("  (attention-only planning: no recompute, no PP, half the GPU for the rest; drop --attention-only "
+                  "and pass --num-layers to plan the whole job)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"ranked": [_jsonable(p) for p in ranked],
@@ -194,20 +219,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hardware: Hardware,
              tp_choices: Sequence[int], impls: Sequence[str], orders: Sequence[bool],
-             micro_qs: Sequence[Optional[int]] = (None,), virtual_stages: Optional[Sequence[int]] = (1,)) -> int:
-    if not shape.num_layers or not shape.vocab:
-        raise SystemExit("whole-job planning needs --num-layers and --vocab with --ffn-hidden")
+             micro_qs: Sequence[Optional[int]] = (None,), virtual_stages: Optional[Sequence[int]] = (1,),
+             assumptions: Sequence[str] = ()) -> int:
     search = dict(tp_choices=tp_choices, ring_impls=impls, orders=orders,
                   pp_choices=None if args.pp == "auto" else [args.pp],
                   recomputes=RECOMPUTE_CHOICES if args.recompute == "auto" else (args.recompute,),
                   distributed_optimizers={"auto": (True, False), "on": (True,), "off": (False,)}[args.distributed_optimizer],
                   micro_batches=list(dict.fromkeys(args.micro_batch_sizes)),
                   global_batch=args.global_batch_size or 0, reserve_gib=args.reserve_gib, micro_qs=micro_qs,
-                  virtual_stages=virtual_stages, keep=None if args.exhaustive else max(args.top, DEFAULT_KEEP))
+                  virtual_stages=virtual_stages, keep=None if args.exhaustive else max(args.top, DEFAULT_KEEP),
+                  ep_choices=None if args.ep == "auto" else [args.ep])
     ranked, infeasible = plan_job(shape, cluster, hardware, **search)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
+    for line in assumptions:
+        print(line)
+    mlp = (f"MoE {shape.num_experts} experts top-{shape.moe_topk} x ffn {shape.moe_ffn_hidden}" if shape.num_experts
+           else f"ffn {shape.ffn_hidden}")
     print(f"GPT {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.heads} heads ({kv}) x {shape.head_dim}, "
-          f"ffn {shape.ffn_hidden}{' SwiGLU' if shape.gated_mlp else ''}, vocab {shape.vocab}, seq {shape.seq_len}, "
+          f"{mlp}{' SwiGLU' if shape.gated_mlp else ''}, vocab {shape.vocab}, seq {shape.seq_len}, "
           f"{shape.dtype}; {cluster.nodes} node(s) x {cluster.gpus_per_node} {hardware.name} "
           f"({hardware.gpu_memory_gib:g} GiB, {args.reserve_gib:g} reserved)")
     print("s/iter = (micro-batches + (PP - 1) / virtual stages) x slowest stage + DP x CP gradient reduction; memory = params + fp32 "

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from megatron_usp.job_cost import (
-    JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes, layer_parameter_count,
-    recompute_working_bytes, stage_layers, state_bytes,
+    JobConfig, JobMemory, check_job, chunk_layers, expert_parameter_count, job_memory, layer_activation_bytes,
+    layer_active_parameter_count, recompute_working_bytes, stage_layers, state_bytes,
 )
 from megatron_usp.layout import RING_IMPLS
 from megatron_usp.planner.hardware import Hardware
@@ -44,6 +44,7 @@ class JobChoice:
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     first_stage_layers: Optional[int] = None  # uneven stages: --decoder-first-pipeline-num-layers
     last_stage_layers: Optional[int] = None  # --decoder-last-pipeline-num-layers
+    ep: int = 1  # expert parallelism (MoE): --expert-model-parallel-size
 
     @property
     def micro_batches(self) -> int:
@@ -55,7 +56,8 @@ class JobChoice:
         vpp = f"x{self.virtual_stages}v" if self.virtual_stages > 1 else ""
         if self.first_stage_layers is not None:
             vpp += f"[{self.first_stage_layers}..{self.last_stage_layers}]"
-        return (f"PP={self.pp}{vpp} DP={self.dp} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
+        ep = f" EP={self.ep}" if self.ep > 1 else ""
+        return (f"PP={self.pp}{vpp} DP={self.dp}{ep} mbs={self.micro_batch}x{self.micro_batches} rc={rc} "
                 f"distopt={'on' if self.distributed_optimizer else 'off'}")
 
 
@@ -74,6 +76,8 @@ class JobPrediction:
     recompute_ms: float = 0.0
     elementwise_ms: float = 0.0
     overhead_ms: float = 0.0  # the framework's fixed cost per layer
+    moe_comm_ms: float = 0.0  # the MoE dispatcher's all-to-alls over EP (and its TP gather), fwd + bwd, per layer
+    expert_params_gib: float = 0.0  # of the parameters: the experts this rank holds
     optimizer_ms: float = 0.0  # per iteration
     p2p_ms: float = 0.0  # pipeline sends and receives of one stage, one micro-batch
     stage_ms: float = 0.0  # the slowest stage, one micro-batch
@@ -100,7 +104,8 @@ def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
                      recompute_num_layers=choice.recompute_num_layers,
                      distributed_optimizer=choice.distributed_optimizer, micro_batches=choice.micro_batches,
                      sequence_parallel=config.tp > 1, virtual_stages=choice.virtual_stages,
-                     first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers)
+                     first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers,
+                     ep=choice.ep)
 
 
 def _attention_grid(config: ParallelConfig, choice: JobChoice) -> ParallelConfig:
@@ -140,7 +145,7 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
 
     # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
     tokens = choice.micro_batch * shape.seq_len / config.sp
-    layer_params = layer_parameter_count(gpt, job, norms=False)
+    layer_params = layer_active_parameter_count(gpt, job)
     gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
     gemm_fwd = 2.0 * tokens * layer_params / (gemm_tflops * 1e12) * 1e3
     result.gemm_ms = 3 * gemm_fwd
@@ -152,15 +157,18 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
         saved = sum(layer_activation_bytes(gpt, replace(job, recompute="none")).values())
         result.elementwise_ms = ELEMENTWISE_PASSES * saved / (hardware.memory_gbps * 1e9) * 1e3
     result.overhead_ms = hardware.layer_overhead_us / 1e3
+    if gpt.moe:
+        result.moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, config, choice)
     if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
         chunk = chunk_layers(gpt, job)
         recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
         result.recompute_ms = recomputed / chunk * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2
+                                                    + result.moe_comm_ms / 2
                                                     + (result.elementwise_ms + result.overhead_ms) / 3)
     elif choice.recompute == "selective":
         result.recompute_ms = attn_fwd_all
     result.layer_ms = (attention.total_ms + result.gemm_ms + result.recompute_ms + result.elementwise_ms
-                       + result.overhead_ms)
+                       + result.overhead_ms + result.moe_comm_ms)
     head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
     if hardware.memory_gbps:  # the fp32 logits: softmax forward, its gradient backward
         head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / config.tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
@@ -175,20 +183,22 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     result.bubble_ms = (choice.pp - 1) / choice.virtual_stages * result.stage_ms
     # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
     # optimizer, all-reduce without), not overlapped with the backward here
-    group = choice.dp * config.sp
-    if group > 1:
-        stage_params = memory.params / gpt.dtype_bytes
-        crosses = config.tp * group > cluster.gpus_per_node
-        gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
-        fraction = (group - 1) / group
-        moved = stage_params * fraction * (FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer
-                                           else 2 * FP32_BYTES)
-        result.grad_sync_ms = moved / (gbps * 1e9) * 1e3
-    # the optimizer step over this rank's parameters (its DP x CP shard with the distributed optimizer)
+    # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
+    stage_params = memory.params / gpt.dtype_bytes
+    expert_params = stage_layers(gpt, job, memory.stage) * gpt.num_experts // choice.ep * expert_parameter_count(gpt, job)
+    result.expert_params_gib = expert_params * gpt.dtype_bytes / GIB
+    per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
+    for params, group in ((stage_params - expert_params, choice.dp * config.sp), (expert_params, job.expert_dp)):
+        if group > 1 and params > 0:
+            crosses = config.tp * group * (choice.ep if params == expert_params else 1) > cluster.gpus_per_node
+            gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
+            result.grad_sync_ms += params * (group - 1) / group * per_byte / (gbps * 1e9) * 1e3
+    # the optimizer step over this rank's parameters (its shard with the distributed optimizer)
     per_param = hardware.optimizer_ns_per_param or (
         OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
-    shards = choice.dp * config.sp if choice.distributed_optimizer else 1
-    result.optimizer_ms = memory.params / gpt.dtype_bytes / shards * per_param / 1e6
+    sharded = ((stage_params - expert_params) / (choice.dp * config.sp) + expert_params / job.expert_dp
+               if choice.distributed_optimizer else stage_params)
+    result.optimizer_ms = sharded * per_param / 1e6
     result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms + result.optimizer_ms) / 1e3
     if result.memory_gib > result.budget_gib:
         result.feasible = False
@@ -196,9 +206,37 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     return result
 
 
+def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice) -> float:
+    """The alltoall dispatcher of one MoE layer, forward + backward, not overlapped: dispatch and combine each way
+    (4 all-to-alls over EP of the rank's routed token copies, top-k x its CP shard's tokens x hidden, (EP - 1) /
+    EP of them leave the rank) and, with TP, the gather and scatter of those copies over TP inside the node
+    (4 more). megatron-core places EP outside expert TP (= TP): the EP group spans TP x EP consecutive ranks."""
+    copies = choice.micro_batch * gpt.seq_len / config.sp * gpt.moe_topk
+    nbytes = copies * gpt.hidden * gpt.dtype_bytes
+    total = 0.0
+    if choice.ep > 1:
+        crosses = config.tp * choice.ep > cluster.gpus_per_node
+        total += 4 * _transfer_ms(nbytes * (choice.ep - 1) / choice.ep,
+                                  hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
+                                  hardware.inter_latency_us if crosses else hardware.intra_latency_us)
+    if config.tp > 1:
+        total += 4 * _transfer_ms(nbytes * (config.tp - 1) / config.tp, hardware.intra_node_gbps,
+                                  hardware.intra_latency_us)
+    return total
+
+
+def expert_parallel_sizes(shape: ModelShape, dp_cp: int) -> list[int]:
+    """EP sizes megatron-core takes for ``dp_cp`` = DP x CP ranks (expert TP = TP): divisors of both the experts
+    and DP x CP; [1] for a dense model."""
+    if not shape.num_experts:
+        return [1]
+    return [ep for ep in _divisors(dp_cp) if shape.num_experts % ep == 0]
+
+
 def memory_breakdown(p: JobPrediction) -> str:
     m = p.memory
-    return (f"params {m.params / GIB:.1f} + grads {m.grads / GIB:.1f} + optimizer {m.optimizer / GIB:.1f} + "
+    experts = f" (experts {p.expert_params_gib:.1f})" if p.expert_params_gib else ""
+    return (f"params {m.params / GIB:.1f}{experts} + grads {m.grads / GIB:.1f} + optimizer {m.optimizer / GIB:.1f} + "
             f"activations {m.activations / GIB:.1f} ({m.in_flight} micro-batch(es) in flight on stage {m.stage}) + "
             f"transient {p.transient_gib:.1f} = {p.memory_gib:.1f} GiB "
             f"{'<=' if p.memory_gib <= p.budget_gib else '>'} {p.budget_gib:.1f} GiB")
@@ -283,8 +321,10 @@ def plan_job(
     virtual_stages: Optional[Sequence[int]] = (1,),
     micro_qs: Sequence[Optional[int]] = (None,),
     keep: Optional[int] = DEFAULT_KEEP,
+    ep_choices: Optional[Sequence[int]] = None,
 ) -> tuple[list[JobPrediction], list[JobPrediction]]:
-    """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world.
+    """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world;
+    ``ep_choices``: expert-parallel sizes of a MoE model (None: every one megatron-core takes).
 
     Branch and bound: every job is first predicted with its grid's O(1) lower bound of the attention
     (``predict(bound=True)``; memory and feasibility do not depend on the attention, so they are exact), then
@@ -313,7 +353,8 @@ def plan_job(
                                                             feasible=False, reason=reason))
                             continue
                         attention: dict[int, Prediction] = {}  # per micro-batch size
-                        for choice in choices:
+                        for choice in (replace(choice, ep=ep) for choice in choices
+                                       for ep in ep_choices or expert_parallel_sizes(shape, choice.dp * sp)):
                             if choice.micro_batch not in attention:
                                 attention[choice.micro_batch] = attention_prediction(
                                     shape, cluster, hardware, config, choice, bound=keep is not None)
@@ -350,7 +391,7 @@ def _rank_key(p: JobPrediction) -> tuple:
 def states_floor(shape: ModelShape, cluster: Cluster) -> Optional[tuple[float, int, int]]:
     """``(GiB, TP, PP)``: the least parameters + fp32 gradients a rank of the fullest pipeline stage holds over every
     TP (inside a node) and PP (dividing the GPUs per TP group; uneven stages where it does not divide the layers)
-    of ``cluster``. No DP, CP, recompute or
+    of ``cluster`` (MoE: experts over the largest EP). No DP, CP, recompute or
     optimizer sharding reduces them, so a job whose floor exceeds the budget cannot fit however it is searched.
     None when no TP x PP fits the cluster."""
     gpt, best = gpt_shape(shape), None
@@ -359,7 +400,9 @@ def states_floor(shape: ModelShape, cluster: Cluster) -> Optional[tuple[float, i
             continue
         for pp, uneven in pipeline_splits(gpt.num_layers, cluster.world // tp, None):
             first, last = uneven or (None, None)
-            job = JobConfig(tp=tp, pp=pp, first_stage_layers=first, last_stage_layers=last)
+            rest = cluster.world // (tp * pp)  # DP x CP: the largest EP any search could take
+            job = JobConfig(tp=tp, pp=pp, first_stage_layers=first, last_stage_layers=last, dp=rest,
+                            ep=max(expert_parallel_sizes(shape, rest)))
             states = max(sum(state_bytes(gpt, job, stage)[part] for part in ("params", "grads"))
                          for stage in (0, pp // 2, pp - 1))  # the embedding / output stages, and a middle one
             if best is None or states < best[0]:

@@ -43,6 +43,10 @@ class ModelShape:
     vocab: int = 0
     gated_mlp: bool = True  # SwiGLU
     rmsnorm: bool = True
+    # mixture of experts in every layer (0: dense MLP of ffn_hidden)
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden: int = 0
 
     @property
     def hidden_size(self) -> int:
@@ -314,7 +318,8 @@ def gpt_shape(shape: ModelShape, micro_batch: Optional[int] = None) -> GPTShape:
                     kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                     ffn_hidden=shape.ffn_hidden or 4 * shape.hidden_size, vocab=shape.vocab, seq_len=shape.seq_len,
                     micro_batch=micro_batch or shape.micro_batch, dtype_bytes=shape.dtype_bytes,
-                    gated_mlp=bool(shape.ffn_hidden) and shape.gated_mlp, rmsnorm=shape.rmsnorm)
+                    gated_mlp=bool(shape.ffn_hidden) and shape.gated_mlp, rmsnorm=shape.rmsnorm,
+                    num_experts=shape.num_experts, moe_topk=shape.moe_topk, moe_ffn_hidden=shape.moe_ffn_hidden)
 
 
 def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> float:

@@ -111,7 +111,9 @@ def format_infeasible(infeasible: Sequence[Prediction], limit: int = 20) -> list
 def _model_flags(shape: ModelShape) -> list[str]:
     return [f"--num-layers {shape.num_layers} --hidden-size {shape.hidden_size} --ffn-hidden-size {shape.ffn_hidden}",
             f"--num-attention-heads {shape.heads}",
-            f"--group-query-attention --num-query-groups {shape.kv_heads}" if shape.kv_heads != shape.heads else ""]
+            f"--group-query-attention --num-query-groups {shape.kv_heads}" if shape.kv_heads != shape.heads else "",
+            f"--num-experts {shape.num_experts} --moe-router-topk {shape.moe_topk} --moe-ffn-hidden-size "
+            f"{shape.moe_ffn_hidden} --moe-token-dispatcher-type alltoall" if shape.num_experts else ""]
 
 
 def _job_flags(shape: ModelShape, p: JobPrediction, trainer: bool) -> list[str]:
@@ -128,6 +130,7 @@ def _job_flags(shape: ModelShape, p: JobPrediction, trainer: bool) -> list[str]:
                                                       f"--decoder-last-pipeline-num-layers {j.last_stage_layers}")
     return [f"--tensor-model-parallel-size {c.tp}" + (" --sequence-parallel" if c.tp > 1 else ""),
             f"--pipeline-model-parallel-size {j.pp}", uneven,
+            f"--expert-model-parallel-size {j.ep}" if shape.num_experts else "",
             "" if j.virtual_stages == 1 else f"--num-layers-per-virtual-pipeline-stage {chunk_layers}",
             c.usp_flags(),
             recompute,

@@ -188,7 +188,7 @@ def test_compare_rank_correlation(tmp_path):
 def test_cli_plan_and_compare(tmp_path, capsys):
     out = tmp_path / "plan.json"
     code = plan.main(["--heads", "32", "--kv-heads", "8", "--seq-len", "131072", "--nodes", "2", "--gpu", "h100",
-                      "--num-layers", "32", "--top", "5", "--json", str(out)])
+                      "--num-layers", "32", "--attention-only", "--top", "5", "--json", str(out)])
     text = capsys.readouterr().out
     assert code == 0
     assert "use: --tensor-model-parallel-size 1 --ulysses-degree" in text and "--usp-ring-impl" in text
