@@ -166,19 +166,22 @@ def _travelling_rows(positions: tuple[torch.Tensor, ...], offsets: tuple[int, ..
 def build_schedule(
     ring_impl: str, seq_len: int, ulysses_degree: int, ring_degree: int, ring_rank: int, causal: bool,
     cu_seqlens: Optional[tuple[int, ...]] = None, document_layout: str = "local",
+    positions: Optional[tuple[torch.Tensor, ...]] = None,
 ) -> RingSchedule:
     """The schedule of ring rank ``ring_rank`` for a sequence of ``seq_len`` tokens on a u x r grid. With
     ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout
-    ``document_layout``; ring-local documents stay home (only cut documents' rows travel)."""
+    ``document_layout``; ring-local documents stay home (only cut documents' rows travel). ``positions``: every
+    ring rank's ``ring_positions`` when the caller has them (another rank's schedule of the same call shape)."""
     impl = check_ring_impl(ring_impl)
     if impl.transport not in ("pass_kv", "allgather"):  # usp_attn checked the name; this catches mqsp
         raise ValueError(f"ring_impl {ring_impl!r} has no ring schedule: choose one of {', '.join(RING_SCHEDULE_IMPLS)} "
                          "(mqsp passes Q: megatron_usp.mqsp)")
     n = seq_len // ring_degree
     transport = impl.transport if ring_degree > 1 else "pass_kv"  # r = 1: the local block of any impl
-    positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl, cu_seqlens=cu_seqlens,
-                                     document_layout=document_layout)
-                      for rank in range(ring_degree))
+    if positions is None:
+        positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl, cu_seqlens=cu_seqlens,
+                                         document_layout=document_layout)
+                          for rank in range(ring_degree))
     if transport == "allgather":
         shells = _allgather_steps(ring_degree, ring_rank, n, causal)
     else:

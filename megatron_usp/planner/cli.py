@@ -8,7 +8,10 @@ import json
 from dataclasses import asdict
 from typing import Optional, Sequence
 
-from megatron_usp.flags import auto_or, comma_list, none_or, nonnegative_float, one_of, positive_float, positive_int
+from megatron_usp.document_mixes import packed_rows, source_detail
+from megatron_usp.flags import (
+    auto_or, comma_list, none_or, nonnegative_float, nonnegative_int, one_of, positive_float, positive_int,
+)
 from megatron_usp.layout import RING_IMPLS
 from megatron_usp.planner.comparison import compare, compare_job, format_compare, load_bench_records
 from megatron_usp.planner.hardware import PRESETS, Hardware, hardware_from_args
@@ -61,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--global-batch-size", type=positive_int, default=None, help="sequences per iteration (default: GPUs)")
     job.add_argument("--reserve-gib", type=nonnegative_float, default=DEFAULT_RESERVE_GIB,
                      help="memory per GPU kept for the CUDA context, NCCL, fragmentation")
+    data = parser.add_argument_group("the data's lengths (packed documents)")
+    data.add_argument("--documents", metavar="SOURCE", default=None,
+                      help="plan for rows packed from a document-length source: stdlib, lognormal, dcp or a file of "
+                           "lengths (as tools/bench_attention.py); the attention comes from each row's document "
+                           "layout (ring-local or split, both searched), mean over the rows")
+    data.add_argument("--document-rows", type=positive_int, default=4, help="packed rows sampled")
+    data.add_argument("--document-seed", type=nonnegative_int, default=0, help="seed of the packed rows")
     moe = parser.add_argument_group("mixture of experts (every layer: megatron-core's MoE layer, alltoall dispatcher)")
     moe.add_argument("--num-experts", type=positive_int, default=None, help="routed experts per layer")
     moe.add_argument("--moe-topk", type=positive_int, default=None, help=f"experts per token (default {DEFAULT_MOE_TOPK})")
@@ -130,6 +140,26 @@ def check_plan_args(parser: argparse.ArgumentParser, args: argparse.Namespace, h
 
 
 
+def documents_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[tuple[tuple[int, ...], ...]]:
+    """The packed rows of ``--documents`` (parser.error for a source it cannot read)."""
+    if args.documents is None:
+        return None
+    try:
+        return tuple(packed_rows(args.documents, args.seq_len, args.document_rows, args.document_seed))
+    except (OSError, ValueError) as error:
+        parser.error(f"--documents {args.documents}: {error}")
+
+
+def documents_line(args: argparse.Namespace, shape: ModelShape) -> list[str]:
+    if shape.documents is None:
+        return []
+    counts = [len(cu) - 1 for cu in shape.documents]
+    longest = max(b - a for cu in shape.documents for b, a in zip(cu[1:], cu))
+    return [f"documents: {source_detail(args.documents)}; {len(counts)} rows of {shape.seq_len} tokens, "
+            f"{min(counts)}-{max(counts)} documents each, longest {longest}: attention from each row's document "
+            "layout, mean over the rows"]
+
+
 def _jsonable(prediction: Prediction) -> dict:
     data = asdict(prediction)
     data["flags"] = prediction.config.flags()
@@ -171,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        micro_batch=args.micro_batch, dtype=args.dtype, causal=args.causal,
                        ffn_hidden=args.ffn_hidden or 0, vocab=args.vocab or 0, gated_mlp=args.swiglu,
                        rmsnorm=args.rmsnorm, num_experts=args.num_experts or 0, moe_topk=args.moe_topk or 0,
-                       moe_ffn_hidden=args.moe_ffn_hidden or 0)
+                       moe_ffn_hidden=args.moe_ffn_hidden or 0, documents=documents_of(parser, args))
     whole_job = args.num_layers is not None and not args.attention_only
     cluster = Cluster(args.gpus_per_node or 8, args.nodes)
     tp = args.tp or ("auto" if whole_job else 1)
@@ -187,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ranked, infeasible = plan(shape, cluster, hardware, tp_choices=tp_choices, ring_impls=impls, dp=args.dp,
                               orders=orders, other_memory_gib=args.other_memory_gib, micro_qs=micro_qs)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
+    for line in documents_line(args, shape):
+        print(line)
     print(f"{shape.heads} heads ({kv}), head_dim {shape.head_dim}, seq {shape.seq_len}, micro-batch "
           f"{shape.micro_batch}, {shape.dtype}, {'causal' if shape.causal else 'non-causal'}; {cluster.nodes} node(s) x "
           f"{cluster.gpus_per_node} {hardware.name} (attention {hardware.fwd_tflops:g}/{hardware.bwd_tflops:g} TFLOPS "
@@ -231,7 +263,7 @@ def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hard
                   ep_choices=None if args.ep == "auto" else [args.ep])
     ranked, infeasible = plan_job(shape, cluster, hardware, **search)
     kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
-    for line in assumptions:
+    for line in list(assumptions) + documents_line(args, shape):
         print(line)
     mlp = (f"MoE {shape.num_experts} experts top-{shape.moe_topk} x ffn {shape.moe_ffn_hidden}" if shape.num_experts
            else f"ffn {shape.ffn_hidden}")

@@ -19,7 +19,7 @@ from megatron_usp.planner.layer import (
     BACKWARD_FLOPS_FACTOR, GIB, Cluster, ModelShape, ParallelConfig, Prediction, _transfer_ms,
     attention_transient_bytes, feasibility_reason, gpt_shape, predict,
 )
-from megatron_usp.planner.search import IMPL_PREFERENCE, _divisors, impl_variants
+from megatron_usp.planner.search import IMPL_PREFERENCE, _divisors, document_layouts, impl_variants
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 DEFAULT_KEEP = 10  # jobs predicted exactly, fastest first (plan_job's branch and bound)
@@ -343,10 +343,11 @@ def plan_job(
                                   global_batch=global_batch, virtual_stages=virtual_stages)
             for u in _divisors(sp):
                 for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
-                    for inner in orders:
+                    for inner, layout in ((inner, layout) for inner in orders
+                                          for layout in document_layouts(shape, impl, sp // u)):
                         if not inner and (u == 1 or sp // u == 1):
                             continue
-                        config = ParallelConfig(tp, u, sp // u, impl, 1, inner, micro_q)
+                        config = ParallelConfig(tp, u, sp // u, impl, 1, inner, micro_q, layout)
                         reason = feasibility_reason(shape, cluster, replace(config, dp=rest))
                         if reason:  # the grid itself cannot run: one entry for all its choices
                             infeasible.append(JobPrediction(Prediction(config), choices[0] if choices else JobChoice(),

@@ -11,9 +11,10 @@ from typing import Optional
 
 from megatron_usp.cost import block_pairs
 from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes
-from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len
+from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, ring_local
 from megatron_usp.mqsp import MQSPPlan
-from megatron_usp.ring import allgather_step_classes, pass_kv_step_classes
+from megatron_usp.plan import attention_plan
+from megatron_usp.ring import allgather_step_classes, build_schedule, pass_kv_step_classes
 from megatron_usp.planner.hardware import Hardware
 from megatron_usp.ulysses import check_head_counts, kv_replication
 
@@ -47,6 +48,8 @@ class ModelShape:
     num_experts: int = 0
     moe_topk: int = 0
     moe_ffn_hidden: int = 0
+    # packed documents: each sampled row's offsets [0, ..., seq_len] (None: one dense sequence)
+    documents: Optional[tuple[tuple[int, ...], ...]] = None
 
     @property
     def hidden_size(self) -> int:
@@ -76,6 +79,7 @@ class ParallelConfig:
     dp: int = 1
     ulysses_inner: bool = True
     micro_q: Optional[int] = None  # mqsp: query rows per micro-chunk (None: all of a rank's rows at once)
+    document_layout: Optional[str] = None  # packed documents: "local" or "split" (layout.py); None without them
 
     @property
     def sp(self) -> int:
@@ -84,6 +88,7 @@ class ParallelConfig:
     def usp_flags(self) -> str:
         text = f"--ulysses-degree {self.ulysses} --ring-degree {self.ring} --usp-ring-impl {self.ring_impl}"
         text += "" if self.micro_q is None else f" --usp-micro-q {self.micro_q}"
+        text += "" if self.document_layout in (None, "local") else f" --usp-document-layout {self.document_layout}"
         return text + ("" if self.ulysses_inner else " --usp-ring-inner")
 
     def flags(self) -> str:
@@ -92,7 +97,8 @@ class ParallelConfig:
     def label(self) -> str:
         order = "" if self.ulysses_inner else " ring-inner"
         micro = "" if self.micro_q is None else f"/{self.micro_q}"
-        return f"TP={self.tp} u={self.ulysses} r={self.ring} {self.ring_impl}{micro}{order}"
+        documents = "" if self.document_layout is None else f" {self.document_layout}"
+        return f"TP={self.tp} u={self.ulysses} r={self.ring} {self.ring_impl}{micro}{documents}{order}"
 
 
 @dataclass
@@ -118,6 +124,7 @@ class Prediction:
     ring_step_compute_ms: float = 0.0  # mean forward compute per ring step
     ring_step_comm_ms: float = 0.0  # forward K/V transfer per step
     exact: bool = True  # False: every time a lower bound (predict(bound=True))
+    compute_worst_ms: float = 0.0  # compute + exposed ring of the worst packed row (documents; else the one row)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -182,6 +189,37 @@ def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool) -> tu
     if transport_of(config.ring_impl) == "pass_q":
         return mqsp_chunk_blocks(seq_len, config.ulysses, config.ring, causal, config.micro_q)
     return schedule_blocks(config.ring_impl, seq_len, config.ulysses, config.ring, causal)
+
+
+@functools.lru_cache(maxsize=1024)
+def document_steps(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool, micro_q: Optional[int],
+                   cu_seqlens: tuple[int, ...], document_layout: str) -> tuple[tuple[StepWork, ...], float]:
+    """One packed row (``cu_seqlens``): per synchronised step the distinct kernel-call lists of the ring ranks and
+    how many ranks run each, from the plans of its document layout (the pieces the executor computes), and the
+    largest fraction of a ring rank's K/V rows that travel (ring-local documents stay home; 1 otherwise)."""
+    first = attention_plan(seq_len, ulysses, ring, 0, ring_impl, causal, micro_q, cu_seqlens, document_layout)
+    if first.mqsp is not None:
+        plans = [first.mqsp] + [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q, cu_seqlens, shared=first.mqsp)
+                                for rank in range(1, ring)]
+        return tuple(_step_work(_shapes(plan.blocks[chunk]) for plan in plans)
+                     for chunk in range(len(first.mqsp.chunks))), 1.0
+    # every rank's schedule on the first plan's positions (a plan alone would rebuild all r ranks' positions)
+    schedules = [first.schedule] + [build_schedule(ring_impl, seq_len, ulysses, ring, rank, causal, cu_seqlens,
+                                                   document_layout, positions=first.positions)
+                                    for rank in range(1, ring)]
+    if schedules[0].transport == "allgather":
+        return (_step_work(tuple(b for step in s.steps for b in _shapes(step.blocks)) for s in schedules),), 1.0
+    steps = tuple(_step_work(_shapes(s.steps[index].blocks) for s in schedules) for index in range(ring))
+    travel = schedules[0].travel
+    return steps, 1.0 if travel is None else max(len(rows) for rows in travel) / (seq_len // ring)
+
+
+def attention_rows(config: "ParallelConfig", shape: "ModelShape") -> list[tuple[tuple[StepWork, ...], float]]:
+    """``(steps, travelling fraction)`` per packed row of ``shape.documents`` (one dense row without them)."""
+    if shape.documents is None:
+        return [(attention_blocks(config, shape.seq_len, shape.causal), 1.0)]
+    return [document_steps(config.ring_impl, shape.seq_len, config.ulysses, config.ring, shape.causal, config.micro_q,
+                           cu, config.document_layout or "split") for cu in shape.documents]
 
 
 def load_imbalance(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool,
@@ -350,28 +388,81 @@ def memory_gib(shape: ModelShape, config: ParallelConfig) -> float:
 
 def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair: float, tflops: float,
                       hardware: Hardware, synchronised_steps: int) -> float:
-    """A lower bound of :func:`step_compute_ms`'s sum, in O(1): a step lasts at least as long as its mean rank, so
-    the sum is at least the visible pairs' cost spread evenly over the ring ranks, each at the kernel efficiency of
-    the longest block the transport makes (a ring rank's K/V rows; all-gather: the sequence), plus one call per
-    synchronised step. A causal square of side m holds m(m+1)/2 pairs and costs m^2 x causal_fraction =
-    (2 pairs - m) x fraction; the sides of the squares add up to at most the sequence (they lie on the diagonal),
-    or r x the sequence for stripe (each step's squares hold each row once), and the squares hold at most
-    (n + 1) / 2 x that many pairs (n: a ring rank's rows, the longest side): whatever the squares, the cost is at
-    least ``visible + min(0, 2 fraction - 1) x those pairs - fraction x the sides``, and never below
-    ``min(1, fraction) x visible``."""
-    seq, rows = shape.seq_len, shape.seq_len // config.ring
+    """A lower bound of :func:`step_compute_ms`'s sum, in O(documents): a step lasts at least as long as its mean
+    rank, so the sum is at least every document's visible pairs' cost spread evenly over the ring ranks (the
+    dense sequence: one document; with documents the mean over the rows, as the exact prediction takes it), each
+    document's pieces at most as long as the document and the longest block the transport makes (a ring rank's
+    K/V rows; all-gather: the sequence), so at most that kernel efficiency; plus one call per synchronised step
+    (with documents: one per document, spread over the ranks; a ring-local step may have nothing to compute).
+    A causal square of side m holds m(m+1)/2 pairs and costs m^2 x causal_fraction = (2 pairs - m) x fraction; a
+    document's squares lie on its diagonal (sides adding up to at most its length; stripe: r x it, each step's
+    squares hold each row once) with sides of at most a ring rank's rows, so they hold at most (side + 1) / 2 x
+    those sides pairs: whatever the squares, a document's cost is at least ``visible + min(0, 2 fraction - 1) x
+    those pairs - fraction x the sides``, and never below ``min(1, fraction) x visible``."""
+    seq, rows, fraction = shape.seq_len, shape.seq_len // config.ring, hardware.causal_fraction
     keys = seq if transport_of(config.ring_impl) == "allgather" else rows
-    if shape.causal:
-        visible, fraction = seq * (seq + 1) / 2, hardware.causal_fraction
-        sides = seq * (config.ring if RING_IMPL_TABLE[config.ring_impl].layout == "stripe" else 1)
-        square_pairs = min(visible, (rows + 1) / 2 * sides)
-        cost = max(visible + min(0.0, 2 * fraction - 1) * square_pairs - fraction * sides,
-                   min(1.0, fraction) * visible)
+    stripe = RING_IMPL_TABLE[config.ring_impl].layout == "stripe"
+    lengths = [[seq]] if shape.documents is None else [[b - a for a, b in zip(cu, cu[1:])] for cu in shape.documents]
+
+    @functools.lru_cache(maxsize=None)
+    def document_ms(length: int) -> float:
+        if shape.causal:
+            visible = length * (length + 1) / 2
+            sides = length * (config.ring if stripe else 1)
+            square_pairs = min(visible, (min(length, rows) + 1) / 2 * sides)
+            cost = max(visible + min(0.0, 2 * fraction - 1) * square_pairs - fraction * sides,
+                       min(1.0, fraction) * visible)
+        else:
+            cost = length * length
+        efficiency = kernel_efficiency((rows, min(keys, length), shape.causal), hardware.half_efficiency_tokens)
+        return cost * flops_per_pair / (tflops * 1e12 * efficiency) * 1e3
+
+    work = sum(document_ms(n) for row in lengths for n in row) / len(lengths) / config.ring
+    calls = synchronised_steps if shape.documents is None else max(
+        1.0, sum(len(row) for row in lengths) / len(lengths) / config.ring)
+    return work + calls * hardware.kernel_overhead_us / 1e3
+
+
+def _ring_ms(prediction: Prediction, shape: ModelShape, config: ParallelConfig, hardware: Hardware,
+             fwd_steps: list[float], bwd_steps: list[float], chunks: int, travel: float, ring_crosses: bool,
+             bound: bool) -> None:
+    """The ring's transfers and the part of them compute does not hide, into ``prediction`` (``travel``: the
+    largest fraction of a ring rank's K/V rows that travel: 1, or less with ring-local documents)."""
+    u, r, tp = config.ulysses, config.ring, config.tp
+    gbps = hardware.inter_node_gbps if ring_crosses else hardware.intra_node_gbps
+    latency = hardware.inter_latency_us if ring_crosses else hardware.intra_latency_us
+    prediction.ring_link = "IB" if ring_crosses else "NVLink"
+    kv_block = travel * ring_kv_block_bytes(shape, tp, u, r, shape.dtype_bytes)
+    dkv_block = travel * ring_kv_block_bytes(shape, tp, u, r, ACCUMULATION_BYTES)
+    prediction.ring_step_bytes = kv_block
+    if transport_of(config.ring_impl) == "pass_q":  # pass Q: per chunk, collectives the chunk's kernels wait for
+        comm = mqsp_chunk_comm_ms(shape, config, gbps, latency)
+        prediction.ring_comm_ms = prediction.ring_exposed_ms = chunks * comm
+        prediction.ring_step_bytes = mqsp_query_bytes(shape, config)
+        prediction.ring_step_comm_ms = comm
+        prediction.ring_step_compute_ms = sum(fwd_steps) / chunks
+    elif transport_of(config.ring_impl) == "allgather":
+        gather = (r - 1) * _transfer_ms(kv_block, gbps, latency)
+        scatter = (r - 1) * _transfer_ms(dkv_block, gbps, latency)
+        prediction.ring_comm_ms = prediction.ring_exposed_ms = 2 * gather + scatter  # gathered again in bwd
+        prediction.ring_step_comm_ms = gather
+        prediction.ring_step_compute_ms = fwd_steps[0]
     else:
-        cost = seq * seq
-    efficiency = kernel_efficiency((rows, keys, shape.causal), hardware.half_efficiency_tokens)
-    return (cost / config.ring * flops_per_pair / (tflops * 1e12 * efficiency) * 1e3
-            + synchronised_steps * hardware.kernel_overhead_us / 1e3)
+        kv_ms = _transfer_ms(kv_block, gbps, latency)
+        both = max if hardware.comm_overlaps_compute else (lambda c, comm: c + comm)
+        # K/V for the next step and dK/dV of the previous share the link in the backward
+        bwd_comms = [_transfer_ms((kv_block if s < r - 1 else 0.0) + (dkv_block if s > 0 else 0.0), gbps, latency)
+                     for s in range(r)]
+        last_dkv_home = _transfer_ms(dkv_block, gbps, latency)
+        prediction.ring_comm_ms = (r - 1) * kv_ms + sum(bwd_comms) + last_dkv_home
+        if bound:  # overlapped: at least the last dK/dV hop home; else every transfer (compute-independent)
+            prediction.ring_exposed_ms = last_dkv_home if hardware.comm_overlaps_compute else prediction.ring_comm_ms
+        else:
+            fwd_ms = sum(both(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
+            bwd_ms = sum(both(c, comm) for c, comm in zip(bwd_steps, bwd_comms)) + last_dkv_home
+            prediction.ring_exposed_ms = fwd_ms + bwd_ms - sum(fwd_steps) - sum(bwd_steps)
+        prediction.ring_step_comm_ms = kv_ms
+        prediction.ring_step_compute_ms = sum(fwd_steps) / r
 
 
 def predict(
@@ -386,7 +477,9 @@ def predict(
 ) -> Prediction:
     """Predicted ms per layer (fwd + bwd) of ``config``; ``check=False`` skips the feasibility rules. ``bound``:
     a lower bound of every time instead, in O(1) (no schedule built; memory exact): what a search uses to skip
-    grids that cannot win (``Prediction.exact`` False)."""
+    grids that cannot win (``Prediction.exact`` False). With ``shape.documents`` the attention's compute and ring
+    come from each packed row's plan (the pieces of its document layout): their mean over the rows, the worst
+    row in ``compute_worst_ms``."""
     prediction = Prediction(config, exact=not bound)
     if check:
         reason = feasibility_reason(shape, cluster, config)
@@ -395,22 +488,39 @@ def predict(
     u, r, tp = config.ulysses, config.ring, config.tp
     intra_peers, inter_peers, ring_crosses = placement(cluster, config)
 
-    # attention compute, from the schedules
+    # attention compute, from the schedules (per packed row with documents), and the ring
     heads_per_rank = shape.heads / (tp * u)
     flops_per_pair = 4.0 * shape.micro_batch * heads_per_rank * shape.head_dim
     if bound:
         transport = transport_of(config.ring_impl) if r > 1 else "pass_kv"
-        steps = [()] * {"pass_kv": r, "allgather": 1,  # pass Q: its micro-chunks
-                        "pass_q": -(-(shape.seq_len // r) // mqsp_rows(shape.seq_len, config))}[transport]
-        fwd_steps = [_compute_bound_ms(shape, config, flops_per_pair, hardware.fwd_tflops, hardware, len(steps))]
-        bwd_steps = [_compute_bound_ms(shape, config, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops,
-                                       hardware, len(steps))]
+        chunks = {"pass_kv": r, "allgather": 1,  # pass Q: its micro-chunks
+                  "pass_q": -(-(shape.seq_len // r) // mqsp_rows(shape.seq_len, config))}[transport]
+        # ring-local documents: the travelling fraction is only known from the plans; 0 bounds it
+        travel = 0.0 if shape.documents is not None and ring_local(config.ring_impl, config.document_layout or "split") \
+            else 1.0
+        rows = [([_compute_bound_ms(shape, config, flops_per_pair, hardware.fwd_tflops, hardware, chunks)],
+                 [_compute_bound_ms(shape, config, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops,
+                                    hardware, chunks)], chunks, travel)]
     else:
-        steps = attention_blocks(config, shape.seq_len, shape.causal)
-        fwd_steps = step_compute_ms(steps, flops_per_pair, hardware.fwd_tflops, hardware)
-        bwd_steps = step_compute_ms(steps, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, hardware)
-        prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal, config.micro_q)
-    prediction.compute_ms = sum(fwd_steps) + sum(bwd_steps)
+        rows = []
+        for steps, travel in attention_rows(config, shape):
+            rows.append((step_compute_ms(steps, flops_per_pair, hardware.fwd_tflops, hardware),
+                         step_compute_ms(steps, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops, hardware),
+                         len(steps), travel))
+        if shape.documents is None:
+            prediction.imbalance = load_imbalance(config.ring_impl, shape.seq_len, u, r, shape.causal, config.micro_q)
+    per_row = []
+    for fwd_steps, bwd_steps, chunks, travel in rows:
+        row = Prediction(config)
+        row.compute_ms = sum(fwd_steps) + sum(bwd_steps)
+        if r > 1:
+            _ring_ms(row, shape, config, hardware, fwd_steps, bwd_steps, chunks, travel, ring_crosses, bound)
+        per_row.append(row)
+    for name in ("compute_ms", "ring_comm_ms", "ring_exposed_ms", "ring_step_bytes", "ring_step_compute_ms",
+                 "ring_step_comm_ms"):
+        setattr(prediction, name, sum(getattr(row, name) for row in per_row) / len(per_row))
+    prediction.compute_worst_ms = max(row.compute_ms + row.ring_exposed_ms for row in per_row)
+    prediction.ring_link = per_row[0].ring_link
 
     # Ulysses all-to-all
     prediction.kv_replication = kv_replication(shape.kv_heads // tp, u)
@@ -425,45 +535,6 @@ def predict(
         prediction.a2a_ms = 2 * a2a_fwd
         prediction.a2a_bytes = sum(per_call.values())
         prediction.a2a_link = "IB" if inter_peers else "NVLink"
-
-    # ring
-    if r > 1:
-        gbps = hardware.inter_node_gbps if ring_crosses else hardware.intra_node_gbps
-        latency = hardware.inter_latency_us if ring_crosses else hardware.intra_latency_us
-        prediction.ring_link = "IB" if ring_crosses else "NVLink"
-        kv_block = ring_kv_block_bytes(shape, tp, u, r, shape.dtype_bytes)
-        dkv_block = ring_kv_block_bytes(shape, tp, u, r, ACCUMULATION_BYTES)
-        prediction.ring_step_bytes = kv_block
-        if transport_of(config.ring_impl) == "pass_q":  # pass Q: per chunk, collectives the chunk's kernels wait for
-            comm = mqsp_chunk_comm_ms(shape, config, gbps, latency)
-            prediction.ring_comm_ms = prediction.ring_exposed_ms = len(steps) * comm
-            prediction.ring_step_bytes = mqsp_query_bytes(shape, config)
-            prediction.ring_step_comm_ms = comm
-            prediction.ring_step_compute_ms = sum(fwd_steps) / len(steps)
-        elif transport_of(config.ring_impl) == "allgather":
-            gather = (r - 1) * _transfer_ms(kv_block, gbps, latency)
-            scatter = (r - 1) * _transfer_ms(dkv_block, gbps, latency)
-            prediction.ring_comm_ms = prediction.ring_exposed_ms = 2 * gather + scatter  # gathered again in bwd
-            prediction.ring_step_comm_ms = gather
-            prediction.ring_step_compute_ms = fwd_steps[0]
-        else:
-            kv_ms = _transfer_ms(kv_block, gbps, latency)
-            both = max if hardware.comm_overlaps_compute else (lambda c, comm: c + comm)
-            # K/V for the next step and dK/dV of the previous share the link in the backward
-            bwd_comms = [_transfer_ms((kv_block if s < r - 1 else 0.0) + (dkv_block if s > 0 else 0.0), gbps, latency)
-                         for s in range(r)]
-            bwd_comm = sum(bwd_comms)
-            last_dkv_home = _transfer_ms(dkv_block, gbps, latency)
-            prediction.ring_comm_ms = (r - 1) * kv_ms + bwd_comm + last_dkv_home
-            if bound:  # overlapped: at least the last dK/dV hop home; else every transfer (compute-independent)
-                prediction.ring_exposed_ms = (last_dkv_home if hardware.comm_overlaps_compute
-                                              else prediction.ring_comm_ms)
-            else:
-                fwd_ms = sum(both(c, kv_ms) for c in fwd_steps[:-1]) + fwd_steps[-1]
-                bwd_ms = sum(both(c, comm) for c, comm in zip(bwd_steps, bwd_comms)) + last_dkv_home
-                prediction.ring_exposed_ms = fwd_ms + bwd_ms - prediction.compute_ms
-            prediction.ring_step_comm_ms = kv_ms
-            prediction.ring_step_compute_ms = sum(fwd_steps) / r
 
     # Megatron TP collectives of the layer (sequence parallel), inside the node
     if tp > 1:

@@ -113,3 +113,97 @@ def test_moe_states_floor_takes_the_largest_ep():
     assert floor is not None and floor[0] < 40
     whole = state_bytes(plan.gpt_shape(huge), JobConfig(tp=8, pp=1), 0)
     assert (whole["params"] + whole["grads"]) / plan.GIB > 400  # EP 1: 5x an 80 GiB GPU
+
+
+def _with_documents(shape, documents):
+    from dataclasses import replace
+
+    return replace(shape, documents=documents)
+
+
+DENSE = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=32768)
+
+
+@pytest.mark.parametrize("impl,layout", [("zigzag", "split"), ("zigzag", "local"), ("stripe", "split"),
+                                         ("allgather", "split"), ("basic", "split")])
+def test_one_document_spanning_the_row_is_the_dense_prediction(impl, layout):
+    """The pieces cover each document's visible pairs exactly once; one document spanning the row moves what the
+    dense sequence moves and computes the same pairs (in pieces split at the row's zigzag chunks: within 5 %)."""
+    from megatron_usp.cost import block_pairs
+    from megatron_usp.planner.layer import document_steps
+
+    cluster = plan.Cluster(8, 2)
+    config = plan.ParallelConfig(1, 4, 4, impl, document_layout=layout)
+    dense = plan.predict(DENSE, cluster, H100, plan.ParallelConfig(1, 4, 4, impl), check=False)
+    one = plan.predict(_with_documents(DENSE, ((0, 32768),)), cluster, H100, config, check=False)
+    for name in ("ring_comm_ms", "a2a_ms"):
+        assert getattr(one, name) == pytest.approx(getattr(dense, name), rel=1e-12), name
+    assert one.compute_ms == pytest.approx(dense.compute_ms, rel=0.05)
+    for cu in ((0, 32768), (0, 100, 5000, 5001, 32768)):
+        steps, _ = document_steps(impl, 32768, 4, 4, True, None, cu, layout)
+        pairs = sum(count * sum(block_pairs(*b) for b in blocks) for step in steps for blocks, count in step)
+        assert pairs == sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))
+
+
+def test_documents_take_the_pieces_of_each_rows_layout():
+    from megatron_usp.document_mixes import packed_rows
+
+    cluster = plan.Cluster(8, 2)
+    rows = tuple(packed_rows("dcp", 65536, 3, 0))
+    shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=65536, documents=rows)
+    dense = plan.predict(replace_documents(shape, None), cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag"))
+    split = plan.predict(shape, cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="split"))
+    local = plan.predict(shape, cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="local"))
+    # documents of <= 8K tokens: a fraction of the causal square's pairs, but the split layout cuts each into 2r
+    # pieces (small, slow kernel calls, one per piece); ring-local keeps most whole
+    assert local.compute_ms < dense.compute_ms / 3 and local.compute_ms < split.compute_ms / 2.5
+    assert local.ring_comm_ms < 0.8 * split.ring_comm_ms  # only the cut documents' K/V travel
+    assert local.compute_worst_ms >= local.compute_ms + local.ring_exposed_ms - 1e-9
+    # the mean over rows: each row alone, averaged
+    alone = [plan.predict(replace_documents(shape, (cu,)), cluster, H100,
+                          plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="local")) for cu in rows]
+    assert local.compute_ms == pytest.approx(sum(p.compute_ms for p in alone) / 3)
+    assert local.compute_worst_ms == pytest.approx(max(p.compute_ms + p.ring_exposed_ms for p in alone))
+    # and the O(1) bound stays below every exact prediction with documents
+    for config in plan.enumerate_configs(cluster, [1], plan.RING_IMPLS, 1, (True,), (None,), shape):
+        if plan.feasibility_reason(shape, cluster, config):
+            continue
+        exact = plan.predict(shape, cluster, H100, config, check=False)
+        bound = plan.predict(shape, cluster, H100, config, check=False, bound=True)
+        for name in ("compute_ms", "ring_exposed_ms", "total_ms"):
+            assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
+
+
+def replace_documents(shape, documents):
+    return _with_documents(shape, documents)
+
+
+def test_the_70b_plan_with_and_without_documents(capsys):
+    argv = ["--model", "llama3-70b", "--seq-len", "262144", "--nodes", "4", "--top", "3"]
+    assert plan.main(argv) == 0
+    dense = capsys.readouterr().out
+    assert plan.main(argv + ["--documents", "dcp", "--document-rows", "2"]) == 0
+    packed = capsys.readouterr().out
+    assert "documents: Megatron-LM's dynamic-CP benchmark mix" in packed and "documents:" not in dense
+    seconds = [float(out.split(" = ")[-1].split(" s")[0]) for out in (
+        next(line for line in text.splitlines() if line.strip().startswith("iteration:")) for text in (dense, packed))]
+    assert seconds[1] < seconds[0] / 2
+    winner = packed.split("winner: ")[1].splitlines()[0]
+    assert " local " in winner or " split " in winner
+    with pytest.raises(SystemExit) as error:
+        plan.main(argv + ["--documents", "/nonexistent/lengths.txt"])
+    assert error.value.code == 2
+
+
+def test_branch_and_bound_with_documents_ranks_as_the_exhaustive_search():
+    from dataclasses import replace
+
+    from megatron_usp.document_mixes import packed_rows
+
+    shape = replace(plan.ModelShape(heads=32, kv_heads=8, head_dim=128, hidden=4096, seq_len=65536, num_layers=32,
+                                    ffn_hidden=14336, vocab=128256), documents=tuple(packed_rows("lognormal", 65536, 2, 0)))
+    cluster = plan.Cluster(8, 1)
+    exhaustive, _ = plan.plan_job(shape, cluster, H100, tp_choices=[1, 2, 4], keep=None)
+    bounded, _ = plan.plan_job(shape, cluster, H100, tp_choices=[1, 2, 4], keep=5)
+    assert [(p.label(), p.iteration_s) for p in bounded[:5]] == [(p.label(), p.iteration_s) for p in exhaustive[:5]]
+    assert not all(p.exact for p in bounded)

@@ -128,3 +128,26 @@ def test_the_405b_job_on_128_h100_answers_in_seconds(capsys):
     out = capsys.readouterr().out
     assert elapsed < 60, f"{elapsed:.1f} s"  # ~4 s on this 2-core machine; 300 s without an answer before
     assert status == 1 and "no feasible configuration" in out and "fits with 32 nodes" in out
+
+
+@pytest.mark.parametrize("impl,layout", [("zigzag", "local"), ("zigzag", "split"), ("stripe", "split"),
+                                         ("allgather", "split"), ("mqsp", "split")])
+def test_document_steps_on_shared_positions_are_each_ranks_own_plan(impl, layout):
+    from megatron_usp.document_mixes import packed_rows
+    from megatron_usp.planner.layer import document_steps
+
+    seq_len, u, ring = 4096, 2, 4
+    for cu in packed_rows("dcp", seq_len, 2, 3):
+        plans = [attention_plan(seq_len, u, ring, rank, impl, True, None, cu, layout) for rank in range(ring)]
+        if impl == "mqsp":
+            alone = tuple(_step_work(_shapes(p.mqsp.blocks[c]) for p in plans) for c in range(len(plans[0].mqsp.chunks)))
+        elif impl == "allgather":
+            alone = (_step_work(tuple(b for step in p.schedule.steps for b in _shapes(step.blocks)) for p in plans),)
+        else:
+            alone = tuple(_step_work(_shapes(p.schedule.steps[s].blocks) for p in plans) for s in range(ring))
+        steps, travel = document_steps(impl, seq_len, u, ring, True, None, cu, layout)
+        assert [sorted(step) for step in steps] == [sorted(step) for step in alone]
+        if layout == "local":
+            assert travel == max(len(rows) for rows in plans[0].schedule.travel) / (seq_len // ring) < 1
+        else:
+            assert travel == 1.0
