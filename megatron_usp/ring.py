@@ -27,7 +27,7 @@ from . import comm
 from .groups import USPGroups
 from .caching import cached_plain_property, plain_tensors
 from .blocks import (Block, TouchedRows, backward_blocks, forward_blocks, group_blocks, own_blocks, plan_work,
-                     position_blocks)
+                     position_blocks, position_runs)
 from .kernels import AttentionKernel, accumulation_dtype
 from .layout import RING_SCHEDULE_IMPLS, check_ring_impl, ring_documents_of, ring_local, ring_positions
 from .masks import BlockMasker
@@ -194,11 +194,13 @@ def build_schedule(
     schedule = RingSchedule(ring_impl, transport, shells, positions, travel)
     if cu_seqlens is None:
         return schedule
-    # documents: the same transports; each step's blocks are the visible pieces of its positions
+    # documents: the same transports; each step's blocks are the visible pieces of its positions (the q runs are
+    # this rank's in every step: found once)
+    q_runs = position_runs(positions[ring_rank], cu_seqlens)
     steps = tuple(Step(shell.kv_rank, tuple(own_blocks(positions[ring_rank], causal, cu_seqlens)
                                             if shell.kv_rank == ring_rank else
                                             position_blocks(positions[ring_rank], schedule.kv_positions(shell), causal,
-                                                            cu_seqlens)), shell.gathered_half)
+                                                            cu_seqlens, q_runs)), shell.gathered_half)
                   for shell in shells)
     return RingSchedule(ring_impl, transport, steps, positions, travel)
 
