@@ -190,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     {**{k: v for k, v in row.items() if k != "config"}, "flags": row["config"].flags()}
                     for row in result["rows"]]}, handle, indent=2)
         return 0
-    assumptions = fill_model_flags(args, parser)
+    assumptions = fill_model_flags(args)
     check_moe_flags(args, parser)
     args.head_dim = args.head_dim or 128
     if args.heads is None or args.seq_len is None:

@@ -188,10 +188,11 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     expert_params = stage_layers(gpt, job, memory.stage) * gpt.num_experts // choice.ep * expert_parameter_count(gpt, job)
     result.expert_params_gib = expert_params * gpt.dtype_bytes / GIB
     per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
+    # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)
+    crosses = config.tp * choice.dp * config.sp > cluster.gpus_per_node
+    gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
     for params, group in ((stage_params - expert_params, choice.dp * config.sp), (expert_params, job.expert_dp)):
         if group > 1 and params > 0:
-            crosses = config.tp * group * (choice.ep if params == expert_params else 1) > cluster.gpus_per_node
-            gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
             result.grad_sync_ms += params * (group - 1) / group * per_byte / (gbps * 1e9) * 1e3
     # the optimizer step over this rank's parameters (its shard with the distributed optimizer)
     per_param = hardware.optimizer_ns_per_param or (

@@ -40,9 +40,9 @@ def default_ffn_hidden(hidden: int) -> int:
     return 256 * math.ceil(FFN_RATIO * hidden / 256)
 
 
-def fill_model_flags(args, parser) -> list[str]:
+def fill_model_flags(args) -> list[str]:
     """Apply ``--model`` (flags given on the command line win) and the defaults of a whole-job plan; returns the
-    assumptions made, one line each, for the report. ``parser.error`` for an unknown model."""
+    assumptions made, one line each, for the report."""
     notes: list[str] = []
     if args.model is not None:
         preset = MODELS[args.model]
@@ -76,6 +76,8 @@ def check_moe_flags(args, parser) -> None:
     if args.num_experts is None:
         given = [flag for flag, value in (("--moe-topk", args.moe_topk), ("--moe-ffn-hidden", args.moe_ffn_hidden))
                  if value is not None]
+        if args.ep != "auto":
+            given.append("--ep")
         if given:
             parser.error(f"{' and '.join(given)} given without --num-experts: pass --num-experts N for a MoE model")
     elif args.moe_topk is not None and args.moe_topk > args.num_experts:

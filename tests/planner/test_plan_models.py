@@ -53,6 +53,7 @@ def test_model_presets_fill_the_flags_and_flags_given_win(capsys):
     (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--num-experts", "4", "--moe-topk", "8"],
      "exceeds --num-experts"),
     (["--heads", "8", "--seq-len", "4096", "--num-experts", "4"], "plans a whole job"),
+    (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--ep", "2"], "without --num-experts"),
     (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--num-experts", "4", "--attention-only"],
      "plans a whole job"),
 ])
