@@ -37,6 +37,7 @@ moments are sharded over DP x CP (megatron-core's data-parallel-with-context-par
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -327,8 +328,10 @@ def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
                      flight * (sum(parts.values()) - head) + head, flight, parts)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
-    """Memory per GPU of the stage that needs the most (states + in-flight activations). Only stages 0, 1 and the
+    """Memory per GPU of the stage that needs the most (states + in-flight activations); cached (the planner asks
+    for the same job under every ring impl): read-only. Only stages 0, 1 and the
     last are looked at: the middle stages 1..PP-2 hold the same layers and parameters, and the in-flight count
     falls with the stage in both schedules, so stage 1 needs at least what any other middle stage needs."""
     stages = sorted({0, min(1, cfg.pp - 1), cfg.pp - 1})

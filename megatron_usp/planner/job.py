@@ -5,6 +5,7 @@ and seconds per iteration (:func:`predict_job`), the job search (:func:`job_choi
 (:func:`states_floor`) and the smallest change that fits (:func:`smallest_change`)."""
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
@@ -127,7 +128,7 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
     + the DP x CP gradient reduction. ``attention``: the layer's :func:`attention_prediction` when the caller
     has it (it depends on the grid and the micro-batch size only)."""
-    mb_shape = replace(shape, micro_batch=choice.micro_batch)
+    mb_shape = shape if shape.micro_batch == choice.micro_batch else replace(shape, micro_batch=choice.micro_batch)
     gpt, job = gpt_shape(mb_shape), job_config(config, choice)
     reason = check_job(gpt, job) or feasibility_reason(mb_shape, cluster, _attention_grid(config, choice))
     if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
@@ -154,7 +155,7 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     layers = stage_layers(gpt, job)
     # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
     if hardware.memory_gbps:
-        saved = sum(layer_activation_bytes(gpt, replace(job, recompute="none")).values())
+        saved = sum(layer_activation_bytes(gpt, job, recompute="none").values())
         result.elementwise_ms = ELEMENTWISE_PASSES * saved / (hardware.memory_gbps * 1e9) * 1e3
     result.overhead_ms = hardware.layer_overhead_us / 1e3
     if gpt.moe:
@@ -229,9 +230,12 @@ def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelC
 def expert_parallel_sizes(shape: ModelShape, dp_cp: int) -> list[int]:
     """EP sizes megatron-core takes for ``dp_cp`` = DP x CP ranks (expert TP = TP): divisors of both the experts
     and DP x CP; [1] for a dense model."""
-    if not shape.num_experts:
-        return [1]
-    return [ep for ep in _divisors(dp_cp) if shape.num_experts % ep == 0]
+    return _expert_parallel_sizes(shape.num_experts, dp_cp)
+
+
+@functools.lru_cache(maxsize=None)
+def _expert_parallel_sizes(num_experts: int, dp_cp: int) -> list[int]:
+    return [ep for ep in _divisors(dp_cp) if num_experts % ep == 0] if num_experts else [1]
 
 
 def memory_breakdown(p: JobPrediction) -> str:

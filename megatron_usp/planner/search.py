@@ -3,6 +3,8 @@
 divisor and impl helpers the whole-job search shares."""
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional, Sequence
 
 from megatron_usp.layout import RING_IMPL_TABLE, RING_IMPLS, ring_local
@@ -12,8 +14,10 @@ from megatron_usp.planner.layer import Cluster, ModelShape, ParallelConfig, Pred
 IMPL_PREFERENCE = ("zigzag", "stripe", "allgather", "mqsp", "basic")  # tie-break between equal predictions
 
 
+@functools.lru_cache(maxsize=None)
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def impl_variants(ring_impls: Sequence[str], ring: int, micro_qs: Sequence[Optional[int]]) -> list[tuple[str, Optional[int]]]:
