@@ -171,9 +171,17 @@ def mqsp_chunk_blocks(seq_len: int, ulysses: int, ring: int, causal: bool, micro
     """Per MQSP micro-chunk, the distinct kernel-call lists of the ring ranks (gathered queries x own K/V) and how
     many ranks run each, from the library's plan; the chunk's collectives make the ranks wait for each other,
     like ring steps."""
-    first = MQSPPlan(seq_len, ulysses, ring, 0, causal, micro_q)
-    plans = [first] + [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q, shared=first) for rank in range(1, ring)]
-    return tuple(_step_work(_shapes(plan.blocks[chunk]) for plan in plans) for chunk in range(len(plans[0].chunks)))
+    return _mqsp_steps(seq_len, ulysses, ring, causal, micro_q, None,
+                       MQSPPlan(seq_len, ulysses, ring, 0, causal, micro_q))
+
+
+def _mqsp_steps(seq_len: int, ulysses: int, ring: int, causal: bool, micro_q: Optional[int],
+                cu_seqlens: Optional[tuple[int, ...]], first: MQSPPlan) -> tuple[StepWork, ...]:
+    """Per micro-chunk, the distinct kernel-call lists of every ring rank's MQSP plan, built on ring rank 0's
+    plan ``first`` (its positions and gathered queries are every rank's)."""
+    plans = [first] + [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q, cu_seqlens, shared=first)
+                       for rank in range(1, ring)]
+    return tuple(_step_work(_shapes(plan.blocks[chunk]) for plan in plans) for chunk in range(len(first.chunks)))
 
 
 def _step_work(rank_blocks) -> StepWork:
@@ -199,10 +207,7 @@ def document_steps(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal
     largest fraction of a ring rank's K/V rows that travel (ring-local documents stay home; 1 otherwise)."""
     first = attention_plan(seq_len, ulysses, ring, 0, ring_impl, causal, micro_q, cu_seqlens, document_layout)
     if first.mqsp is not None:
-        plans = [first.mqsp] + [MQSPPlan(seq_len, ulysses, ring, rank, causal, micro_q, cu_seqlens, shared=first.mqsp)
-                                for rank in range(1, ring)]
-        return tuple(_step_work(_shapes(plan.blocks[chunk]) for plan in plans)
-                     for chunk in range(len(first.mqsp.chunks))), 1.0
+        return _mqsp_steps(seq_len, ulysses, ring, causal, micro_q, cu_seqlens, first.mqsp), 1.0
     # every rank's schedule on the first plan's positions (a plan alone would rebuild all r ranks' positions)
     schedules = [first.schedule] + [build_schedule(ring_impl, seq_len, ulysses, ring, rank, causal, cu_seqlens,
                                                    document_layout, positions=first.positions)
@@ -347,6 +352,8 @@ def feasibility_reason(shape: ModelShape, cluster: Cluster, config: ParallelConf
         return str(error)
     if config.micro_q is not None and config.ring_impl != "mqsp":
         return f"micro_q {config.micro_q} needs ring_impl mqsp"
+    if config.document_layout is not None and shape.documents is None:
+        return f"document layout {config.document_layout!r} needs packed documents (ModelShape.documents)"
     return ""
 
 

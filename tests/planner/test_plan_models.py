@@ -152,7 +152,10 @@ def test_documents_take_the_pieces_of_each_rows_layout():
     cluster = plan.Cluster(8, 2)
     rows = tuple(packed_rows("dcp", 65536, 3, 0))
     shape = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=65536, documents=rows)
-    dense = plan.predict(replace_documents(shape, None), cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag"))
+    dense = plan.predict(_with_documents(shape, None), cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag"))
+    refused = plan.predict(_with_documents(shape, None), cluster, H100,
+                           plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="local"))
+    assert not refused.feasible and "needs packed documents" in refused.reason  # never silently ignored
     split = plan.predict(shape, cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="split"))
     local = plan.predict(shape, cluster, H100, plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="local"))
     # documents of <= 8K tokens: a fraction of the causal square's pairs, but the split layout cuts each into 2r
@@ -161,7 +164,7 @@ def test_documents_take_the_pieces_of_each_rows_layout():
     assert local.ring_comm_ms < 0.8 * split.ring_comm_ms  # only the cut documents' K/V travel
     assert local.compute_worst_ms >= local.compute_ms + local.ring_exposed_ms - 1e-9
     # the mean over rows: each row alone, averaged
-    alone = [plan.predict(replace_documents(shape, (cu,)), cluster, H100,
+    alone = [plan.predict(_with_documents(shape, (cu,)), cluster, H100,
                           plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="local")) for cu in rows]
     assert local.compute_ms == pytest.approx(sum(p.compute_ms for p in alone) / 3)
     assert local.compute_worst_ms == pytest.approx(max(p.compute_ms + p.ring_exposed_ms for p in alone))
@@ -173,10 +176,6 @@ def test_documents_take_the_pieces_of_each_rows_layout():
         bound = plan.predict(shape, cluster, H100, config, check=False, bound=True)
         for name in ("compute_ms", "ring_exposed_ms", "total_ms"):
             assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
-
-
-def replace_documents(shape, documents):
-    return _with_documents(shape, documents)
 
 
 def test_the_70b_plan_with_and_without_documents(capsys):
