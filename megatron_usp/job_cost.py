@@ -15,12 +15,15 @@ Activations of one layer for one micro-batch on one rank, ``T = s·b / (u·r)`` 
   the output (the projection's input, same storage), fp32 lse T·n/t·4. u > 1: q, k, v, out in the ring-level
   layout after the all-to-all (s/r tokens x heads/u, kv heads replicated up to u), lse, and the output after the
   inverse all-to-all (the projection's input). Selective recompute keeps only the checkpoint's inputs (q and k
-  after RoPE, the QKV output v is a view of) and its output;
+  after RoPE, the QKV output v is a view of) and its output. Multi-latent attention (``kv_lora_rank`` > 0):
+  the compressed query / kv as norm and up-projection inputs, RoPE tables of its RoPE dims, q, k, v and the
+  output padded to one width (:func:`attention_head_dim`) and the output at the value width;
 * MLP: fc1's output (2F with a gated unit) and the activation's output F, both /t (unfused GLU: 2F more;
   unfused torch RMSNorm: its normalized input, h, more). A MoE layer (every layer, ``num_experts`` > 0) instead:
   the router's and dispatcher's bookkeeping and, per routed token copy (top-k), its dispatched input and its
-  expert's fc1 / activation outputs (:func:`moe_activation_bytes`); experts split over EP, their optimizer state
-  over the expert-data-parallel group DP x CP / EP.
+  expert's fc1 / activation outputs (:func:`moe_activation_bytes`), plus its shared experts' MLP; experts split over
+  EP, their optimizer state over the expert-data-parallel group DP x CP / EP; the first ``moe_dense_layers`` keep a
+  dense MLP.
 
 Full recompute keeps, per checkpointed chunk, its input T·h·e (and the rotary table once); ``block`` recomputes the
 first ``recompute_num_layers`` layers of a stage, ``uniform`` checkpoints chunks of that many layers. The last stage
@@ -49,6 +52,12 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 
 
+def attention_head_dim(head_dim: int, kv_lora_rank: int = 0, qk_rope_head_dim: int = 0, v_head_dim: int = 0) -> int:
+    """The head dim USP attention runs with: with multi-latent attention (``kv_lora_rank`` > 0) its q/k heads
+    (``head_dim`` + the RoPE dims) and v heads padded to one width (``usp_attn``), else ``head_dim``."""
+    return max(head_dim + qk_rope_head_dim, v_head_dim) if kv_lora_rank > 0 else head_dim
+
+
 @dataclass(frozen=True)
 class GPTShape:
     """A megatron-core GPTModel with the local layer spec."""
@@ -75,10 +84,30 @@ class GPTShape:
     num_experts: int = 0
     moe_topk: int = 0
     moe_ffn_hidden: int = 0
+    moe_shared_ffn_hidden: int = 0  # the shared experts' MLP beside the routed ones (0: none)
+    moe_dense_layers: int = 0  # the first layers keep a dense MLP of ffn_hidden (DeepSeek's first_k_dense_replace)
+    # multi-latent attention (megatron-core's MLASelfAttention) when kv_lora_rank > 0: head_dim is then MLA's
+    # qk_head_dim (the part without RoPE), kv_heads = heads; q_lora_rank 0: queries projected without compression
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     @property
     def moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def attention_head_dim(self) -> int:
+        return attention_head_dim(self.head_dim, self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim)
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.mla else self.head_dim
 
 
 @dataclass(frozen=True)
@@ -153,33 +182,63 @@ def moe_activation_bytes(shape: GPTShape, cfg: JobConfig) -> float:
     return copies * shape.hidden * e + copies * widths * glu * e + router
 
 
-def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "none") -> dict[str, float]:
-    """Bytes one transformer layer saves for backward, one micro-batch, one rank, without full recompute."""
-    e, t, u, r, d = shape.dtype_bytes, cfg.tp, cfg.ulysses, cfg.ring, shape.head_dim
+def _dense_mlp_bytes(shape: GPTShape, cfg: JobConfig, width: int, tokens: float) -> float:
+    """fc1's output and the activation's (a gated unit: 2 x width + width; unfused: 2 x width more)."""
+    unfused = not shape.fused_kernels
+    widths = (5 if unfused else 3) if shape.gated_mlp else 2
+    return tokens * width / cfg.tp * shape.dtype_bytes * widths
+
+
+def _mla_projection_bytes(shape: GPTShape, cfg: JobConfig, tokens: float) -> float:
+    """What MLA's low-rank projections save before the attention: the compressed query (q_lora_rank) and the kv
+    down projection's output (kv_lora_rank + the RoPE dims; the compressed kv is a view of it) as their norms'
+    inputs, the norms' outputs as the up projections' inputs (unfused torch RMSNorm: its normalized input too)
+    and fp32 statistics; per token of the CP rank, over TP with sequence parallelism."""
+    sp = cfg.tp if cfg.sequence_parallel else 1
+    outputs = 1 + (not shape.fused_kernels and shape.rmsnorm)
+    widths = (1 + outputs) * shape.q_lora_rank + shape.kv_lora_rank + shape.qk_rope_head_dim \
+        + outputs * shape.kv_lora_rank
+    norms = (shape.q_lora_rank > 0) + 1
+    return tokens / sp * (widths * shape.dtype_bytes + norms * FP32)
+
+
+def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "none",
+                           dense: bool = False) -> dict[str, float]:
+    """Bytes one transformer layer saves for backward, one micro-batch, one rank, without full recompute;
+    ``dense``: one of a MoE model's first ``moe_dense_layers`` (a dense MLP of ``ffn_hidden``)."""
+    e, t, u, r, d = shape.dtype_bytes, cfg.tp, cfg.ulysses, cfg.ring, shape.attention_head_dim
     tokens = shape.micro_batch * shape.seq_len / (u * r)
     sp = t if cfg.sequence_parallel else 1
     stats = 1 if shape.rmsnorm else 2
     n, g = shape.heads / t, shape.kv_heads / t
-    unfused = not shape.fused_kernels
-    norm_copies = 4 + (2 if unfused and shape.rmsnorm else 0)
-    mlp_widths = (5 if unfused else 3) if shape.gated_mlp else 2
+    norm_copies = 4 + (2 if not shape.fused_kernels and shape.rmsnorm else 0)
+    if shape.moe and not dense:
+        mlp = moe_activation_bytes(shape, cfg) + _dense_mlp_bytes(shape, cfg, shape.moe_shared_ffn_hidden, tokens)
+    else:
+        mlp = _dense_mlp_bytes(shape, cfg, shape.ffn_hidden, tokens)
     parts = {
         "norms": norm_copies * tokens * shape.hidden * e / sp + 2 * stats * tokens / sp * FP32,
-        "rope": 4 * tokens * d * e,
-        "mlp": moe_activation_bytes(shape, cfg) if shape.moe else tokens * shape.ffn_hidden / t * e * mlp_widths,
+        "rope": 4 * tokens * (shape.qk_rope_head_dim if shape.mla else d) * e,
+        "mlp": mlp,
     }
-    out = tokens * n * d * e  # the projection's input, before the output all-to-all
-    qk_rope = tokens * (n + g) * d * e
-    qkv_storage = tokens * (n + 2 * g) * d * e
+    out = tokens * n * shape.value_head_dim * e  # the projection's input, before the output all-to-all
+    if shape.mla:  # the attention keeps q, k, v padded to one width (new tensors, not the projections' outputs)
+        parts["attention"] = _mla_projection_bytes(shape, cfg, tokens)
+        saved_inputs = tokens * 3 * n * d * e
+        checkpoint_inputs = tokens * n * (2 * d + shape.v_head_dim) * e  # q, k after RoPE, v (unpadded)
+    else:
+        parts["attention"] = 0.0
+        saved_inputs = checkpoint_inputs = tokens * (n + g) * d * e + tokens * (n + 2 * g) * d * e  # q, k; QKV
     if recompute == "selective":  # checkpoint inputs q, k (after RoPE), v (a view of the QKV output) + its output
-        parts["attention"] = qk_rope + qkv_storage + out
+        parts["attention"] += checkpoint_inputs + out
     elif u == 1:
-        parts["attention"] = qkv_storage + qk_rope + out + tokens * n * FP32
+        padded_out = tokens * n * d * e if shape.mla else 0.0  # MLA: the attention's output at the padded width
+        parts["attention"] += saved_inputs + out + padded_out + tokens * n * FP32
     else:
         rows = shape.micro_batch * shape.seq_len / r  # ring-level: s/r tokens, heads / u
         q_heads, kv_heads = n / u, _kv_heads_after_a2a(shape, cfg)
-        parts["attention"] = (rows * (2 * q_heads + 2 * kv_heads) * d * e  # q, k, v, out after the a2a
-                              + rows * q_heads * FP32 + out)  # lse; out after the inverse a2a
+        parts["attention"] += (rows * (2 * q_heads + 2 * kv_heads) * d * e  # q, k, v, out after the a2a
+                               + rows * q_heads * FP32 + out)  # lse; out after the inverse a2a
     return parts
 
 
@@ -219,24 +278,33 @@ def chunk_layers(shape: GPTShape, cfg: JobConfig, stage: Optional[int] = None) -
     return stage_layers(shape, cfg, stage) // cfg.virtual_stages
 
 
+def _layers_bytes(shape: GPTShape, cfg: JobConfig, recompute: str, layers: float, dense: float) -> dict[str, float]:
+    """Activation parts of ``layers`` layers, ``dense`` of them with a dense MLP."""
+    parts = {name: (layers - dense) * value for name, value in layer_activation_bytes(shape, cfg, recompute).items()}
+    if dense:
+        for name, value in layer_activation_bytes(shape, cfg, recompute, dense=True).items():
+            parts[name] += dense * value
+    return parts
+
+
 def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
     """Activation parts of ``stage`` for ONE micro-batch through ONE model chunk (the whole stage without virtual
     stages); the last stage's output layer and loss are counted once."""
     layers = chunk_layers(shape, cfg, stage)
     tokens = shape.micro_batch * shape.seq_len / cfg.cp
     layer_input = tokens * shape.hidden * shape.dtype_bytes / (cfg.tp if cfg.sequence_parallel else 1)
+    dense = stage_dense_layers(shape, cfg, stage) / cfg.virtual_stages  # a chunk's share of the dense layers
     if cfg.recompute == "full":
         k = max(1, min(cfg.recompute_num_layers, layers))
         if cfg.recompute_method == "uniform":
             kept, inputs = 0, math.ceil(layers / k)
         else:
             kept, inputs = layers - k, k
-        full = layer_activation_bytes(shape, cfg)
-        parts = {name: kept * value for name, value in full.items()}
-        parts["layer inputs"] = inputs * layer_input + tokens * shape.head_dim * FP32  # + rotary table once
+        parts = _layers_bytes(shape, cfg, "none", kept, min(dense, kept))
+        rope_dims = shape.qk_rope_head_dim if shape.mla else shape.head_dim
+        parts["layer inputs"] = inputs * layer_input + tokens * rope_dims * FP32  # + rotary table once
     else:
-        one = layer_activation_bytes(shape, cfg, cfg.recompute)
-        parts = {name: layers * value for name, value in one.items()}
+        parts = _layers_bytes(shape, cfg, cfg.recompute, layers, dense)
     if stage == cfg.pp - 1:
         parts["head"] = head_activation_bytes(shape, cfg)
     return parts
@@ -272,19 +340,59 @@ def expert_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
     return count + ((fc1 / cfg.tp + shape.hidden) if shape.bias else 0)
 
 
-def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True, experts: bool = True) -> float:
+def _mlp_parameter_count(shape: GPTShape, cfg: JobConfig, width: int) -> float:
+    """A dense MLP of ``width`` (fc1 2 x wide with a gated unit, fc2) on one TP rank."""
+    fc1 = width * (2 if shape.gated_mlp else 1)
+    return (shape.hidden * fc1 + width * shape.hidden) / cfg.tp + (fc1 / cfg.tp + shape.hidden if shape.bias else 0)
+
+
+def _attention_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
+    """The attention's projections on one TP rank. MLA (Transformer Engine's layer spec): the down projections
+    (hidden -> q_lora_rank, hidden -> kv_lora_rank + RoPE dims) and their norms replicated, the up projections
+    (-> heads x (qk_head_dim + RoPE dims); -> heads x (qk_head_dim + v_head_dim)) and the output projection
+    over TP."""
+    t, h, n = cfg.tp, shape.hidden, shape.heads
+    if shape.mla:
+        qk = shape.head_dim + shape.qk_rope_head_dim
+        query = (shape.q_lora_rank * (h + 1) + shape.q_lora_rank * n * qk / t if shape.q_lora_rank
+                 else h * n * qk / t)
+        kv = h * (shape.kv_lora_rank + shape.qk_rope_head_dim) + shape.kv_lora_rank * (
+            1 + n * (shape.head_dim + shape.v_head_dim) / t)
+        return query + kv + n * shape.v_head_dim * h / t
+    widths = (n + 2 * shape.kv_heads) * shape.head_dim
+    return (h * widths + n * shape.head_dim * h) / t + (widths / t + h if shape.bias else 0)
+
+
+def layer_parameter_count(shape: GPTShape, cfg: JobConfig, norms: bool = True, experts: bool = True,
+                          dense: bool = False) -> float:
     """Parameters of one transformer layer on one TP rank (the norms replicated); a MoE layer's router
-    (replicated) and, with ``experts``, the experts this EP rank holds (``num_experts / EP``)."""
-    t, h, d = cfg.tp, shape.hidden, shape.head_dim
-    widths = (shape.heads + 2 * shape.kv_heads) * d
-    count = (h * widths + shape.heads * d * h) / t + (widths / t + h if shape.bias else 0)
-    if shape.moe:
+    (replicated), its shared experts and, with ``experts``, the routed experts this EP rank holds
+    (``num_experts / EP``); ``dense``: one of a MoE model's first ``moe_dense_layers``."""
+    h = shape.hidden
+    count = _attention_parameter_count(shape, cfg)
+    if shape.moe and not dense:
         count += h * shape.num_experts + (shape.num_experts // cfg.ep * expert_parameter_count(shape, cfg)
                                           if experts else 0)
+        count += _mlp_parameter_count(shape, cfg, shape.moe_shared_ffn_hidden) if shape.moe_shared_ffn_hidden else 0
     else:
-        fc1 = shape.ffn_hidden * (2 if shape.gated_mlp else 1)
-        count += (h * fc1 + shape.ffn_hidden * h) / t + (fc1 / t + h if shape.bias else 0)
+        count += _mlp_parameter_count(shape, cfg, shape.ffn_hidden)
     return count + (2 * (1 if shape.rmsnorm else 2) * h if norms else 0)
+
+
+def stage_dense_layers(shape: GPTShape, cfg: JobConfig, stage: int) -> int:
+    """How many of a MoE model's first ``moe_dense_layers`` (dense MLPs) ``stage`` holds: layers go to the stages
+    in order (with V virtual stages: chunk ``c`` of the model to stage ``c mod PP``)."""
+    dense = min(shape.moe_dense_layers, shape.num_layers) if shape.moe else 0
+    if not dense:
+        return 0
+    counts = [count // cfg.virtual_stages for count in stage_layer_counts(shape, cfg)]
+    held, start = 0, 0
+    for _ in range(cfg.virtual_stages):
+        for index, count in enumerate(counts):
+            if index == stage:
+                held += max(0, min(dense, start + count) - start)
+            start += count
+    return held
 
 
 def layer_active_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
@@ -294,9 +402,18 @@ def layer_active_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
         shape, cfg)
 
 
+def stage_expert_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
+    """Parameters of the routed experts one rank of ``stage`` holds."""
+    layers = stage_layers(shape, cfg, stage) - stage_dense_layers(shape, cfg, stage)
+    return layers * (shape.num_experts // cfg.ep) * expert_parameter_count(shape, cfg)
+
+
 def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
     """Parameters one rank of ``stage`` holds (TP-sharded where megatron-core shards; norms replicated)."""
-    count = stage_layers(shape, cfg, stage) * layer_parameter_count(shape, cfg)
+    dense = stage_dense_layers(shape, cfg, stage)
+    count = (stage_layers(shape, cfg, stage) - dense) * layer_parameter_count(shape, cfg)
+    if dense:
+        count += dense * layer_parameter_count(shape, cfg, dense=True)
     if stage == 0:
         count += shape.vocab * shape.hidden / cfg.tp
     if stage == cfg.pp - 1:
@@ -310,7 +427,7 @@ def state_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]
     distributed optimizer shards the dense parameters' state over DP x CP, the experts' over the expert-data-parallel
     group (DP x CP / EP)."""
     count = parameter_count(shape, cfg, stage)
-    experts = stage_layers(shape, cfg, stage) * shape.num_experts // cfg.ep * expert_parameter_count(shape, cfg)
+    experts = stage_expert_count(shape, cfg, stage)
     per_param = 2 * FP32 + (FP32 if shape.dtype_bytes != FP32 else 0)
     dense_shards, expert_shards = (cfg.dp * cfg.cp, cfg.expert_dp) if cfg.distributed_optimizer else (1, 1)
     optimizer = ((count - experts) / dense_shards + experts / expert_shards) * per_param
@@ -383,13 +500,17 @@ def check_job(shape: GPTShape, cfg: JobConfig) -> str:
         if cfg.micro_batches % cfg.pp:  # megatron-core: micro-batch groups of PP, no partial group
             return (f"{cfg.micro_batches} micro-batches not a multiple of PP {cfg.pp} "
                     "(megatron-core's interleaved schedule)")
-    if shape.ffn_hidden % cfg.tp and not shape.moe:
+    if shape.mla and shape.kv_heads != shape.heads:
+        return f"multi-latent attention has no query groups: kv heads {shape.kv_heads} must equal heads {shape.heads}"
+    if shape.ffn_hidden % cfg.tp and (not shape.moe or shape.moe_dense_layers):
         return f"ffn hidden {shape.ffn_hidden} not divisible by TP {cfg.tp}"
     if shape.moe:
         if shape.num_experts % cfg.ep:
             return f"{shape.num_experts} experts not divisible by EP {cfg.ep}"
         if (cfg.dp * cfg.cp) % cfg.ep:
             return f"EP {cfg.ep} does not divide DP {cfg.dp} x CP {cfg.cp} (megatron-core: expert TP x EP divides TP x CP x DP)"
+        if shape.moe_shared_ffn_hidden % cfg.tp:
+            return f"shared expert ffn hidden {shape.moe_shared_ffn_hidden} not divisible by TP {cfg.tp}"
         if shape.moe_ffn_hidden % cfg.tp:
             return f"MoE ffn hidden {shape.moe_ffn_hidden} not divisible by expert TP = TP {cfg.tp}"
         if cfg.tp > 1 and not cfg.sequence_parallel:

@@ -10,26 +10,38 @@ SHAPE = dict(num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn_hidd
 
 
 def _model_config(shape: dict, tp: int, cp: int, gated: bool, recompute: dict, sequence_parallel: bool = False,
-                  moe: dict = None):
+                  moe: dict = None, mla: dict = None):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     extra = dict(gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False) \
         if gated else {}
-    return TransformerConfig(
+    config_class = MLATransformerConfig if mla else TransformerConfig
+    return config_class(
         num_layers=shape["num_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-        num_query_groups=shape["kv_heads"], kv_channels=shape["head_dim"], ffn_hidden_size=shape["ffn_hidden"],
+        num_query_groups=shape["heads"] if mla else shape["kv_heads"], kv_channels=shape["head_dim"], ffn_hidden_size=shape["ffn_hidden"],
         use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, tensor_model_parallel_size=tp,
         context_parallel_size=cp, sequence_parallel=sequence_parallel, **extra, **recompute,
-        **(dict(moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, **moe) if moe else {}))
+        **(dict(moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, **moe) if moe else {}),
+        **(dict(multi_latent_attention=True, rope_type="rope", qk_layernorm=True, **mla) if mla else {}))
 
 
 def moe_saved_bytes(rank, world_size, grids) -> list[list[int]]:
     """:func:`saved_bytes` for grids ``(tp, ulysses, ring, expert_parallel, cases)`` whose cases carry a third entry,
     megatron-core's MoE settings (``num_moe_experts``, ``moe_router_topk``, ``moe_ffn_hidden_size``, ...)."""
     return [_saved_bytes(tp, u, r, "zigzag", cases, ep) for tp, u, r, ep, cases in grids]
+
+
+def mla_saved_bytes(rank, world_size, grids) -> list[list[int]]:
+    """:func:`saved_bytes` of megatron-core's multi-latent attention (MLASelfAttention, local spec) for grids
+    ``(tp, ulysses, ring, cases)``, each case ``(recompute kwargs, MLA settings)`` (``q_lora_rank`` (None: no
+    query compression), ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``) on a gated
+    RMSNorm model."""
+    return [_saved_bytes(tp, u, r, "zigzag", [(True, recompute, None, mla) for recompute, mla in cases])
+            for tp, u, r, cases in grids]
 
 
 def saved_bytes(rank, world_size, grids) -> list[list[int]]:
@@ -40,12 +52,54 @@ def saved_bytes(rank, world_size, grids) -> list[list[int]]:
     return [_saved_bytes(tp, u, r, impl, cases) for tp, u, r, impl, cases in grids]
 
 
-def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases, expert_parallel: int = 1) -> list[int]:
+def _gpt_model(tp, cp, gated, recompute, moe=None, mla=None, expert_parallel: int = 1):
+    """SHAPE's GPTModel (local spec, USP core attention) with these settings; ``moe["moe_layer_freq"]`` a list:
+    megatron-core's pattern, 0 = a dense MLP in that layer."""
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_usp.megatron.specs import get_gpt_decoder_block_local_spec
+
+    recompute = dict(recompute)
+    config = _model_config(SHAPE, tp, cp, gated, recompute, recompute.pop("sequence_parallel", False),
+                           dict(moe, expert_model_parallel_size=expert_parallel) if moe else None, mla)
+    spec = dict(num_experts=moe["num_moe_experts"], moe_grouped_gemm=False) if moe else {}
+    if mla:
+        spec.update(multi_latent_attention=True, qk_layernorm=True)
+    block = get_gpt_decoder_block_local_spec(config, **spec)
+    if mla and mla["q_lora_rank"] is None:  # no compressed query, no query norm (megatron-core 0.19 refuses one)
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        for layer in block.layer_specs:
+            layer.submodules.self_attention.submodules.q_layernorm = IdentityOp
+    pattern = (moe or {}).get("moe_layer_freq")
+    if isinstance(pattern, list):
+        dense = get_gpt_decoder_block_local_spec(config, **{key: value for key, value in spec.items()
+                                                            if key not in ("num_experts", "moe_grouped_gemm")})
+        block.layer_specs = [(block if moe_layer else dense).layer_specs[index]
+                             for index, moe_layer in enumerate(pattern)]
+    return GPTModel(config=config, transformer_layer_spec=block, vocab_size=SHAPE["vocab"],
+                    max_sequence_length=SHAPE["seq_len"], position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False)
+
+
+def parameter_numels(rank, world_size, cases) -> list[int]:
+    """Parameters of SHAPE's GPTModel for each case ``(moe settings or None, MLA settings or None)``, TP = 1."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_usp.megatron import cpu_standins, destroy_model_parallel, initialize_model_parallel
-    from megatron_usp.megatron.specs import get_gpt_decoder_block_local_spec
+
+    cpu_standins.install(megatron_lm=False)
+    initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    model_parallel_cuda_manual_seed(1234)
+    counts = [sum(p.numel() for p in _gpt_model(1, 1, True, {}, moe, mla).parameters()) for moe, mla in cases]
+    destroy_model_parallel()
+    return counts
+
+
+def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases, expert_parallel: int = 1) -> list[int]:
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_usp.megatron import cpu_standins, destroy_model_parallel, initialize_model_parallel
 
     cpu_standins.install(megatron_lm=False)  # megatron-core's CUDA RNG calls (recompute) -> CPU
     initialize_model_parallel(tp, 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree, ring_impl=ring_impl,
@@ -58,17 +112,9 @@ def _saved_bytes(tp, ulysses_degree, ring_degree, ring_impl, cases, expert_paral
     tokens = torch.randint(0, shape["vocab"], (shape["micro_batch"], local), generator=gen)
     positions = torch.arange(local).expand(shape["micro_batch"], local).contiguous()  # sizes only matter here
     measured = []
-    for gated, recompute, *moe in cases:
+    for gated, recompute, *extra in cases:
         torch.manual_seed(1)
-        recompute = dict(recompute)
-        config = _model_config(shape, tp, cp, gated, recompute, recompute.pop("sequence_parallel", False),
-                               dict(moe[0], expert_model_parallel_size=expert_parallel) if moe else None)
-        experts = dict(num_experts=moe[0]["num_moe_experts"], moe_grouped_gemm=False) if moe else {}
-        model = GPTModel(config=config,
-                         transformer_layer_spec=get_gpt_decoder_block_local_spec(config, **experts),
-                         vocab_size=shape["vocab"],
-                         max_sequence_length=shape["seq_len"], position_embedding_type="rope",
-                         share_embeddings_and_output_weights=False)
+        model = _gpt_model(tp, cp, gated, recompute, *extra, expert_parallel=expert_parallel)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 

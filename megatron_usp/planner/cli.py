@@ -18,10 +18,11 @@ from megatron_usp.planner.hardware import PRESETS, Hardware, hardware_from_args
 from megatron_usp.planner.job import DEFAULT_KEEP, DEFAULT_RESERVE_GIB, RECOMPUTE_CHOICES, plan_job, smallest_change
 from megatron_usp.planner.layer import DTYPE_BYTES, Cluster, ModelShape, Prediction
 from megatron_usp.planner.models import (
-    DEFAULT_MOE_TOPK, DEFAULT_VOCAB, FFN_RATIO, MODELS, check_moe_flags, fill_model_flags,
+    DEFAULT_MOE_TOPK, DEFAULT_VOCAB, FFN_RATIO, MODELS, check_mla_flags, check_moe_flags, fill_model_flags,
 )
 from megatron_usp.planner.report import (
     explain, explain_job, format_infeasible, format_job_table, format_table, megatron_lm_command, trainer_command,
+    describe_model, trainer_gap,
 )
 from megatron_usp.planner.search import _divisors, plan
 
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--kv-heads", type=positive_int, help="K/V heads (query groups); default = heads")
     model.add_argument("--head-dim", type=positive_int, default=None, help="default 128")
     model.add_argument("--hidden", type=positive_int, default=None, help="hidden size (default: heads x head_dim)")
+    mla = parser.add_argument_group("multi-latent attention (given --kv-lora-rank: megatron-core's MLASelfAttention; "
+                                    "--head-dim is then its q/k head dim without RoPE)")
+    mla.add_argument("--kv-lora-rank", type=positive_int, default=None, help="compressed K/V width")
+    mla.add_argument("--q-lora-rank", type=positive_int, default=None,
+                     help="compressed query width (default: queries not compressed)")
+    mla.add_argument("--qk-rope-head-dim", type=positive_int, default=None,
+                     help="q/k RoPE dims per head (Megatron's --qk-pos-emb-head-dim; default 64)")
+    mla.add_argument("--v-head-dim", type=positive_int, default=None, help="value head dim (default: --head-dim)")
     model.add_argument("--num-layers", type=positive_int, default=None,
                        help="layers: plans the whole job (--ffn-hidden and --vocab default to printed assumptions); "
                             "with --attention-only, the layers of its memory check")
@@ -75,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--num-experts", type=positive_int, default=None, help="routed experts per layer")
     moe.add_argument("--moe-topk", type=positive_int, default=None, help=f"experts per token (default {DEFAULT_MOE_TOPK})")
     moe.add_argument("--moe-ffn-hidden", type=positive_int, default=None, help="each expert's MLP width (default: --ffn-hidden)")
+    moe.add_argument("--moe-shared-ffn-hidden", type=positive_int, default=None,
+                     help="the shared experts' MLP width beside the routed ones (Megatron's "
+                          "--moe-shared-expert-intermediate-size; default: none)")
+    moe.add_argument("--moe-dense-layers", type=nonnegative_int, default=None,
+                     help="the first layers keep a dense MLP of --ffn-hidden (DeepSeek's first_k_dense_replace; "
+                          "default 0)")
     moe.add_argument("--ep", type=auto_or(positive_int), default="auto",
                      help="expert-parallel size: 'auto' (every divisor of the experts and DP x CP) or a number")
     grid = parser.add_argument_group("cluster and grid")
@@ -196,12 +211,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.heads is None or args.seq_len is None:
         parser.error("--heads (or --model) and --seq-len are required (or --compare BENCH_JSON)")
     check_plan_args(parser, args, hardware)
+    check_mla_flags(args, parser)
     shape = ModelShape(heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                        seq_len=args.seq_len, hidden=args.hidden or 0, num_layers=args.num_layers,
                        micro_batch=args.micro_batch, dtype=args.dtype, causal=args.causal,
                        ffn_hidden=args.ffn_hidden or 0, vocab=args.vocab or 0, gated_mlp=args.swiglu,
                        rmsnorm=args.rmsnorm, num_experts=args.num_experts or 0, moe_topk=args.moe_topk or 0,
-                       moe_ffn_hidden=args.moe_ffn_hidden or 0, documents=documents_of(parser, args))
+                       moe_ffn_hidden=args.moe_ffn_hidden or 0, moe_shared_ffn_hidden=args.moe_shared_ffn_hidden or 0,
+                       moe_dense_layers=args.moe_dense_layers or 0, q_lora_rank=args.q_lora_rank or 0,
+                       kv_lora_rank=args.kv_lora_rank or 0, qk_rope_head_dim=args.qk_rope_head_dim or 0,
+                       v_head_dim=args.v_head_dim or 0, documents=documents_of(parser, args))
     whole_job = args.num_layers is not None and not args.attention_only
     cluster = Cluster(args.gpus_per_node or 8, args.nodes)
     tp = args.tp or ("auto" if whole_job else 1)
@@ -262,13 +281,9 @@ def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hard
                   virtual_stages=virtual_stages, keep=None if args.exhaustive else max(args.top, DEFAULT_KEEP),
                   ep_choices=None if args.ep == "auto" else [args.ep])
     ranked, infeasible = plan_job(shape, cluster, hardware, **search)
-    kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
     for line in list(assumptions) + documents_line(args, shape):
         print(line)
-    mlp = (f"MoE {shape.num_experts} experts top-{shape.moe_topk} x ffn {shape.moe_ffn_hidden}" if shape.num_experts
-           else f"ffn {shape.ffn_hidden}")
-    print(f"GPT {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.heads} heads ({kv}) x {shape.head_dim}, "
-          f"{mlp}{' SwiGLU' if shape.gated_mlp else ''}, vocab {shape.vocab}, seq {shape.seq_len}, "
+    print(f"GPT {describe_model(shape)}, vocab {shape.vocab}, seq {shape.seq_len}, "
           f"{shape.dtype}; {cluster.nodes} node(s) x {cluster.gpus_per_node} {hardware.name} "
           f"({hardware.gpu_memory_gib:g} GiB, {args.reserve_gib:g} reserved)")
     print("s/iter = (micro-batches + (PP - 1) / virtual stages) x slowest stage + DP x CP gradient reduction; memory = params + fp32 "
@@ -281,7 +296,9 @@ def main_job(args: argparse.Namespace, shape: ModelShape, cluster: Cluster, hard
             print("  " + line)
         print()
         print("Megatron-LM: " + megatron_lm_command(shape, cluster, ranked[0]))
-        print("trainer:     " + trainer_command(shape, cluster, ranked[0]))
+        trainer = trainer_command(shape, cluster, ranked[0])
+        print("trainer:     " + (trainer or f"(megatron_usp.train builds no {trainer_gap(shape)}: use the "
+                                            "Megatron-LM command)"))
     else:
         print("no feasible configuration:")
         for line in smallest_change(shape, cluster, hardware, infeasible, **search):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from megatron_usp.job_cost import (
-    JobConfig, JobMemory, check_job, chunk_layers, expert_parameter_count, job_memory, layer_activation_bytes,
-    layer_active_parameter_count, recompute_working_bytes, stage_layers, state_bytes,
+    JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
+    layer_active_parameter_count, recompute_working_bytes, stage_expert_count, stage_layers, state_bytes,
 )
 from megatron_usp.layout import RING_IMPLS
 from megatron_usp.planner.hardware import Hardware
@@ -186,7 +186,7 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     # optimizer, all-reduce without), not overlapped with the backward here
     # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
     stage_params = memory.params / gpt.dtype_bytes
-    expert_params = stage_layers(gpt, job, memory.stage) * gpt.num_experts // choice.ep * expert_parameter_count(gpt, job)
+    expert_params = stage_expert_count(gpt, job, memory.stage)
     result.expert_params_gib = expert_params * gpt.dtype_bytes / GIB
     per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
     # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)

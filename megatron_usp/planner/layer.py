@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from megatron_usp.cost import block_pairs
-from megatron_usp.job_cost import GPTShape, JobConfig, layer_activation_bytes
+from megatron_usp.job_cost import GPTShape, JobConfig, attention_head_dim, layer_activation_bytes
 from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, ring_local
 from megatron_usp.mqsp import MQSPPlan
 from megatron_usp.plan import attention_plan
@@ -48,6 +48,13 @@ class ModelShape:
     num_experts: int = 0
     moe_topk: int = 0
     moe_ffn_hidden: int = 0
+    moe_shared_ffn_hidden: int = 0  # shared experts' MLP width (0: none)
+    moe_dense_layers: int = 0  # the first layers with a dense MLP of ffn_hidden
+    # multi-latent attention (kv_lora_rank > 0): head_dim is its q/k head dim without the RoPE dims (job_cost.GPTShape)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # packed documents: each sampled row's offsets [0, ..., seq_len] (None: one dense sequence)
     documents: Optional[tuple[tuple[int, ...], ...]] = None
 
@@ -58,6 +65,11 @@ class ModelShape:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def attention_head_dim(self) -> int:
+        """The head dim of the attention's q, k, v and output (MLA's padded to one width)."""
+        return attention_head_dim(self.head_dim, self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim)
 
 
 @dataclass(frozen=True)
@@ -263,19 +275,21 @@ def ulysses_a2a_bytes(shape: ModelShape, tp: int, ulysses: int, ring: int) -> di
     kv_heads = kv_heads_per_tp_rank_after_replication(shape, tp, ulysses)
     heads = {"qkv": q_heads + 2 * kv_heads, "q": q_heads}
     fraction = (ulysses - 1) / ulysses
-    return {name: fraction * tokens * heads[kind] * shape.head_dim * shape.dtype_bytes for name, kind in A2A_CALLS}
+    return {name: fraction * tokens * heads[kind] * shape.attention_head_dim * shape.dtype_bytes
+            for name, kind in A2A_CALLS}
 
 
 def ring_kv_block_bytes(shape: ModelShape, tp: int, ulysses: int, ring: int, element_bytes: int) -> float:
     """One ring rank's K/V (or dK/dV) after the all-to-all: s/r tokens x (kv heads / u) x d, K and V."""
     kv_heads = kv_heads_per_tp_rank_after_replication(shape, tp, ulysses) / ulysses
-    return 2.0 * shape.micro_batch * (shape.seq_len / ring) * kv_heads * shape.head_dim * element_bytes
+    return 2.0 * shape.micro_batch * (shape.seq_len / ring) * kv_heads * shape.attention_head_dim * element_bytes
 
 
 def mqsp_query_bytes(shape: ModelShape, config: ParallelConfig) -> float:
     """One rank's query rows of one MQSP micro-chunk (heads / (TP u) after the all-to-all)."""
     rows = mqsp_rows(shape.seq_len, config)
-    return shape.micro_batch * rows * shape.heads / (config.tp * config.ulysses) * shape.head_dim * shape.dtype_bytes
+    return (shape.micro_batch * rows * shape.heads / (config.tp * config.ulysses) * shape.attention_head_dim
+            * shape.dtype_bytes)
 
 
 def mqsp_rows(seq_len: int, config: ParallelConfig) -> int:
@@ -290,7 +304,7 @@ def mqsp_chunk_comm_ms(shape: ModelShape, config: ParallelConfig, gbps: float, l
     lse, reduce-scatter the fp32 dq (mqsp.py)."""
     r = config.ring
     q = mqsp_query_bytes(shape, config)
-    fp32_rows = q / (shape.dtype_bytes * shape.head_dim) * ACCUMULATION_BYTES  # lse: one fp32 per row and head
+    fp32_rows = q / (shape.dtype_bytes * shape.attention_head_dim) * ACCUMULATION_BYTES  # lse: one fp32 per row and head
     fp32_q = q / shape.dtype_bytes * ACCUMULATION_BYTES
 
     def piece(nbytes: float) -> float:  # all-gather / reduce-scatter of a per-rank piece
@@ -364,14 +378,17 @@ def gpt_shape(shape: ModelShape, micro_batch: Optional[int] = None) -> GPTShape:
                     ffn_hidden=shape.ffn_hidden or 4 * shape.hidden_size, vocab=shape.vocab, seq_len=shape.seq_len,
                     micro_batch=micro_batch or shape.micro_batch, dtype_bytes=shape.dtype_bytes,
                     gated_mlp=bool(shape.ffn_hidden) and shape.gated_mlp, rmsnorm=shape.rmsnorm,
-                    num_experts=shape.num_experts, moe_topk=shape.moe_topk, moe_ffn_hidden=shape.moe_ffn_hidden)
+                    num_experts=shape.num_experts, moe_topk=shape.moe_topk, moe_ffn_hidden=shape.moe_ffn_hidden,
+                    moe_shared_ffn_hidden=shape.moe_shared_ffn_hidden, moe_dense_layers=shape.moe_dense_layers,
+                    q_lora_rank=shape.q_lora_rank, kv_lora_rank=shape.kv_lora_rank,
+                    qk_rope_head_dim=shape.qk_rope_head_dim, v_head_dim=shape.v_head_dim)
 
 
 def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> float:
     """The largest buffers one attention call holds while it runs (not saved for backward)."""
     dt = shape.dtype_bytes
     q_bytes = shape.micro_batch * shape.seq_len / config.ring * shape.heads / (config.tp * config.ulysses) \
-        * shape.head_dim * dt
+        * shape.attention_head_dim * dt
     kv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, dt)
     dkv_block = ring_kv_block_bytes(shape, config.tp, config.ulysses, config.ring, ACCUMULATION_BYTES)
     dq_accumulator = q_bytes / dt * ACCUMULATION_BYTES
@@ -381,7 +398,7 @@ def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> floa
         # backward of one chunk: gathered q, dout, out (r x the rank's rows) + their fp32 dq part, lse; local
         # fp32 dK/dV accumulators; the fp32 dq of the rank's rows
         gathered = config.ring * mqsp_query_bytes(shape, config)
-        return 3 * gathered + gathered / dt * ACCUMULATION_BYTES * (1 + 1 / shape.head_dim) + dkv_block + dq_accumulator
+        return 3 * gathered + gathered / dt * ACCUMULATION_BYTES * (1 + 1 / shape.attention_head_dim) + dkv_block + dq_accumulator
     return 2 * kv_block + 3 * dkv_block + dq_accumulator  # current + incoming K/V; dK/dV in flight
 
 
@@ -497,7 +514,7 @@ def predict(
 
     # attention compute, from the schedules (per packed row with documents), and the ring
     heads_per_rank = shape.heads / (tp * u)
-    flops_per_pair = 4.0 * shape.micro_batch * heads_per_rank * shape.head_dim
+    flops_per_pair = 4.0 * shape.micro_batch * heads_per_rank * shape.attention_head_dim
     if bound:
         transport = transport_of(config.ring_impl) if r > 1 else "pass_kv"
         chunks = {"pass_kv": r, "allgather": 1,  # pass Q: its micro-chunks

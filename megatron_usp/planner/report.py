@@ -108,12 +108,42 @@ def format_infeasible(infeasible: Sequence[Prediction], limit: int = 20) -> list
     return lines
 
 
+def describe_model(shape: ModelShape) -> str:
+    """Layers, hidden size, attention and MLP of a whole-job ``shape``, in words."""
+    if shape.kv_lora_rank:
+        kv = (f"MLA: q/k {shape.head_dim} + RoPE {shape.qk_rope_head_dim}, v {shape.v_head_dim}, kv_lora "
+              f"{shape.kv_lora_rank}, q_lora {shape.q_lora_rank or 'none'}")
+    else:
+        kv = f"{shape.kv_heads} kv heads" if shape.kv_heads != shape.heads else "MHA"
+    mlp = (f"MoE {shape.num_experts} experts top-{shape.moe_topk} x ffn {shape.moe_ffn_hidden}" if shape.num_experts
+           else f"ffn {shape.ffn_hidden}")
+    if shape.moe_shared_ffn_hidden:
+        mlp += f" + shared {shape.moe_shared_ffn_hidden}"
+    if shape.moe_dense_layers:
+        mlp += f", first {shape.moe_dense_layers} layers dense ffn {shape.ffn_hidden}"
+    return (f"{shape.num_layers} layers, hidden {shape.hidden_size}, {shape.heads} heads ({kv}) x {shape.head_dim}, "
+            f"{mlp}{' SwiGLU' if shape.gated_mlp else ''}")
+
+
 def _model_flags(shape: ModelShape) -> list[str]:
+    mla = ""
+    if shape.kv_lora_rank:
+        mla = (f"--multi-latent-attention --kv-lora-rank {shape.kv_lora_rank} --qk-head-dim {shape.head_dim} "
+               f"--qk-pos-emb-head-dim {shape.qk_rope_head_dim} --v-head-dim {shape.v_head_dim} --qk-layernorm"
+               + (f" --q-lora-rank {shape.q_lora_rank}" if shape.q_lora_rank else ""))
+    moe = ""
+    if shape.num_experts:
+        moe = (f"--num-experts {shape.num_experts} --moe-router-topk {shape.moe_topk} --moe-ffn-hidden-size "
+               f"{shape.moe_ffn_hidden} --moe-token-dispatcher-type alltoall")
+        if shape.moe_shared_ffn_hidden:
+            moe += f" --moe-shared-expert-intermediate-size {shape.moe_shared_ffn_hidden}"
+        if shape.moe_dense_layers:
+            moe += (f" --moe-layer-freq '([0]*{shape.moe_dense_layers}+[1]*"
+                    f"{(shape.num_layers or 1) - shape.moe_dense_layers})'")
     return [f"--num-layers {shape.num_layers} --hidden-size {shape.hidden_size} --ffn-hidden-size {shape.ffn_hidden}",
-            f"--num-attention-heads {shape.heads}",
+            f"--num-attention-heads {shape.heads}", mla,
             f"--group-query-attention --num-query-groups {shape.kv_heads}" if shape.kv_heads != shape.heads else "",
-            f"--num-experts {shape.num_experts} --moe-router-topk {shape.moe_topk} --moe-ffn-hidden-size "
-            f"{shape.moe_ffn_hidden} --moe-token-dispatcher-type alltoall" if shape.num_experts else ""]
+            moe]
 
 
 def _job_flags(shape: ModelShape, p: JobPrediction, trainer: bool) -> list[str]:
@@ -150,8 +180,19 @@ def megatron_lm_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -
     return " ".join(part.strip() for part in parts if part.strip())
 
 
-def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> str:
-    """The trainer (``python -m megatron_usp.train``) with the same model and grid (it takes Megatron-LM's flags)."""
+def trainer_gap(shape: ModelShape) -> str:
+    """What of ``shape`` the trainer (``megatron_usp.train``) does not build (empty when it builds all of it)."""
+    gaps = [name for name, present in (("multi-latent attention", shape.kv_lora_rank),
+                                       ("shared experts", shape.moe_shared_ffn_hidden),
+                                       ("dense first layers in a MoE model", shape.moe_dense_layers)) if present]
+    return " or ".join(gaps)
+
+
+def trainer_command(shape: ModelShape, cluster: Cluster, p: JobPrediction) -> Optional[str]:
+    """The trainer (``python -m megatron_usp.train``) with the same model and grid (it takes Megatron-LM's flags);
+    None when it cannot build the model (:func:`trainer_gap`)."""
+    if trainer_gap(shape):
+        return None
     parts = [f"torchrun --nproc-per-node {cluster.gpus_per_node} --nnodes {cluster.nodes} -m megatron_usp.train",
              *_model_flags(shape), f"--seq-length {shape.seq_len} --vocab-size {shape.vocab}",
              "--untie-embeddings-and-output-weights --disable-bias-linear",

@@ -9,7 +9,7 @@ import pytest
 
 from job_memory_cases import SHAPE
 from megatron_usp.job_cost import (GPTShape, JobConfig, job_memory, layer_active_parameter_count, layer_parameter_count,
-                                   stage_activation_bytes, stage_memory, state_bytes)
+                                   parameter_count, stage_activation_bytes, stage_memory, state_bytes)
 
 NONE, SELECTIVE = {}, dict(recompute_granularity="selective")
 FULL_UNIFORM = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -149,7 +149,18 @@ MOE_GRIDS = [
     (1, 2, 1, 2, [(True, NONE, MOE)]),
     (1, 1, 2, 1, [(True, NONE, dict(MOE, num_moe_experts=8, moe_router_topk=4))]),
     (2, 1, 1, 1, [(True, SP, MOE)]),
+    # DeepSeek's layout: a shared expert beside the routed ones, the first layer dense (megatron-core's pattern)
+    (1, 1, 1, 2, [(True, NONE, dict(MOE, moe_shared_expert_intermediate_size=64, moe_layer_freq=[0, 1]))]),
 ]
+
+
+def moe_shape(dense: GPTShape, moe: dict) -> GPTShape:
+    """job_cost's view of megatron-core's MoE settings ``moe`` on the ``dense`` model."""
+    pattern = moe.get("moe_layer_freq", [1])
+    return replace(dense, num_experts=moe["num_moe_experts"], moe_topk=moe["moe_router_topk"],
+                   moe_ffn_hidden=moe["moe_ffn_hidden_size"],
+                   moe_shared_ffn_hidden=moe.get("moe_shared_expert_intermediate_size") or 0,
+                   moe_dense_layers=pattern.index(1) if isinstance(pattern, list) else 0)
 
 
 def test_moe_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
@@ -165,8 +176,7 @@ def test_moe_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
         for case, (gated, recompute, moe) in enumerate(cases):
             dense = GPTShape(**SHAPE, dtype_bytes=4, gated_mlp=gated, rmsnorm=gated, bias=not gated,
                              fused_kernels=False)
-            shape = replace(dense, num_experts=moe["num_moe_experts"], moe_topk=moe["moe_router_topk"],
-                            moe_ffn_hidden=moe["moe_ffn_hidden_size"])
+            shape = moe_shape(dense, moe)
             config = JobConfig(tp=tp, ulysses=u, ring=r, dp=2 // (tp * u * r), ep=ep,
                                recompute=recompute.get("recompute_granularity", "none"),
                                sequence_parallel=recompute.get("sequence_parallel", False))
@@ -175,6 +185,8 @@ def test_moe_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
             size, size_dense = (measured[0][index][2 * case + i] + measured[1][index][2 * case + i] for i in (0, 1))
             label = (f"TP={tp} u={u} r={r} EP={ep} {moe['num_moe_experts']} experts top-{moe['moe_router_topk']} "
                      f"recompute {config.recompute}")
+            if shape.moe_shared_ffn_hidden or shape.moe_dense_layers:
+                label += f" +shared {shape.moe_shared_ffn_hidden} dense {shape.moe_dense_layers}"
             rows.append((label, predicted, size, (predicted - size) / size))
             rows.append(("  its MoE layers minus dense MLPs", predicted - predicted_dense, size - size_dense,
                          (predicted - predicted_dense - size + size_dense) / (size - size_dense)))
@@ -197,3 +209,57 @@ def test_moe_states_shard_experts_over_ep():
     assert states_ep["optimizer"] == pytest.approx((rest / 8 + experts_ep / 2) * 12)
     assert layer_active_parameter_count(shape, sharded) == pytest.approx(
         layer_parameter_count(shape, sharded, norms=False, experts=False) + 2 * one)
+
+
+# megatron-core's MLASelfAttention (local spec, q/kv norms): q/k heads 16 + 8 RoPE dims, v heads 12 (padded to 24 by
+# usp_attn), with and without the query's low-rank path
+MLA = dict(q_lora_rank=32, kv_lora_rank=24, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12)
+MLA_GRIDS = [
+    (1, 1, 1, [(NONE, MLA), (NONE, dict(MLA, q_lora_rank=None)), (SELECTIVE, MLA)]),
+    (2, 1, 1, [(NONE, MLA)]),
+    (1, 2, 1, [(NONE, MLA)]),
+    (1, 1, 2, [(NONE, MLA)]),
+]
+
+
+def mla_shape(mla: dict) -> GPTShape:
+    return GPTShape(**dict(SHAPE, kv_heads=SHAPE["heads"], head_dim=mla["qk_head_dim"]), dtype_bytes=4,
+                    fused_kernels=False, q_lora_rank=mla["q_lora_rank"] or 0, kv_lora_rank=mla["kv_lora_rank"],
+                    qk_rope_head_dim=mla["qk_pos_emb_head_dim"], v_head_dim=mla["v_head_dim"])
+
+
+def test_mla_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
+    """The whole MLA model and its attention's own part (the MLA model minus the same model with megatron-core's
+    standard attention) vs job_cost; +-10 %."""
+    grids = [(tp, u, r, [case for mla_case in cases for case in (mla_case, (mla_case[0], None))])
+             for tp, u, r, cases in MLA_GRIDS]  # each MLA case, then the same model with standard attention
+    measured = fresh_rank_pool(2).run("job_memory_cases:mla_saved_bytes", timeout=300, grids=grids)
+    rows = []
+    for (tp, u, r, cases), sizes in zip(MLA_GRIDS, measured[0]):
+        for case, (recompute, mla) in enumerate(cases):
+            config = JobConfig(tp=tp, ulysses=u, ring=r, recompute=recompute.get("recompute_granularity", "none"))
+            predicted = sum(stage_activation_bytes(mla_shape(mla), config, 0).values())
+            predicted_standard = predicted_bytes(tp, u, r, True, recompute)
+            size, size_standard = sizes[2 * case], sizes[2 * case + 1]
+            label = (f"TP={tp} u={u} r={r} MLA q_lora {mla['q_lora_rank']} kv_lora {mla['kv_lora_rank']} "
+                     f"recompute {config.recompute}")
+            rows.append((label, predicted, size, (predicted - size) / size))
+            rows.append(("  its attention minus standard attention", predicted - predicted_standard,
+                         size - size_standard,
+                         (predicted - predicted_standard - size + size_standard) / (size - size_standard)))
+    report_and_check(capsys, "\nMLA model activation bytes per rank (predicted by megatron_usp.job_cost, measured):",
+                     rows, header=True)
+
+
+def test_mla_shared_expert_and_dense_layer_parameters_match_megatron(fresh_rank_pool):
+    """job_cost's parameter count (TP = 1, where Transformer Engine's replicated MLA down projections and the local
+    spec's agree) against megatron-core's GPTModel: MLA with and without the query's low-rank path, a MoE model
+    with a shared expert and its first layer dense, both together."""
+    moe = dict(MOE, moe_shared_expert_intermediate_size=64, moe_layer_freq=[0, 1])
+    cases = [(None, MLA), (None, dict(MLA, q_lora_rank=None)), (moe, None), (moe, MLA)]
+    measured = fresh_rank_pool(1).run("job_memory_cases:parameter_numels", timeout=300, cases=cases)[0]
+    dense = GPTShape(**SHAPE, dtype_bytes=4)
+    for (moe_settings, mla), count in zip(cases, measured):
+        shape = mla_shape(mla) if mla else dense
+        shape = moe_shape(shape, moe_settings) if moe_settings else shape
+        assert parameter_count(shape, JobConfig(), 0) == count, (moe_settings, mla)

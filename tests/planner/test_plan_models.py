@@ -46,6 +46,7 @@ def test_model_presets_fill_the_flags_and_flags_given_win(capsys):
     for name, shape in MODELS.items():
         assert shape["heads"] % shape["kv_heads"] == 0, name
         assert ("num_experts" in shape) == ("moe_topk" in shape) == ("moe_ffn_hidden" in shape), name
+        assert "kv_lora_rank" not in shape or shape["kv_heads"] == shape["heads"], name  # MLA: no query groups
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -56,6 +57,14 @@ def test_model_presets_fill_the_flags_and_flags_given_win(capsys):
     (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--ep", "2"], "without --num-experts"),
     (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--num-experts", "4", "--attention-only"],
      "plans a whole job"),
+    (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--moe-shared-ffn-hidden", "64"],
+     "without --num-experts"),
+    (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--num-experts", "4", "--moe-dense-layers", "2"],
+     "leaves no MoE layer"),
+    (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--q-lora-rank", "64"], "without --kv-lora-rank"),
+    (["--heads", "8", "--seq-len", "4096", "--num-layers", "2", "--v-head-dim", "64"], "without --kv-lora-rank"),
+    (["--heads", "8", "--kv-heads", "2", "--seq-len", "4096", "--num-layers", "2", "--kv-lora-rank", "64"],
+     "no query groups"),
 ])
 def test_moe_flags_that_cannot_be_honoured_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
@@ -207,3 +216,57 @@ def test_branch_and_bound_with_documents_ranks_as_the_exhaustive_search():
     bounded, _ = plan.plan_job(shape, cluster, H100, tp_choices=[1, 2, 4], keep=5)
     assert [(p.label(), p.iteration_s) for p in bounded[:5]] == [(p.label(), p.iteration_s) for p in exhaustive[:5]]
     assert not all(p.exact for p in bounded)
+
+
+def test_mla_attention_is_the_padded_width_attention():
+    """MLA's attention in the planner is what usp_attn runs: q, k, v padded to one width (here 128 + 64 = 192),
+    heads = K/V heads; compute, all-to-all, ring traffic and memory equal a standard attention of that head dim."""
+    mla = plan.ModelShape(heads=16, kv_heads=16, head_dim=128, hidden=2048, seq_len=32768, kv_lora_rank=512,
+                          qk_rope_head_dim=64, v_head_dim=128)
+    standard = plan.ModelShape(heads=16, kv_heads=16, head_dim=192, hidden=2048, seq_len=32768)
+    assert mla.attention_head_dim == 192 and plan.gpt_shape(mla).attention_head_dim == 192
+    for config in (plan.ParallelConfig(1, 4, 2, "zigzag"), plan.ParallelConfig(2, 2, 2, "mqsp", micro_q=4096),
+                   plan.ParallelConfig(1, 1, 8, "allgather")):
+        a, b = (plan.predict(shape, plan.Cluster(8, 1), H100, config) for shape in (mla, standard))
+        assert (a.compute_ms, a.a2a_ms, a.ring_exposed_ms) == (b.compute_ms, b.a2a_ms, b.ring_exposed_ms), config
+        assert plan.attention_transient_bytes(mla, config) == plan.attention_transient_bytes(standard, config)
+
+
+def test_deepseek_v3_plans_with_mla_shared_experts_and_dense_layers(capsys):
+    """DeepSeek-V3 at 128K on 256 H100: the plan fits, the Megatron-LM command builds that model (MLA, 256 routed
+    experts top-8 + a shared expert, the first 3 layers dense), and the trainer, which builds none of them, is not
+    offered."""
+    import time
+
+    start = time.perf_counter()
+    assert plan.main(["--model", "deepseek-v3", "--seq-len", "131072", "--nodes", "32", "--top", "3"]) == 0
+    seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    megatron = out.split("Megatron-LM: ")[1].splitlines()[0]
+    for flags in ("--multi-latent-attention --kv-lora-rank 512 --qk-head-dim 128 --qk-pos-emb-head-dim 64 "
+                  "--v-head-dim 128 --qk-layernorm --q-lora-rank 1536",
+                  "--num-experts 256 --moe-router-topk 8 --moe-ffn-hidden-size 2048",
+                  "--moe-shared-expert-intermediate-size 2048 --moe-layer-freq '([0]*3+[1]*58)'",
+                  "--expert-model-parallel-size"):
+        assert flags in megatron, flags
+    assert "--group-query-attention" not in megatron
+    assert "megatron_usp.train builds no multi-latent attention" in out
+    assert seconds < 60, seconds  # ~6 s here
+
+
+def test_dense_first_layers_sit_on_the_first_stages():
+    """DeepSeek-V3's 3 dense layers: with 4 even stages of 15 + 16 ... layers all on stage 0; with 16 virtual
+    chunks of 1 layer over 4 stages on stages 0, 1, 2; their experts are missing from those stages' parameters."""
+    from megatron_usp.job_cost import GPTShape, parameter_count, stage_dense_layers
+
+    v3 = GPTShape(num_layers=60, hidden=7168, heads=128, kv_heads=128, head_dim=128, ffn_hidden=18432, vocab=129280,
+                  seq_len=4096, num_experts=256, moe_topk=8, moe_ffn_hidden=2048, moe_shared_ffn_hidden=2048,
+                  moe_dense_layers=3, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128)
+    assert [stage_dense_layers(v3, JobConfig(pp=4), stage) for stage in range(4)] == [3, 0, 0, 0]
+    assert [stage_dense_layers(v3, JobConfig(pp=4, virtual_stages=15, micro_batches=4), stage)
+            for stage in range(4)] == [1, 1, 1, 0]
+    # a stage with 3 dense layers holds 3 layers' experts less (and 3 dense MLPs more)
+    dense_mlp, expert = 3 * 7168 * 18432, 3 * 7168 * 2048
+    stage0, stage1 = (parameter_count(v3, JobConfig(pp=4), stage) for stage in (0, 1))
+    embedding = 129280 * 7168
+    assert stage1 - (stage0 - embedding) == pytest.approx(3 * (256 * expert + 256 * 7168 + expert - dense_mlp))
