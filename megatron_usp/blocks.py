@@ -64,14 +64,17 @@ def position_runs(positions: torch.Tensor, cu_seqlens: Optional[Sequence[int]] =
 
 def position_blocks(q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool,
                     cu_seqlens: Optional[Sequence[int]] = None,
-                    q_runs: Optional[list[tuple[int, int, int, int]]] = None) -> list[Block]:
+                    q_runs: Optional[list[tuple[int, int, int, int]]] = None,
+                    kv_position_runs: Optional[list[tuple[int, int, int, int]]] = None) -> list[Block]:
     """Blocks covering exactly the visible (q, kv) pairs — same document (when ``cu_seqlens`` is given) and, if
-    ``causal``, key position <= query position — each fully visible or an aligned causal square. ``q_runs``:
-    ``position_runs(q_positions, cu_seqlens)`` when the caller has them."""
+    ``causal``, key position <= query position — each fully visible or an aligned causal square. ``q_runs`` /
+    ``kv_position_runs``: ``position_runs`` of the q / kv positions when the caller has them."""
     if cu_seqlens is None and not causal:
         return [Block(0, len(q_positions), 0, len(kv_positions), False)]
     kv_runs: dict[int, list[tuple[int, int, int]]] = {}
-    for kv_row, kv_pos, kv_len, document in position_runs(kv_positions, cu_seqlens):
+    if kv_position_runs is None:
+        kv_position_runs = position_runs(kv_positions, cu_seqlens)
+    for kv_row, kv_pos, kv_len, document in kv_position_runs:
         kv_runs.setdefault(document, []).append((kv_row, kv_pos, kv_len))
     blocks = []
     for q_row, q_pos, q_len, document in q_runs if q_runs is not None else position_runs(q_positions, cu_seqlens):

@@ -43,7 +43,8 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from .ulysses import kv_replication
 
@@ -203,9 +204,17 @@ def _mla_projection_bytes(shape: GPTShape, cfg: JobConfig, tokens: float) -> flo
 
 
 def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "none",
-                           dense: bool = False) -> dict[str, float]:
+                           dense: bool = False) -> Mapping[str, float]:
     """Bytes one transformer layer saves for backward, one micro-batch, one rank, without full recompute;
-    ``dense``: one of a MoE model's first ``moe_dense_layers`` (a dense MLP of ``ffn_hidden``)."""
+    ``dense``: one of a MoE model's first ``moe_dense_layers`` (a dense MLP of ``ffn_hidden``). Read-only, cached
+    per the job's TP, CP grid and sequence parallelism (all it depends on)."""
+    return _layer_activation_bytes(shape, cfg.tp, cfg.ulysses, cfg.ring, cfg.sequence_parallel, recompute, dense)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _layer_activation_bytes(shape: GPTShape, tp: int, ulysses: int, ring: int, sequence_parallel: bool,
+                            recompute: str, dense: bool) -> Mapping[str, float]:
+    cfg = JobConfig(tp=tp, ulysses=ulysses, ring=ring, sequence_parallel=sequence_parallel)
     e, t, u, r, d = shape.dtype_bytes, cfg.tp, cfg.ulysses, cfg.ring, shape.attention_head_dim
     tokens = shape.micro_batch * shape.seq_len / (u * r)
     sp = t if cfg.sequence_parallel else 1
@@ -239,7 +248,7 @@ def layer_activation_bytes(shape: GPTShape, cfg: JobConfig, recompute: str = "no
         q_heads, kv_heads = n / u, _kv_heads_after_a2a(shape, cfg)
         parts["attention"] += (rows * (2 * q_heads + 2 * kv_heads) * d * e  # q, k, v, out after the a2a
                                + rows * q_heads * FP32 + out)  # lse; out after the inverse a2a
-    return parts
+    return MappingProxyType(parts)
 
 
 def head_activation_bytes(shape: GPTShape, cfg: JobConfig) -> float:
@@ -256,10 +265,14 @@ def stage_layer_counts(shape: GPTShape, cfg: JobConfig) -> tuple[int, ...]:
     """Layers of each pipeline stage as megatron-core's ``get_num_layers_to_build`` splits them: the given first /
     last stage counts on the end stages, the remaining layers evenly over the other stages (check_job refuses a
     split that does not divide)."""
-    first, last = cfg.first_stage_layers, cfg.last_stage_layers
-    others = cfg.pp - (first is not None) - (last is not None)
-    rest = shape.num_layers - (first or 0) - (last or 0)
-    counts = [rest // others if others > 0 else 0] * cfg.pp
+    return _stage_layer_counts(shape.num_layers, cfg.pp, cfg.first_stage_layers, cfg.last_stage_layers)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _stage_layer_counts(num_layers: int, pp: int, first: Optional[int], last: Optional[int]) -> tuple[int, ...]:
+    others = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    counts = [rest // others if others > 0 else 0] * pp
     if first is not None:
         counts[0] = first
     if last is not None:
@@ -385,9 +398,14 @@ def stage_dense_layers(shape: GPTShape, cfg: JobConfig, stage: int) -> int:
     dense = min(shape.moe_dense_layers, shape.num_layers) if shape.moe else 0
     if not dense:
         return 0
-    counts = [count // cfg.virtual_stages for count in stage_layer_counts(shape, cfg)]
+    return _stage_dense_layers(dense, stage_layer_counts(shape, cfg), cfg.virtual_stages, stage)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _stage_dense_layers(dense: int, stage_counts: tuple[int, ...], virtual_stages: int, stage: int) -> int:
+    counts = [count // virtual_stages for count in stage_counts]
     held, start = 0, 0
-    for _ in range(cfg.virtual_stages):
+    for _ in range(virtual_stages):
         for index, count in enumerate(counts):
             if index == stage:
                 held += max(0, min(dense, start + count) - start)

@@ -172,37 +172,76 @@ def build_schedule(
     ``cu_seqlens`` (validated offsets) the blocks come from the positions of the document layout
     ``document_layout``; ring-local documents stay home (only cut documents' rows travel). ``positions``: every
     ring rank's ``ring_positions`` when the caller has them (another rank's schedule of the same call shape)."""
-    impl = check_ring_impl(ring_impl)
-    if impl.transport not in ("pass_kv", "allgather"):  # usp_attn checked the name; this catches mqsp
-        raise ValueError(f"ring_impl {ring_impl!r} has no ring schedule: choose one of {', '.join(RING_SCHEDULE_IMPLS)} "
-                         "(mqsp passes Q: megatron_usp.mqsp)")
-    n = seq_len // ring_degree
-    transport = impl.transport if ring_degree > 1 else "pass_kv"  # r = 1: the local block of any impl
-    if positions is None:
-        positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl, cu_seqlens=cu_seqlens,
-                                         document_layout=document_layout)
-                          for rank in range(ring_degree))
-    if transport == "allgather":
-        shells = _allgather_steps(ring_degree, ring_rank, n, causal)
-    else:
-        shells = tuple(Step(kv_rank, _pass_kv_blocks(impl.layout, ring_rank, kv_rank, n, causal))
-                       for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree)))
-    travel = None
-    if cu_seqlens is not None and transport == "pass_kv" and ring_degree > 1 and ring_local(ring_impl,
-                                                                                              document_layout):
-        travel = _travelling_rows(positions, cu_seqlens, ring_degree, ring_impl)
-    schedule = RingSchedule(ring_impl, transport, shells, positions, travel)
-    if cu_seqlens is None:
-        return schedule
-    # documents: the same transports; each step's blocks are the visible pieces of its positions (the q runs are
-    # this rank's in every step: found once)
-    q_runs = position_runs(positions[ring_rank], cu_seqlens)
-    steps = tuple(Step(shell.kv_rank, tuple(own_blocks(positions[ring_rank], causal, cu_seqlens)
-                                            if shell.kv_rank == ring_rank else
-                                            position_blocks(positions[ring_rank], schedule.kv_positions(shell), causal,
-                                                            cu_seqlens, q_runs)), shell.gathered_half)
-                  for shell in shells)
-    return RingSchedule(ring_impl, transport, steps, positions, travel)
+    return _ScheduleBuilder(ring_impl, seq_len, ulysses_degree, ring_degree, causal, cu_seqlens, document_layout,
+                            positions).schedule(ring_rank)
+
+
+def build_schedules(
+    ring_impl: str, seq_len: int, ulysses_degree: int, ring_degree: int, causal: bool,
+    cu_seqlens: Optional[tuple[int, ...]] = None, document_layout: str = "local",
+    positions: Optional[tuple[torch.Tensor, ...]] = None,
+) -> tuple[RingSchedule, ...]:
+    """Every ring rank's :func:`build_schedule` at once (what a cost model needs): the positions, the travelling
+    rows and each K/V rank's position runs are found once, not once per rank."""
+    builder = _ScheduleBuilder(ring_impl, seq_len, ulysses_degree, ring_degree, causal, cu_seqlens, document_layout,
+                               positions)
+    return tuple(builder.schedule(rank) for rank in range(ring_degree))
+
+
+class _ScheduleBuilder:
+    """What the schedules of one call shape share: the ring ranks' positions, the travelling rows and, with
+    documents, the position runs of each rank's rows and of the K/V rows each rank sends."""
+
+    def __init__(self, ring_impl, seq_len, ulysses_degree, ring_degree, causal, cu_seqlens, document_layout,
+                 positions) -> None:
+        self.impl = check_ring_impl(ring_impl)
+        if self.impl.transport not in ("pass_kv", "allgather"):  # usp_attn checked the name; this catches mqsp
+            raise ValueError(f"ring_impl {ring_impl!r} has no ring schedule: choose one of "
+                             f"{', '.join(RING_SCHEDULE_IMPLS)} (mqsp passes Q: megatron_usp.mqsp)")
+        self.ring_degree, self.causal, self.cu_seqlens = ring_degree, causal, cu_seqlens
+        self.n = seq_len // ring_degree
+        self.transport = self.impl.transport if ring_degree > 1 else "pass_kv"  # r = 1: the local block of any impl
+        if positions is None:
+            positions = tuple(ring_positions(seq_len, ulysses_degree, ring_degree, rank, ring_impl,
+                                             cu_seqlens=cu_seqlens, document_layout=document_layout)
+                              for rank in range(ring_degree))
+        self.positions = positions
+        self.travel = None
+        if cu_seqlens is not None and self.transport == "pass_kv" and ring_degree > 1 and ring_local(
+                ring_impl, document_layout):
+            self.travel = _travelling_rows(positions, cu_seqlens, ring_degree, ring_impl)
+        self._runs: dict = {}  # (kind, rank or half) -> position runs
+
+    def _runs_of(self, key, rows: torch.Tensor):
+        if key not in self._runs:
+            self._runs[key] = position_runs(rows, self.cu_seqlens)
+        return self._runs[key]
+
+    def schedule(self, ring_rank: int) -> RingSchedule:
+        ring_degree, n, causal = self.ring_degree, self.n, self.causal
+        if self.transport == "allgather":
+            shells = _allgather_steps(ring_degree, ring_rank, n, causal)
+        else:
+            shells = tuple(Step(kv_rank, _pass_kv_blocks(self.impl.layout, ring_rank, kv_rank, n, causal))
+                           for kv_rank in ((ring_rank - s) % ring_degree for s in range(ring_degree)))
+        schedule = RingSchedule(self.impl.name, self.transport, shells, self.positions, self.travel)
+        if self.cu_seqlens is None:
+            return schedule
+        # documents: the same transports; each step's blocks are the visible pieces of its positions (the q runs
+        # are this rank's in every step; each K/V rank's runs the same for every rank it reaches)
+        held = self.positions[ring_rank]
+        q_runs = self._runs_of(("q", ring_rank), held)
+        steps = []
+        for shell in shells:
+            if shell.kv_rank == ring_rank:
+                blocks = own_blocks(held, causal, self.cu_seqlens)
+            else:
+                kv_positions = schedule.kv_positions(shell)
+                kv_key = ("kv", shell.kv_rank, shell.gathered_half)
+                blocks = position_blocks(held, kv_positions, causal, self.cu_seqlens, q_runs,
+                                         self._runs_of(kv_key, kv_positions))
+            steps.append(Step(shell.kv_rank, tuple(blocks), shell.gathered_half))
+        return RingSchedule(self.impl.name, self.transport, tuple(steps), self.positions, self.travel)
 
 
 def _gather_halves(kv: torch.Tensor, ring_comm: comm.RingComm) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import heapq
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from megatron_usp.job_cost import (
     JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
@@ -111,7 +111,12 @@ def job_config(config: ParallelConfig, choice: JobChoice) -> JobConfig:
 
 def _attention_grid(config: ParallelConfig, choice: JobChoice) -> ParallelConfig:
     # the attention grid sees PP as more replicas: TP and the SP group are placed the same way
-    return replace(config, dp=choice.dp * choice.pp)
+    return _with_replicas(config, choice.dp * choice.pp)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _with_replicas(config: ParallelConfig, dp: int) -> ParallelConfig:
+    return replace(config, dp=dp)
 
 
 def attention_prediction(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig,
@@ -123,14 +128,17 @@ def attention_prediction(shape: ModelShape, cluster: Cluster, hardware: Hardware
 
 
 def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
-                reserve_gib: float = DEFAULT_RESERVE_GIB, attention: Optional[Prediction] = None) -> JobPrediction:
+                reserve_gib: float = DEFAULT_RESERVE_GIB, attention: Optional[Prediction] = None,
+                time_unfit: bool = True) -> JobPrediction:
     """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
     (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
     + the DP x CP gradient reduction. ``attention``: the layer's :func:`attention_prediction` when the caller
-    has it (it depends on the grid and the micro-batch size only)."""
+    has it (it depends on the grid and the micro-batch size only); ``time_unfit`` False: a job over the memory
+    budget gets its memory only (what a search needs of it)."""
     mb_shape = shape if shape.micro_batch == choice.micro_batch else replace(shape, micro_batch=choice.micro_batch)
     gpt, job = gpt_shape(mb_shape), job_config(config, choice)
-    reason = check_job(gpt, job) or feasibility_reason(mb_shape, cluster, _attention_grid(config, choice))
+    figures = _job_figures(gpt, job)
+    reason = figures.reason or feasibility_reason(mb_shape, cluster, _attention_grid(config, choice))
     if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
         reason = f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}"
     if attention is None:
@@ -139,29 +147,34 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     if reason:
         result.feasible, result.reason = False, reason
         return result
-    memory = job_memory(gpt, job)
+    memory = figures.memory
     result.memory = memory
-    result.transient_gib = (attention_transient_bytes(mb_shape, config) + recompute_working_bytes(gpt, job)) / GIB
+    result.transient_gib = (attention_transient_bytes(mb_shape, config) + figures.recompute_working) / GIB
     result.memory_gib = memory.total / GIB + result.transient_gib
+    result.expert_params_gib = figures.expert_params * gpt.dtype_bytes / GIB
+    if result.memory_gib > result.budget_gib:
+        result.feasible = False
+        result.reason = f"memory: {memory_breakdown(result)}"
+        if not time_unfit:
+            return result
 
     # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
     tokens = choice.micro_batch * shape.seq_len / config.sp
-    layer_params = layer_active_parameter_count(gpt, job)
+    layer_params = figures.layer_active_params
     gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
     gemm_fwd = 2.0 * tokens * layer_params / (gemm_tflops * 1e12) * 1e3
     result.gemm_ms = 3 * gemm_fwd
     attn_fwd = attention.compute_ms / (1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
     attn_fwd_all = attn_fwd + attention.a2a_ms / 2 + attention.ring_exposed_ms / 3
-    layers = stage_layers(gpt, job)
+    layers = figures.layers
     # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
     if hardware.memory_gbps:
-        saved = sum(layer_activation_bytes(gpt, job, recompute="none").values())
-        result.elementwise_ms = ELEMENTWISE_PASSES * saved / (hardware.memory_gbps * 1e9) * 1e3
+        result.elementwise_ms = ELEMENTWISE_PASSES * figures.layer_saved / (hardware.memory_gbps * 1e9) * 1e3
     result.overhead_ms = hardware.layer_overhead_us / 1e3
     if gpt.moe:
         result.moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, config, choice)
     if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
-        chunk = chunk_layers(gpt, job)
+        chunk = figures.chunk_layers
         recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
         result.recompute_ms = recomputed / chunk * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2
                                                     + result.moe_comm_ms / 2
@@ -186,8 +199,7 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
     # optimizer, all-reduce without), not overlapped with the backward here
     # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
     stage_params = memory.params / gpt.dtype_bytes
-    expert_params = stage_expert_count(gpt, job, memory.stage)
-    result.expert_params_gib = expert_params * gpt.dtype_bytes / GIB
+    expert_params = figures.expert_params
     per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
     # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)
     crosses = config.tp * choice.dp * config.sp > cluster.gpus_per_node
@@ -202,10 +214,31 @@ def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config:
                if choice.distributed_optimizer else stage_params)
     result.optimizer_ms = sharded * per_param / 1e6
     result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms + result.optimizer_ms) / 1e3
-    if result.memory_gib > result.budget_gib:
-        result.feasible = False
-        result.reason = f"memory: {memory_breakdown(result)}"
     return result
+
+
+class _JobFigures(NamedTuple):
+    reason: str
+    memory: Optional[JobMemory] = None
+    recompute_working: float = 0.0
+    layer_active_params: float = 0.0
+    layer_saved: float = 0.0  # bytes one layer saves without recompute (its elementwise traffic)
+    layers: int = 0  # of the fullest stage
+    chunk_layers: int = 0
+    expert_params: float = 0.0  # routed experts' parameters on the stage that needs the most memory
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _job_figures(gpt, job: JobConfig) -> _JobFigures:
+    """What :func:`predict_job` needs of a job that does not depend on the attention (the same for every ring impl,
+    order and document layout of a grid): computed once per job."""
+    reason = check_job(gpt, job)
+    if reason:
+        return _JobFigures(reason)
+    memory = job_memory(gpt, job)
+    return _JobFigures("", memory, recompute_working_bytes(gpt, job), layer_active_parameter_count(gpt, job),
+                       sum(layer_activation_bytes(gpt, job, recompute="none").values()), stage_layers(gpt, job),
+                       chunk_layers(gpt, job), stage_expert_count(gpt, job, memory.stage))
 
 
 def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice) -> float:
@@ -346,6 +379,8 @@ def plan_job(
             choices = job_choices(shape, rest, pp_choices=pp_choices, recomputes=recomputes,
                                   distributed_optimizers=distributed_optimizers, micro_batches=micro_batches,
                                   global_batch=global_batch, virtual_stages=virtual_stages)
+            jobs = [replace(choice, ep=ep) if ep != choice.ep else choice for choice in choices
+                    for ep in ep_choices or expert_parallel_sizes(shape, choice.dp * sp)]
             for u in _divisors(sp):
                 for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                     for inner, layout in ((inner, layout) for inner in orders
@@ -359,13 +394,12 @@ def plan_job(
                                                             feasible=False, reason=reason))
                             continue
                         attention: dict[int, Prediction] = {}  # per micro-batch size
-                        for choice in (replace(choice, ep=ep) for choice in choices
-                                       for ep in ep_choices or expert_parallel_sizes(shape, choice.dp * sp)):
+                        for choice in jobs:
                             if choice.micro_batch not in attention:
                                 attention[choice.micro_batch] = attention_prediction(
                                     shape, cluster, hardware, config, choice, bound=keep is not None)
                             p = predict_job(shape, cluster, hardware, config, choice, reserve_gib,
-                                            attention[choice.micro_batch])
+                                            attention[choice.micro_batch], time_unfit=False)
                             (bounded if p.feasible else infeasible).append(p)
     if keep is None:
         return sorted(bounded, key=_rank_key), infeasible

@@ -6,15 +6,16 @@ and :func:`predict`, which puts them together into a :class:`Prediction`."""
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from megatron_usp.cost import block_pairs
 from megatron_usp.job_cost import GPTShape, JobConfig, attention_head_dim, layer_activation_bytes
-from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, ring_local
+from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, document_parts, ring_local
 from megatron_usp.mqsp import MQSPPlan
 from megatron_usp.plan import attention_plan
-from megatron_usp.ring import allgather_step_classes, build_schedule, pass_kv_step_classes
+from megatron_usp.ring import allgather_step_classes, build_schedules, pass_kv_step_classes
 from megatron_usp.planner.hardware import Hardware
 from megatron_usp.ulysses import check_head_counts, kv_replication
 
@@ -211,19 +212,35 @@ def attention_blocks(config: "ParallelConfig", seq_len: int, causal: bool) -> tu
     return schedule_blocks(config.ring_impl, seq_len, config.ulysses, config.ring, causal)
 
 
-@functools.lru_cache(maxsize=1024)
+def document_twin(ring_impl: str) -> str:
+    """The first ring impl whose plans with documents equal ``ring_impl``'s: the same transport and the same
+    per-document layout (documents are cut per document, contiguous or mirrored; stripe's and zigzag's mirrored
+    layouts are one)."""
+    impl = RING_IMPL_TABLE[ring_impl]
+    key = (impl.transport, impl.layout == "contiguous")
+    return next(name for name, other in RING_IMPL_TABLE.items()
+                if (other.transport, other.layout == "contiguous") == key)
+
+
 def document_steps(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool, micro_q: Optional[int],
                    cu_seqlens: tuple[int, ...], document_layout: str) -> tuple[tuple[StepWork, ...], float]:
     """One packed row (``cu_seqlens``): per synchronised step the distinct kernel-call lists of the ring ranks and
     how many ranks run each, from the plans of its document layout (the pieces the executor computes), and the
-    largest fraction of a ring rank's K/V rows that travel (ring-local documents stay home; 1 otherwise)."""
+    largest fraction of a ring rank's K/V rows that travel (ring-local documents stay home; 1 otherwise). Impls
+    with the same document plans share one computation (:func:`document_twin`)."""
+    return _document_steps(document_twin(ring_impl), seq_len, ulysses, ring, causal, micro_q, cu_seqlens,
+                           document_layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _document_steps(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool, micro_q: Optional[int],
+                    cu_seqlens: tuple[int, ...], document_layout: str) -> tuple[tuple[StepWork, ...], float]:
     first = attention_plan(seq_len, ulysses, ring, 0, ring_impl, causal, micro_q, cu_seqlens, document_layout)
     if first.mqsp is not None:
         return _mqsp_steps(seq_len, ulysses, ring, causal, micro_q, cu_seqlens, first.mqsp), 1.0
-    # every rank's schedule on the first plan's positions (a plan alone would rebuild all r ranks' positions)
-    schedules = [first.schedule] + [build_schedule(ring_impl, seq_len, ulysses, ring, rank, causal, cu_seqlens,
-                                                   document_layout, positions=first.positions)
-                                    for rank in range(1, ring)]
+    # every rank's schedule on the first plan's positions, built together (their shared runs found once)
+    schedules = build_schedules(ring_impl, seq_len, ulysses, ring, causal, cu_seqlens, document_layout,
+                                positions=first.positions)
     if schedules[0].transport == "allgather":
         return (_step_work(tuple(b for step in s.steps for b in _shapes(step.blocks)) for s in schedules),), 1.0
     steps = tuple(_step_work(_shapes(s.steps[index].blocks) for s in schedules) for index in range(ring))
@@ -325,15 +342,20 @@ def _rank_of(cluster: Cluster, config: ParallelConfig, ulysses_rank: int, ring_r
 
 
 def placement(cluster: Cluster, config: ParallelConfig) -> tuple[int, int, bool]:
-    """(largest number of a rank's ulysses peers in its own node, ... in other nodes, ring crosses nodes)."""
+    """(number of ulysses peers in its own node, ... in other nodes, of the rank with the most peers in other
+    nodes; ring crosses nodes). Depends on the GPUs per node, TP, u, r and the order only: cached."""
+    return _placement(cluster.gpus_per_node, config.tp, config.ulysses, config.ring, config.ulysses_inner)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _placement(gpus_per_node: int, tp: int, ulysses: int, ring: int, ulysses_inner: bool) -> tuple[int, int, bool]:
+    cluster, config = Cluster(gpus_per_node, 1), ParallelConfig(tp, ulysses, ring, "zigzag", ulysses_inner=ulysses_inner)
     node = lambda rank: rank // cluster.gpus_per_node  # noqa: E731
-    worst_intra, worst_inter = 0, 0
-    for ring_rank in range(config.ring):
-        members = [node(_rank_of(cluster, config, i, ring_rank)) for i in range(config.ulysses)]
-        for mine in members:
-            inter = sum(1 for other in members if other != mine)
-            if inter >= worst_inter:
-                worst_inter, worst_intra = inter, config.ulysses - 1 - inter
+    worst_inter = 0
+    for ring_rank in range(config.ring):  # a rank's peers in other nodes: u minus those of its own node
+        members = Counter(node(_rank_of(cluster, config, i, ring_rank)) for i in range(config.ulysses))
+        worst_inter = max(worst_inter, config.ulysses - min(members.values()))
+    worst_intra = config.ulysses - 1 - worst_inter
     ring_crosses = any(
         node(_rank_of(cluster, config, i, j)) != node(_rank_of(cluster, config, i, (j + 1) % config.ring))
         for i in range(config.ulysses)
@@ -346,8 +368,9 @@ def _transfer_ms(nbytes: float, gbps: float, latency_us: float) -> float:
     return 0.0 if nbytes <= 0 else latency_us / 1e3 + nbytes / (gbps * 1e9) * 1e3
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def feasibility_reason(shape: ModelShape, cluster: Cluster, config: ParallelConfig) -> str:
-    """Why ``config`` cannot run (empty string when it can), by the library's and Megatron's rules."""
+    """Why ``config`` cannot run (empty string when it can), by the library's and Megatron's rules; cached."""
     if cluster.gpus_per_node % config.tp != 0:
         return f"TP {config.tp} must divide the {cluster.gpus_per_node} GPUs per node"
     if config.tp * config.sp * config.dp != cluster.world:
@@ -371,6 +394,7 @@ def feasibility_reason(shape: ModelShape, cluster: Cluster, config: ParallelConf
     return ""
 
 
+@functools.lru_cache(maxsize=1 << 10)
 def gpt_shape(shape: ModelShape, micro_batch: Optional[int] = None) -> GPTShape:
     """The job_cost view of ``shape``; without --ffn-hidden: a GPT MLP of 4 x hidden (GELU), no vocabulary."""
     return GPTShape(num_layers=shape.num_layers or 1, hidden=shape.hidden_size, heads=shape.heads,
@@ -384,8 +408,9 @@ def gpt_shape(shape: ModelShape, micro_batch: Optional[int] = None) -> GPTShape:
                     qk_rope_head_dim=shape.qk_rope_head_dim, v_head_dim=shape.v_head_dim)
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def attention_transient_bytes(shape: ModelShape, config: ParallelConfig) -> float:
-    """The largest buffers one attention call holds while it runs (not saved for backward)."""
+    """The largest buffers one attention call holds while it runs (not saved for backward); cached."""
     dt = shape.dtype_bytes
     q_bytes = shape.micro_batch * shape.seq_len / config.ring * shape.heads / (config.tp * config.ulysses) \
         * shape.attention_head_dim * dt
@@ -422,11 +447,21 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     document's squares lie on its diagonal (sides adding up to at most its length; stripe: r x it, each step's
     squares hold each row once) with sides of at most a ring rank's rows, so they hold at most (side + 1) / 2 x
     those sides pairs: whatever the squares, a document's cost is at least ``visible + min(0, 2 fraction - 1) x
-    those pairs - fraction x the sides``, and never below ``min(1, fraction) x visible``."""
+    those pairs - fraction x the sides``, and never below ``min(1, fraction) x visible``.
+
+    Documents cut over every rank (the split layout, pass K/V): a ring rank holds 2u of a document's 2ur chunks
+    (u of ur, contiguous), so its pieces have at most that many keys; and where every chunk holds a row, each
+    rank's rows of the document meet every other rank's (contiguous: every earlier rank's) in at least one piece
+    besides its own square — pieces of different documents never join, so those are calls of their own."""
     seq, rows, fraction = shape.seq_len, shape.seq_len // config.ring, hardware.causal_fraction
     keys = seq if transport_of(config.ring_impl) == "allgather" else rows
     stripe = RING_IMPL_TABLE[config.ring_impl].layout == "stripe"
     lengths = [[seq]] if shape.documents is None else [[b - a for a, b in zip(cu, cu[1:])] for cu in shape.documents]
+    split = (shape.documents is not None and transport_of(config.ring_impl) == "pass_kv" and config.ring > 1
+             and not ring_local(config.ring_impl, config.document_layout or "split"))
+    contiguous = RING_IMPL_TABLE[config.ring_impl].layout == "contiguous"
+    parts = document_parts(config.ring_impl, config.ulysses * config.ring)
+    held_chunks = parts // config.ring  # a ring rank's chunks of each document
 
     @functools.lru_cache(maxsize=None)
     def document_ms(length: int) -> float:
@@ -438,12 +473,20 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
                        min(1.0, fraction) * visible)
         else:
             cost = length * length
-        efficiency = kernel_efficiency((rows, min(keys, length), shape.causal), hardware.half_efficiency_tokens)
+        longest = min(keys, length, held_chunks * -(-length // parts)) if split else min(keys, length)
+        efficiency = kernel_efficiency((rows, longest, shape.causal), hardware.half_efficiency_tokens)
         return cost * flops_per_pair / (tflops * 1e12 * efficiency) * 1e3
 
     work = sum(document_ms(n) for row in lengths for n in row) / len(lengths) / config.ring
-    calls = synchronised_steps if shape.documents is None else max(
-        1.0, sum(len(row) for row in lengths) / len(lengths) / config.ring)
+    if shape.documents is None:
+        calls = synchronised_steps
+    elif split:  # per ring rank, summed over the steps
+        others = (config.ring - 1) / (2 if contiguous else 1)
+        # (a short document's rows are on one rank at least: 1 / r of a square per rank)
+        calls = sum(sum(1 + others if n >= parts else 1 / config.ring for n in row if n)
+                    for row in lengths) / len(lengths)
+    else:
+        calls = max(1.0, sum(len(row) for row in lengths) / len(lengths) / config.ring)
     return work + calls * hardware.kernel_overhead_us / 1e3
 
 
