@@ -177,14 +177,7 @@ def test_documents_take_the_pieces_of_each_rows_layout():
                           plan.ParallelConfig(1, 1, 16, "zigzag", document_layout="local")) for cu in rows]
     assert local.compute_ms == pytest.approx(sum(p.compute_ms for p in alone) / 3)
     assert local.compute_worst_ms == pytest.approx(max(p.compute_ms + p.ring_exposed_ms for p in alone))
-    # and the O(1) bound stays below every exact prediction with documents
-    for config in plan.enumerate_configs(cluster, [1], plan.RING_IMPLS, 1, (True,), (None,), shape):
-        if plan.feasibility_reason(shape, cluster, config):
-            continue
-        exact = plan.predict(shape, cluster, H100, config, check=False)
-        bound = plan.predict(shape, cluster, H100, config, check=False, bound=True)
-        for name in ("compute_ms", "ring_exposed_ms", "total_ms"):
-            assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
+    # (the bound with documents: tests/planner/test_plan_speed.py)
 
 
 def test_the_70b_plan_with_and_without_documents(capsys):
