@@ -114,6 +114,8 @@ def _coalesce(blocks: list[Block]) -> list[Block]:
     rows): the two runs a rank holds of one document are adjacent rows, so a step's pieces of a document against
     one run of keys become one call, the shape of the zigzag blocks without documents."""
     full = [b for b in blocks if not b.causal]
+    if len(full) < 2:  # nothing to join
+        return full + [b for b in blocks if b.causal]
     for key, adjacent, join in (
         (lambda b: (b.kv_start, b.kv_stop, b.q_start), lambda a, b: a.kv == b.kv and a.q_stop == b.q_start,
          lambda a, b: Block(a.q_start, b.q_stop, a.kv_start, a.kv_stop, False)),

@@ -129,14 +129,15 @@ def attention_prediction(shape: ModelShape, cluster: Cluster, hardware: Hardware
 
 def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
                 reserve_gib: float = DEFAULT_RESERVE_GIB, attention: Optional[Prediction] = None,
-                time_unfit: bool = True) -> JobPrediction:
+                time_unfit: bool = True, job: Optional[JobConfig] = None) -> JobPrediction:
     """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
     (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
     + the DP x CP gradient reduction. ``attention``: the layer's :func:`attention_prediction` when the caller
     has it (it depends on the grid and the micro-batch size only); ``time_unfit`` False: a job over the memory
-    budget gets its memory only (what a search needs of it)."""
+    budget gets its memory only (what a search needs of it); ``job``: :func:`job_config` of ``config`` and
+    ``choice`` when the caller has it."""
     mb_shape = shape if shape.micro_batch == choice.micro_batch else replace(shape, micro_batch=choice.micro_batch)
-    gpt, job = gpt_shape(mb_shape), job_config(config, choice)
+    gpt, job = gpt_shape(mb_shape), job or job_config(config, choice)
     figures = _job_figures(gpt, job)
     reason = figures.reason or feasibility_reason(mb_shape, cluster, _attention_grid(config, choice))
     if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
@@ -382,6 +383,8 @@ def plan_job(
             jobs = [replace(choice, ep=ep) if ep != choice.ep else choice for choice in choices
                     for ep in ep_choices or expert_parallel_sizes(shape, choice.dp * sp)]
             for u in _divisors(sp):
+                # the jobs' megatron-core view is the same for every impl, order and layout of this grid
+                job_configs = [job_config(ParallelConfig(tp, u, sp // u, "zigzag"), choice) for choice in jobs]
                 for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                     for inner, layout in ((inner, layout) for inner in orders
                                           for layout in document_layouts(shape, impl, sp // u)):
@@ -394,12 +397,12 @@ def plan_job(
                                                             feasible=False, reason=reason))
                             continue
                         attention: dict[int, Prediction] = {}  # per micro-batch size
-                        for choice in jobs:
+                        for choice, job in zip(jobs, job_configs):
                             if choice.micro_batch not in attention:
                                 attention[choice.micro_batch] = attention_prediction(
                                     shape, cluster, hardware, config, choice, bound=keep is not None)
                             p = predict_job(shape, cluster, hardware, config, choice, reserve_gib,
-                                            attention[choice.micro_batch], time_unfit=False)
+                                            attention[choice.micro_batch], time_unfit=False, job=job)
                             (bounded if p.feasible else infeasible).append(p)
     if keep is None:
         return sorted(bounded, key=_rank_key), infeasible

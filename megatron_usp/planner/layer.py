@@ -235,12 +235,11 @@ def document_steps(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal
 @functools.lru_cache(maxsize=1024)
 def _document_steps(ring_impl: str, seq_len: int, ulysses: int, ring: int, causal: bool, micro_q: Optional[int],
                     cu_seqlens: tuple[int, ...], document_layout: str) -> tuple[tuple[StepWork, ...], float]:
-    first = attention_plan(seq_len, ulysses, ring, 0, ring_impl, causal, micro_q, cu_seqlens, document_layout)
-    if first.mqsp is not None:
+    if transport_of(ring_impl) == "pass_q":
+        first = attention_plan(seq_len, ulysses, ring, 0, ring_impl, causal, micro_q, cu_seqlens, document_layout)
         return _mqsp_steps(seq_len, ulysses, ring, causal, micro_q, cu_seqlens, first.mqsp), 1.0
-    # every rank's schedule on the first plan's positions, built together (their shared runs found once)
-    schedules = build_schedules(ring_impl, seq_len, ulysses, ring, causal, cu_seqlens, document_layout,
-                                positions=first.positions)
+    # every rank's schedule, built together (the positions and their shared runs found once)
+    schedules = build_schedules(ring_impl, seq_len, ulysses, ring, causal, cu_seqlens, document_layout)
     if schedules[0].transport == "allgather":
         return (_step_work(tuple(b for step in s.steps for b in _shapes(step.blocks)) for s in schedules),), 1.0
     steps = tuple(_step_work(_shapes(s.steps[index].blocks) for s in schedules) for index in range(ring))
