@@ -76,15 +76,24 @@ def _shares(lengths: Sequence[int], quotas: Sequence[int]) -> list[list[int]]:
         room = [quota - g for quota, g in zip(quotas, given)]
         share = [min(max(0, int(round(x))), r) for x, r in zip(want, room)]
         excess = sum(share) - length
-        while excess != 0:  # settle rounding on the bins owed most (adding) or least (removing)
-            if excess < 0:
-                j = max((j for j in range(bins) if share[j] < room[j]), key=lambda j: (want[j] - share[j], -j))
+        # settle rounding one token at a time on the bin owed most (adding; ties: the lowest bin) or least
+        # (removing), a heap keeping the order as the shares move
+        if excess < 0:
+            heap = [(share[j] - want[j], j) for j in range(bins) if share[j] < room[j]]
+            heapq.heapify(heap)
+            for _ in range(-excess):
+                _, j = heapq.heappop(heap)
                 share[j] += 1
-                excess += 1
-            else:
-                j = min((j for j in range(bins) if share[j] > 0), key=lambda j: (want[j] - share[j], j))
+                if share[j] < room[j]:
+                    heapq.heappush(heap, (share[j] - want[j], j))
+        elif excess > 0:
+            heap = [(want[j] - share[j], j) for j in range(bins) if share[j] > 0]
+            heapq.heapify(heap)
+            for _ in range(excess):
+                _, j = heapq.heappop(heap)
                 share[j] -= 1
-                excess -= 1
+                if share[j] > 0:
+                    heapq.heappush(heap, (want[j] - share[j], j))
         for j in range(bins):
             given[j] += share[j]
         shares.append(share)

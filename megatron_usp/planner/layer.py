@@ -5,6 +5,7 @@ the all-to-all, ring and TP traffic and where it runs (NVLink or IB), the feasib
 and :func:`predict`, which puts them together into a :class:`Prediction`."""
 from __future__ import annotations
 
+import bisect
 import functools
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -12,7 +13,7 @@ from typing import Optional
 
 from megatron_usp.cost import block_pairs
 from megatron_usp.job_cost import GPTShape, JobConfig, attention_head_dim, layer_activation_bytes
-from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, document_parts, ring_local
+from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, document_parts, ring_documents_of, ring_local
 from megatron_usp.mqsp import MQSPPlan
 from megatron_usp.plan import attention_plan
 from megatron_usp.ring import allgather_step_classes, build_schedules, pass_kv_step_classes
@@ -451,7 +452,11 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     Documents cut over every rank (the split layout, pass K/V): a ring rank holds 2u of a document's 2ur chunks
     (u of ur, contiguous), so its pieces have at most that many keys; and where every chunk holds a row, each
     rank's rows of the document meet every other rank's (contiguous: every earlier rank's) in at least one piece
-    besides its own square — pieces of different documents never join, so those are calls of their own."""
+    besides its own square — pieces of different documents never join, so those are calls of their own.
+    Ring-local documents: a whole document is one call on its ring rank; a cut one's pieces have at most its
+    largest share of keys, each rank holding rows of it makes a square of it, and every two ranks holding two
+    rows or more of it (front and back piece) meet in a piece (contiguous pieces: every rank meets the earlier
+    ones)."""
     seq, rows, fraction = shape.seq_len, shape.seq_len // config.ring, hardware.causal_fraction
     keys = seq if transport_of(config.ring_impl) == "allgather" else rows
     stripe = RING_IMPL_TABLE[config.ring_impl].layout == "stripe"
@@ -462,8 +467,11 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     parts = document_parts(config.ring_impl, config.ulysses * config.ring)
     held_chunks = parts // config.ring  # a ring rank's chunks of each document
 
+    local = (shape.documents is not None and transport_of(config.ring_impl) == "pass_kv" and config.ring > 1
+             and ring_local(config.ring_impl, config.document_layout or "split"))
+
     @functools.lru_cache(maxsize=None)
-    def document_ms(length: int) -> float:
+    def document_ms(length: int, longest: int) -> float:
         if shape.causal:
             visible = length * (length + 1) / 2
             sides = length * (config.ring if stripe else 1)
@@ -472,11 +480,25 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
                        min(1.0, fraction) * visible)
         else:
             cost = length * length
-        longest = min(keys, length, held_chunks * -(-length // parts)) if split else min(keys, length)
         efficiency = kernel_efficiency((rows, longest, shape.causal), hardware.half_efficiency_tokens)
         return cost * flops_per_pair / (tflops * 1e12 * efficiency) * 1e3
 
-    work = sum(document_ms(n) for row in lengths for n in row) / len(lengths) / config.ring
+    if local:
+        work, calls = 0.0, 0.0
+        for cu in shape.documents:
+            cut = _cut_document_shares(cu, config.ring, document_twin(config.ring_impl))
+            for d, (a, b) in enumerate(zip(cu, cu[1:])):
+                if d not in cut:
+                    work, calls = work + document_ms(b - a, min(keys, b - a)), calls + (b > a)
+                    continue
+                held = [share for share in cut[d] if share]
+                work += document_ms(b - a, min(keys, b - a, max(held)))
+                meeting = len(held) if contiguous else sum(share >= 2 for share in held)
+                calls += len(held) + meeting * (meeting - 1) / (2 if contiguous else 1)
+        work, calls = work / len(lengths) / config.ring, calls / len(lengths) / config.ring
+        return work + calls * hardware.kernel_overhead_us / 1e3
+    work = sum(document_ms(n, min(keys, n, held_chunks * -(-n // parts)) if split else min(keys, n))
+               for row in lengths for n in row) / len(lengths) / config.ring
     if shape.documents is None:
         calls = synchronised_steps
     elif split:  # per ring rank, summed over the steps
@@ -487,6 +509,19 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     else:
         calls = max(1.0, sum(len(row) for row in lengths) / len(lengths) / config.ring)
     return work + calls * hardware.kernel_overhead_us / 1e3
+
+
+@functools.lru_cache(maxsize=256)
+def _cut_document_shares(cu_seqlens: tuple[int, ...], ring: int, ring_impl: str) -> dict[int, tuple[int, ...]]:
+    """The ring-local layout's cut documents of a row: document -> its tokens on each ring rank."""
+    documents = ring_documents_of(cu_seqlens, ring, ring_impl)
+    shares: dict[int, list[int]] = {}
+    for rank, ranges in enumerate(documents.ranges):
+        for start, stop in ranges:
+            d = bisect.bisect_right(cu_seqlens, start) - 1
+            if documents.owner[d] < 0:
+                shares.setdefault(d, [0] * ring)[rank] += stop - start
+    return {d: tuple(share) for d, share in shares.items()}
 
 
 def _ring_ms(prediction: Prediction, shape: ModelShape, config: ParallelConfig, hardware: Hardware,

@@ -160,13 +160,14 @@ def test_document_steps_on_shared_positions_are_each_ranks_own_plan(impl, layout
 def test_the_attention_bound_with_documents_is_below_every_exact_prediction(source):
     """With packed documents, every grid, impl and layout (u > 1 included; documents shorter than their chunk
     count included): the bound never exceeds the exact prediction, and for the split layout (documents cut over
-    every rank: calls per document and step counted) it stays close (the search predicts few grids exactly)."""
+    every rank: calls per document and step counted; ring-local: the cut documents' calls from the solver's layout)
+    it stays close (the search predicts few grids exactly)."""
     from megatron_usp.document_mixes import packed_rows
 
     base = plan.ModelShape(heads=32, kv_heads=8, head_dim=128, seq_len=16384)
     shape = replace(base, documents=tuple(packed_rows(source, 16384, 2, 5)))
     cluster = plan.Cluster(8, 2)
-    split_ratios = []
+    ratios = {"split": [], "local": []}
     for config in plan.enumerate_configs(cluster, [1, 2], plan.RING_IMPLS, 1, (True, False), (None, 4096), shape):
         if plan.feasibility_reason(shape, cluster, config):
             continue
@@ -174,6 +175,7 @@ def test_the_attention_bound_with_documents_is_below_every_exact_prediction(sour
         bound = plan.predict(shape, cluster, H100, config, check=False, bound=True)
         for name in ("compute_ms", "ring_exposed_ms", "total_ms"):
             assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
-        if config.document_layout == "split" and config.ring > 1 and config.ring_impl in ("basic", "zigzag", "stripe"):
-            split_ratios.append(bound.compute_ms / exact.compute_ms)
-    assert split_ratios and sorted(split_ratios)[len(split_ratios) // 2] > 0.6, sorted(split_ratios)
+        if config.ring > 1 and config.ring_impl in ("basic", "zigzag", "stripe"):
+            ratios[config.document_layout].append(bound.compute_ms / exact.compute_ms)
+    for layout, values in ratios.items():  # (here 0.83-0.93; without the calls counted 0.18-0.60)
+        assert values and sorted(values)[len(values) // 2] > 0.7, (layout, sorted(values))
