@@ -313,7 +313,8 @@ def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[
             kept, inputs = 0, math.ceil(layers / k)
         else:
             kept, inputs = layers - k, k
-        parts = _layers_bytes(shape, cfg, "none", kept, min(dense, kept))
+        # block recomputes a stage's first k layers: the dense layers (the model's first) are recomputed first
+        parts = _layers_bytes(shape, cfg, "none", kept, min(max(0.0, dense - k), kept))
         rope_dims = shape.qk_rope_head_dim if shape.mla else shape.head_dim
         parts["layer inputs"] = inputs * layer_input + tokens * rope_dims * FP32  # + rotary table once
     else:
