@@ -110,6 +110,11 @@ class GPTShape:
     def value_head_dim(self) -> int:
         return self.v_head_dim if self.mla else self.head_dim
 
+    @property
+    def rope_head_dim(self) -> int:
+        """The dims of a q/k head RoPE rotates (MLA: its RoPE part only)."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
+
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -227,7 +232,7 @@ def _layer_activation_bytes(shape: GPTShape, tp: int, ulysses: int, ring: int, s
         mlp = _dense_mlp_bytes(shape, cfg, shape.ffn_hidden, tokens)
     parts = {
         "norms": norm_copies * tokens * shape.hidden * e / sp + 2 * stats * tokens / sp * FP32,
-        "rope": 4 * tokens * (shape.qk_rope_head_dim if shape.mla else d) * e,
+        "rope": 4 * tokens * shape.rope_head_dim * e,
         "mlp": mlp,
     }
     out = tokens * n * shape.value_head_dim * e  # the projection's input, before the output all-to-all
@@ -315,8 +320,7 @@ def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[
             kept, inputs = layers - k, k
         # block recomputes a stage's first k layers: the dense layers (the model's first) are recomputed first
         parts = _layers_bytes(shape, cfg, "none", kept, min(max(0.0, dense - k), kept))
-        rope_dims = shape.qk_rope_head_dim if shape.mla else shape.head_dim
-        parts["layer inputs"] = inputs * layer_input + tokens * rope_dims * FP32  # + rotary table once
+        parts["layer inputs"] = inputs * layer_input + tokens * shape.rope_head_dim * FP32  # + rotary table once
     else:
         parts = _layers_bytes(shape, cfg, cfg.recompute, layers, dense)
     if stage == cfg.pp - 1:
@@ -347,11 +351,7 @@ def in_flight(cfg: JobConfig, stage: int) -> int:
 
 def expert_parameter_count(shape: GPTShape, cfg: JobConfig) -> float:
     """Parameters of ONE expert's MLP on one rank (expert TP = TP); 0 for a dense model."""
-    if not shape.moe:
-        return 0.0
-    fc1 = shape.moe_ffn_hidden * (2 if shape.gated_mlp else 1)
-    count = (shape.hidden * fc1 + shape.moe_ffn_hidden * shape.hidden) / cfg.tp
-    return count + ((fc1 / cfg.tp + shape.hidden) if shape.bias else 0)
+    return _mlp_parameter_count(shape, cfg, shape.moe_ffn_hidden) if shape.moe else 0.0
 
 
 def _mlp_parameter_count(shape: GPTShape, cfg: JobConfig, width: int) -> float:

@@ -52,11 +52,13 @@ class RingDocuments:
 
     ``ranges[j]``: the ``(start, stop)`` position ranges ring rank ``j`` holds, sorted; ``owner[d]``: the ring rank
     holding document ``d`` whole, or -1 where it is cut; ``cut_tokens[j]``: how many of ``j``'s tokens belong to cut
-    documents (what travels the ring)."""
+    documents (what travels the ring); ``cut_shares``: ``(d, tokens of d on each ring rank)`` of every cut document,
+    in document order."""
 
     ranges: tuple[tuple[tuple[int, int], ...], ...]
     owner: tuple[int, ...]
     cut_tokens: tuple[int, ...]
+    cut_shares: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @property
     def cut_documents(self) -> int:
@@ -181,7 +183,7 @@ def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capaci
     return owner, work, cut, even, fillers, filler_shares
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)  # the planner asks for every ring size of a few rows
 def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = True) -> RingDocuments:
     """The ring-local layout of the documents ``offsets`` (``[0, ..., S]``, ``S`` a multiple of ``ring_degree``)."""
     lengths = [b - a for a, b in zip(offsets, offsets[1:])]
@@ -256,7 +258,8 @@ def _layout(offsets, lengths, owner: dict, cut_shares: dict, ring_degree: int, z
                 ranges[j].append((start, start + back))
             start += back
     owners = tuple(owner.get(d, -1) for d in range(len(lengths)))
-    return RingDocuments(tuple(tuple(sorted(r)) for r in ranges), owners, tuple(cut_tokens))
+    return RingDocuments(tuple(tuple(sorted(r)) for r in ranges), owners, tuple(cut_tokens),
+                         tuple((d, tuple(cut_shares[d])) for d in sorted(cut_shares)))
 
 
 def ring_rank_positions(documents: RingDocuments, ring_rank: int) -> torch.Tensor:

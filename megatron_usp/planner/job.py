@@ -261,15 +261,15 @@ def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelC
     return total
 
 
-def expert_parallel_sizes(shape: ModelShape, dp_cp: int) -> list[int]:
+def expert_parallel_sizes(shape: ModelShape, dp_cp: int) -> tuple[int, ...]:
     """EP sizes megatron-core takes for ``dp_cp`` = DP x CP ranks (expert TP = TP): divisors of both the experts
-    and DP x CP; [1] for a dense model."""
+    and DP x CP; (1,) for a dense model."""
     return _expert_parallel_sizes(shape.num_experts, dp_cp)
 
 
 @functools.lru_cache(maxsize=None)
-def _expert_parallel_sizes(num_experts: int, dp_cp: int) -> list[int]:
-    return [ep for ep in _divisors(dp_cp) if num_experts % ep == 0] if num_experts else [1]
+def _expert_parallel_sizes(num_experts: int, dp_cp: int) -> tuple[int, ...]:
+    return tuple(ep for ep in _divisors(dp_cp) if num_experts % ep == 0) if num_experts else (1,)
 
 
 def memory_breakdown(p: JobPrediction) -> str:

@@ -5,7 +5,6 @@ the all-to-all, ring and TP traffic and where it runs (NVLink or IB), the feasib
 and :func:`predict`, which puts them together into a :class:`Prediction`."""
 from __future__ import annotations
 
-import bisect
 import functools
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -461,14 +460,13 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     keys = seq if transport_of(config.ring_impl) == "allgather" else rows
     stripe = RING_IMPL_TABLE[config.ring_impl].layout == "stripe"
     lengths = [[seq]] if shape.documents is None else [[b - a for a, b in zip(cu, cu[1:])] for cu in shape.documents]
-    split = (shape.documents is not None and transport_of(config.ring_impl) == "pass_kv" and config.ring > 1
-             and not ring_local(config.ring_impl, config.document_layout or "split"))
+    passed_documents = (shape.documents is not None and transport_of(config.ring_impl) == "pass_kv"
+                        and config.ring > 1)
+    local = passed_documents and ring_local(config.ring_impl, config.document_layout or "split")
+    split = passed_documents and not local
     contiguous = RING_IMPL_TABLE[config.ring_impl].layout == "contiguous"
     parts = document_parts(config.ring_impl, config.ulysses * config.ring)
     held_chunks = parts // config.ring  # a ring rank's chunks of each document
-
-    local = (shape.documents is not None and transport_of(config.ring_impl) == "pass_kv" and config.ring > 1
-             and ring_local(config.ring_impl, config.document_layout or "split"))
 
     @functools.lru_cache(maxsize=None)
     def document_ms(length: int, longest: int) -> float:
@@ -486,7 +484,7 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     if local:
         work, calls = 0.0, 0.0
         for cu in shape.documents:
-            cut = _cut_document_shares(cu, config.ring, document_twin(config.ring_impl))
+            cut = dict(ring_documents_of(cu, config.ring, config.ring_impl).cut_shares)
             for d, (a, b) in enumerate(zip(cu, cu[1:])):
                 if d not in cut:
                     work, calls = work + document_ms(b - a, min(keys, b - a)), calls + (b > a)
@@ -509,19 +507,6 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     else:
         calls = max(1.0, sum(len(row) for row in lengths) / len(lengths) / config.ring)
     return work + calls * hardware.kernel_overhead_us / 1e3
-
-
-@functools.lru_cache(maxsize=256)
-def _cut_document_shares(cu_seqlens: tuple[int, ...], ring: int, ring_impl: str) -> dict[int, tuple[int, ...]]:
-    """The ring-local layout's cut documents of a row: document -> its tokens on each ring rank."""
-    documents = ring_documents_of(cu_seqlens, ring, ring_impl)
-    shares: dict[int, list[int]] = {}
-    for rank, ranges in enumerate(documents.ranges):
-        for start, stop in ranges:
-            d = bisect.bisect_right(cu_seqlens, start) - 1
-            if documents.owner[d] < 0:
-                shares.setdefault(d, [0] * ring)[rank] += stop - start
-    return {d: tuple(share) for d, share in shares.items()}
 
 
 def _ring_ms(prediction: Prediction, shape: ModelShape, config: ParallelConfig, hardware: Hardware,
