@@ -146,7 +146,7 @@ class JobConfig:
         return self.dp * self.cp // self.ep
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobMemory:
     """Bytes per GPU on the stage that needs the most."""
 
@@ -158,11 +158,11 @@ class JobMemory:
     in_flight: int  # (chunk-)micro-batches whose activations the stage holds at its peak
     per_micro_batch: dict = field(default_factory=dict)  # activation parts of one micro-batch
 
-    @property
+    @functools.cached_property  # a search compares many of them
     def states(self) -> float:
         return self.params + self.grads + self.optimizer
 
-    @property
+    @functools.cached_property
     def total(self) -> float:
         return self.states + self.activations
 
@@ -441,16 +441,26 @@ def parameter_count(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
     return count
 
 
-def state_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
+def state_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> Mapping[str, float]:
     """Parameters (model dtype), fp32 main gradients, Adam state (fp32 master unless fp32 params, 2 moments); the
     distributed optimizer shards the dense parameters' state over DP x CP, the experts' over the expert-data-parallel
-    group (DP x CP / EP)."""
+    group (DP x CP / EP). Cached by what they depend on (not CP's split, recompute or micro-batches): read-only."""
+    return _state_bytes(shape, cfg.tp, cfg.pp, cfg.virtual_stages, cfg.first_stage_layers, cfg.last_stage_layers,
+                        cfg.ep, cfg.dp * cfg.cp, cfg.distributed_optimizer, stage)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _state_bytes(shape: GPTShape, tp: int, pp: int, virtual_stages: int, first_stage_layers: Optional[int],
+                 last_stage_layers: Optional[int], ep: int, dp_cp: int, distributed_optimizer: bool,
+                 stage: int) -> Mapping[str, float]:
+    cfg = JobConfig(tp=tp, pp=pp, dp=dp_cp, virtual_stages=virtual_stages, first_stage_layers=first_stage_layers,
+                    last_stage_layers=last_stage_layers, ep=ep, distributed_optimizer=distributed_optimizer)
     count = parameter_count(shape, cfg, stage)
     experts = stage_expert_count(shape, cfg, stage)
     per_param = 2 * FP32 + (FP32 if shape.dtype_bytes != FP32 else 0)
     dense_shards, expert_shards = (cfg.dp * cfg.cp, cfg.expert_dp) if cfg.distributed_optimizer else (1, 1)
     optimizer = ((count - experts) / dense_shards + experts / expert_shards) * per_param
-    return {"params": count * shape.dtype_bytes, "grads": count * FP32, "optimizer": optimizer}
+    return MappingProxyType({"params": count * shape.dtype_bytes, "grads": count * FP32, "optimizer": optimizer})
 
 
 def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:

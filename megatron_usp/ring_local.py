@@ -11,8 +11,8 @@ documents, and cuts only the documents that must be cut, per document over the r
   (:class:`RingDocuments` ``cut_tokens``; ``ring.RingSchedule.travel``), and the local ones are computed in the
   own step, in one varlen call per kind with the own pieces of the cut ones.
 
-The solver (:func:`ring_documents`) is deterministic and communication-free: every rank runs it on the same offsets.
-Documents are taken longest first. The ``k`` longest are cut evenly over the ring (``k`` at least the number longer
+The solver (:func:`ring_cut`; :func:`ring_documents` lays its pieces out) is deterministic and communication-free:
+every rank runs it on the same offsets. Documents are taken longest first. The ``k`` longest are cut evenly over the ring (``k`` at least the number longer
 than a ring rank or with more causal work than a ring rank's share); the others go longest first to the ring rank
 with the least local work that has room in what the even shares leave; documents that fit nowhere (short ones, at
 the end) are cut too and fill the remaining room in ring order, each over the fewest ring ranks. Cut documents are
@@ -69,51 +69,61 @@ def _shares(lengths: Sequence[int], quotas: Sequence[int]) -> list[list[int]]:
     """Split documents of ``lengths`` over bins with integer ``quotas`` (sum = sum of lengths): ``shares[d][j]``,
     each document's shares proportional to the quotas, every bin's total exactly its quota."""
     total = sum(lengths)
-    bins = len(quotas)
-    given = [0] * bins
+    quota = torch.tensor(quotas, dtype=torch.int64)
+    given = torch.zeros_like(quota)
     shares, seen = [], 0
     for length in lengths:
         seen += length
-        want = [quota * seen / total - g for quota, g in zip(quotas, given)]  # what each bin is owed so far
-        room = [quota - g for quota, g in zip(quotas, given)]
-        share = [min(max(0, int(round(x))), r) for x, r in zip(want, room)]
-        excess = sum(share) - length
-        # settle rounding one token at a time on the bin owed most (adding; ties: the lowest bin) or least
-        # (removing), a heap keeping the order as the shares move
-        if excess < 0:
-            heap = [(share[j] - want[j], j) for j in range(bins) if share[j] < room[j]]
-            heapq.heapify(heap)
-            for _ in range(-excess):
-                _, j = heapq.heappop(heap)
-                share[j] += 1
-                if share[j] < room[j]:
-                    heapq.heappush(heap, (share[j] - want[j], j))
-        elif excess > 0:
-            heap = [(want[j] - share[j], j) for j in range(bins) if share[j] > 0]
-            heapq.heapify(heap)
-            for _ in range(excess):
-                _, j = heapq.heappop(heap)
-                share[j] -= 1
-                if share[j] > 0:
-                    heapq.heappush(heap, (want[j] - share[j], j))
-        for j in range(bins):
-            given[j] += share[j]
-        shares.append(share)
+        want = (quota * seen).double() / total - given  # what each bin is owed so far (exactly Python's floats)
+        room = quota - given
+        share = torch.minimum(torch.round(want).clamp(min=0), room.double())
+        excess = int(share.sum()) - length
+        if excess:
+            share = _settle(share, want, room, excess)
+        given += share.long()
+        shares.append(share.long().tolist())
     return shares
 
 
-def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[list[int]]:
+def _settle(share: torch.Tensor, want: torch.Tensor, room: torch.Tensor, excess: int) -> torch.Tensor:
+    """Settle rounding one token at a time on the bin owed most (adding; ties: the lowest bin) or least (removing):
+    the bins in the order of ``(share - want, bin)`` (adding; removing: ``want - share``), a bin that moved coming
+    back one token further on while it can move again (a heap of those beside the sorted rest)."""
+    adding = excess < 0
+    key = share - want if adding else want - share
+    movable = share < room if adding else share > 0
+    bins = movable.nonzero().flatten()
+    order = torch.sort(key[bins], stable=True).indices
+    queue = list(zip(key[bins][order].tolist(), bins[order].tolist()))
+    limit = (room - share.long() if adding else share.long()).tolist()  # tokens each bin can move
+    moved: dict[int, int] = {}
+    again: list[tuple[float, int]] = []
+    at = 0
+    for _ in range(abs(excess)):
+        if again and (at == len(queue) or again[0] < queue[at]):
+            k, j = heapq.heappop(again)
+        else:
+            (k, j), at = queue[at], at + 1
+        moved[j] = moved.get(j, 0) + 1
+        if moved[j] < limit[j]:
+            heapq.heappush(again, (k + 1, j))
+    counts = torch.tensor(list(moved.values()), dtype=share.dtype)
+    return share.index_add(0, torch.tensor(list(moved)), counts if adding else -counts)
+
+
+def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[dict[int, int]]:
     """Documents of ``lengths`` laid one after another into ``rooms`` (free tokens per ring rank, in ring order):
-    ``shares[d][j]``. Each takes consecutive ring ranks, so a ring rank boundary cuts at most one of them: a
-    short filler meets one or two ring ranks, not all of them (fewer pieces, each larger)."""
+    each document's ``{ring rank: tokens}``, ranks ascending. Each takes consecutive ring ranks, so a ring rank
+    boundary cuts at most one of them: a short filler meets one or two ring ranks, not all of them (fewer pieces,
+    each larger)."""
     left, j, shares = list(rooms), 0, []
     for length in lengths:
-        share, need = [0] * len(rooms), length
+        share, need = {}, length
         while need:
             while left[j] == 0:
                 j += 1
             take = min(need, left[j])
-            share[j] += take
+            share[j] = share.get(j, 0) + take
             left[j] -= take
             need -= take
         shares.append(share)
@@ -121,7 +131,7 @@ def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[list[int]]:
 
 
 def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence[int],
-              shares: Sequence[Sequence[int]], even_count: int) -> float:
+              shares: Sequence[dict[int, int]], even_count: int) -> float:
     """Modelled time of the ring's causal attention, step-synchronous: the slowest rank's own step (its local
     documents and the own pieces of the cut ones) plus, for each of the ``r - 1`` ring steps, the slowest rank's
     pairs with the pieces that arrive. A rank holding ``s_j`` of a cut document of ``L`` tokens sees ``(s_j / L)^2``
@@ -131,16 +141,17 @@ def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence
     bins = len(local_work)
     even = even_work / bins / bins + even_count * PIECE_PAIRS
     own = list(local_work)
-    ring = [[0.0] * bins for _ in range(bins)]  # ring[s][j]: rank j's work with the pieces of rank j - s
+    ring: dict[int, dict[int, float]] = {}  # ring[s][j]: rank j's work with the pieces of rank j - s, where any
     for length, share in zip(cut_lengths, shares):  # a filler meets few ring ranks: only those are visited
         work = causal_work(length)
-        held = [(j, s / length) for j, s in enumerate(share) if s]
+        held = [(j, s / length) for j, s in share.items() if s]
         for j, f in held:
             own[j] += f * f * work + PIECE_PAIRS
             for i, g in held:
                 if i != j:
-                    ring[(j - i) % bins][j] += f * g * work + PIECE_PAIRS
-    return max(own) + even + sum(max(step) for step in ring[1:]) + (bins - 1) * even
+                    step = ring.setdefault((j - i) % bins, {})
+                    step[j] = step.get(j, 0.0) + f * g * work + PIECE_PAIRS
+    return max(own) + even + sum(max(ring[s].values()) for s in sorted(ring)) + (bins - 1) * even
 
 
 def _even(total: int, bins: int) -> list[int]:
@@ -186,6 +197,15 @@ def _plan(order: Sequence[int], lengths: Sequence[int], ring_degree: int, capaci
 @functools.lru_cache(maxsize=256)  # the planner asks for every ring size of a few rows
 def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = True) -> RingDocuments:
     """The ring-local layout of the documents ``offsets`` (``[0, ..., S]``, ``S`` a multiple of ``ring_degree``)."""
+    owner, cut_shares = ring_cut(offsets, ring_degree)
+    return _layout(offsets, owner, cut_shares, ring_degree, zigzag)
+
+
+@functools.lru_cache(maxsize=256)
+def ring_cut(offsets: tuple[int, ...], ring_degree: int) -> tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]:
+    """The solver's choice for ``offsets`` on ``ring_degree`` ring ranks, whatever the layout of the cut pieces:
+    (``RingDocuments.owner``, ``RingDocuments.cut_shares``). Call :func:`clear_caches` after changing
+    :data:`PIECE_PAIRS` or :data:`TARGET`."""
     lengths = [b - a for a, b in zip(offsets, offsets[1:])]
     capacity = offsets[-1] // ring_degree
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
@@ -226,17 +246,28 @@ def ring_documents(offsets: tuple[int, ...], ring_degree: int, zigzag: bool = Tr
     best = min(tried.values(), key=lambda result: result[0])
     _, owner, cut, even, fillers, filler_shares = best
     shares = _shares([lengths[d] for d in cut], even) if cut else []
-    return _layout(offsets, lengths, owner, dict(zip(cut + fillers, shares + filler_shares)), ring_degree, zigzag)
+    cut_shares = dict(zip(cut, shares))
+    for d, share in zip(fillers, filler_shares):
+        cut_shares[d] = [share.get(j, 0) for j in range(ring_degree)]
+    return (tuple(owner.get(d, -1) for d in range(len(lengths))),
+            tuple((d, tuple(cut_shares[d])) for d in sorted(cut_shares)))
 
 
-def _layout(offsets, lengths, owner: dict, cut_shares: dict, ring_degree: int, zigzag: bool) -> RingDocuments:
+def clear_caches() -> None:
+    """Forget every solved row (after changing :data:`PIECE_PAIRS` or :data:`TARGET`)."""
+    ring_cut.cache_clear()
+    ring_documents.cache_clear()
+
+
+def _layout(offsets: tuple[int, ...], owner: tuple[int, ...], cut_shares: tuple[tuple[int, tuple[int, ...]], ...],
+            ring_degree: int, zigzag: bool) -> RingDocuments:
     ranges: list[list[tuple[int, int]]] = [[] for _ in range(ring_degree)]
-    for d, j in owner.items():
-        if lengths[d]:
+    for d, j in enumerate(owner):
+        if j >= 0 and offsets[d + 1] > offsets[d]:
             ranges[j].append((offsets[d], offsets[d + 1]))
     cut_tokens = [0] * ring_degree
-    for index, d in enumerate(sorted(cut_shares)):
-        share, start = cut_shares[d], offsets[d]
+    for index, (d, share) in enumerate(cut_shares):
+        start = offsets[d]
         for j in range(ring_degree):
             cut_tokens[j] += share[j]
         if not zigzag:
@@ -257,9 +288,7 @@ def _layout(offsets, lengths, owner: dict, cut_shares: dict, ring_degree: int, z
             if back:
                 ranges[j].append((start, start + back))
             start += back
-    owners = tuple(owner.get(d, -1) for d in range(len(lengths)))
-    return RingDocuments(tuple(tuple(sorted(r)) for r in ranges), owners, tuple(cut_tokens),
-                         tuple((d, tuple(cut_shares[d])) for d in sorted(cut_shares)))
+    return RingDocuments(tuple(tuple(sorted(r)) for r in ranges), owner, tuple(cut_tokens), cut_shares)
 
 
 def ring_rank_positions(documents: RingDocuments, ring_rank: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 from megatron_usp.job_cost import (
-    JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
+    GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
     layer_active_parameter_count, recompute_working_bytes, stage_expert_count, stage_layers, state_bytes,
 )
 from megatron_usp.layout import RING_IMPLS
@@ -67,7 +67,7 @@ class JobPrediction:
     attention: Prediction  # per layer, one micro-batch
     job: JobChoice
     feasible: bool = True
-    reason: str = ""
+    refusal: str = ""  # why it cannot run, other than memory (see ``reason``)
     memory: Optional[JobMemory] = None
     transient_gib: float = 0.0  # attention buffers + the recompute working set
     memory_gib: float = 0.0
@@ -89,6 +89,14 @@ class JobPrediction:
     @property
     def config(self) -> ParallelConfig:
         return self.attention.config
+
+    @property
+    def reason(self) -> str:
+        """Why the job cannot run ("" where it can); over the memory budget: "memory: " and the breakdown (written
+        when asked: a search meets far more of those than it shows)."""
+        if self.refusal or self.memory is None or self.memory_gib <= self.budget_gib:
+            return self.refusal
+        return f"memory: {memory_breakdown(self)}"
 
     @property
     def exact(self) -> bool:
@@ -120,101 +128,161 @@ def _with_replicas(config: ParallelConfig, dp: int) -> ParallelConfig:
 
 
 def attention_prediction(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig,
-                         choice: JobChoice, bound: bool = False) -> Prediction:
+                         choice: JobChoice, bound: bool = False, coarse: bool = False) -> Prediction:
     """One layer's attention for ``choice``'s micro-batch (the same for every choice of PP, DP, recompute and
     optimizer: :func:`plan_job` computes it once per grid and micro-batch size)."""
     return predict(replace(shape, micro_batch=choice.micro_batch), cluster, hardware, _attention_grid(config, choice),
-                   check=False, bound=bound)
+                   check=False, bound=bound, coarse=coarse)
+
+
+class JobGrid(NamedTuple):
+    """What :func:`predict_job` needs of a grid and a micro-batch size, the same for every job choice with them
+    (:func:`job_grid`)."""
+
+    gpt: GPTShape  # with the micro-batch size
+    reason: str  # why the attention grid cannot run ("" when it can)
+    transient_bytes: float  # one attention call's buffers
+
+
+def job_grid(shape: ModelShape, cluster: Cluster, config: ParallelConfig, choice: JobChoice) -> JobGrid:
+    """:class:`JobGrid` of ``config`` with ``choice``'s micro-batch size and replicas (DP x PP)."""
+    mb_shape = shape if shape.micro_batch == choice.micro_batch else replace(shape, micro_batch=choice.micro_batch)
+    return JobGrid(gpt_shape(mb_shape), feasibility_reason(mb_shape, cluster, _attention_grid(config, choice)),
+                   attention_transient_bytes(mb_shape, config))
 
 
 def predict_job(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
                 reserve_gib: float = DEFAULT_RESERVE_GIB, attention: Optional[Prediction] = None,
-                time_unfit: bool = True, job: Optional[JobConfig] = None) -> JobPrediction:
+                time_unfit: bool = True, job: Optional[JobConfig] = None,
+                grid: Optional[JobGrid] = None) -> JobPrediction:
     """Memory per GPU (states + in-flight activations + transients) and seconds per iteration of a whole job:
     (micro-batches + (PP - 1) / V) x the slowest stage's micro-batch (the 1F1B bubble, V virtual stages shrink it)
     + the DP x CP gradient reduction. ``attention``: the layer's :func:`attention_prediction` when the caller
     has it (it depends on the grid and the micro-batch size only); ``time_unfit`` False: a job over the memory
     budget gets its memory only (what a search needs of it); ``job``: :func:`job_config` of ``config`` and
-    ``choice`` when the caller has it."""
-    mb_shape = shape if shape.micro_batch == choice.micro_batch else replace(shape, micro_batch=choice.micro_batch)
-    gpt, job = gpt_shape(mb_shape), job or job_config(config, choice)
-    figures = _job_figures(gpt, job)
-    reason = figures.reason or feasibility_reason(mb_shape, cluster, _attention_grid(config, choice))
-    if not reason and choice.global_batch % (choice.dp * choice.micro_batch):
-        reason = f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}"
+    ``choice``, ``grid``: :func:`job_grid` of them, when the caller has them."""
+    grid = grid or job_grid(shape, cluster, config, choice)
+    base = job_base(shape, cluster, hardware, config, choice, reserve_gib, job, grid.gpt)
     if attention is None:
         attention = attention_prediction(shape, cluster, hardware, config, choice)
-    result = JobPrediction(attention, choice, budget_gib=hardware.gpu_memory_gib - reserve_gib)
+    return job_with_attention(base, grid, attention, time_unfit)
+
+
+class JobBase(NamedTuple):
+    """A job's prediction but its attention: the same for every impl, order and document layout of its grid
+    (:func:`job_base`; :func:`job_with_attention` completes it). Times per layer and micro-batch unless named."""
+
+    choice: JobChoice
+    figures: "_JobFigures"
+    batch_reason: str  # the global batch does not split over DP x micro-batch ("" when it does)
+    budget_gib: float
+    attention_time_per_forward: float  # an attention's compute time over its forward's
+    gemm_fwd_ms: float = 0.0
+    elementwise_ms: float = 0.0
+    overhead_ms: float = 0.0
+    moe_comm_ms: float = 0.0
+    head_ms: float = 0.0  # per stage: the output layer and loss
+    p2p_ms: float = 0.0
+    grad_sync_ms: float = 0.0  # per iteration
+    optimizer_ms: float = 0.0  # per iteration
+
+
+def job_base(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice,
+             reserve_gib: float = DEFAULT_RESERVE_GIB, job: Optional[JobConfig] = None,
+             gpt: Optional[GPTShape] = None) -> JobBase:
+    """:class:`JobBase` of ``choice`` on ``config``'s grid (``job``, ``gpt``: its :func:`job_config` and the
+    micro-batch's :func:`gpt_shape` when the caller has them)."""
+    gpt = gpt or gpt_shape(replace(shape, micro_batch=choice.micro_batch))
+    job = job or job_config(config, choice)
+    figures = _job_figures(gpt, job)
+    batch_reason = "" if choice.global_batch % (choice.dp * choice.micro_batch) == 0 else (
+        f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}")
+    base = JobBase(choice, figures, batch_reason, hardware.gpu_memory_gib - reserve_gib,
+                   1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
+    if figures.reason:
+        return base
+    # the layer's GEMMs, elementwise work, framework overhead and MoE dispatch; the output layer; PP sends
+    tokens = choice.micro_batch * shape.seq_len / config.sp
+    gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
+    gemm_fwd_ms = 2.0 * tokens * figures.layer_active_params / (gemm_tflops * 1e12) * 1e3
+    # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
+    elementwise_ms = (ELEMENTWISE_PASSES * figures.layer_saved / (hardware.memory_gbps * 1e9) * 1e3
+                      if hardware.memory_gbps else 0.0)
+    moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, config, choice) if gpt.moe else 0.0
+    head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
+    if hardware.memory_gbps:  # the fp32 logits: softmax forward, its gradient backward
+        head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / config.tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
+    p2p_ms = 0.0
+    if choice.pp > 1:  # each model chunk sends its output forward and receives its gradient back (p2p, not hidden)
+        per_send = tokens * gpt.hidden * gpt.dtype_bytes / (config.tp if job.sequence_parallel else 1)
+        crosses = cluster.world // choice.pp >= cluster.gpus_per_node  # PP is megatron-core's outermost group
+        p2p_ms = 2 * choice.virtual_stages * _transfer_ms(
+            per_send, hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
+            hardware.inter_latency_us if crosses else hardware.intra_latency_us)
+    # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
+    # optimizer, all-reduce without), not overlapped with the backward here
+    # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
+    stage_params = figures.memory.params / gpt.dtype_bytes
+    expert_params = figures.expert_params
+    per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
+    # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)
+    crosses = config.tp * choice.dp * config.sp > cluster.gpus_per_node
+    gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
+    grad_sync_ms = 0.0
+    for params, group in ((stage_params - expert_params, choice.dp * config.sp), (expert_params, job.expert_dp)):
+        if group > 1 and params > 0:
+            grad_sync_ms += params * (group - 1) / group * per_byte / (gbps * 1e9) * 1e3
+    # the optimizer step over this rank's parameters (its shard with the distributed optimizer)
+    per_param = hardware.optimizer_ns_per_param or (
+        OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
+    sharded = ((stage_params - expert_params) / (choice.dp * config.sp) + expert_params / job.expert_dp
+               if choice.distributed_optimizer else stage_params)
+    return base._replace(gemm_fwd_ms=gemm_fwd_ms, elementwise_ms=elementwise_ms,
+                         overhead_ms=hardware.layer_overhead_us / 1e3, moe_comm_ms=moe_comm_ms, head_ms=head_ms,
+                         p2p_ms=p2p_ms, grad_sync_ms=grad_sync_ms, optimizer_ms=sharded * per_param / 1e6)
+
+
+def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time_unfit: bool = True) -> JobPrediction:
+    """The job of ``base`` with one grid's ``attention`` (its :func:`attention_prediction`; ``grid``: its
+    :func:`job_grid`): memory with the attention's buffers, time with its compute and communication."""
+    choice, figures = base.choice, base.figures
+    result = JobPrediction(attention, choice, budget_gib=base.budget_gib)
+    reason = figures.reason or grid.reason or base.batch_reason
     if reason:
-        result.feasible, result.reason = False, reason
+        result.feasible, result.refusal = False, reason
         return result
     memory = figures.memory
     result.memory = memory
-    result.transient_gib = (attention_transient_bytes(mb_shape, config) + figures.recompute_working) / GIB
+    result.transient_gib = (grid.transient_bytes + figures.recompute_working) / GIB
     result.memory_gib = memory.total / GIB + result.transient_gib
-    result.expert_params_gib = figures.expert_params * gpt.dtype_bytes / GIB
+    result.expert_params_gib = figures.expert_params * grid.gpt.dtype_bytes / GIB
     if result.memory_gib > result.budget_gib:
-        result.feasible = False
-        result.reason = f"memory: {memory_breakdown(result)}"
+        result.feasible = False  # its reason: the memory breakdown
         if not time_unfit:
             return result
 
     # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
-    tokens = choice.micro_batch * shape.seq_len / config.sp
-    layer_params = figures.layer_active_params
-    gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
-    gemm_fwd = 2.0 * tokens * layer_params / (gemm_tflops * 1e12) * 1e3
-    result.gemm_ms = 3 * gemm_fwd
-    attn_fwd = attention.compute_ms / (1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
-    attn_fwd_all = attn_fwd + attention.a2a_ms / 2 + attention.ring_exposed_ms / 3
-    layers = figures.layers
-    # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
-    if hardware.memory_gbps:
-        result.elementwise_ms = ELEMENTWISE_PASSES * figures.layer_saved / (hardware.memory_gbps * 1e9) * 1e3
-    result.overhead_ms = hardware.layer_overhead_us / 1e3
-    if gpt.moe:
-        result.moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, config, choice)
+    result.gemm_ms = 3 * base.gemm_fwd_ms
+    attn_fwd_all = (attention.compute_ms / base.attention_time_per_forward + attention.a2a_ms / 2
+                    + attention.ring_exposed_ms / 3)
+    result.elementwise_ms, result.overhead_ms = base.elementwise_ms, base.overhead_ms
+    result.moe_comm_ms = base.moe_comm_ms
     if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
         chunk = figures.chunk_layers
         recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
-        result.recompute_ms = recomputed / chunk * (attn_fwd_all + gemm_fwd + attention.tp_ms / 2
+        result.recompute_ms = recomputed / chunk * (attn_fwd_all + base.gemm_fwd_ms + attention.tp_ms / 2
                                                     + result.moe_comm_ms / 2
                                                     + (result.elementwise_ms + result.overhead_ms) / 3)
     elif choice.recompute == "selective":
         result.recompute_ms = attn_fwd_all
     result.layer_ms = (attention.total_ms + result.gemm_ms + result.recompute_ms + result.elementwise_ms
                        + result.overhead_ms + result.moe_comm_ms)
-    head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
-    if hardware.memory_gbps:  # the fp32 logits: softmax forward, its gradient backward
-        head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / config.tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
-    if choice.pp > 1:  # each model chunk sends its output forward and receives its gradient back (p2p, not hidden)
-        per_send = tokens * gpt.hidden * gpt.dtype_bytes / (config.tp if job.sequence_parallel else 1)
-        crosses = cluster.world // choice.pp >= cluster.gpus_per_node  # PP is megatron-core's outermost group
-        result.p2p_ms = 2 * choice.virtual_stages * _transfer_ms(
-            per_send, hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
-            hardware.inter_latency_us if crosses else hardware.intra_latency_us)
-    result.stage_ms = layers * result.layer_ms + head_ms + result.p2p_ms
-    m = choice.micro_batches
+    result.p2p_ms = base.p2p_ms
+    result.stage_ms = figures.layers * result.layer_ms + base.head_ms + result.p2p_ms
     result.bubble_ms = (choice.pp - 1) / choice.virtual_stages * result.stage_ms
-    # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
-    # optimizer, all-reduce without), not overlapped with the backward here
-    # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
-    stage_params = memory.params / gpt.dtype_bytes
-    expert_params = figures.expert_params
-    per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
-    # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)
-    crosses = config.tp * choice.dp * config.sp > cluster.gpus_per_node
-    gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
-    for params, group in ((stage_params - expert_params, choice.dp * config.sp), (expert_params, job.expert_dp)):
-        if group > 1 and params > 0:
-            result.grad_sync_ms += params * (group - 1) / group * per_byte / (gbps * 1e9) * 1e3
-    # the optimizer step over this rank's parameters (its shard with the distributed optimizer)
-    per_param = hardware.optimizer_ns_per_param or (
-        OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
-    sharded = ((stage_params - expert_params) / (choice.dp * config.sp) + expert_params / job.expert_dp
-               if choice.distributed_optimizer else stage_params)
-    result.optimizer_ms = sharded * per_param / 1e6
-    result.iteration_s = (m * result.stage_ms + result.bubble_ms + result.grad_sync_ms + result.optimizer_ms) / 1e3
+    result.grad_sync_ms, result.optimizer_ms = base.grad_sync_ms, base.optimizer_ms
+    result.iteration_s = (choice.micro_batches * result.stage_ms + result.bubble_ms + result.grad_sync_ms
+                          + result.optimizer_ms) / 1e3
     return result
 
 
@@ -240,6 +308,14 @@ def _job_figures(gpt, job: JobConfig) -> _JobFigures:
     return _JobFigures("", memory, recompute_working_bytes(gpt, job), layer_active_parameter_count(gpt, job),
                        sum(layer_activation_bytes(gpt, job, recompute="none").values()), stage_layers(gpt, job),
                        chunk_layers(gpt, job), stage_expert_count(gpt, job, memory.stage))
+
+
+def states_gib(gpt: GPTShape, job: JobConfig) -> float:
+    """GiB of parameters, fp32 gradients and optimizer states on the pipeline stage holding the most (not
+    depending on how CP splits into u and r, on recompute or on micro-batches): a job over the budget with these
+    alone cannot fit."""
+    stages = {0, min(1, job.pp - 1), job.pp - 1}  # the middle stages hold what stage 1 holds
+    return max(sum(state_bytes(gpt, job, stage).values()) for stage in stages) / GIB
 
 
 def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice) -> float:
@@ -366,11 +442,13 @@ def plan_job(
     ``ep_choices``: expert-parallel sizes of a MoE model (None: every one megatron-core takes).
 
     Branch and bound: every job is first predicted with its grid's O(1) lower bound of the attention
-    (``predict(bound=True)``; memory and feasibility do not depend on the attention, so they are exact), then
-    jobs are predicted exactly in the order of their bounds until ``keep`` exact ones are faster than the next
-    bound: the first ``keep`` of the ranking are those of the exhaustive search (``keep=None``), the rest follow
+    (``predict(bound=True)``; memory and feasibility do not depend on the attention, so they are exact;
+    ring-local documents first without their layout, ``coarse``), then jobs are taken in the order of their
+    bounds — a coarse bound refined and put back, a bound predicted exactly — until ``keep`` exact ones are faster
+    than the next bound: the first ``keep`` of the ranking are those of the exhaustive search (``keep=None``), the rest follow
     with lower bounds only (``exact`` False)."""
     global_batch = global_batch or cluster.world
+    budget = hardware.gpu_memory_gib - reserve_gib
     bounded, infeasible = [], []
     for tp in tp_choices:
         if cluster.world % tp or cluster.gpus_per_node % tp:
@@ -382,9 +460,17 @@ def plan_job(
                                   global_batch=global_batch, virtual_stages=virtual_stages)
             jobs = [replace(choice, ep=ep) if ep != choice.ep else choice for choice in choices
                     for ep in ep_choices or expert_parallel_sizes(shape, choice.dp * sp)]
+            # parameters, gradients and optimizer states alone over the budget: no u, r or impl fits the job (it is
+            # listed with the first grid that can run, not with every one)
+            gpt = gpt_shape(shape)
+            too_large = [not check_job(gpt, job) and states_gib(gpt, job) > budget
+                         for job in (job_config(ParallelConfig(tp, 1, sp, "zigzag"), choice) for choice in jobs)]
+            listed = False  # the jobs too large for any grid
             for u in _divisors(sp):
-                # the jobs' megatron-core view is the same for every impl, order and layout of this grid
+                # the jobs' megatron-core view and all but their attention are the same for every impl, order and
+                # layout of this grid
                 job_configs = [job_config(ParallelConfig(tp, u, sp // u, "zigzag"), choice) for choice in jobs]
+                bases: dict[int, JobBase] = {}  # per job
                 for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                     for inner, layout in ((inner, layout) for inner in orders
                                           for layout in document_layouts(shape, impl, sp // u)):
@@ -394,36 +480,47 @@ def plan_job(
                         reason = feasibility_reason(shape, cluster, replace(config, dp=rest))
                         if reason:  # the grid itself cannot run: one entry for all its choices
                             infeasible.append(JobPrediction(Prediction(config), choices[0] if choices else JobChoice(),
-                                                            feasible=False, reason=reason))
+                                                            feasible=False, refusal=reason))
                             continue
-                        attention: dict[int, Prediction] = {}  # per micro-batch size
-                        for choice, job in zip(jobs, job_configs):
+                        attention: dict[int, tuple[Prediction, JobGrid]] = {}  # per micro-batch size
+                        for index, (choice, job, large) in enumerate(zip(jobs, job_configs, too_large)):
+                            if large and listed:
+                                continue
                             if choice.micro_batch not in attention:
-                                attention[choice.micro_batch] = attention_prediction(
-                                    shape, cluster, hardware, config, choice, bound=keep is not None)
-                            p = predict_job(shape, cluster, hardware, config, choice, reserve_gib,
-                                            attention[choice.micro_batch], time_unfit=False, job=job)
+                                attention[choice.micro_batch] = (attention_prediction(
+                                    shape, cluster, hardware, config, choice, bound=keep is not None,
+                                    coarse=True), job_grid(shape, cluster, config, choice))
+                            layer, grid = attention[choice.micro_batch]
+                            if index not in bases:
+                                bases[index] = job_base(shape, cluster, hardware, config, choice, reserve_gib, job,
+                                                        grid.gpt)
+                            p = job_with_attention(bases[index], grid, layer, time_unfit=False)
                             (bounded if p.feasible else infeasible).append(p)
+                        listed = True
     if keep is None:
         return sorted(bounded, key=_rank_key), infeasible
-    bounded.sort(key=lambda p: p.iteration_s)
+    # the fastest bound first: a coarse one is refined (its grid's layout solved) and goes back in its place, an
+    # exact one is predicted, until ``keep`` exact times are below every bound left
+    queue = [(p.iteration_s, index, p) for index, p in enumerate(bounded)]
+    heapq.heapify(queue)
     exact: list[JobPrediction] = []
     fastest: list[float] = []  # the exact times so far, as a max-heap of the fastest ``keep`` (negated)
     attention: dict[tuple, Prediction] = {}
-    for index, p in enumerate(bounded):
-        if len(fastest) >= keep and p.iteration_s > -fastest[0]:
-            break
-        key = (p.config, p.job.micro_batch)
+    while queue and not (len(fastest) >= keep and queue[0][0] > -fastest[0]):
+        _, index, p = heapq.heappop(queue)
+        refine = p.attention.coarse
+        key = (p.config, p.job.micro_batch, refine)
         if key not in attention:
-            attention[key] = attention_prediction(shape, cluster, hardware, p.config, p.job)
+            attention[key] = attention_prediction(shape, cluster, hardware, p.config, p.job, bound=refine)
         p = predict_job(shape, cluster, hardware, p.config, p.job, reserve_gib, attention[key])
+        if refine:
+            heapq.heappush(queue, (p.iteration_s, index, p))
+            continue
         exact.append(p)
         heapq.heappush(fastest, -p.iteration_s)
         if len(fastest) > keep:
             heapq.heappop(fastest)
-    else:
-        index = len(bounded)
-    return sorted(exact, key=_rank_key) + bounded[index:], infeasible
+    return sorted(exact, key=_rank_key) + [p for _, _, p in sorted(queue)], infeasible
 
 
 def _rank_key(p: JobPrediction) -> tuple:

@@ -15,6 +15,7 @@ from megatron_usp.job_cost import GPTShape, JobConfig, attention_head_dim, layer
 from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, document_parts, ring_documents_of, ring_local
 from megatron_usp.mqsp import MQSPPlan
 from megatron_usp.plan import attention_plan
+from megatron_usp.ring_local import ring_cut
 from megatron_usp.ring import allgather_step_classes, build_schedules, pass_kv_step_classes
 from megatron_usp.planner.hardware import Hardware
 from megatron_usp.ulysses import check_head_counts, kv_replication
@@ -56,8 +57,9 @@ class ModelShape:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    # packed documents: each sampled row's offsets [0, ..., seq_len] (None: one dense sequence)
-    documents: Optional[tuple[tuple[int, ...], ...]] = None
+    # packed documents: each sampled row's offsets [0, ..., seq_len] (None: one dense sequence); left out of the
+    # hash (equality still compares them): the search hashes shapes in every cache lookup
+    documents: Optional[tuple[tuple[int, ...], ...]] = field(default=None, hash=False)
 
     @property
     def hidden_size(self) -> int:
@@ -137,6 +139,7 @@ class Prediction:
     ring_step_compute_ms: float = 0.0  # mean forward compute per ring step
     ring_step_comm_ms: float = 0.0  # forward K/V transfer per step
     exact: bool = True  # False: every time a lower bound (predict(bound=True))
+    coarse: bool = False  # a bound without the ring-local documents' layout: predict(bound=True) can raise it
     compute_worst_ms: float = 0.0  # compute + exposed ring of the worst packed row (documents; else the one row)
     notes: list[str] = field(default_factory=list)
 
@@ -435,7 +438,7 @@ def memory_gib(shape: ModelShape, config: ParallelConfig) -> float:
 
 
 def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair: float, tflops: float,
-                      hardware: Hardware, synchronised_steps: int) -> float:
+                      hardware: Hardware, synchronised_steps: int, coarse: bool = False) -> float:
     """A lower bound of :func:`step_compute_ms`'s sum, in O(documents): a step lasts at least as long as its mean
     rank, so the sum is at least every document's visible pairs' cost spread evenly over the ring ranks (the
     dense sequence: one document; with documents the mean over the rows, as the exact prediction takes it), each
@@ -455,58 +458,82 @@ def _compute_bound_ms(shape: ModelShape, config: ParallelConfig, flops_per_pair:
     Ring-local documents: a whole document is one call on its ring rank; a cut one's pieces have at most its
     largest share of keys, each rank holding rows of it makes a square of it, and every two ranks holding two
     rows or more of it (front and back piece) meet in a piece (contiguous pieces: every rank meets the earlier
-    ones)."""
-    seq, rows, fraction = shape.seq_len, shape.seq_len // config.ring, hardware.causal_fraction
-    keys = seq if transport_of(config.ring_impl) == "allgather" else rows
-    stripe = RING_IMPL_TABLE[config.ring_impl].layout == "stripe"
-    lengths = [[seq]] if shape.documents is None else [[b - a for a, b in zip(cu, cu[1:])] for cu in shape.documents]
-    passed_documents = (shape.documents is not None and transport_of(config.ring_impl) == "pass_kv"
-                        and config.ring > 1)
-    local = passed_documents and ring_local(config.ring_impl, config.document_layout or "split")
+    ones). ``coarse``: ring-local documents without their layout (no solver run): each document at most as long as
+    a ring rank's rows and one call, whether it is whole or cut (below the layout's bound)."""
+    pairs, calls = _bound_terms(shape.documents, shape.seq_len, shape.causal, config.ulysses, config.ring,
+                                config.ring_impl, config.document_layout, hardware.causal_fraction,
+                                hardware.half_efficiency_tokens, synchronised_steps, coarse)
+    return pairs * flops_per_pair / (tflops * 1e12) * 1e3 + calls * hardware.kernel_overhead_us / 1e3
+
+
+@functools.lru_cache(maxsize=4096)  # the same for every TP, micro-batch, direction and job of a grid
+def _bound_terms(documents: Optional[tuple[tuple[int, ...], ...]], seq: int, causal: bool, ulysses: int, ring: int,
+                 ring_impl: str, document_layout: Optional[str], fraction: float, half_efficiency_tokens: float,
+                 synchronised_steps: int, coarse: bool) -> tuple[float, float]:
+    """:func:`_compute_bound_ms`'s (score pairs over kernel efficiency, kernel calls) per ring rank."""
+    rows = seq // ring
+    keys = seq if transport_of(ring_impl) == "allgather" else rows
+    stripe = RING_IMPL_TABLE[ring_impl].layout == "stripe"
+    lengths = [[seq]] if documents is None else [[b - a for a, b in zip(cu, cu[1:])] for cu in documents]
+    passed_documents = documents is not None and transport_of(ring_impl) == "pass_kv" and ring > 1
+    local = passed_documents and ring_local(ring_impl, document_layout or "split")
     split = passed_documents and not local
-    contiguous = RING_IMPL_TABLE[config.ring_impl].layout == "contiguous"
-    parts = document_parts(config.ring_impl, config.ulysses * config.ring)
-    held_chunks = parts // config.ring  # a ring rank's chunks of each document
+    contiguous = RING_IMPL_TABLE[ring_impl].layout == "contiguous"
+    parts = document_parts(ring_impl, ulysses * ring)
+    held_chunks = parts // ring  # a ring rank's chunks of each document
 
     @functools.lru_cache(maxsize=None)
-    def document_ms(length: int, longest: int) -> float:
-        if shape.causal:
+    def document_pairs(length: int, longest: int) -> float:
+        if causal:
             visible = length * (length + 1) / 2
-            sides = length * (config.ring if stripe else 1)
+            sides = length * (ring if stripe else 1)
             square_pairs = min(visible, (min(length, rows) + 1) / 2 * sides)
             cost = max(visible + min(0.0, 2 * fraction - 1) * square_pairs - fraction * sides,
                        min(1.0, fraction) * visible)
         else:
             cost = length * length
-        efficiency = kernel_efficiency((rows, longest, shape.causal), hardware.half_efficiency_tokens)
-        return cost * flops_per_pair / (tflops * 1e12 * efficiency) * 1e3
+        return cost / kernel_efficiency((rows, longest, causal), half_efficiency_tokens)
 
+    if local and coarse:
+        work = sum(document_pairs(n, min(keys, n)) for row in lengths for n in row)
+        calls = sum(n > 0 for row in lengths for n in row)
+        return work / len(lengths) / ring, calls / len(lengths) / ring
     if local:
         work, calls = 0.0, 0.0
-        for cu in shape.documents:
-            cut = dict(ring_documents_of(cu, config.ring, config.ring_impl).cut_shares)
+        for cu in documents:
+            cut = _cut_documents(cu, ring)
             for d, (a, b) in enumerate(zip(cu, cu[1:])):
                 if d not in cut:
-                    work, calls = work + document_ms(b - a, min(keys, b - a)), calls + (b > a)
+                    work, calls = work + document_pairs(b - a, min(keys, b - a)), calls + (b > a)
                     continue
-                held = [share for share in cut[d] if share]
-                work += document_ms(b - a, min(keys, b - a, max(held)))
-                meeting = len(held) if contiguous else sum(share >= 2 for share in held)
-                calls += len(held) + meeting * (meeting - 1) / (2 if contiguous else 1)
-        work, calls = work / len(lengths) / config.ring, calls / len(lengths) / config.ring
-        return work + calls * hardware.kernel_overhead_us / 1e3
-    work = sum(document_ms(n, min(keys, n, held_chunks * -(-n // parts)) if split else min(keys, n))
-               for row in lengths for n in row) / len(lengths) / config.ring
-    if shape.documents is None:
+                holding, largest, holding_two = cut[d]
+                work += document_pairs(b - a, min(keys, b - a, largest))
+                meeting = holding if contiguous else holding_two
+                calls += holding + meeting * (meeting - 1) / (2 if contiguous else 1)
+        return work / len(lengths) / ring, calls / len(lengths) / ring
+    work = sum(document_pairs(n, min(keys, n, held_chunks * -(-n // parts)) if split else min(keys, n))
+               for row in lengths for n in row) / len(lengths) / ring
+    if documents is None:
         calls = synchronised_steps
     elif split:  # per ring rank, summed over the steps
-        others = (config.ring - 1) / (2 if contiguous else 1)
+        others = (ring - 1) / (2 if contiguous else 1)
         # (a short document's rows are on one rank at least: 1 / r of a square per rank)
-        calls = sum(sum(1 + others if n >= parts else 1 / config.ring for n in row if n)
+        calls = sum(sum(1 + others if n >= parts else 1 / ring for n in row if n)
                     for row in lengths) / len(lengths)
     else:
-        calls = max(1.0, sum(len(row) for row in lengths) / len(lengths) / config.ring)
-    return work + calls * hardware.kernel_overhead_us / 1e3
+        calls = max(1.0, sum(len(row) for row in lengths) / len(lengths) / ring)
+    return work, calls
+
+
+@functools.lru_cache(maxsize=256)
+def _cut_documents(offsets: tuple[int, ...], ring: int) -> dict[int, tuple[int, int, int]]:
+    """The ring-local solver's cut documents of a row: ``{document: (ring ranks holding rows of it, the most rows
+    one holds, ranks holding two rows or more)}``."""
+    summary = {}
+    for d, share in ring_cut(offsets, ring)[1]:
+        held = [tokens for tokens in share if tokens]
+        summary[d] = (len(held), max(held), sum(tokens >= 2 for tokens in held))
+    return summary
 
 
 def _ring_ms(prediction: Prediction, shape: ModelShape, config: ParallelConfig, hardware: Hardware,
@@ -560,13 +587,17 @@ def predict(
     other_memory_gib: Optional[float] = None,
     check: bool = True,
     bound: bool = False,
+    coarse: bool = False,
 ) -> Prediction:
     """Predicted ms per layer (fwd + bwd) of ``config``; ``check=False`` skips the feasibility rules. ``bound``:
     a lower bound of every time instead, in O(1) (no schedule built; memory exact): what a search uses to skip
     grids that cannot win (``Prediction.exact`` False). With ``shape.documents`` the attention's compute and ring
     come from each packed row's plan (the pieces of its document layout): their mean over the rows, the worst
-    row in ``compute_worst_ms``."""
-    prediction = Prediction(config, exact=not bound)
+    row in ``compute_worst_ms``. ``coarse`` (with ``bound``): ring-local documents bounded without running their
+    layout's solver (O(documents) whatever the ring size; ``Prediction.coarse`` where that differs), below the
+    ``bound`` one: a search refines such bounds only for grids that could still win."""
+    local_documents = shape.documents is not None and ring_local(config.ring_impl, config.document_layout or "split")
+    prediction = Prediction(config, exact=not bound, coarse=bound and coarse and local_documents and config.ring > 1)
     if check:
         reason = feasibility_reason(shape, cluster, config)
         if reason:
@@ -582,11 +613,11 @@ def predict(
         chunks = {"pass_kv": r, "allgather": 1,  # pass Q: its micro-chunks
                   "pass_q": -(-(shape.seq_len // r) // mqsp_rows(shape.seq_len, config))}[transport]
         # ring-local documents: the travelling fraction is only known from the plans; 0 bounds it
-        travel = 0.0 if shape.documents is not None and ring_local(config.ring_impl, config.document_layout or "split") \
-            else 1.0
-        rows = [([_compute_bound_ms(shape, config, flops_per_pair, hardware.fwd_tflops, hardware, chunks)],
+        travel = 0.0 if local_documents else 1.0
+        rows = [([_compute_bound_ms(shape, config, flops_per_pair, hardware.fwd_tflops, hardware, chunks,
+                                    prediction.coarse)],
                  [_compute_bound_ms(shape, config, flops_per_pair * BACKWARD_FLOPS_FACTOR, hardware.bwd_tflops,
-                                    hardware, chunks)], chunks, travel)]
+                                    hardware, chunks, prediction.coarse)], chunks, travel)]
     else:
         rows = []
         for steps, travel in attention_rows(config, shape):

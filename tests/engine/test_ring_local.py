@@ -12,6 +12,7 @@ from megatron_usp.cost import analytic_bytes_per_rank, block_pairs, document_pai
 from megatron_usp.document_mixes import packed_rows
 from megatron_usp.layout import ring_documents_of, ring_positions
 from megatron_usp.plan import attention_plan
+from megatron_usp import ring_local
 from megatron_usp.ring_local import ring_documents
 
 IMPLS = ["basic", "zigzag", "stripe"]
@@ -72,7 +73,7 @@ def test_ring_local_layout_keeps_the_ring_balanced(mix):
     seq_len = 2048 * ring_degree
     costs = []
     for cu in packed_rows(mix, seq_len, 6, 0):
-        ring_documents.cache_clear()
+        ring_local.clear_caches()
         costs.append(step_synchronous_cost(seq_len, ring_degree, cu, pieces=False))
     assert statistics.median(costs) <= 1.05 and max(costs) <= 1.10, costs
 
@@ -82,13 +83,12 @@ def test_counting_each_piece_cuts_fewer_documents_and_costs_less(mix, fewer, mon
     """With each kernel piece's fixed cost in its model the solver cuts fewer documents, and the ring's work
     counted with that cost (pairs + ``PIECE_PAIRS`` per piece) is never above the pairs-only choice, and lower on
     ``fewer`` of 6 rows or more at P = 8 (short documents, dcp, gain most)."""
-    from megatron_usp import ring_local
 
     ring_degree, seq_len = 8, 2048 * 8
 
     def layout(cu, piece_pairs):
         monkeypatch.setattr(ring_local, "PIECE_PAIRS", piece_pairs)
-        ring_documents.cache_clear()
+        ring_local.clear_caches()
         attention_plan.cache_clear()
         return (step_synchronous_cost(seq_len, ring_degree, cu, pieces=True),
                 ring_documents(cu, ring_degree).cut_documents)
@@ -143,7 +143,7 @@ def test_documents_that_fit_nowhere_fill_the_room_in_ring_order():
     from megatron_usp.ring_local import _pour
 
     rooms = [5, 0, 7, 3]
-    shares = _pour([4, 3, 6, 2], rooms)
+    shares = [[share.get(j, 0) for j in range(len(rooms))] for share in _pour([4, 3, 6, 2], rooms)]
     assert [sum(s) for s in shares] == [4, 3, 6, 2]
     assert [sum(column) for column in zip(*shares)] == rooms
     for share in shares:
@@ -151,3 +151,48 @@ def test_documents_that_fit_nowhere_fill_the_room_in_ring_order():
         assert len(ranks) == 1 or all(rooms[j] == 0 for j in range(ranks[0] + 1, ranks[-1])
                                       if j not in ranks), share
     assert shares == [[4, 0, 0, 0], [1, 0, 2, 0], [0, 0, 5, 1], [0, 0, 0, 2]]
+
+
+def _shares_reference(lengths, quotas):
+    """The even split stated plainly: round what each bin is owed, then settle the rounding one token at a time on
+    the bin owed most (adding; ties: the lowest bin) or least (removing), by a full scan each time."""
+    total, given, shares, seen = sum(lengths), [0] * len(quotas), [], 0
+    for length in lengths:
+        seen += length
+        want = [quota * seen / total - g for quota, g in zip(quotas, given)]
+        room = [quota - g for quota, g in zip(quotas, given)]
+        share = [min(max(0, round(x)), r) for x, r in zip(want, room)]
+        while sum(share) != length:
+            adding = sum(share) < length
+            movable = [j for j in range(len(quotas)) if (share[j] < room[j] if adding else share[j] > 0)]
+            j = min(movable, key=lambda j: ((share[j] - want[j]) if adding else (want[j] - share[j]), j))
+            share[j] += 1 if adding else -1
+        given = [g + s for g, s in zip(given, share)]
+        shares.append(share)
+    return shares
+
+
+def test_even_shares_are_the_plain_rule_and_fill_every_quota():
+    """The tensor split (``ring_local._shares``) = the rule stated plainly, on random documents and quotas (equal
+    quotas, as the even cut has, and arbitrary ones; ties of .5 included): every document gets its length, every
+    bin exactly its quota."""
+    import random
+
+    from megatron_usp.ring_local import _settle, _shares
+
+    # more tokens to settle than bins that can take them: a bin takes a second one once it is owed most again
+    settled = _settle(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([0.4, 0.3], dtype=torch.float64), torch.tensor([5, 5]), -3)
+    assert settled.tolist() == [2.0, 1.0]
+    rng = random.Random(0)
+    for _ in range(300):
+        bins = rng.choice([1, 2, 3, 4, 7, 8, 16, 33, 64])
+        lengths = [rng.choice([1, 2, 3, 5, 8, 100, rng.randint(1, 3000)]) for _ in range(rng.randint(1, 10))]
+        total = sum(lengths)
+        if rng.random() < 0.5:
+            quotas = [total // bins + (j < total % bins) for j in range(bins)]
+        else:
+            cuts = sorted(rng.randint(0, total) for _ in range(bins - 1))
+            quotas = [b - a for a, b in zip([0] + cuts, cuts + [total])]
+        shares = _shares(lengths, quotas)
+        assert shares == _shares_reference(lengths, quotas), (lengths, quotas)
+        assert [sum(s) for s in shares] == lengths and [sum(c) for c in zip(*shares)] == quotas

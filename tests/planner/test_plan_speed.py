@@ -92,14 +92,19 @@ def test_the_attention_bound_is_below_every_exact_prediction(hardware, causal, s
     assert sorted(ratios)[len(ratios) // 2] > 0.75  # tight enough to prune: a bound of 0 would prune nothing
 
 
-@pytest.mark.parametrize("shape,nodes,seq_len", [
-    (LLAMA70B, 4, 262144),
-    (LLAMA70B, 8, 65536),
-    (LLAMA8B, 2, 131072),
-    (LLAMA8B, 2, 524288),
+@pytest.mark.parametrize("shape,nodes,seq_len,documents", [
+    (LLAMA70B, 4, 262144, None),
+    (LLAMA70B, 8, 65536, None),
+    (LLAMA8B, 2, 131072, None),
+    (LLAMA8B, 2, 524288, None),
+    (LLAMA8B, 2, 32768, "dcp"),  # coarse bounds of ring-local documents refined before the exact prediction
 ])
-def test_branch_and_bound_ranks_as_the_exhaustive_search(shape, nodes, seq_len):
+def test_branch_and_bound_ranks_as_the_exhaustive_search(shape, nodes, seq_len, documents):
+    from megatron_usp.document_mixes import packed_rows
+
     shape, cluster = replace(shape, seq_len=seq_len), plan.Cluster(8, nodes)
+    if documents:
+        shape = replace(shape, documents=tuple(packed_rows(documents, seq_len, 2, 5)))
     search = dict(tp_choices=[1, 2, 4, 8], micro_qs=(None, 8192))
     exhaustive, infeasible = plan.plan_job(shape, cluster, H100, keep=None, **search)
     exact_of = {p.label(): p for p in exhaustive}
@@ -112,6 +117,8 @@ def test_branch_and_bound_ranks_as_the_exhaustive_search(shape, nodes, seq_len):
         assert all(p.exact for p in bounded[:keep])
         if keep == 3:  # the bound prunes: some jobs were never predicted exactly
             assert not all(p.exact for p in bounded)
+            if documents:  # some ring-local grids never had their layout solved
+                assert any(p.attention.coarse for p in bounded)
         # the rest carry lower bounds of their exact times, and the same memory
         for p in bounded[keep:]:
             assert p.iteration_s <= exact_of[p.label()].iteration_s * (1 + 1e-12)
@@ -173,9 +180,53 @@ def test_the_attention_bound_with_documents_is_below_every_exact_prediction(sour
             continue
         exact = plan.predict(shape, cluster, H100, config, check=False)
         bound = plan.predict(shape, cluster, H100, config, check=False, bound=True)
+        coarse = plan.predict(shape, cluster, H100, config, check=False, bound=True, coarse=True)
+        assert coarse.coarse == (config.ring > 1 and config.document_layout == "local")
         for name in ("compute_ms", "ring_exposed_ms", "total_ms"):
             assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
+            assert getattr(coarse, name) <= getattr(bound, name) * (1 + 1e-12) + 1e-12, (config, name)
         if config.ring > 1 and config.ring_impl in ("basic", "zigzag", "stripe"):
             ratios[config.document_layout].append(bound.compute_ms / exact.compute_ms)
     for layout, values in ratios.items():  # (here 0.83-0.93; without the calls counted 0.18-0.60)
         assert values and sorted(values)[len(values) // 2] > 0.7, (layout, sorted(values))
+
+
+@pytest.mark.parametrize("shape,nodes", [(replace(LLAMA70B, seq_len=32768), 4), (plan.ModelShape(
+    heads=32, kv_heads=4, head_dim=128, hidden=2048, seq_len=65536, num_layers=48, ffn_hidden=6144, vocab=151936,
+    num_experts=128, moe_topk=8, moe_ffn_hidden=768), 2)])
+def test_jobs_too_large_for_any_grid_are_listed_once_and_no_fitting_job_is_lost(shape, nodes):
+    """plan_job skips, after listing it once, a job whose parameters, gradients and optimizer states alone exceed
+    the budget; every job predict_job finds feasible on every grid is still in the ranking, with the same time."""
+    from megatron_usp.planner.job import expert_parallel_sizes, job_choices, states_gib
+    from megatron_usp.planner.search import _divisors, document_layouts, impl_variants
+
+    cluster, search = plan.Cluster(8, nodes), dict(tp_choices=[1, 2, 4, 8], micro_qs=(None,))
+    ranked, infeasible = plan.plan_job(shape, cluster, H100, keep=None, **search)
+    times = {p.label(): p.iteration_s for p in ranked}
+    budget = H100.gpu_memory_gib - plan.DEFAULT_RESERVE_GIB
+    fitting, too_large = {}, 0
+    for tp in search["tp_choices"]:
+        for sp in _divisors(cluster.world // tp):
+            rest = cluster.world // (tp * sp)
+            choices = job_choices(shape, rest, pp_choices=None, recomputes=plan.RECOMPUTE_CHOICES,
+                                  distributed_optimizers=(True, False), micro_batches=(1,),
+                                  global_batch=cluster.world)
+            jobs = [replace(c, ep=ep) for c in choices for ep in expert_parallel_sizes(shape, c.dp * sp)]
+            for u in _divisors(sp):
+                for impl, micro_q in impl_variants(plan.RING_IMPLS, sp // u, (None,)):
+                    for layout in document_layouts(shape, impl, sp // u):
+                        config = plan.ParallelConfig(tp, u, sp // u, impl, 1, True, micro_q, layout)
+                        if plan.feasibility_reason(shape, cluster, replace(config, dp=rest)):
+                            continue
+                        for choice in jobs:
+                            p = plan.predict_job(shape, cluster, H100, config, choice)
+                            if p.feasible:
+                                fitting[p.label()] = p.iteration_s
+                            elif p.memory is not None and states_gib(plan.gpt_shape(shape), plan.job_config(
+                                    config, choice)) > budget:
+                                too_large += 1
+    assert fitting and too_large > len(fitting)  # the shortcut matters here
+    assert times == fitting
+    listed = sum(p.memory is not None and states_gib(plan.gpt_shape(shape), plan.job_config(p.config, p.job)) > budget
+                 for p in infeasible)
+    assert 0 < listed < too_large / 4
