@@ -65,50 +65,78 @@ class RingDocuments:
         return sum(o < 0 for o in self.owner)
 
 
+TENSOR_BINS = 256  # from this many bins on, a document's shares are computed as tensors (Python lists below)
+
+
 def _shares(lengths: Sequence[int], quotas: Sequence[int]) -> list[list[int]]:
     """Split documents of ``lengths`` over bins with integer ``quotas`` (sum = sum of lengths): ``shares[d][j]``,
-    each document's shares proportional to the quotas, every bin's total exactly its quota."""
+    each document's shares proportional to the quotas, every bin's total exactly its quota: what each bin is owed
+    so far, rounded, then the rounding settled one token at a time on the bin owed most (adding; ties: the lowest
+    bin) or least (removing) (:func:`_settle`)."""
     total = sum(lengths)
-    quota = torch.tensor(quotas, dtype=torch.int64)
-    given = torch.zeros_like(quota)
+    if len(quotas) >= TENSOR_BINS:  # the same arithmetic on every bin at once (identical floats)
+        quota = torch.tensor(quotas, dtype=torch.int64)
+        given = torch.zeros_like(quota)
+        shares, seen = [], 0
+        for length in lengths:
+            seen += length
+            want = (quota * seen).double() / total - given
+            room = quota - given
+            share = torch.minimum(torch.round(want).clamp(min=0), room.double()).long()
+            excess = int(share.sum()) - length
+            if excess:
+                adding = excess < 0
+                movable = (share < room if adding else share > 0).nonzero().flatten()
+                key = (share - want if adding else want - share)[movable]
+                order = torch.sort(key, stable=True).indices  # ties: the lowest bin
+                limit = (room - share if adding else share)[movable][order]
+                moves = _settle(list(zip(key[order].tolist(), movable[order].tolist())), limit.tolist(), -excess,
+                                share.tolist(), want.tolist())
+                share.index_add_(0, torch.tensor(list(moves), dtype=torch.int64),
+                                 torch.tensor(list(moves.values()), dtype=torch.int64))
+            given += share
+            shares.append(share.tolist())
+        return shares
+    given = [0] * len(quotas)
     shares, seen = [], 0
     for length in lengths:
         seen += length
-        want = (quota * seen).double() / total - given  # what each bin is owed so far (exactly Python's floats)
-        room = quota - given
-        share = torch.minimum(torch.round(want).clamp(min=0), room.double())
-        excess = int(share.sum()) - length
+        want = [quota * seen / total - g for quota, g in zip(quotas, given)]
+        room = [quota - g for quota, g in zip(quotas, given)]
+        share = [min(max(0, round(x)), r) for x, r in zip(want, room)]
+        excess = sum(share) - length
         if excess:
-            share = _settle(share, want, room, excess)
-        given += share.long()
-        shares.append(share.long().tolist())
+            adding = excess < 0
+            queue = sorted((share[j] - want[j], j) if adding else (want[j] - share[j], j)
+                           for j in range(len(quotas)) if (share[j] < room[j] if adding else share[j] > 0))
+            limit = [room[j] - share[j] if adding else share[j] for _, j in queue]
+            for j, moved in _settle(queue, limit, -excess, share, want).items():
+                share[j] += moved
+        given = [g + s for g, s in zip(given, share)]
+        shares.append(share)
     return shares
 
 
-def _settle(share: torch.Tensor, want: torch.Tensor, room: torch.Tensor, excess: int) -> torch.Tensor:
-    """Settle rounding one token at a time on the bin owed most (adding; ties: the lowest bin) or least (removing):
-    the bins in the order of ``(share - want, bin)`` (adding; removing: ``want - share``), a bin that moved coming
-    back one token further on while it can move again (a heap of those beside the sorted rest)."""
-    adding = excess < 0
-    key = share - want if adding else want - share
-    movable = share < room if adding else share > 0
-    bins = movable.nonzero().flatten()
-    order = torch.sort(key[bins], stable=True).indices
-    queue = list(zip(key[bins][order].tolist(), bins[order].tolist()))
-    limit = (room - share.long() if adding else share.long()).tolist()  # tokens each bin can move
+def _settle(queue: list[tuple[float, int]], limit: list[int], tokens: int, share: Sequence[int],
+            want: Sequence[float]) -> dict[int, int]:
+    """``{bin: tokens moved}`` for ``tokens`` (> 0: adding, < 0: removing) moved one at a time on the first bin of
+    ``queue`` (``(key, bin)`` sorted: ``share - want`` adding, ``want - share`` removing; ``limit[i]``: how many
+    ``queue[i]`` can move); a bin that moved comes back with its new key while it can move again (a heap of those
+    beside the sorted rest)."""
+    adding = tokens > 0
     moved: dict[int, int] = {}
-    again: list[tuple[float, int]] = []
+    again: list[tuple[float, int, int]] = []
     at = 0
-    for _ in range(abs(excess)):
-        if again and (at == len(queue) or again[0] < queue[at]):
-            k, j = heapq.heappop(again)
+    for _ in range(abs(tokens)):
+        if again and (at == len(queue) or again[0][:2] < queue[at]):
+            _, j, room = heapq.heappop(again)
         else:
-            (k, j), at = queue[at], at + 1
+            (_, j), room, at = queue[at], limit[at], at + 1
         moved[j] = moved.get(j, 0) + 1
-        if moved[j] < limit[j]:
-            heapq.heappush(again, (k + 1, j))
-    counts = torch.tensor(list(moved.values()), dtype=share.dtype)
-    return share.index_add(0, torch.tensor(list(moved)), counts if adding else -counts)
+        if moved[j] < room:
+            key = share[j] + moved[j] - want[j] if adding else want[j] - (share[j] - moved[j])
+            heapq.heappush(again, (key, j, room))
+    return {j: count if adding else -count for j, count in moved.items()}
 
 
 def _pour(lengths: Sequence[int], rooms: Sequence[int]) -> list[dict[int, int]]:
@@ -137,11 +165,15 @@ def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence
     pairs with the pieces that arrive. A rank holding ``s_j`` of a cut document of ``L`` tokens sees ``(s_j / L)^2``
     of its causal pairs at home and ``s_j s_i / L^2`` of them from rank ``i`` (zigzag halves keep both even);
     ``even_work``: the causal pairs of the ``even_count`` documents cut evenly (``1 / r^2`` of them in every step of
-    every rank). Every piece adds :data:`PIECE_PAIRS` (``local_work`` holds its local documents' already)."""
+    every rank). Every piece adds :data:`PIECE_PAIRS` (``local_work`` holds its local documents' already).
+    ``cut_lengths``, ``shares``: the filler documents and their ``{ring rank: tokens}`` as :func:`_pour` lays them."""
     bins = len(local_work)
     even = even_work / bins / bins + even_count * PIECE_PAIRS
     own = list(local_work)
-    ring: dict[int, dict[int, float]] = {}  # ring[s][j]: rank j's work with the pieces of rank j - s, where any
+    # slowest[s]: the most work a rank has with the pieces of the rank s before it, in the steps where any arrive.
+    # Fillers take consecutive ring ranks one after another (_pour), so two of them share at most one rank: a rank
+    # meets rank j - s in at most one of them, and its work in step s is that one pair's.
+    slowest: dict[int, float] = {}
     for length, share in zip(cut_lengths, shares):  # a filler meets few ring ranks: only those are visited
         work = causal_work(length)
         held = [(j, s / length) for j, s in share.items() if s]
@@ -149,9 +181,10 @@ def step_cost(local_work: Sequence[int], even_work: float, cut_lengths: Sequence
             own[j] += f * f * work + PIECE_PAIRS
             for i, g in held:
                 if i != j:
-                    step = ring.setdefault((j - i) % bins, {})
-                    step[j] = step.get(j, 0.0) + f * g * work + PIECE_PAIRS
-    return max(own) + even + sum(max(ring[s].values()) for s in sorted(ring)) + (bins - 1) * even
+                    step, pair = (j - i) % bins, f * g * work + PIECE_PAIRS
+                    if pair > slowest.get(step, 0.0):
+                        slowest[step] = pair
+    return max(own) + even + sum(slowest[step] for step in sorted(slowest)) + (bins - 1) * even
 
 
 def _even(total: int, bins: int) -> list[int]:

@@ -172,20 +172,19 @@ def _shares_reference(lengths, quotas):
     return shares
 
 
-def test_even_shares_are_the_plain_rule_and_fill_every_quota():
-    """The tensor split (``ring_local._shares``) = the rule stated plainly, on random documents and quotas (equal
-    quotas, as the even cut has, and arbitrary ones; ties of .5 included): every document gets its length, every
-    bin exactly its quota."""
+def test_even_shares_are_the_plain_rule_and_fill_every_quota(monkeypatch):
+    """``ring_local._shares`` (Python lists for few bins, tensors for many: both forced here) = the rule stated
+    plainly, on random documents and quotas (equal quotas, as the even cut has, and arbitrary ones; ties of .5
+    included): every document gets its length, every bin exactly its quota."""
     import random
 
-    from megatron_usp.ring_local import _settle, _shares
+    from megatron_usp import ring_local
 
     # more tokens to settle than bins that can take them: a bin takes a second one once it is owed most again
-    settled = _settle(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([0.4, 0.3], dtype=torch.float64), torch.tensor([5, 5]), -3)
-    assert settled.tolist() == [2.0, 1.0]
+    assert ring_local._settle([(-0.4, 0), (-0.3, 1)], [5, 5], 3, [0, 0], [0.4, 0.3]) == {0: 2, 1: 1}
     rng = random.Random(0)
-    for _ in range(300):
-        bins = rng.choice([1, 2, 3, 4, 7, 8, 16, 33, 64])
+    for case in range(300):
+        bins = rng.choice([1, 2, 3, 4, 7, 8, 16, 33, 64, 300])
         lengths = [rng.choice([1, 2, 3, 5, 8, 100, rng.randint(1, 3000)]) for _ in range(rng.randint(1, 10))]
         total = sum(lengths)
         if rng.random() < 0.5:
@@ -193,6 +192,9 @@ def test_even_shares_are_the_plain_rule_and_fill_every_quota():
         else:
             cuts = sorted(rng.randint(0, total) for _ in range(bins - 1))
             quotas = [b - a for a, b in zip([0] + cuts, cuts + [total])]
-        shares = _shares(lengths, quotas)
-        assert shares == _shares_reference(lengths, quotas), (lengths, quotas)
+        expected = _shares_reference(lengths, quotas)
+        for tensor_bins in (1, 1 << 30):
+            monkeypatch.setattr(ring_local, "TENSOR_BINS", tensor_bins)
+            shares = ring_local._shares(lengths, quotas)
+            assert shares == expected, (lengths, quotas, tensor_bins)
         assert [sum(s) for s in shares] == lengths and [sum(c) for c in zip(*shares)] == quotas
