@@ -156,7 +156,7 @@ class JobMemory:
     optimizer: float
     activations: float  # all micro-batches in flight
     in_flight: int  # (chunk-)micro-batches whose activations the stage holds at its peak
-    per_micro_batch: dict = field(default_factory=dict)  # activation parts of one micro-batch
+    per_micro_batch: Mapping[str, float] = field(default_factory=dict)  # activation parts of one micro-batch
 
     @functools.cached_property  # a search compares many of them
     def states(self) -> float:
@@ -305,9 +305,24 @@ def _layers_bytes(shape: GPTShape, cfg: JobConfig, recompute: str, layers: float
     return parts
 
 
-def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[str, float]:
+def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> Mapping[str, float]:
     """Activation parts of ``stage`` for ONE micro-batch through ONE model chunk (the whole stage without virtual
-    stages); the last stage's output layer and loss are counted once."""
+    stages); the last stage's output layer and loss are counted once. Read-only, cached by what they depend on
+    (not DP, EP, the optimizer or the number of micro-batches)."""
+    return _stage_activation_bytes(shape, cfg.tp, cfg.ulysses, cfg.ring, cfg.sequence_parallel, cfg.pp,
+                                   cfg.virtual_stages, cfg.first_stage_layers, cfg.last_stage_layers, cfg.recompute,
+                                   cfg.recompute_method, cfg.recompute_num_layers, stage)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stage_activation_bytes(shape: GPTShape, tp: int, ulysses: int, ring: int, sequence_parallel: bool, pp: int,
+                            virtual_stages: int, first_stage_layers: Optional[int], last_stage_layers: Optional[int],
+                            recompute: str, recompute_method: str, recompute_num_layers: int,
+                            stage: int) -> Mapping[str, float]:
+    cfg = JobConfig(tp=tp, pp=pp, ulysses=ulysses, ring=ring, recompute=recompute, recompute_method=recompute_method,
+                    recompute_num_layers=recompute_num_layers, sequence_parallel=sequence_parallel,
+                    virtual_stages=virtual_stages, first_stage_layers=first_stage_layers,
+                    last_stage_layers=last_stage_layers)
     layers = chunk_layers(shape, cfg, stage)
     tokens = shape.micro_batch * shape.seq_len / cfg.cp
     layer_input = tokens * shape.hidden * shape.dtype_bytes / (cfg.tp if cfg.sequence_parallel else 1)
@@ -325,7 +340,7 @@ def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> dict[
         parts = _layers_bytes(shape, cfg, cfg.recompute, layers, dense)
     if stage == cfg.pp - 1:
         parts["head"] = head_activation_bytes(shape, cfg)
-    return parts
+    return MappingProxyType(parts)
 
 
 def recompute_working_bytes(shape: GPTShape, cfg: JobConfig) -> float:
