@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # The same small GPT trained twice, same seed and data: no SP on 1 rank, then USP u=2 x r=2 (zigzag) on 4 ranks.
 DEMO_DIR ?= runs/demo
@@ -55,16 +55,19 @@ gpu-check: install
 PYTHON_LATEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 MCORE_LATEST ?= 0.19.2
 VENV_LATEST := .venv-latest
-$(VENV_LATEST)/.installed: setup.py
+# torch and megatron-core (a 4.7 GB download): .ci/run builds this while the main tests run
+$(VENV_LATEST)/.dependencies:
 	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
 	$(VENV_LATEST)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	$(VENV_LATEST)/bin/python -m pip install -q megatron-core==$(MCORE_LATEST)
+	touch $@
+$(VENV_LATEST)/.installed: setup.py $(VENV_LATEST)/.dependencies
 	$(VENV_LATEST)/bin/python -m pip install -q -e ".[test,megatron,demo]"
 	touch $@
 
 .PHONY: test-latest
 test-latest: $(VENV_LATEST)/.installed
-	$(VENV_LATEST)/bin/python -m pytest -q tests/megatron
+	$(VENV_LATEST)/bin/python -m pytest -q --durations=20 tests/megatron
 
 # Not in CI: rerun the Megatron tests against other megatron-core releases, one venv each (0.17+ on Python 3.12).
 COMPAT_VERSIONS ?= 0.13.1 0.14.0 0.15.0 0.17.1 0.18.2
