@@ -8,11 +8,12 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from megatron_usp.cost import block_pairs
 from megatron_usp.job_cost import GPTShape, JobConfig, attention_head_dim, layer_activation_bytes
-from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, document_parts, ring_documents_of, ring_local
+from megatron_usp.layout import RING_IMPL_TABLE, check_seq_len, document_parts, ring_local
 from megatron_usp.mqsp import MQSPPlan
 from megatron_usp.plan import attention_plan
 from megatron_usp.ring_local import ring_cut
@@ -526,14 +527,14 @@ def _bound_terms(documents: Optional[tuple[tuple[int, ...], ...]], seq: int, cau
 
 
 @functools.lru_cache(maxsize=256)
-def _cut_documents(offsets: tuple[int, ...], ring: int) -> dict[int, tuple[int, int, int]]:
+def _cut_documents(offsets: tuple[int, ...], ring: int) -> Mapping[int, tuple[int, int, int]]:
     """The ring-local solver's cut documents of a row: ``{document: (ring ranks holding rows of it, the most rows
-    one holds, ranks holding two rows or more)}``."""
+    one holds, ranks holding two rows or more)}``; cached, read-only."""
     summary = {}
     for d, share in ring_cut(offsets, ring)[1]:
         held = [tokens for tokens in share if tokens]
         summary[d] = (len(held), max(held), sum(tokens >= 2 for tokens in held))
-    return summary
+    return MappingProxyType(summary)
 
 
 def _ring_ms(prediction: Prediction, shape: ModelShape, config: ParallelConfig, hardware: Hardware,
