@@ -495,8 +495,13 @@ def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
     for the same job under every ring impl): read-only. Only stages 0, 1 and the
     last are looked at: the middle stages 1..PP-2 hold the same layers and parameters, and the in-flight count
     falls with the stage in both schedules, so stage 1 needs at least what any other middle stage needs."""
-    stages = sorted({0, min(1, cfg.pp - 1), cfg.pp - 1})
-    return max((stage_memory(shape, cfg, stage) for stage in stages), key=lambda memory: memory.total)
+    return max((stage_memory(shape, cfg, stage) for stage in memory_stages(cfg)), key=lambda memory: memory.total)
+
+
+def memory_stages(cfg: JobConfig) -> tuple[int, ...]:
+    """The pipeline stages whose memory bounds every stage's: 0, 1 and the last (the middle stages 1..PP-2 hold the
+    same layers and parameters, and the in-flight count falls with the stage)."""
+    return tuple(sorted({0, min(1, cfg.pp - 1), cfg.pp - 1}))
 
 
 def uneven_stages_reason(num_layers: int, pp: int, first: Optional[int], last: Optional[int],

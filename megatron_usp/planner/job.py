@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 from megatron_usp.job_cost import (
-    GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes,
+    GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes, memory_stages,
     layer_active_parameter_count, recompute_working_bytes, stage_expert_count, stage_layers, state_bytes,
 )
 from megatron_usp.layout import RING_IMPLS
@@ -314,8 +314,7 @@ def states_gib(gpt: GPTShape, job: JobConfig) -> float:
     """GiB of parameters, fp32 gradients and optimizer states on the pipeline stage holding the most (not
     depending on how CP splits into u and r, on recompute or on micro-batches): a job over the budget with these
     alone cannot fit."""
-    stages = {0, min(1, job.pp - 1), job.pp - 1}  # the middle stages hold what stage 1 holds
-    return max(sum(state_bytes(gpt, job, stage).values()) for stage in stages) / GIB
+    return max(sum(state_bytes(gpt, job, stage).values()) for stage in memory_stages(job)) / GIB
 
 
 def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice) -> float:
@@ -489,7 +488,7 @@ def plan_job(
                             if choice.micro_batch not in attention:
                                 attention[choice.micro_batch] = (attention_prediction(
                                     shape, cluster, hardware, config, choice, bound=keep is not None,
-                                    coarse=True), job_grid(shape, cluster, config, choice))
+                                    coarse=keep is not None), job_grid(shape, cluster, config, choice))
                             layer, grid = attention[choice.micro_batch]
                             if index not in bases:
                                 bases[index] = job_base(shape, cluster, hardware, config, choice, reserve_gib, job,

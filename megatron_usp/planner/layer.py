@@ -597,6 +597,8 @@ def predict(
     row in ``compute_worst_ms``. ``coarse`` (with ``bound``): ring-local documents bounded without running their
     layout's solver (O(documents) whatever the ring size; ``Prediction.coarse`` where that differs), below the
     ``bound`` one: a search refines such bounds only for grids that could still win."""
+    if coarse and not bound:
+        raise ValueError("coarse=True is a kind of bound: pass bound=True with it")
     local_documents = shape.documents is not None and ring_local(config.ring_impl, config.document_layout or "split")
     prediction = Prediction(config, exact=not bound, coarse=bound and coarse and local_documents and config.ring > 1)
     if check:

@@ -181,6 +181,8 @@ def test_the_attention_bound_with_documents_is_below_every_exact_prediction(sour
         exact = plan.predict(shape, cluster, H100, config, check=False)
         bound = plan.predict(shape, cluster, H100, config, check=False, bound=True)
         coarse = plan.predict(shape, cluster, H100, config, check=False, bound=True, coarse=True)
+        with pytest.raises(ValueError, match="pass bound=True"):  # never ignored
+            plan.predict(shape, cluster, H100, config, check=False, coarse=True)
         assert coarse.coarse == (config.ring > 1 and config.document_layout == "local")
         for name in ("compute_ms", "ring_exposed_ms", "total_ms"):
             assert getattr(bound, name) <= getattr(exact, name) * (1 + 1e-12) + 1e-12, (config, name)
