@@ -58,12 +58,23 @@ def undo_all(owner: Optional[str] = None) -> None:
         if owner is not None and who != owner:
             kept.append(entry)
             continue
-        if previous is _MISSING:
-            if hasattr(holder, name):
-                delattr(holder, name)
-        else:
-            setattr(holder, name, previous)
+        _restore(holder, name, previous)
     _LEDGER.extend(reversed(kept))
+
+
+def undo_newer_than(count: int) -> None:
+    """Restore every patch made after the first ``count`` live ones (``len(patched())`` taken before), newest first:
+    a process that runs one case after another (a test's rank pool) starts each from the same state."""
+    while len(_LEDGER) > count:
+        _restore(*_LEDGER.pop()[1:])
+
+
+def _restore(holder: Any, name: str, previous: Any) -> None:
+    if previous is _MISSING:
+        if hasattr(holder, name):
+            delattr(holder, name)
+    else:
+        setattr(holder, name, previous)
 
 
 def patched(owner: Optional[str] = None) -> list[tuple[Any, str]]:

@@ -22,38 +22,32 @@ def load_tool(name: str):
             raise
     return sys.modules[name]
 
-_pools: dict[int, RankPool] = {}
+_pools: dict[tuple[int, bool], RankPool] = {}
 ERROR_SUMMARY: dict[str, float] = {}
+
+
+def _session_pool(world_size: int, isolated: bool) -> RankPool:
+    if (world_size, isolated) not in _pools:
+        _pools[world_size, isolated] = RankPool(world_size, isolated=isolated)
+    return _pools[world_size, isolated]
 
 
 @pytest.fixture(scope="session")
 def rank_pool():
-    """``rank_pool(world_size)`` -> a RankPool spawned once per world size for the whole session."""
-
-    def get(world_size: int) -> RankPool:
-        if world_size not in _pools:
-            _pools[world_size] = RankPool(world_size)
-        return _pools[world_size]
-
-    yield get
+    """``rank_pool(world_size)`` -> a RankPool spawned once per world size for the whole session; cases may keep
+    what they build (cached USP groups) for the next."""
+    yield lambda world_size: _session_pool(world_size, isolated=False)
     for pool in _pools.values():
         pool.close()
 
 
-@pytest.fixture
-def fresh_rank_pool():
-    """``fresh_rank_pool(world_size)`` -> a RankPool used by one test only. For cases that rebuild megatron-core's
-    parallel state: its destroy_model_parallel drops process groups without destroying them, so a long-lived pool
-    accumulates gloo groups and every later initialize slows down (measured: 2 s -> 280 s per case)."""
-    pools = []
-
-    def get(world_size: int) -> RankPool:
-        pools.append(RankPool(world_size))
-        return pools[-1]
-
-    yield get
-    for pool in pools:
-        pool.close()
+@pytest.fixture(scope="session")
+def isolated_rank_pool(rank_pool):
+    """``isolated_rank_pool(world_size)`` -> a session RankPool that undoes each case: the process groups it created
+    are destroyed and its patches (CPU stand-ins, hooks) undone. For cases that rebuild megatron-core's parallel
+    state: its destroy_model_parallel drops process groups without destroying them, and a pool that kept them
+    would slow down with every case (measured: 2 s -> 280 s per case); spawning a fresh pool per test cost ~14 s."""
+    return lambda world_size: _session_pool(world_size, isolated=True)
 
 
 def record_error(key: str, value: float) -> None:

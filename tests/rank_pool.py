@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, commands, results, test_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, commands, results, test_dir: str, isolated: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, test_dir)
@@ -43,13 +43,50 @@ def _worker(rank: int, world_size: int, port: int, commands, results, test_dir: 
         if command is None:
             break
         target, kwargs = command
+        groups, patches = set(_process_groups()), _patch_count()
         try:
             module_name, function_name = target.split(":")
             function = getattr(importlib.import_module(module_name), function_name)
             results.put((rank, True, function(rank, world_size, **kwargs)))
         except BaseException:  # report everything, including assertion failures, to the parent
             results.put((rank, False, traceback.format_exc()))
+        else:
+            if isolated:
+                _destroy_groups_except(groups)
+                _undo_patches_newer_than(patches)
     dist.destroy_process_group()
+
+
+def _patch_count() -> int:
+    patching = sys.modules.get("megatron_usp.patching")
+    return len(patching.patched()) if patching else 0
+
+
+def _undo_patches_newer_than(count: int) -> None:
+    # what a case patched (CPU stand-ins, hooks) must not reach the next case run by these processes
+    cpu_standins = sys.modules.get("megatron_usp.megatron.cpu_standins")
+    if cpu_standins is not None:
+        cpu_standins.uninstall()  # its torch function mode and bookkeeping besides its patches
+    patching = sys.modules.get("megatron_usp.patching")
+    if patching is not None:
+        patching.undo_newer_than(count)
+
+
+def _process_groups() -> list:
+    from torch.distributed import distributed_c10d
+
+    return list(distributed_c10d._world.pg_map)
+
+
+def _destroy_groups_except(kept: set) -> None:
+    """Destroy the process groups a case created. megatron-core's destroy_model_parallel only drops its references:
+    a pool that kept them would pile up gloo groups, and every later group creation slows down (measured: 2 s ->
+    280 s per Megatron case); a failed case tears the pool down instead, as its groups may be mid-collective."""
+    import torch.distributed as dist
+
+    for group in _process_groups():
+        if group not in kept:
+            dist.destroy_process_group(group)
 
 
 class _RankDied(TimeoutError):
@@ -57,8 +94,13 @@ class _RankDied(TimeoutError):
 
 
 class RankPool:
-    def __init__(self, world_size: int):
+    """``isolated``: every case starts from the state the processes had before it (its process groups destroyed,
+    its patches undone) -- for cases that build and drop megatron-core's parallel state. Otherwise cases may keep
+    what they build (e.g. cached USP groups) for the next."""
+
+    def __init__(self, world_size: int, isolated: bool = False):
         self.world_size = world_size
+        self.isolated = isolated
         self._processes = []
 
     def _start(self) -> None:
@@ -70,7 +112,7 @@ class RankPool:
         self._processes = [
             context.Process(
                 target=_worker,
-                args=(rank, self.world_size, port, self._commands[rank], self._results, test_dir),
+                args=(rank, self.world_size, port, self._commands[rank], self._results, test_dir, self.isolated),
                 daemon=True,
             )
             for rank in range(self.world_size)

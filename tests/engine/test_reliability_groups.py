@@ -21,28 +21,28 @@ def test_init_groups_inherit_the_default_groups_timeout(rank_pool):
         assert result["explicit"] == [17.0, 17.0], result
 
 
-def test_call_on_some_ranks_ends_within_the_default_groups_timeout(fresh_rank_pool):
+def test_call_on_some_ranks_ends_within_the_default_groups_timeout(isolated_rank_pool):
     """Rank 0 calls usp_attn, its peers never do: it fails within the short timeout set on the default group
     (before: it waited torch's 30 minutes, so the pool's 30 s limit fired)."""
-    results = fresh_rank_pool(4).run("reliability_group_cases:mismatch_ends_within_default_timeout", timeout=30,
+    results = isolated_rank_pool(4).run("reliability_group_cases:mismatch_ends_within_default_timeout", timeout=30,
                                      timeout_s=TIMEOUT_S)
     assert results[0]["error"] is not None, results[0]
     assert results[0]["seconds"] < TIMEOUT_S + 10, results[0]
 
 
-def test_impl_mismatch_ends_within_init_groups_timeout(fresh_rank_pool):
+def test_impl_mismatch_ends_within_init_groups_timeout(isolated_rank_pool):
     """One rank zigzag, the other allgather, agreement check off: both end (with an error) within
     init_groups(timeout=)."""
-    results = fresh_rank_pool(2).run("reliability_group_cases:impl_mismatch_ends_within_timeout", timeout=30,
+    results = isolated_rank_pool(2).run("reliability_group_cases:impl_mismatch_ends_within_timeout", timeout=30,
                                      timeout_s=TIMEOUT_S)
     for result in results:
         assert result["error"] is not None, results
         assert result["seconds"] < TIMEOUT_S + 10, results
 
 
-def test_megatron_ring_inner_groups_get_megatrons_timeout(fresh_rank_pool):
+def test_megatron_ring_inner_groups_get_megatrons_timeout(isolated_rank_pool):
     pytest.importorskip("megatron.core")
-    results = fresh_rank_pool(2).run("reliability_group_cases:megatron_ring_inner_timeout", timeout=90)
+    results = isolated_rank_pool(2).run("reliability_group_cases:megatron_ring_inner_timeout", timeout=90)
     for result in results:
         assert result["cp"] == 7 * 60, result
         assert result["ours"] == [7 * 60, 7 * 60], result

@@ -38,11 +38,11 @@ def test_cp_off_raises(rank_pool):
         assert "1 ranks but 4 were expected" in messages[2]
 
 
-def test_megatron_usp_check_flag(fresh_rank_pool):
+def test_megatron_usp_check_flag(isolated_rank_pool):
     """initialize_model_parallel(usp_check=3) (--usp-check 3): each layer checked on call 1 of 3, then call 4 (checked)
     with a corrupted output on one rank raises on every rank, naming layer 1 and the grid."""
     pytest.importorskip("megatron.core")
-    reports = fresh_rank_pool(4).run("usp_check_cases:megatron_gpt", timeout=300, ulysses_degree=2, ring_degree=2,
+    reports = isolated_rank_pool(4).run("usp_check_cases:megatron_gpt", timeout=300, ulysses_degree=2, ring_degree=2,
                                      ring_impl="stripe", every=3)
     for report in reports:
         assert report["checked"] == ["layer 1", "layer 2"], report["checked"]

@@ -18,8 +18,8 @@ IMPLS = ["zigzag", "stripe", "basic", "allgather"]
      (1, 2, 1, True), (1, 1, 2, False)],  # the last two: DP=2 beside SP
     ids=lambda v: str(v),
 )
-def test_gpt_losses_and_gradients_match_reference(fresh_rank_pool, tp, ulysses_degree, ring_degree, ulysses_inner):
-    reports = fresh_rank_pool(4).run(
+def test_gpt_losses_and_gradients_match_reference(isolated_rank_pool, tp, ulysses_degree, ring_degree, ulysses_inner):
+    reports = isolated_rank_pool(4).run(
         "megatron_cases:gpt_parity",
         timeout=300,
         tp=tp,
@@ -36,11 +36,11 @@ def test_gpt_losses_and_gradients_match_reference(fresh_rank_pool, tp, ulysses_d
 
 
 @pytest.mark.parametrize("grid", [(1, 2, 2), (2, 1, 2)], ids=["tp1-u2-r2", "tp2-u1-r2"])
-def test_gpt_with_mqsp_matches_reference(fresh_rank_pool, grid):
+def test_gpt_with_mqsp_matches_reference(isolated_rank_pool, grid):
     """ring_impl mqsp (pass Q) inside the GPTModel, without and with micro-chunks of 5 query rows."""
     tp, ulysses_degree, ring_degree = grid
     for micro_q in (None, 5):
-        reports = fresh_rank_pool(4).run("megatron_cases:gpt_parity", timeout=300, tp=tp, ulysses_degree=ulysses_degree,
+        reports = isolated_rank_pool(4).run("megatron_cases:gpt_parity", timeout=300, tp=tp, ulysses_degree=ulysses_degree,
                                          ring_degree=ring_degree, ring_impls=["mqsp"], micro_q=micro_q)
         for rank_report in reports:
             for entry in rank_report:
@@ -50,8 +50,8 @@ def test_gpt_with_mqsp_matches_reference(fresh_rank_pool, grid):
 
 
 @pytest.mark.parametrize("ring_impl", ["zigzag", "stripe"])
-def test_pipeline_parallel_with_usp(fresh_rank_pool, ring_impl):
-    results = fresh_rank_pool(4).run("megatron_cases:gpt_pipeline_parity", timeout=300, ulysses_degree=1, ring_degree=2,
+def test_pipeline_parallel_with_usp(isolated_rank_pool, ring_impl):
+    results = isolated_rank_pool(4).run("megatron_cases:gpt_pipeline_parity", timeout=300, ulysses_degree=1, ring_degree=2,
                                ring_impl=ring_impl)
     for result in results:
         for key, value in result.items():
@@ -84,11 +84,11 @@ def test_rope_hook_covers_every_rotary_module(monkeypatch):
     [(2, 2, ["zigzag", "stripe", "allgather"], ["zigzag", "stripe"], True), (1, 4, ["zigzag", "stripe"], [], False)],
     ids=["u2r2", "u1r4"],
 )
-def test_gpt_packed_documents_and_window_match_reference(fresh_rank_pool, ulysses_degree, ring_degree, ring_impls,
+def test_gpt_packed_documents_and_window_match_reference(isolated_rank_pool, ulysses_degree, ring_degree, ring_impls,
                                                           window_impls, per_document):
     """THD packed documents (straddling ranks, padded slots, trailing padding) and window_size=(8, 0): USP vs the
     unsharded model with the same mask, which matches per-document forward passes of the plain model."""
-    reports = fresh_rank_pool(4).run("megatron_cases:gpt_packed_parity", timeout=300, ulysses_degree=ulysses_degree,
+    reports = isolated_rank_pool(4).run("megatron_cases:gpt_packed_parity", timeout=300, ulysses_degree=ulysses_degree,
                                      ring_degree=ring_degree, ring_impls=ring_impls, window_impls=window_impls,
                                      per_document=per_document)
     for rank_report in reports:
@@ -98,12 +98,12 @@ def test_gpt_packed_documents_and_window_match_reference(fresh_rank_pool, ulysse
             record_error(label + " grad", entry["grad"])
 
 
-def test_gpt_reset_attention_mask_matches_megatron_dense_mask_and_refuses_raw_masks(fresh_rank_pool):
+def test_gpt_reset_attention_mask_matches_megatron_dense_mask_and_refuses_raw_masks(isolated_rank_pool):
     """--reset-attention-mask batches (documents from Megatron's dense mask or from EOD tokens) on u2 x r2 vs the
     1 x 1 megatron-core model applying the dense mask: micro-batch 1 in the balanced document layout, micro-batch 2
     (rows with different documents) in the row layout. A mask handed to the model without the batch hook raises
     on every rank before any collective."""
-    reports = fresh_rank_pool(4).run("megatron_cases:gpt_reset_mask_cases", timeout=300)
+    reports = isolated_rank_pool(4).run("megatron_cases:gpt_reset_mask_cases", timeout=300)
     for rank_report in reports:
         *parity, refusal = rank_report
         for entry in parity:
@@ -112,11 +112,11 @@ def test_gpt_reset_attention_mask_matches_megatron_dense_mask_and_refuses_raw_ma
         assert all("get_batch_on_this_usp_rank" in message for message in refusal["refusals"][:2]), refusal
 
 
-def test_gpt_activation_recompute_matches_reference(fresh_rank_pool):
+def test_gpt_activation_recompute_matches_reference(isolated_rank_pool):
     """recompute_granularity full (uniform, block) and selective (core attention) on u2 x r2 zigzag, the last also
     with packed THD documents: losses and grads equal the 1 x 1 model without recompute, and the attention really
     ran again in the backward."""
-    reports = fresh_rank_pool(4).run("megatron_cases:gpt_recompute_parity", timeout=300, ulysses_degree=2,
+    reports = isolated_rank_pool(4).run("megatron_cases:gpt_recompute_parity", timeout=300, ulysses_degree=2,
                                      ring_degree=2, ring_impl="zigzag",
                                      modes=["full-uniform", "full-block", "selective"], packed_modes=["selective"])
     for rank_report in reports:
@@ -128,11 +128,11 @@ def test_gpt_activation_recompute_matches_reference(fresh_rank_pool):
 
 @pytest.mark.parametrize("grid, ring_impls", [((1, 2, 2), ["zigzag", "stripe", "mqsp"]), ((2, 1, 2), ["zigzag", "mqsp"])],
                          ids=["tp1-u2-r2", "tp2-u1-r2"])
-def test_gpt_mla_sinks_and_max_logit_match_reference(fresh_rank_pool, grid, ring_impls):
+def test_gpt_mla_sinks_and_max_logit_match_reference(isolated_rank_pool, grid, ring_impls):
     """megatron-core's MLASelfAttention (v head dim != q/k head dim, YaRN RoPE), learnable attention sinks
     (softmax_type="learnable": USPAttention owns softmax_offset) and qk_clip's current_max_attn_logits, under USP."""
     tp, ulysses_degree, ring_degree = grid
-    reports = fresh_rank_pool(4).run("megatron_cases:gpt_feature_parity", timeout=400,
+    reports = isolated_rank_pool(4).run("megatron_cases:gpt_feature_parity", timeout=400,
                                      features=["mla", "sinks", "qk_clip"], tp=tp, ulysses_degree=ulysses_degree,
                                      ring_degree=ring_degree, ring_impls=ring_impls)
     for rank_report in reports:
@@ -171,10 +171,10 @@ def test_sequence_parallel_torch_norm_marks_its_weights():
 
 
 @pytest.mark.parametrize("ulysses_degree,ring_degree", [(2, 1), (1, 2)])
-def test_hybrid_context_parallel_samples_run_on_their_groups_sub_grid(fresh_rank_pool, ulysses_degree, ring_degree):
+def test_hybrid_context_parallel_samples_run_on_their_groups_sub_grid(isolated_rank_pool, ulysses_degree, ring_degree):
     """megatron-core's hybrid CP on 4 ranks (CP 2 x DP 2): a sample handed the whole DP x CP group runs on a 4-rank
     sub-grid, one handed a hybrid group of 2 on that pair; both equal the 1 x 1 model."""
-    reports = fresh_rank_pool(4).run("megatron_cases:gpt_hybrid_cp_parity", timeout=300,
+    reports = isolated_rank_pool(4).run("megatron_cases:gpt_hybrid_cp_parity", timeout=300,
                                      ulysses_degree=ulysses_degree, ring_degree=ring_degree)
     for size, entry in reports[0].items():
         record_error(f"gpt hybrid CP u{ulysses_degree} r{ring_degree} group {size} loss", entry["loss"])

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-usp[megatron])")
 
 
-def test_usp_attention_checks_the_cp_group_megatron_core_hands_it(fresh_rank_pool):
-    reports = fresh_rank_pool(4).run("megatron_adapter_cases:pg_collection_cases", timeout=300)
+def test_usp_attention_checks_the_cp_group_megatron_core_hands_it(isolated_rank_pool):
+    reports = isolated_rank_pool(4).run("megatron_adapter_cases:pg_collection_cases", timeout=300)
     for rank, report in enumerate(reports):
         assert report["same_groups"] and report["same_outputs"], (rank, report)
         assert report["whole_collection"], (rank, report)

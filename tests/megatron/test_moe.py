@@ -47,11 +47,11 @@ def test_the_fix_scales_the_gradient_not_the_logged_loss():
 
 
 @pytest.mark.parametrize("ulysses_degree,ring_degree,expert_model_parallel_size", [(2, 2, 2), (1, 4, 4), (2, 1, 2)])
-def test_expert_groups_are_megatron_cores_own(fresh_rank_pool, ulysses_degree, ring_degree,
+def test_expert_groups_are_megatron_cores_own(isolated_rank_pool, ulysses_degree, ring_degree,
                                               expert_model_parallel_size):
     """The grid passes expert_model_parallel_size to megatron-core: its expert-parallel, expert-data-parallel and
     expert TP x EP groups are those megatron-core builds without USP for the same CP size (on 4 ranks)."""
-    reports = fresh_rank_pool(4).run("megatron_cases:expert_groups_with_and_without_usp", timeout=120,
+    reports = isolated_rank_pool(4).run("megatron_cases:expert_groups_with_and_without_usp", timeout=120,
                                      ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                      expert_model_parallel_size=expert_model_parallel_size)
     for report in reports:

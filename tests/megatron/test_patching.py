@@ -37,3 +37,16 @@ def test_class_attributes_are_restored_to_inheritance(monkeypatch):
     assert Child().forward() == "usp base" and Base().forward() == "base"
     patching.undo_all(owner="t")
     assert "forward" not in Child.__dict__ and Child().forward() == "base"
+
+
+def test_undo_newer_than_restores_what_came_after_a_point(monkeypatch):
+    monkeypatch.setattr(patching, "_LEDGER", [])
+    module = types.SimpleNamespace(f=1, g=2)
+    patching.patch(module, "f", 10, owner="a")
+    point = len(patching.patched())
+    patching.patch(module, "g", 20, owner="a")
+    patching.patch(module, "f", 100, owner="b")
+    patching.patch(module, "h", 3, owner="b")
+    patching.undo_newer_than(point)
+    assert (module.f, module.g, hasattr(module, "h")) == (10, 2, False)
+    assert patching.patched() == [(module, "f")]

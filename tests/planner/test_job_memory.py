@@ -49,8 +49,8 @@ def predicted_bytes(tp: int, u: int, r: int, gated: bool, recompute: dict) -> fl
     return sum(stage_activation_bytes(shape, config, 0).values())
 
 
-def test_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
-    measured = fresh_rank_pool(2).run("job_memory_cases:saved_bytes", timeout=300, grids=GRIDS)
+def test_activation_memory_matches_saved_tensors(isolated_rank_pool, capsys):
+    measured = isolated_rank_pool(2).run("job_memory_cases:saved_bytes", timeout=300, grids=GRIDS)
     assert measured[0] == measured[1]  # every rank of these grids holds the same shapes
     rows = []
     for (tp, u, r, impl, cases), sizes in zip(GRIDS, measured[0]):
@@ -98,10 +98,10 @@ def test_recompute_and_pipeline_shrink_activations():
 STATE_GRIDS = [(1, 1, 1, True), (1, 1, 1, False), (1, 2, 1, True), (2, 1, 1, True)]  # (tp, u, r, distributed opt)
 
 
-def test_state_memory_matches_megatron_optimizer(fresh_rank_pool, capsys):
+def test_state_memory_matches_megatron_optimizer(isolated_rank_pool, capsys):
     """bf16 parameters, DDP's fp32 gradient buffers, get_megatron_optimizer's fp32 masters + Adam moments (sharded
     over DP x CP with the distributed optimizer) vs job_cost.state_bytes, on 2 ranks (the rest of the grid is DP)."""
-    measured = fresh_rank_pool(2).run("job_memory_cases:state_bytes_measured", timeout=300, grids=STATE_GRIDS)
+    measured = isolated_rank_pool(2).run("job_memory_cases:state_bytes_measured", timeout=300, grids=STATE_GRIDS)
     shape = GPTShape(**SHAPE, dtype_bytes=2, gated_mlp=True, rmsnorm=True, bias=False, fused_kernels=False)
     rows = []
     for (tp, u, r, distributed), sizes in zip(STATE_GRIDS, measured[0]):
@@ -119,10 +119,10 @@ PIPELINE_CASES = [(2, 1, 4, None, None), (2, 2, 4, None, None), (2, 2, 2, None, 
                   (2, 1, 4, 1, None), (2, 1, 4, None, 1)]
 
 
-def test_pipeline_peak_matches_megatron_schedules(fresh_rank_pool, capsys):
+def test_pipeline_peak_matches_megatron_schedules(isolated_rank_pool, capsys):
     """Peak saved-for-backward bytes of each pipeline rank while megatron-core's own schedule runs (1F1B; interleaved
     with virtual stages) vs job_cost's in-flight count x one chunk's activations (+ the head once); +-10 %."""
-    measured = fresh_rank_pool(2).run("job_memory_cases:pipeline_peak_bytes", timeout=300, cases=PIPELINE_CASES)
+    measured = isolated_rank_pool(2).run("job_memory_cases:pipeline_peak_bytes", timeout=300, cases=PIPELINE_CASES)
     shape = GPTShape(**dict(SHAPE, num_layers=2 * SHAPE["num_layers"]), dtype_bytes=4, gated_mlp=False,
                      rmsnorm=False, bias=True, fused_kernels=False)
     rows = []
@@ -163,14 +163,14 @@ def moe_shape(dense: GPTShape, moe: dict) -> GPTShape:
                    moe_dense_layers=pattern.index(1) if isinstance(pattern, list) else 0)
 
 
-def test_moe_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
+def test_moe_activation_memory_matches_saved_tensors(isolated_rank_pool, capsys):
     """A megatron-core MoE layer (local spec, SequentialMLP experts, alltoall dispatcher) vs job_cost: bytes saved
     for backward summed over the ranks (over an EP group each rank's experts get what the routing sends them; the
     sum is what every rank sends: top-k of its tokens), against the model's per-rank figure x ranks; +-10 % for the
     whole model and for the MoE layers' own part (the MoE model minus the same model with a dense MLP)."""
     grids = [(tp, u, r, ep, [case for moe_case in cases for case in (moe_case, moe_case[:2])])
              for tp, u, r, ep, cases in MOE_GRIDS]  # each MoE case, then the same model dense
-    measured = fresh_rank_pool(2).run("job_memory_cases:moe_saved_bytes", timeout=300, grids=grids)
+    measured = isolated_rank_pool(2).run("job_memory_cases:moe_saved_bytes", timeout=300, grids=grids)
     rows = []
     for index, (tp, u, r, ep, cases) in enumerate(MOE_GRIDS):
         for case, (gated, recompute, moe) in enumerate(cases):
@@ -228,12 +228,12 @@ def mla_shape(mla: dict) -> GPTShape:
                     qk_rope_head_dim=mla["qk_pos_emb_head_dim"], v_head_dim=mla["v_head_dim"])
 
 
-def test_mla_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
+def test_mla_activation_memory_matches_saved_tensors(isolated_rank_pool, capsys):
     """The whole MLA model and its attention's own part (the MLA model minus the same model with megatron-core's
     standard attention) vs job_cost; +-10 %."""
     grids = [(tp, u, r, [case for mla_case in cases for case in (mla_case, (mla_case[0], None))])
              for tp, u, r, cases in MLA_GRIDS]  # each MLA case, then the same model with standard attention
-    measured = fresh_rank_pool(2).run("job_memory_cases:mla_saved_bytes", timeout=300, grids=grids)
+    measured = isolated_rank_pool(2).run("job_memory_cases:mla_saved_bytes", timeout=300, grids=grids)
     rows = []
     for (tp, u, r, cases), sizes in zip(MLA_GRIDS, measured[0]):
         for case, (recompute, mla) in enumerate(cases):
@@ -251,13 +251,13 @@ def test_mla_activation_memory_matches_saved_tensors(fresh_rank_pool, capsys):
                      rows, header=True)
 
 
-def test_mla_shared_expert_and_dense_layer_parameters_match_megatron(fresh_rank_pool):
+def test_mla_shared_expert_and_dense_layer_parameters_match_megatron(isolated_rank_pool):
     """job_cost's parameter count (TP = 1, where Transformer Engine's replicated MLA down projections and the local
     spec's agree) against megatron-core's GPTModel: MLA with and without the query's low-rank path, a MoE model
     with a shared expert and its first layer dense, both together."""
     moe = dict(MOE, moe_shared_expert_intermediate_size=64, moe_layer_freq=[0, 1])
     cases = [(None, MLA), (None, dict(MLA, q_lora_rank=None)), (moe, None), (moe, MLA)]
-    measured = fresh_rank_pool(1).run("job_memory_cases:parameter_numels", timeout=300, cases=cases)[0]
+    measured = isolated_rank_pool(1).run("job_memory_cases:parameter_numels", timeout=300, cases=cases)[0]
     dense = GPTShape(**SHAPE, dtype_bytes=4)
     for (moe_settings, mla), count in zip(cases, measured):
         shape = mla_shape(mla) if mla else dense
