@@ -1,4 +1,4 @@
-"""Bodies for tests/planner/test_job_memory.py, run on every rank of a fresh RankPool: the bytes a megatron-core GPTModel
+"""Bodies for tests/planner/test_job_memory.py, run on every rank of an isolated RankPool: the bytes a megatron-core GPTModel
 (local spec, USP core attention) saves for backward, counted with ``torch.autograd.graph.saved_tensors_hooks``."""
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def gpt_parity(rank, world_size, tp, ulysses_degree, ring_degree, ring_impls, ul
 def gpt_pipeline_parity(rank, world_size, ulysses_degree, ring_degree, ring_impl="zigzag") -> dict:
     """PP=2 x USP: stage 0 holds the embedding and layer 1, stage 1 layer 2 and the head, run by megatron-core's
     own 1F1B schedule (``get_forward_backward_func``: its p2p activations and gradients) through the CPU stand-ins
-    of ``megatron_usp.megatron.cpu_standins`` (a fresh rank pool: they stay installed in these processes)."""
+    of ``megatron_usp.megatron.cpu_standins`` (an isolated rank pool undoes them after the case)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
