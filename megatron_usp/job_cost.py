@@ -311,14 +311,21 @@ def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> Mappi
     (not DP, EP, the optimizer or the number of micro-batches)."""
     return _stage_activation_bytes(shape, cfg.tp, cfg.ulysses, cfg.ring, cfg.sequence_parallel, cfg.pp,
                                    cfg.virtual_stages, cfg.first_stage_layers, cfg.last_stage_layers, cfg.recompute,
-                                   cfg.recompute_method, cfg.recompute_num_layers, stage)
+                                   cfg.recompute_method, cfg.recompute_num_layers, stage)[0]
+
+
+def _stage_activation_sums(shape: GPTShape, cfg: JobConfig, stage: int) -> tuple[float, float]:
+    """The sum of :func:`stage_activation_bytes` and its head part (cached with them)."""
+    return _stage_activation_bytes(shape, cfg.tp, cfg.ulysses, cfg.ring, cfg.sequence_parallel, cfg.pp,
+                                   cfg.virtual_stages, cfg.first_stage_layers, cfg.last_stage_layers, cfg.recompute,
+                                   cfg.recompute_method, cfg.recompute_num_layers, stage)[1:]
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _stage_activation_bytes(shape: GPTShape, tp: int, ulysses: int, ring: int, sequence_parallel: bool, pp: int,
                             virtual_stages: int, first_stage_layers: Optional[int], last_stage_layers: Optional[int],
                             recompute: str, recompute_method: str, recompute_num_layers: int,
-                            stage: int) -> Mapping[str, float]:
+                            stage: int) -> tuple[Mapping[str, float], float, float]:
     cfg = JobConfig(tp=tp, pp=pp, ulysses=ulysses, ring=ring, recompute=recompute, recompute_method=recompute_method,
                     recompute_num_layers=recompute_num_layers, sequence_parallel=sequence_parallel,
                     virtual_stages=virtual_stages, first_stage_layers=first_stage_layers,
@@ -340,7 +347,7 @@ def _stage_activation_bytes(shape: GPTShape, tp: int, ulysses: int, ring: int, s
         parts = _layers_bytes(shape, cfg, cfg.recompute, layers, dense)
     if stage == cfg.pp - 1:
         parts["head"] = head_activation_bytes(shape, cfg)
-    return MappingProxyType(parts)
+    return MappingProxyType(parts), sum(parts.values()), parts.get("head", 0.0)
 
 
 def recompute_working_bytes(shape: GPTShape, cfg: JobConfig) -> float:
@@ -489,19 +496,30 @@ def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
                      flight * (sum(parts.values()) - head) + head, flight, parts)
 
 
+def _stage_total(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
+    """``stage_memory(shape, cfg, stage).total``, the same float, without building the breakdown."""
+    states = state_bytes(shape, cfg, stage)
+    activations, head = _stage_activation_sums(shape, cfg, stage)
+    return (states["params"] + states["grads"] + states["optimizer"]) + (
+        in_flight(cfg, stage) * (activations - head) + head)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def job_memory(shape: GPTShape, cfg: JobConfig) -> JobMemory:
     """Memory per GPU of the stage that needs the most (states + in-flight activations); cached (the planner asks
     for the same job under every ring impl): read-only. Only stages 0, 1 and the
     last are looked at: the middle stages 1..PP-2 hold the same layers and parameters, and the in-flight count
     falls with the stage in both schedules, so stage 1 needs at least what any other middle stage needs."""
-    return max((stage_memory(shape, cfg, stage) for stage in memory_stages(cfg)), key=lambda memory: memory.total)
+    stages = memory_stages(cfg)
+    if len(stages) > 1:  # the breakdown of the fullest stage only (the first of equals)
+        stages = (max(stages, key=lambda stage: _stage_total(shape, cfg, stage)),)
+    return stage_memory(shape, cfg, stages[0])
 
 
 def memory_stages(cfg: JobConfig) -> tuple[int, ...]:
     """The pipeline stages whose memory bounds every stage's: 0, 1 and the last (the middle stages 1..PP-2 hold the
     same layers and parameters, and the in-flight count falls with the stage)."""
-    return tuple(sorted({0, min(1, cfg.pp - 1), cfg.pp - 1}))
+    return (0,) if cfg.pp == 1 else (0, 1) if cfg.pp == 2 else (0, 1, cfg.pp - 1)
 
 
 def uneven_stages_reason(num_layers: int, pp: int, first: Optional[int], last: Optional[int],

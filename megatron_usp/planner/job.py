@@ -5,7 +5,9 @@ and seconds per iteration (:func:`predict_job`), the job search (:func:`job_choi
 (:func:`states_floor`) and the smallest change that fits (:func:`smallest_change`)."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import heapq
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
@@ -197,24 +199,37 @@ def job_base(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: Pa
     figures = _job_figures(gpt, job)
     batch_reason = "" if choice.global_batch % (choice.dp * choice.micro_batch) == 0 else (
         f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}")
-    base = JobBase(choice, figures, batch_reason, hardware.gpu_memory_gib - reserve_gib,
-                   1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops)
+    budget_gib = hardware.gpu_memory_gib - reserve_gib
+    attention_time_per_forward = 1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops
     if figures.reason:
-        return base
-    # the layer's GEMMs, elementwise work, framework overhead and MoE dispatch; the output layer; PP sends
-    tokens = choice.micro_batch * shape.seq_len / config.sp
-    gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
-    gemm_fwd_ms = 2.0 * tokens * figures.layer_active_params / (gemm_tflops * 1e12) * 1e3
-    # memory-bound elementwise work (norms, RoPE, activation, residuals) and the framework's cost per layer
+        return JobBase(choice, figures, batch_reason, budget_gib, attention_time_per_forward)
+    # memory-bound elementwise work (norms, RoPE, activation, residuals): what a layer saves, written and read
     elementwise_ms = (ELEMENTWISE_PASSES * figures.layer_saved / (hardware.memory_gbps * 1e9) * 1e3
                       if hardware.memory_gbps else 0.0)
-    moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, config, choice) if gpt.moe else 0.0
-    head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / config.tp / (gemm_tflops * 1e12) * 1e3
+    return JobBase(choice, figures, batch_reason, budget_gib, attention_time_per_forward,
+                   elementwise_ms=elementwise_ms, overhead_ms=hardware.layer_overhead_us / 1e3,
+                   **_grid_free_times(gpt, cluster, hardware, config.tp, config.sp, job.expert_dp, choice,
+                                      figures.memory.stage))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _grid_free_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: int, sp: int, expert_dp: int,
+                     choice: JobChoice, stage: int) -> dict[str, float]:
+    """The times of a job that do not depend on how its SP group splits into u and r (nor on the attention): the
+    layer's GEMMs and MoE dispatch, the output layer, PP sends, the gradient reduction and optimizer step of
+    ``stage`` (the one that needs the most memory). Cached: the search asks for them under every u."""
+    tokens = choice.micro_batch * gpt.seq_len / sp
+    gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
+    job = JobConfig(tp=tp, pp=choice.pp, virtual_stages=choice.virtual_stages, ep=choice.ep,
+                    first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers)
+    gemm_fwd_ms = 2.0 * tokens * layer_active_parameter_count(gpt, job) / (gemm_tflops * 1e12) * 1e3
+    moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, tp, sp, choice) if gpt.moe else 0.0
+    head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / tp / (gemm_tflops * 1e12) * 1e3
     if hardware.memory_gbps:  # the fp32 logits: softmax forward, its gradient backward
-        head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / config.tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
+        head_ms += ELEMENTWISE_PASSES * tokens * gpt.vocab / tp * FP32_BYTES / (hardware.memory_gbps * 1e9) * 1e3
     p2p_ms = 0.0
     if choice.pp > 1:  # each model chunk sends its output forward and receives its gradient back (p2p, not hidden)
-        per_send = tokens * gpt.hidden * gpt.dtype_bytes / (config.tp if job.sequence_parallel else 1)
+        per_send = tokens * gpt.hidden * gpt.dtype_bytes / tp  # sequence parallel with TP > 1
         crosses = cluster.world // choice.pp >= cluster.gpus_per_node  # PP is megatron-core's outermost group
         p2p_ms = 2 * choice.virtual_stages * _transfer_ms(
             per_send, hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
@@ -222,75 +237,72 @@ def job_base(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: Pa
     # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
     # optimizer, all-reduce without), not overlapped with the backward here
     # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
-    stage_params = figures.memory.params / gpt.dtype_bytes
-    expert_params = figures.expert_params
+    states_job = replace(job, dp=choice.dp * sp, distributed_optimizer=choice.distributed_optimizer)
+    stage_params = state_bytes(gpt, states_job, stage)["params"] / gpt.dtype_bytes
+    expert_params = stage_expert_count(gpt, job, stage)
     per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
     # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)
-    crosses = config.tp * choice.dp * config.sp > cluster.gpus_per_node
+    crosses = tp * choice.dp * sp > cluster.gpus_per_node
     gbps = hardware.inter_node_gbps if crosses else hardware.intra_node_gbps
     grad_sync_ms = 0.0
-    for params, group in ((stage_params - expert_params, choice.dp * config.sp), (expert_params, job.expert_dp)):
+    for params, group in ((stage_params - expert_params, choice.dp * sp), (expert_params, expert_dp)):
         if group > 1 and params > 0:
             grad_sync_ms += params * (group - 1) / group * per_byte / (gbps * 1e9) * 1e3
     # the optimizer step over this rank's parameters (its shard with the distributed optimizer)
     per_param = hardware.optimizer_ns_per_param or (
         OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
-    sharded = ((stage_params - expert_params) / (choice.dp * config.sp) + expert_params / job.expert_dp
+    sharded = ((stage_params - expert_params) / (choice.dp * sp) + expert_params / expert_dp
                if choice.distributed_optimizer else stage_params)
-    return base._replace(gemm_fwd_ms=gemm_fwd_ms, elementwise_ms=elementwise_ms,
-                         overhead_ms=hardware.layer_overhead_us / 1e3, moe_comm_ms=moe_comm_ms, head_ms=head_ms,
-                         p2p_ms=p2p_ms, grad_sync_ms=grad_sync_ms, optimizer_ms=sharded * per_param / 1e6)
+    return dict(gemm_fwd_ms=gemm_fwd_ms, moe_comm_ms=moe_comm_ms, head_ms=head_ms, p2p_ms=p2p_ms,
+                grad_sync_ms=grad_sync_ms, optimizer_ms=sharded * per_param / 1e6)
 
 
 def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time_unfit: bool = True) -> JobPrediction:
     """The job of ``base`` with one grid's ``attention`` (its :func:`attention_prediction`; ``grid``: its
     :func:`job_grid`): memory with the attention's buffers, time with its compute and communication."""
     choice, figures = base.choice, base.figures
-    result = JobPrediction(attention, choice, budget_gib=base.budget_gib)
     reason = figures.reason or grid.reason or base.batch_reason
     if reason:
-        result.feasible, result.refusal = False, reason
-        return result
+        return JobPrediction(attention, choice, feasible=False, refusal=reason, budget_gib=base.budget_gib)
+    # one constructor call with every figure (a search builds one per job, grid and impl)
     memory = figures.memory
-    result.memory = memory
-    result.transient_gib = (grid.transient_bytes + figures.recompute_working) / GIB
-    result.memory_gib = memory.total / GIB + result.transient_gib
-    result.expert_params_gib = figures.expert_params * grid.gpt.dtype_bytes / GIB
-    if result.memory_gib > result.budget_gib:
-        result.feasible = False  # its reason: the memory breakdown
-        if not time_unfit:
-            return result
+    transient_gib = (grid.transient_bytes + figures.recompute_working) / GIB
+    memory_gib = memory.total / GIB + transient_gib
+    expert_params_gib = figures.expert_params * grid.gpt.dtype_bytes / GIB
+    feasible = not memory_gib > base.budget_gib  # when not: its reason is the memory breakdown
+    if not feasible and not time_unfit:
+        return JobPrediction(attention, choice, feasible=False, memory=memory, transient_gib=transient_gib,
+                             memory_gib=memory_gib, budget_gib=base.budget_gib, expert_params_gib=expert_params_gib)
 
     # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
-    result.gemm_ms = 3 * base.gemm_fwd_ms
+    gemm_ms = 3 * base.gemm_fwd_ms
     attn_fwd_all = (attention.compute_ms / base.attention_time_per_forward + attention.a2a_ms / 2
                     + attention.ring_exposed_ms / 3)
-    result.elementwise_ms, result.overhead_ms = base.elementwise_ms, base.overhead_ms
-    result.moe_comm_ms = base.moe_comm_ms
+    elementwise_ms, overhead_ms, moe_comm_ms = base.elementwise_ms, base.overhead_ms, base.moe_comm_ms
+    recompute_ms = 0.0
     if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
         chunk = figures.chunk_layers
         recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
-        result.recompute_ms = recomputed / chunk * (attn_fwd_all + base.gemm_fwd_ms + attention.tp_ms / 2
-                                                    + result.moe_comm_ms / 2
-                                                    + (result.elementwise_ms + result.overhead_ms) / 3)
+        recompute_ms = recomputed / chunk * (attn_fwd_all + base.gemm_fwd_ms + attention.tp_ms / 2 + moe_comm_ms / 2
+                                             + (elementwise_ms + overhead_ms) / 3)
     elif choice.recompute == "selective":
-        result.recompute_ms = attn_fwd_all
-    result.layer_ms = (attention.total_ms + result.gemm_ms + result.recompute_ms + result.elementwise_ms
-                       + result.overhead_ms + result.moe_comm_ms)
-    result.p2p_ms = base.p2p_ms
-    result.stage_ms = figures.layers * result.layer_ms + base.head_ms + result.p2p_ms
-    result.bubble_ms = (choice.pp - 1) / choice.virtual_stages * result.stage_ms
-    result.grad_sync_ms, result.optimizer_ms = base.grad_sync_ms, base.optimizer_ms
-    result.iteration_s = (choice.micro_batches * result.stage_ms + result.bubble_ms + result.grad_sync_ms
-                          + result.optimizer_ms) / 1e3
-    return result
+        recompute_ms = attn_fwd_all
+    layer_ms = attention.total_ms + gemm_ms + recompute_ms + elementwise_ms + overhead_ms + moe_comm_ms
+    stage_ms = figures.layers * layer_ms + base.head_ms + base.p2p_ms
+    bubble_ms = (choice.pp - 1) / choice.virtual_stages * stage_ms
+    iteration_s = (choice.micro_batches * stage_ms + bubble_ms + base.grad_sync_ms + base.optimizer_ms) / 1e3
+    return JobPrediction(attention, choice, feasible=feasible, memory=memory, transient_gib=transient_gib,
+                         memory_gib=memory_gib, budget_gib=base.budget_gib, layer_ms=layer_ms, gemm_ms=gemm_ms,
+                         recompute_ms=recompute_ms, elementwise_ms=elementwise_ms, overhead_ms=overhead_ms,
+                         moe_comm_ms=moe_comm_ms, expert_params_gib=expert_params_gib, optimizer_ms=base.optimizer_ms,
+                         p2p_ms=base.p2p_ms, stage_ms=stage_ms, bubble_ms=bubble_ms, grad_sync_ms=base.grad_sync_ms,
+                         iteration_s=iteration_s)
 
 
 class _JobFigures(NamedTuple):
     reason: str
     memory: Optional[JobMemory] = None
     recompute_working: float = 0.0
-    layer_active_params: float = 0.0
     layer_saved: float = 0.0  # bytes one layer saves without recompute (its elementwise traffic)
     layers: int = 0  # of the fullest stage
     chunk_layers: int = 0
@@ -305,7 +317,7 @@ def _job_figures(gpt, job: JobConfig) -> _JobFigures:
     if reason:
         return _JobFigures(reason)
     memory = job_memory(gpt, job)
-    return _JobFigures("", memory, recompute_working_bytes(gpt, job), layer_active_parameter_count(gpt, job),
+    return _JobFigures("", memory, recompute_working_bytes(gpt, job),
                        sum(layer_activation_bytes(gpt, job, recompute="none").values()), stage_layers(gpt, job),
                        chunk_layers(gpt, job), stage_expert_count(gpt, job, memory.stage))
 
@@ -317,21 +329,22 @@ def states_gib(gpt: GPTShape, job: JobConfig) -> float:
     return max(sum(state_bytes(gpt, job, stage).values()) for stage in memory_stages(job)) / GIB
 
 
-def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, config: ParallelConfig, choice: JobChoice) -> float:
+def moe_dispatch_ms(gpt, cluster: Cluster, hardware: Hardware, tp: int, sp: int, choice: JobChoice) -> float:
     """The alltoall dispatcher of one MoE layer, forward + backward, not overlapped: dispatch and combine each way
     (4 all-to-alls over EP of the rank's routed token copies, top-k x its CP shard's tokens x hidden, (EP - 1) /
     EP of them leave the rank) and, with TP, the gather and scatter of those copies over TP inside the node
-    (4 more). megatron-core places EP outside expert TP (= TP): the EP group spans TP x EP consecutive ranks."""
-    copies = choice.micro_batch * gpt.seq_len / config.sp * gpt.moe_topk
+    (4 more). megatron-core places EP outside expert TP (= TP): the EP group spans TP x EP consecutive ranks.
+    ``sp``: the SP group's size (u x r)."""
+    copies = choice.micro_batch * gpt.seq_len / sp * gpt.moe_topk
     nbytes = copies * gpt.hidden * gpt.dtype_bytes
     total = 0.0
     if choice.ep > 1:
-        crosses = config.tp * choice.ep > cluster.gpus_per_node
+        crosses = tp * choice.ep > cluster.gpus_per_node
         total += 4 * _transfer_ms(nbytes * (choice.ep - 1) / choice.ep,
                                   hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
                                   hardware.inter_latency_us if crosses else hardware.intra_latency_us)
-    if config.tp > 1:
-        total += 4 * _transfer_ms(nbytes * (config.tp - 1) / config.tp, hardware.intra_node_gbps,
+    if tp > 1:
+        total += 4 * _transfer_ms(nbytes * (tp - 1) / tp, hardware.intra_node_gbps,
                                   hardware.intra_latency_us)
     return total
 
@@ -418,6 +431,20 @@ def job_choices(shape: ModelShape, world_over_tp_sp: int, *, pp_choices: Optiona
     return choices
 
 
+@contextlib.contextmanager
+def _without_gc():
+    # a search allocates ~10^5 predictions and keys that form no reference cycles: the collector's passes over
+    # them cost ~15 % of a 16,384-GPU search and free nothing
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_without_gc()
 def plan_job(
     shape: ModelShape,
     cluster: Cluster,
