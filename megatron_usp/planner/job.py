@@ -10,7 +10,7 @@ import functools
 import gc
 import heapq
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from megatron_usp.job_cost import (
     GPTShape, JobConfig, JobMemory, check_job, chunk_layers, job_memory, layer_activation_bytes, memory_stages,
@@ -197,8 +197,7 @@ def job_base(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: Pa
     gpt = gpt or gpt_shape(replace(shape, micro_batch=choice.micro_batch))
     job = job or job_config(config, choice)
     figures = _job_figures(gpt, job)
-    batch_reason = "" if choice.global_batch % (choice.dp * choice.micro_batch) == 0 else (
-        f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}")
+    batch_reason = _batch_reason(choice)
     budget_gib = hardware.gpu_memory_gib - reserve_gib
     attention_time_per_forward = 1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops
     if figures.reason:
@@ -212,16 +211,29 @@ def job_base(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: Pa
                                       figures.memory.stage))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+def _batch_reason(choice: JobChoice) -> str:
+    """Why the global batch does not split over DP x micro-batch ("" when it does)."""
+    if choice.global_batch % (choice.dp * choice.micro_batch) == 0:
+        return ""
+    return f"global batch {choice.global_batch} not divisible by DP {choice.dp} x micro-batch {choice.micro_batch}"
+
+
 def _grid_free_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: int, sp: int, expert_dp: int,
                      choice: JobChoice, stage: int) -> dict[str, float]:
     """The times of a job that do not depend on how its SP group splits into u and r (nor on the attention): the
-    layer's GEMMs and MoE dispatch, the output layer, PP sends, the gradient reduction and optimizer step of
-    ``stage`` (the one that needs the most memory). Cached: the search asks for them under every u."""
+    layer's GEMMs and MoE dispatch, the output layer, PP sends (:func:`_layer_free_times`), the gradient reduction
+    and optimizer step of ``stage``, the one that needs the most memory (:func:`_state_times`)."""
+    return {**_layer_free_times(gpt, cluster, hardware, tp, sp, choice),
+            **_state_times(gpt, cluster, hardware, tp, sp, expert_dp, choice, stage)}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _layer_free_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: int, sp: int,
+                      choice: JobChoice) -> dict[str, float]:
+    # cached: the search asks for them under every u
     tokens = choice.micro_batch * gpt.seq_len / sp
     gemm_tflops = hardware.gemm_tflops or 2 * hardware.fwd_tflops
-    job = JobConfig(tp=tp, pp=choice.pp, virtual_stages=choice.virtual_stages, ep=choice.ep,
-                    first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers)
+    job = JobConfig(tp=tp, ep=choice.ep)
     gemm_fwd_ms = 2.0 * tokens * layer_active_parameter_count(gpt, job) / (gemm_tflops * 1e12) * 1e3
     moe_comm_ms = moe_dispatch_ms(gpt, cluster, hardware, tp, sp, choice) if gpt.moe else 0.0
     head_ms = 3 * 2.0 * tokens * gpt.vocab * gpt.hidden / tp / (gemm_tflops * 1e12) * 1e3
@@ -234,11 +246,20 @@ def _grid_free_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: in
         p2p_ms = 2 * choice.virtual_stages * _transfer_ms(
             per_send, hardware.inter_node_gbps if crosses else hardware.intra_node_gbps,
             hardware.inter_latency_us if crosses else hardware.intra_latency_us)
-    # gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
-    # optimizer, all-reduce without), not overlapped with the backward here
-    # (MoE: the experts' gradients over the expert-data-parallel group, DP x CP / EP)
-    states_job = replace(job, dp=choice.dp * sp, distributed_optimizer=choice.distributed_optimizer)
-    stage_params = state_bytes(gpt, states_job, stage)["params"] / gpt.dtype_bytes
+    return dict(gemm_fwd_ms=gemm_fwd_ms, moe_comm_ms=moe_comm_ms, head_ms=head_ms, p2p_ms=p2p_ms)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _state_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: int, sp: int, expert_dp: int,
+                 choice: JobChoice, stage: int) -> dict[str, float]:
+    """The gradient reduction over DP x CP (fp32 buckets; reduce-scatter + bf16 all-gather with the distributed
+    optimizer, all-reduce without), not overlapped with the backward here (MoE: the experts' gradients over the
+    expert-data-parallel group, DP x CP / EP), and the optimizer step over this rank's parameters of ``stage`` (its
+    shard with the distributed optimizer)."""
+    job = JobConfig(tp=tp, pp=choice.pp, virtual_stages=choice.virtual_stages, ep=choice.ep, dp=choice.dp * sp,
+                    first_stage_layers=choice.first_stage_layers, last_stage_layers=choice.last_stage_layers,
+                    distributed_optimizer=choice.distributed_optimizer)
+    stage_params = state_bytes(gpt, job, stage)["params"] / gpt.dtype_bytes
     expert_params = stage_expert_count(gpt, job, stage)
     per_byte = FP32_BYTES + gpt.dtype_bytes if choice.distributed_optimizer else 2 * FP32_BYTES
     # both groups span the TP x DP x CP ranks of a stage (the expert group strided by TP x EP)
@@ -248,13 +269,11 @@ def _grid_free_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: in
     for params, group in ((stage_params - expert_params, choice.dp * sp), (expert_params, expert_dp)):
         if group > 1 and params > 0:
             grad_sync_ms += params * (group - 1) / group * per_byte / (gbps * 1e9) * 1e3
-    # the optimizer step over this rank's parameters (its shard with the distributed optimizer)
     per_param = hardware.optimizer_ns_per_param or (
         OPTIMIZER_BYTES_PER_PARAM / hardware.memory_gbps if hardware.memory_gbps else 0.0)
     sharded = ((stage_params - expert_params) / (choice.dp * sp) + expert_params / expert_dp
                if choice.distributed_optimizer else stage_params)
-    return dict(gemm_fwd_ms=gemm_fwd_ms, moe_comm_ms=moe_comm_ms, head_ms=head_ms, p2p_ms=p2p_ms,
-                grad_sync_ms=grad_sync_ms, optimizer_ms=sharded * per_param / 1e6)
+    return dict(grad_sync_ms=grad_sync_ms, optimizer_ms=sharded * per_param / 1e6)
 
 
 def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time_unfit: bool = True) -> JobPrediction:
@@ -274,29 +293,40 @@ def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time
         return JobPrediction(attention, choice, feasible=False, memory=memory, transient_gib=transient_gib,
                              memory_gib=memory_gib, budget_gib=base.budget_gib, expert_params_gib=expert_params_gib)
 
-    # time: attention (modelled above) + the layer's GEMMs + the recompute's extra forward
+    gemm_ms, recompute_ms, layer_ms, stage_ms, bubble_ms, iteration_s = _job_times(
+        choice, figures.layers, figures.chunk_layers, base, base.grad_sync_ms, base.optimizer_ms, attention)
+    return JobPrediction(attention, choice, feasible=feasible, memory=memory, transient_gib=transient_gib,
+                         memory_gib=memory_gib, budget_gib=base.budget_gib, layer_ms=layer_ms, gemm_ms=gemm_ms,
+                         recompute_ms=recompute_ms, elementwise_ms=base.elementwise_ms, overhead_ms=base.overhead_ms,
+                         moe_comm_ms=base.moe_comm_ms, expert_params_gib=expert_params_gib,
+                         optimizer_ms=base.optimizer_ms, p2p_ms=base.p2p_ms, stage_ms=stage_ms, bubble_ms=bubble_ms,
+                         grad_sync_ms=base.grad_sync_ms, iteration_s=iteration_s)
+
+
+def _job_times(choice: JobChoice, layers: int, chunk_layers: int, base: JobBase, grad_sync_ms: float,
+               optimizer_ms: float, attention: Prediction) -> tuple[float, ...]:
+    """(GEMMs, recompute, layer, stage, bubble ms; seconds per iteration) of a job: the attention (modelled
+    above) + the layer's GEMMs + the recompute's extra forward, per layer; ``base``'s other times. The search's
+    bounds use the same arithmetic with smaller ``grad_sync_ms`` / ``optimizer_ms`` (IEEE additions are monotone:
+    a bound stays below the time it bounds)."""
     gemm_ms = 3 * base.gemm_fwd_ms
     attn_fwd_all = (attention.compute_ms / base.attention_time_per_forward + attention.a2a_ms / 2
                     + attention.ring_exposed_ms / 3)
-    elementwise_ms, overhead_ms, moe_comm_ms = base.elementwise_ms, base.overhead_ms, base.moe_comm_ms
     recompute_ms = 0.0
     if choice.recompute == "full":  # a recomputed forward: a third of the GEMMs, elementwise work and overhead
-        chunk = figures.chunk_layers
-        recomputed = chunk if choice.recompute_method == "uniform" else min(choice.recompute_num_layers, chunk)
-        recompute_ms = recomputed / chunk * (attn_fwd_all + base.gemm_fwd_ms + attention.tp_ms / 2 + moe_comm_ms / 2
-                                             + (elementwise_ms + overhead_ms) / 3)
+        recomputed = chunk_layers if choice.recompute_method == "uniform" else min(choice.recompute_num_layers,
+                                                                                   chunk_layers)
+        recompute_ms = recomputed / chunk_layers * (attn_fwd_all + base.gemm_fwd_ms + attention.tp_ms / 2
+                                                    + base.moe_comm_ms / 2
+                                                    + (base.elementwise_ms + base.overhead_ms) / 3)
     elif choice.recompute == "selective":
         recompute_ms = attn_fwd_all
-    layer_ms = attention.total_ms + gemm_ms + recompute_ms + elementwise_ms + overhead_ms + moe_comm_ms
-    stage_ms = figures.layers * layer_ms + base.head_ms + base.p2p_ms
+    layer_ms = (attention.total_ms + gemm_ms + recompute_ms + base.elementwise_ms + base.overhead_ms
+                + base.moe_comm_ms)
+    stage_ms = layers * layer_ms + base.head_ms + base.p2p_ms
     bubble_ms = (choice.pp - 1) / choice.virtual_stages * stage_ms
-    iteration_s = (choice.micro_batches * stage_ms + bubble_ms + base.grad_sync_ms + base.optimizer_ms) / 1e3
-    return JobPrediction(attention, choice, feasible=feasible, memory=memory, transient_gib=transient_gib,
-                         memory_gib=memory_gib, budget_gib=base.budget_gib, layer_ms=layer_ms, gemm_ms=gemm_ms,
-                         recompute_ms=recompute_ms, elementwise_ms=elementwise_ms, overhead_ms=overhead_ms,
-                         moe_comm_ms=moe_comm_ms, expert_params_gib=expert_params_gib, optimizer_ms=base.optimizer_ms,
-                         p2p_ms=base.p2p_ms, stage_ms=stage_ms, bubble_ms=bubble_ms, grad_sync_ms=base.grad_sync_ms,
-                         iteration_s=iteration_s)
+    iteration_s = (choice.micro_batches * stage_ms + bubble_ms + grad_sync_ms + optimizer_ms) / 1e3
+    return gemm_ms, recompute_ms, layer_ms, stage_ms, bubble_ms, iteration_s
 
 
 class _JobFigures(NamedTuple):
@@ -463,19 +493,25 @@ def plan_job(
     micro_qs: Sequence[Optional[int]] = (None,),
     keep: Optional[int] = DEFAULT_KEEP,
     ep_choices: Optional[Sequence[int]] = None,
-) -> tuple[list[JobPrediction], list[JobPrediction]]:
+) -> tuple[Sequence[JobPrediction], Sequence[JobPrediction]]:
     """(feasible jobs ranked by seconds per iteration, infeasible ones); the global batch defaults to the world;
     ``ep_choices``: expert-parallel sizes of a MoE model (None: every one megatron-core takes).
 
-    Branch and bound: every job is first predicted with its grid's O(1) lower bound of the attention
-    (``predict(bound=True)``; memory and feasibility do not depend on the attention, so they are exact;
-    ring-local documents first without their layout, ``coarse``), then jobs are taken in the order of their
-    bounds — a coarse bound refined and put back, a bound predicted exactly — until ``keep`` exact ones are faster
-    than the next bound: the first ``keep`` of the ranking are those of the exhaustive search (``keep=None``), the rest follow
-    with lower bounds only (``exact`` False)."""
+    Branch and bound: every job first gets a lower bound of its time from its grid's O(1) lower bound of the
+    attention (``predict(bound=True)``; ring-local documents first without their layout, ``coarse``) and the least
+    gradient reduction over the stages its memory may peak on, without its memory. Jobs are then taken in the
+    order of their bounds -- one without memory gets it (over the budget: infeasible) and goes back in its place, a
+    coarse bound is refined and put back, a bound is predicted exactly -- until ``keep`` exact ones are faster than
+    the next bound: the first ``keep`` of the ranking are those of the exhaustive search (``keep=None``), the rest
+    follow with lower bounds only (``exact`` False). That rest (a :class:`JobRanking`) and the infeasible jobs (a
+    :class:`JobRefusals`) are built when first asked for: the memory of a 16,384-GPU search's ~10^5 jobs is computed
+    for a few hundred unless the whole ranking is read."""
     global_batch = global_batch or cluster.world
     budget = hardware.gpu_memory_gib - reserve_gib
-    bounded, infeasible = [], []
+    nodes: list[tuple] = []  # (time bound, index, _Node): jobs whose memory is not known yet
+    refused: list[tuple[int, JobPrediction]] = []  # (index, prediction)
+    index = 0  # every job and refused grid in the order of the search (ties rank by it)
+    attention_time_per_forward = 1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops
     for tp in tp_choices:
         if cluster.world % tp or cluster.gpus_per_node % tp:
             continue
@@ -491,12 +527,14 @@ def plan_job(
             gpt = gpt_shape(shape)
             too_large = [not check_job(gpt, job) and states_gib(gpt, job) > budget
                          for job in (job_config(ParallelConfig(tp, 1, sp, "zigzag"), choice) for choice in jobs)]
+            free: dict[int, dict[str, float]] = {}  # per job: the least grid-free times over its stages
             listed = False  # the jobs too large for any grid
             for u in _divisors(sp):
                 # the jobs' megatron-core view and all but their attention are the same for every impl, order and
                 # layout of this grid
                 job_configs = [job_config(ParallelConfig(tp, u, sp // u, "zigzag"), choice) for choice in jobs]
-                bases: dict[int, JobBase] = {}  # per job
+                reasons: dict[int, str] = {}  # per job: why megatron-core refuses it
+                bases: dict[int, JobBase] = {}  # per job: its times but the attention (a bound's, memory unknown)
                 for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                     for inner, layout in ((inner, layout) for inner in orders
                                           for layout in document_layouts(shape, impl, sp // u)):
@@ -505,11 +543,13 @@ def plan_job(
                         config = ParallelConfig(tp, u, sp // u, impl, 1, inner, micro_q, layout)
                         reason = feasibility_reason(shape, cluster, replace(config, dp=rest))
                         if reason:  # the grid itself cannot run: one entry for all its choices
-                            infeasible.append(JobPrediction(Prediction(config), choices[0] if choices else JobChoice(),
-                                                            feasible=False, refusal=reason))
+                            refused.append((index, JobPrediction(
+                                Prediction(config), choices[0] if choices else JobChoice(), feasible=False,
+                                refusal=reason)))
+                            index += 1
                             continue
                         attention: dict[int, tuple[Prediction, JobGrid]] = {}  # per micro-batch size
-                        for index, (choice, job, large) in enumerate(zip(jobs, job_configs, too_large)):
+                        for job_index, (choice, job, large) in enumerate(zip(jobs, job_configs, too_large)):
                             if large and listed:
                                 continue
                             if choice.micro_batch not in attention:
@@ -517,36 +557,227 @@ def plan_job(
                                     shape, cluster, hardware, config, choice, bound=keep is not None,
                                     coarse=keep is not None), job_grid(shape, cluster, config, choice))
                             layer, grid = attention[choice.micro_batch]
-                            if index not in bases:
-                                bases[index] = job_base(shape, cluster, hardware, config, choice, reserve_gib, job,
-                                                        grid.gpt)
-                            p = job_with_attention(bases[index], grid, layer, time_unfit=False)
-                            (bounded if p.feasible else infeasible).append(p)
+                            if job_index not in reasons:
+                                reasons[job_index] = (check_job(grid.gpt, job), _batch_reason(choice))
+                            reason = reasons[job_index][0] or grid.reason or reasons[job_index][1]
+                            if reason:
+                                refused.append((index, JobPrediction(layer, choice, feasible=False, refusal=reason,
+                                                                     budget_gib=budget)))
+                            else:
+                                if job_index not in bases:
+                                    if job_index not in free:
+                                        free[job_index] = _least_grid_free_times(
+                                            grid.gpt, cluster, hardware, tp, sp, job, choice)
+                                    bases[job_index] = _bound_base(grid.gpt, hardware, job, choice, budget,
+                                                                   attention_time_per_forward, free[job_index])
+                                base = bases[job_index]
+                                bound = _job_times(choice, base.figures.layers, base.figures.chunk_layers, base,
+                                                   base.grad_sync_ms, base.optimizer_ms, layer)[-1]
+                                nodes.append((bound, index, _Node(config, choice, job, grid, layer)))
+                            index += 1
                         listed = True
+    search = _JobSearch(shape, cluster, hardware, reserve_gib, nodes, refused)
     if keep is None:
-        return sorted(bounded, key=_rank_key), infeasible
-    # the fastest bound first: a coarse one is refined (its grid's layout solved) and goes back in its place, an
-    # exact one is predicted, until ``keep`` exact times are below every bound left
-    queue = [(p.iteration_s, index, p) for index, p in enumerate(bounded)]
-    heapq.heapify(queue)
-    exact: list[JobPrediction] = []
-    fastest: list[float] = []  # the exact times so far, as a max-heap of the fastest ``keep`` (negated)
-    attention: dict[tuple, Prediction] = {}
-    while queue and not (len(fastest) >= keep and queue[0][0] > -fastest[0]):
-        _, index, p = heapq.heappop(queue)
-        refine = p.attention.coarse
-        key = (p.config, p.job.micro_batch, refine)
-        if key not in attention:
-            attention[key] = attention_prediction(shape, cluster, hardware, p.config, p.job, bound=refine)
-        p = predict_job(shape, cluster, hardware, p.config, p.job, reserve_gib, attention[key])
-        if refine:
-            heapq.heappush(queue, (p.iteration_s, index, p))
-            continue
-        exact.append(p)
-        heapq.heappush(fastest, -p.iteration_s)
-        if len(fastest) > keep:
-            heapq.heappop(fastest)
-    return sorted(exact, key=_rank_key) + [p for _, _, p in sorted(queue)], infeasible
+        search.exhaust()
+        return sorted(search.tail, key=_rank_key), search.infeasible()
+    return search.run(keep)
+
+
+class _Node(NamedTuple):
+    """A job of the search whose memory is not known yet (plan_job's lower bound of its time ranks it)."""
+
+    config: ParallelConfig
+    choice: JobChoice
+    job: JobConfig
+    grid: JobGrid
+    attention: Prediction  # the grid's (bound of its) attention
+
+
+def _least_grid_free_times(gpt: GPTShape, cluster: Cluster, hardware: Hardware, tp: int, sp: int, job: JobConfig,
+                           choice: JobChoice) -> dict[str, float]:
+    """:func:`_grid_free_times` with the least gradient reduction and optimizer step over the stages that may need
+    the most memory (which one does is known only with the memory): a bound's."""
+    times = [_state_times(gpt, cluster, hardware, tp, sp, job.expert_dp, choice, stage)
+             for stage in memory_stages(job)]
+    return {**_layer_free_times(gpt, cluster, hardware, tp, sp, choice),
+            "grad_sync_ms": min(t["grad_sync_ms"] for t in times), "optimizer_ms": min(t["optimizer_ms"] for t in times)}
+
+
+def _bound_base(gpt: GPTShape, hardware: Hardware, job: JobConfig, choice: JobChoice, budget_gib: float,
+                attention_time_per_forward: float, free: dict[str, float]) -> JobBase:
+    """A :class:`JobBase` of ``job`` for a bound of its time: every time :func:`job_base` gives it (the same
+    arithmetic), with ``free``'s least gradient reduction and optimizer step; its figures hold the layer counts,
+    not the memory."""
+    layer_saved = sum(layer_activation_bytes(gpt, job, recompute="none").values())
+    elementwise_ms = (ELEMENTWISE_PASSES * layer_saved / (hardware.memory_gbps * 1e9) * 1e3
+                      if hardware.memory_gbps else 0.0)
+    figures = _JobFigures("", layers=stage_layers(gpt, job), chunk_layers=chunk_layers(gpt, job))
+    return JobBase(choice, figures, "", budget_gib, attention_time_per_forward, elementwise_ms=elementwise_ms,
+                   overhead_ms=hardware.layer_overhead_us / 1e3, **free)
+
+
+class _JobSearch:
+    """plan_job's branch and bound over its jobs' lower bounds, taken fastest first: a job whose memory is not known
+    gets it (over the budget: infeasible), a coarse attention bound is refined (its grid's layout solved), a bound
+    is predicted exactly. :meth:`run` stops once ``keep`` exact times are below every bound left; the rest of the
+    ranking is built only when asked for (:class:`JobRanking`), in the same order."""
+
+    def __init__(self, shape: ModelShape, cluster: Cluster, hardware: Hardware, reserve_gib: float,
+                 nodes: list[tuple], refused: list[tuple[int, JobPrediction]]):
+        self.shape, self.cluster, self.hardware, self.reserve_gib = shape, cluster, hardware, reserve_gib
+        self.queue = nodes  # (bound, index, _Node or JobPrediction)
+        heapq.heapify(self.queue)
+        self.refused = refused  # (index, prediction): cannot run, or over the memory budget
+        self.tail: list[JobPrediction] = []  # after the exact ones: lower bounds, in rank order
+        self._attention: dict[tuple, Prediction] = {}
+        self._infeasible: Optional[list[JobPrediction]] = None
+
+    def _with_memory(self, index: int, node: _Node) -> Optional[JobPrediction]:
+        """``node`` with its memory (and its bound's attention); None when over the budget (then refused)."""
+        base = job_base(self.shape, self.cluster, self.hardware, node.config, node.choice, self.reserve_gib, node.job,
+                        node.grid.gpt)
+        p = job_with_attention(base, node.grid, node.attention, time_unfit=False)
+        if p.feasible:
+            return p
+        self.refused.append((index, p))
+        return None
+
+    def _pop(self) -> Optional[tuple[int, JobPrediction]]:
+        """The next prediction with its memory, by bound (jobs without memory get it and go back in their place)."""
+        while self.queue:
+            bound, index, item = heapq.heappop(self.queue)
+            if isinstance(item, _Node):
+                p = self._with_memory(index, item)
+                if p is not None:
+                    heapq.heappush(self.queue, (p.iteration_s, index, p))
+                continue
+            return index, item
+        return None
+
+    def run(self, keep: int) -> tuple["JobRanking", "JobRefusals"]:
+        exact: list[JobPrediction] = []
+        fastest: list[float] = []  # the exact times so far, as a max-heap of the fastest ``keep`` (negated)
+        while self.queue and not (len(fastest) >= keep and self.queue[0][0] > -fastest[0]):
+            popped = self._pop()
+            if popped is None:
+                break
+            index, p = popped
+            if len(fastest) >= keep and p.iteration_s > -fastest[0]:  # its memory raised its bound past the last
+                heapq.heappush(self.queue, (p.iteration_s, index, p))
+                break
+            refine = p.attention.coarse
+            key = (p.config, p.job.micro_batch, refine)
+            if key not in self._attention:
+                self._attention[key] = attention_prediction(self.shape, self.cluster, self.hardware, p.config, p.job,
+                                                            bound=refine)
+            p = predict_job(self.shape, self.cluster, self.hardware, p.config, p.job, self.reserve_gib,
+                            self._attention[key])
+            if refine:
+                heapq.heappush(self.queue, (p.iteration_s, index, p))
+                continue
+            exact.append(p)
+            heapq.heappush(fastest, -p.iteration_s)
+            if len(fastest) > keep:
+                heapq.heappop(fastest)
+        return JobRanking(sorted(exact, key=_rank_key), self), JobRefusals(self)
+
+    def next_tail(self) -> bool:
+        """Rank one more job of the tail (False when none is left)."""
+        popped = self._pop()
+        if popped is not None:
+            self.tail.append(popped[1])
+        return popped is not None
+
+    def first(self, wanted: Callable[[JobChoice], bool]) -> Optional[JobPrediction]:
+        """The first job with a ``wanted`` choice that the ranking's tail would reach, ranked or not yet; the memory
+        is computed only for wanted jobs (those ranked before it), the others stay where they are."""
+        found = next((p for p in self.tail if wanted(p.job)), None)
+        if found is not None:
+            return found
+        chosen = [entry for entry in self.queue
+                  if wanted(entry[2].choice if isinstance(entry[2], _Node) else entry[2].job)]
+        if not chosen:
+            return None
+        rest = [entry for entry in self.queue
+                if not wanted(entry[2].choice if isinstance(entry[2], _Node) else entry[2].job)]
+        heapq.heapify(chosen)
+        self.queue = chosen
+        popped = self._pop()  # the wanted jobs' own branch and bound
+        if popped is not None:
+            heapq.heappush(self.queue, (popped[1].iteration_s, *popped))
+        self.queue += rest
+        heapq.heapify(self.queue)
+        return None if popped is None else popped[1]
+
+    def exhaust(self) -> None:
+        while self.next_tail():
+            pass
+
+    def infeasible(self) -> list[JobPrediction]:
+        """Every job that cannot run or is over the budget, in the order of the search."""
+        if self._infeasible is None:
+            self.exhaust()
+            self._infeasible = [p for _, p in sorted(self.refused, key=lambda entry: entry[0])]
+        return self._infeasible
+
+
+class JobRanking(Sequence):
+    """:func:`plan_job`'s feasible jobs by seconds per iteration: the first ``keep`` exact, then the others with
+    lower bounds. Those are ranked only as far as asked for (an index, a slice, an iteration); ``len`` ranks all."""
+
+    def __init__(self, exact: list[JobPrediction], search: _JobSearch):
+        self._exact, self._search = exact, search
+
+    def _count(self, wanted: Optional[int] = None) -> int:
+        """How many are ranked once at least ``wanted`` (None: all) are, or all there are."""
+        exact, tail = self._exact, self._search.tail
+        while (wanted is None or len(exact) + len(tail) < wanted) and self._search.next_tail():
+            pass
+        return len(exact) + len(tail)
+
+    def _at(self, position: int) -> JobPrediction:
+        exact = self._exact
+        return exact[position] if position < len(exact) else self._search.tail[position - len(exact)]
+
+    def __len__(self) -> int:
+        return self._count()
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            if item.step in (None, 1) and (item.start or 0) >= 0 and item.stop is not None and item.stop >= 0:
+                return [self._at(i) for i in range(item.start or 0, min(item.stop, self._count(item.stop)))]
+            return [self._at(i) for i in range(*item.indices(self._count()))]
+        position = item if item >= 0 else item + self._count()
+        if not 0 <= position < self._count(position + 1):
+            raise IndexError(item)
+        return self._at(position)
+
+    def __iter__(self):
+        position = 0
+        while position < self._count(position + 1):
+            yield self._at(position)
+            position += 1
+
+    def __bool__(self) -> bool:
+        return self._count(1) > 0
+
+    def first(self, wanted: Callable[[JobChoice], bool]) -> Optional[JobPrediction]:
+        """The first job of the ranking with a ``wanted`` choice, or None (without ranking the others)."""
+        return next((p for p in self._exact if wanted(p.job)), None) or self._search.first(wanted)
+
+
+class JobRefusals(Sequence):
+    """:func:`plan_job`'s jobs that cannot run or do not fit, in the order of the search; complete only once the
+    whole ranking is (asking for them ranks it all)."""
+
+    def __init__(self, search: _JobSearch):
+        self._search = search
+
+    def __len__(self) -> int:
+        return len(self._search.infeasible())
+
+    def __getitem__(self, item):
+        return self._search.infeasible()[item]
 
 
 def _rank_key(p: JobPrediction) -> tuple:

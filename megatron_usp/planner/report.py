@@ -225,11 +225,14 @@ def explain_job(ranked: Sequence[JobPrediction], shape: ModelShape) -> list[str]
              + (f" / {best.job.virtual_stages} virtual stages" if best.job.virtual_stages > 1 else "") + ") x stage "
              f"{best.stage_ms / 1e3:.2f} s + gradient reduction {best.grad_sync_ms / 1e3:.2f} s + optimizer "
              f"{best.optimizer_ms / 1e3:.2f} s = {best.iteration_s:.2f} s"]
-    cheaper = [p for p in ranked if p.job.recompute != best.job.recompute]
-    if best.job.recompute != "none" and not any(p.job.recompute == "none" for p in ranked):
+    # the first of the ranking with another recompute, and whether one without fits (JobRanking: without ranking
+    # every job)
+    first = getattr(ranked, "first", lambda wanted: next((p for p in ranked if wanted(p.job)), None))
+    cheaper = first(lambda choice: choice.recompute != best.job.recompute)
+    if best.job.recompute != "none" and (cheaper is None or cheaper.job.recompute != "none") and first(
+            lambda choice: choice.recompute == "none") is None:
         lines.append(f"recompute {best.job.recompute}: no job without recompute fits")
-    elif cheaper:
-        lines.append(f"best with recompute {cheaper[0].job.recompute}: {'' if cheaper[0].exact else '>= '}"
-                     f"{cheaper[0].iteration_s:.2f} s/iteration, "
-                     f"{cheaper[0].memory_gib:.1f} GiB")
+    elif cheaper is not None:
+        lines.append(f"best with recompute {cheaper.job.recompute}: {'' if cheaper.exact else '>= '}"
+                     f"{cheaper.iteration_s:.2f} s/iteration, {cheaper.memory_gib:.1f} GiB")
     return lines

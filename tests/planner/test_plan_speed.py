@@ -232,3 +232,37 @@ def test_jobs_too_large_for_any_grid_are_listed_once_and_no_fitting_job_is_lost(
     listed = sum(p.memory is not None and states_gib(plan.gpt_shape(shape), plan.job_config(p.config, p.job)) > budget
                  for p in infeasible)
     assert 0 < listed < too_large / 4
+
+
+QWEN30B_A3B = plan.ModelShape(heads=32, kv_heads=4, head_dim=128, hidden=2048, seq_len=65536, num_layers=48,
+                              ffn_hidden=6144, vocab=151936, num_experts=128, moe_topk=8, moe_ffn_hidden=768)
+
+
+@pytest.mark.parametrize("shape,nodes", [(replace(LLAMA70B, seq_len=131072), 64), (QWEN30B_A3B, 4)])
+def test_the_ranking_past_the_exact_jobs_is_built_only_when_asked_for(shape, nodes):
+    """plan_job computes the memory of the jobs it ranks exactly and few others; the rest of its ranking, its
+    infeasible jobs and ``first`` (the first job of a kind, e.g. another recompute) are what ranking every job
+    gives, in the same order."""
+    from megatron_usp.planner import job as job_module
+
+    cluster, search = plan.Cluster(8, nodes), dict(tp_choices=[1, 2, 4, 8])
+    full, full_infeasible = plan.plan_job(shape, cluster, H100, keep=3, **search)
+    entries = [(p.label(), p.iteration_s, p.memory_gib, p.exact) for p in full]  # every job ranked, one by one
+    assert len(full) == len(entries) > 1000 and [p.label() for p in full_infeasible]
+    tail = [entry[1] for entry in entries if not entry[3]]
+    assert all(earlier <= later for earlier, later in zip(tail, tail[1:]))  # lower bounds, in their order
+
+    job_module._job_figures.cache_clear()
+    lazy, lazy_infeasible = plan.plan_job(shape, cluster, H100, keep=3, **search)
+    assert [(p.label(), p.iteration_s, p.memory_gib, p.exact) for p in lazy[:3]] == entries[:3]
+    assert job_module._job_figures.cache_info().misses < len(entries) / 4  # most jobs' memory never computed
+    kinds = [lambda choice: choice.recompute == "selective", lambda choice: choice.recompute == "full",
+             lambda choice: choice.recompute == "none" and choice.pp > 1, lambda choice: choice.dp > 64]
+    for wanted in kinds:
+        expected = next((entry for p, entry in zip(full, entries) if wanted(p.job)), None)
+        found = lazy.first(wanted)
+        assert (found and (found.label(), found.iteration_s, found.memory_gib, found.exact)) == expected
+    # asking for those left the order as it was: the whole ranking, then every infeasible job in search order
+    assert [(p.label(), p.iteration_s, p.memory_gib, p.exact) for p in lazy] == entries
+    assert lazy[-1].label() == entries[-1][0] and lazy[5:9] == list(full)[5:9] and bool(lazy)
+    assert [p.reason for p in lazy_infeasible] == [p.reason for p in full_infeasible]
