@@ -293,8 +293,7 @@ def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time
         return JobPrediction(attention, choice, feasible=False, memory=memory, transient_gib=transient_gib,
                              memory_gib=memory_gib, budget_gib=base.budget_gib, expert_params_gib=expert_params_gib)
 
-    gemm_ms, recompute_ms, layer_ms, stage_ms, bubble_ms, iteration_s = _job_times(
-        choice, figures.layers, figures.chunk_layers, base, base.grad_sync_ms, base.optimizer_ms, attention)
+    gemm_ms, recompute_ms, layer_ms, stage_ms, bubble_ms, iteration_s = _job_times(base, attention)
     return JobPrediction(attention, choice, feasible=feasible, memory=memory, transient_gib=transient_gib,
                          memory_gib=memory_gib, budget_gib=base.budget_gib, layer_ms=layer_ms, gemm_ms=gemm_ms,
                          recompute_ms=recompute_ms, elementwise_ms=base.elementwise_ms, overhead_ms=base.overhead_ms,
@@ -303,12 +302,12 @@ def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time
                          grad_sync_ms=base.grad_sync_ms, iteration_s=iteration_s)
 
 
-def _job_times(choice: JobChoice, layers: int, chunk_layers: int, base: JobBase, grad_sync_ms: float,
-               optimizer_ms: float, attention: Prediction) -> tuple[float, ...]:
-    """(GEMMs, recompute, layer, stage, bubble ms; seconds per iteration) of a job: the attention (modelled
-    above) + the layer's GEMMs + the recompute's extra forward, per layer; ``base``'s other times. The search's
-    bounds use the same arithmetic with smaller ``grad_sync_ms`` / ``optimizer_ms`` (IEEE additions are monotone:
-    a bound stays below the time it bounds)."""
+def _job_times(base: JobBase, attention: Prediction) -> tuple[float, ...]:
+    """(GEMMs, recompute, layer, stage, bubble ms; seconds per iteration) of ``base``'s job with ``attention``: the
+    attention + the layer's GEMMs + the recompute's extra forward, per layer, and ``base``'s other times. The
+    search's bounds take the same arithmetic with a smaller gradient reduction and optimizer step (IEEE additions
+    are monotone: a bound stays below the time it bounds)."""
+    choice, layers, chunk_layers = base.choice, base.figures.layers, base.figures.chunk_layers
     gemm_ms = 3 * base.gemm_fwd_ms
     attn_fwd_all = (attention.compute_ms / base.attention_time_per_forward + attention.a2a_ms / 2
                     + attention.ring_exposed_ms / 3)
@@ -325,7 +324,7 @@ def _job_times(choice: JobChoice, layers: int, chunk_layers: int, base: JobBase,
                 + base.moe_comm_ms)
     stage_ms = layers * layer_ms + base.head_ms + base.p2p_ms
     bubble_ms = (choice.pp - 1) / choice.virtual_stages * stage_ms
-    iteration_s = (choice.micro_batches * stage_ms + bubble_ms + grad_sync_ms + optimizer_ms) / 1e3
+    iteration_s = (choice.micro_batches * stage_ms + bubble_ms + base.grad_sync_ms + base.optimizer_ms) / 1e3
     return gemm_ms, recompute_ms, layer_ms, stage_ms, bubble_ms, iteration_s
 
 
@@ -571,8 +570,7 @@ def plan_job(
                                     bases[job_index] = _bound_base(grid.gpt, hardware, job, choice, budget,
                                                                    attention_time_per_forward, free[job_index])
                                 base = bases[job_index]
-                                bound = _job_times(choice, base.figures.layers, base.figures.chunk_layers, base,
-                                                   base.grad_sync_ms, base.optimizer_ms, layer)[-1]
+                                bound = _job_times(base, layer)[-1]
                                 nodes.append((bound, index, _Node(config, choice, job, grid, layer)))
                             index += 1
                         listed = True
