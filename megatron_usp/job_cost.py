@@ -488,12 +488,11 @@ def _state_bytes(shape: GPTShape, tp: int, pp: int, virtual_stages: int, first_s
 def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
     """Memory per GPU of pipeline ``stage``: its states + the (chunk-)micro-batches in flight at its peak (the
     output layer and loss counted once)."""
-    parts = stage_activation_bytes(shape, cfg, stage)
     states = state_bytes(shape, cfg, stage)
     flight = in_flight(cfg, stage)
-    head = parts.get("head", 0.0)
+    activations, head = _stage_activation_sums(shape, cfg, stage)
     return JobMemory(stage, states["params"], states["grads"], states["optimizer"],
-                     flight * (sum(parts.values()) - head) + head, flight, parts)
+                     flight * (activations - head) + head, flight, stage_activation_bytes(shape, cfg, stage))
 
 
 def _stage_total(shape: GPTShape, cfg: JobConfig, stage: int) -> float:
