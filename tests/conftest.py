@@ -42,7 +42,7 @@ def rank_pool():
 
 
 @pytest.fixture(scope="session")
-def isolated_rank_pool(rank_pool):
+def isolated_rank_pool(rank_pool):  # rank_pool's teardown closes these pools too
     """``isolated_rank_pool(world_size)`` -> a session RankPool that undoes each case: the process groups it created
     are destroyed and its patches (CPU stand-ins, hooks) undone. For cases that rebuild megatron-core's parallel
     state: its destroy_model_parallel drops process groups without destroying them, and a pool that kept them
