@@ -309,16 +309,18 @@ def stage_activation_bytes(shape: GPTShape, cfg: JobConfig, stage: int) -> Mappi
     """Activation parts of ``stage`` for ONE micro-batch through ONE model chunk (the whole stage without virtual
     stages); the last stage's output layer and loss are counted once. Read-only, cached by what they depend on
     (not DP, EP, the optimizer or the number of micro-batches)."""
-    return _stage_activation_bytes(shape, cfg.tp, cfg.ulysses, cfg.ring, cfg.sequence_parallel, cfg.pp,
-                                   cfg.virtual_stages, cfg.first_stage_layers, cfg.last_stage_layers, cfg.recompute,
-                                   cfg.recompute_method, cfg.recompute_num_layers, stage)[0]
+    return _stage_activations(shape, cfg, stage)[0]
 
 
 def _stage_activation_sums(shape: GPTShape, cfg: JobConfig, stage: int) -> tuple[float, float]:
     """The sum of :func:`stage_activation_bytes` and its head part (cached with them)."""
+    return _stage_activations(shape, cfg, stage)[1:]
+
+
+def _stage_activations(shape: GPTShape, cfg: JobConfig, stage: int) -> tuple[Mapping[str, float], float, float]:
     return _stage_activation_bytes(shape, cfg.tp, cfg.ulysses, cfg.ring, cfg.sequence_parallel, cfg.pp,
                                    cfg.virtual_stages, cfg.first_stage_layers, cfg.last_stage_layers, cfg.recompute,
-                                   cfg.recompute_method, cfg.recompute_num_layers, stage)[1:]
+                                   cfg.recompute_method, cfg.recompute_num_layers, stage)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -490,9 +492,9 @@ def stage_memory(shape: GPTShape, cfg: JobConfig, stage: int) -> JobMemory:
     output layer and loss counted once)."""
     states = state_bytes(shape, cfg, stage)
     flight = in_flight(cfg, stage)
-    activations, head = _stage_activation_sums(shape, cfg, stage)
+    parts, activations, head = _stage_activations(shape, cfg, stage)
     return JobMemory(stage, states["params"], states["grads"], states["optimizer"],
-                     flight * (activations - head) + head, flight, stage_activation_bytes(shape, cfg, stage))
+                     flight * (activations - head) + head, flight, parts)
 
 
 def _stage_total(shape: GPTShape, cfg: JobConfig, stage: int) -> float:

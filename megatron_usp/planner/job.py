@@ -202,13 +202,17 @@ def job_base(shape: ModelShape, cluster: Cluster, hardware: Hardware, config: Pa
     attention_time_per_forward = 1 + BACKWARD_FLOPS_FACTOR * hardware.fwd_tflops / hardware.bwd_tflops
     if figures.reason:
         return JobBase(choice, figures, batch_reason, budget_gib, attention_time_per_forward)
-    # memory-bound elementwise work (norms, RoPE, activation, residuals): what a layer saves, written and read
-    elementwise_ms = (ELEMENTWISE_PASSES * figures.layer_saved / (hardware.memory_gbps * 1e9) * 1e3
-                      if hardware.memory_gbps else 0.0)
     return JobBase(choice, figures, batch_reason, budget_gib, attention_time_per_forward,
-                   elementwise_ms=elementwise_ms, overhead_ms=hardware.layer_overhead_us / 1e3,
+                   elementwise_ms=_elementwise_ms(hardware, figures.layer_saved),
+                   overhead_ms=hardware.layer_overhead_us / 1e3,
                    **_grid_free_times(gpt, cluster, hardware, config.tp, config.sp, job.expert_dp, choice,
                                       figures.memory.stage))
+
+
+def _elementwise_ms(hardware: Hardware, layer_saved: float) -> float:
+    """Memory-bound elementwise work of a layer (norms, RoPE, activation, residuals): what it saves, written and
+    read."""
+    return ELEMENTWISE_PASSES * layer_saved / (hardware.memory_gbps * 1e9) * 1e3 if hardware.memory_gbps else 0.0
 
 
 def _batch_reason(choice: JobChoice) -> str:
@@ -283,7 +287,7 @@ def job_with_attention(base: JobBase, grid: JobGrid, attention: Prediction, time
     reason = figures.reason or grid.reason or base.batch_reason
     if reason:
         return JobPrediction(attention, choice, feasible=False, refusal=reason, budget_gib=base.budget_gib)
-    # one constructor call with every figure (a search builds one per job, grid and impl)
+    # one constructor call with every figure (cheaper than setting them one by one)
     memory = figures.memory
     transient_gib = (grid.transient_bytes + figures.recompute_working) / GIB
     memory_gib = memory.total / GIB + transient_gib
@@ -532,7 +536,7 @@ def plan_job(
                 # the jobs' megatron-core view and all but their attention are the same for every impl, order and
                 # layout of this grid
                 job_configs = [job_config(ParallelConfig(tp, u, sp // u, "zigzag"), choice) for choice in jobs]
-                reasons: dict[int, str] = {}  # per job: why megatron-core refuses it
+                reasons: dict[int, tuple[str, str]] = {}  # per job: why megatron-core refuses it; its batch
                 bases: dict[int, JobBase] = {}  # per job: its times but the attention (a bound's, memory unknown)
                 for impl, micro_q in impl_variants(ring_impls, sp // u, micro_qs):
                     for inner, layout in ((inner, layout) for inner in orders
@@ -607,11 +611,10 @@ def _bound_base(gpt: GPTShape, hardware: Hardware, job: JobConfig, choice: JobCh
     arithmetic), with ``free``'s least gradient reduction and optimizer step; its figures hold the layer counts,
     not the memory."""
     layer_saved = sum(layer_activation_bytes(gpt, job, recompute="none").values())
-    elementwise_ms = (ELEMENTWISE_PASSES * layer_saved / (hardware.memory_gbps * 1e9) * 1e3
-                      if hardware.memory_gbps else 0.0)
     figures = _JobFigures("", layers=stage_layers(gpt, job), chunk_layers=chunk_layers(gpt, job))
-    return JobBase(choice, figures, "", budget_gib, attention_time_per_forward, elementwise_ms=elementwise_ms,
-                   overhead_ms=hardware.layer_overhead_us / 1e3, **free)
+    return JobBase(choice, figures, "", budget_gib, attention_time_per_forward,
+                   elementwise_ms=_elementwise_ms(hardware, layer_saved), overhead_ms=hardware.layer_overhead_us / 1e3,
+                   **free)
 
 
 class _JobSearch:
@@ -692,12 +695,12 @@ class _JobSearch:
         found = next((p for p in self.tail if wanted(p.job)), None)
         if found is not None:
             return found
-        chosen = [entry for entry in self.queue
-                  if wanted(entry[2].choice if isinstance(entry[2], _Node) else entry[2].job)]
+        chosen, rest = [], []
+        for entry in self.queue:
+            item = entry[2]
+            (chosen if wanted(item.choice if isinstance(item, _Node) else item.job) else rest).append(entry)
         if not chosen:
             return None
-        rest = [entry for entry in self.queue
-                if not wanted(entry[2].choice if isinstance(entry[2], _Node) else entry[2].job)]
         heapq.heapify(chosen)
         self.queue = chosen
         popped = self._pop()  # the wanted jobs' own branch and bound
